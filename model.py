@@ -1,0 +1,374 @@
+"""A minimal Llama-family decoder (Llama-2/3, Mistral, SmolLM2, Qwen2) with TEAL activation sparsity.
+
+Names follow gpt-fast. The one visible change for TEAL: every block linear goes through `sparse_linear`,
+which zeroes the input entries whose magnitude is at or below a per-projection threshold. During decode
+(one token per row) that is a sparse GEMV custom op that reads only the weight columns it needs.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import sparse_ops
+
+# Order of the seven projections in every threshold tensor and in the thresholds JSON.
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint, config or threshold file that does not fit the model."""
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layer: int
+    n_head: int
+    n_local_heads: int  # key/value heads (GQA)
+    head_dim: int
+    intermediate_size: int
+    block_size: int = 2048
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    bos_id: Optional[int] = None
+    eos_ids: tuple = ()
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(f"unsupported model_type {mt!r} in config.json (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+        # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here.
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise CheckpointError("unsupported attention_bias/mlp_bias in config.json (only qwen2's q/k/v biases)")
+        try:
+            n_head = cfg["num_attention_heads"]
+            dim = cfg["hidden_size"]
+            eos = cfg.get("eos_token_id")
+            rs = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
+            rs = rs if rs.get("rope_type", rs.get("type", "default")) not in ("default", None) else None
+            if rs is not None and rs.get("rope_type", rs.get("type")) != "llama3":
+                raise CheckpointError(f"unsupported rope_scaling {rs!r} (only llama3)")
+            if rs is not None:  # HF falls back to max_position_embeddings when this is absent
+                rs = {"original_max_position_embeddings": cfg.get("max_position_embeddings"), **rs}
+            # No sliding-window attention here: cap the context where it equals full attention.
+            window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
+            block_size = min(cfg.get("max_position_embeddings", 2048), window or float("inf"))
+            rope_base = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+            return cls(
+                vocab_size=cfg["vocab_size"],
+                dim=dim,
+                n_layer=cfg["num_hidden_layers"],
+                n_head=n_head,
+                n_local_heads=cfg.get("num_key_value_heads") or n_head,
+                head_dim=cfg.get("head_dim") or dim // n_head,
+                intermediate_size=cfg["intermediate_size"],
+                block_size=int(block_size),
+                norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                rope_base=float(rope_base),
+                rope_scaling=rs,
+                qkv_bias=mt == "qwen2",
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                bos_id=cfg.get("bos_token_id"),
+                eos_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"config.json lacks {e.args[0]!r}") from None
+
+
+def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], thresholds: Tensor, seg_ends: list,
+                  sparse: bool, scale: Optional[Tensor] = None) -> Tensor:
+    """y = W (x * 1[score(x) > t_s]) for each output segment s; dense when `sparse` is False.
+
+    One token per row (decode) runs the sparse GEMV op, which skips the weight columns it does not need;
+    more tokens (prefill) mask the input and use a dense matmul.
+    """
+    if not sparse:
+        return F.linear(x, weight, bias)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x.dim() == 3 and shape[1] == 1 and x2.shape[0] <= sparse_ops.MAX_BATCH:
+        y = sparse_ops.sparse_gemv(x2, weight.t(), thresholds, seg_ends, scale)
+    else:
+        y = sparse_ops.sparse_gemv_ref(x2, weight.t(), thresholds, seg_ends, scale)
+    if bias is not None:
+        y = y + bias
+    return y.view(*shape[:-1], -1)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+        self.freqs_cis: Optional[Tensor] = None
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"sequence length {max_seq_length} exceeds the model's block size {self.config.block_size}")
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        c = self.config
+        dtype, device = self.output.weight.dtype, self.output.weight.device
+        for b in self.layers:
+            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype, device)
+        self.freqs_cis = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling).to(device)
+        self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
+
+    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        """idx: (B, T) token ids at positions input_pos (T,). Returns fp32 logits (B, T, vocab)."""
+        assert self.freqs_cis is not None, "call setup_caches first"
+        mask = self.causal_mask[None, None, input_pos]
+        freqs_cis = self.freqs_cis[input_pos]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, input_pos, freqs_cis, mask)
+        return self.output(self.norm(x)).float()
+
+    # ---- TEAL sparsity -------------------------------------------------------------------------------
+    def set_sparse(self, decode: bool = True, prefill: bool = False) -> None:
+        """Route linears through the sparse ops. Set before compiling: it is part of the traced graph."""
+        for b in self.layers:
+            b.sparse_decode, b.sparse_prefill = decode, prefill
+
+    @torch.no_grad()
+    def set_thresholds(self, thresholds: Tensor) -> None:
+        """thresholds: (n_layer, 7) in PROJECTIONS order. Copied in place, so compiled graphs keep working."""
+        if tuple(thresholds.shape) != (self.config.n_layer, len(PROJECTIONS)):
+            raise CheckpointError(f"thresholds have shape {tuple(thresholds.shape)}, the model needs "
+                                  f"({self.config.n_layer}, {len(PROJECTIONS)})")
+        if not torch.isfinite(thresholds).all() or (thresholds < 0).any():
+            raise CheckpointError("thresholds must be finite and non-negative")
+        for b, t in zip(self.layers, thresholds):
+            b.thresholds.copy_(t)
+
+    @torch.no_grad()
+    def set_scores(self, weighted: bool) -> None:
+        """Weight-informed scores: channel i's score is |x_i| * ||W[:, i]||_2 (per projection)."""
+        for b in self.layers:
+            b.set_scores(weighted)
+
+    @classmethod
+    def from_config_file(cls, path) -> "Transformer":
+        return cls(ModelArgs.from_hf_config(json.loads(Path(path).read_text())))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        # Per-projection thresholds (PROJECTIONS order); a tensor, so new values need no recompile.
+        self.register_buffer("thresholds", torch.zeros(len(PROJECTIONS)), persistent=False)
+        self.sparse_decode = False
+        self.sparse_prefill = False
+
+    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
+        sparse = self.sparse_prefill if x.shape[1] > 1 else self.sparse_decode
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse)
+        return h + self.feed_forward(self.ffn_norm(h), self.thresholds, sparse)
+
+    def set_scores(self, weighted: bool) -> None:
+        self.attention.set_scores(weighted)
+        self.feed_forward.set_scores(weighted)
+
+
+def _column_norms(w: Tensor, seg_ends: list) -> Tensor:
+    """(segments, in_features) L2 norm of each input column of each output segment of w (out, in)."""
+    starts = [0] + seg_ends[:-1]
+    return torch.stack([w[a:b].float().norm(dim=0) for a, b in zip(starts, seg_ends)])
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        c = config
+        self.n_head, self.n_local_heads, self.head_dim = c.n_head, c.n_local_heads, c.head_dim
+        self.q_size, self.kv_size = c.n_head * c.head_dim, c.n_local_heads * c.head_dim
+        self.wqkv = nn.Linear(c.dim, self.q_size + 2 * self.kv_size, bias=c.qkv_bias)
+        self.wo = nn.Linear(self.q_size, c.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+        self.qkv_ends = [self.q_size, self.q_size + self.kv_size, self.q_size + 2 * self.kv_size]
+        self.qkv_scale: Optional[Tensor] = None
+        self.o_scale: Optional[Tensor] = None
+
+    def set_scores(self, weighted: bool) -> None:
+        self.qkv_scale = _column_norms(self.wqkv.weight, self.qkv_ends) if weighted else None
+        self.o_scale = _column_norms(self.wo.weight, [self.wo.out_features]) if weighted else None
+
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor, thr: Tensor,
+                sparse: bool) -> Tensor:
+        bsz, seqlen, _ = x.shape
+        qkv = sparse_linear(x, self.wqkv.weight, self.wqkv.bias, thr[0:3], self.qkv_ends, sparse, self.qkv_scale)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
+                                           enable_gqa=self.n_head != self.n_local_heads)
+        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.q_size)
+        return sparse_linear(y, self.wo.weight, None, thr[3:4], [self.wo.out_features], sparse, self.o_scale)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+        self.w13_scale: Optional[Tensor] = None
+        self.w2_scale: Optional[Tensor] = None
+
+    def set_scores(self, weighted: bool) -> None:
+        self.w13_scale = torch.cat([_column_norms(self.w1.weight, [self.w1.out_features]),
+                                    _column_norms(self.w3.weight, [self.w3.out_features])]) if weighted else None
+        self.w2_scale = _column_norms(self.w2.weight, [self.w2.out_features]) if weighted else None
+
+    def forward(self, x: Tensor, thr: Tensor, sparse: bool) -> Tensor:
+        if sparse and x.shape[1] == 1 and x.shape[0] <= sparse_ops.MAX_BATCH:
+            # gate and up share their input: one fused op, a threshold each
+            g, u = sparse_ops.sparse_gemv_pair(x.view(x.shape[0], -1), self.w1.weight.t(), self.w3.weight.t(),
+                                               thr[4:6], self.w13_scale)
+            g, u = g.view(x.shape[0], 1, -1), u.view(x.shape[0], 1, -1)
+        else:
+            scale = self.w13_scale
+            g = sparse_linear(x, self.w1.weight, None, thr[4:5], [self.w1.out_features], sparse,
+                              None if scale is None else scale[0:1])
+            u = sparse_linear(x, self.w3.weight, None, thr[5:6], [self.w3.out_features], sparse,
+                              None if scale is None else scale[1:2])
+        return sparse_linear(F.silu(g) * u, self.w2.weight, None, thr[6:7], [self.w2.out_features], sparse,
+                             self.w2_scale)
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype, device) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor):
+        b = k_val.shape[0]
+        self.k_cache[:b, :, input_pos] = k_val
+        self.v_cache[:b, :, input_pos] = v_val
+        return self.k_cache[:b], self.v_cache[:b]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()  # normalise in fp32, as the reference implementations do
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * y).to(x.dtype)
+
+
+def precompute_freqs_cis(seq_len: int, n_elem: int, base: float, rope_scaling: Optional[dict]) -> Tensor:
+    freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.float64)[: n_elem // 2] / n_elem))
+    if rope_scaling is not None:  # Llama-3.1: stretch the low frequencies, keep the high ones
+        factor = rope_scaling["factor"]
+        lo, hi = rope_scaling.get("low_freq_factor", 1.0), rope_scaling.get("high_freq_factor", 4.0)
+        old_len = rope_scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / freqs
+        smooth = ((old_len / wavelen) - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, freqs / factor, freqs)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        freqs = torch.where(mid, (1 - smooth) * freqs / factor + smooth * freqs, scaled)
+    t = torch.arange(seq_len, dtype=torch.float64)
+    angles = torch.outer(t, freqs)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()
+
+
+def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ...; the converters permute q/k weights to match."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
+                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
+    """Load checkpoints/<name>/model.pth with the config.json beside it; fail loudly on any mismatch."""
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    cfg_path = path.parent / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"config.json not found beside the checkpoint: {cfg_path}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt config.json ({cfg_path}): {e}") from None
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf_config(cfg))
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises several kinds for truncated or foreign files
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    check_state_dict(model, state)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    for b in model.layers:  # non-persistent buffers are still on the meta device
+        b.thresholds = torch.zeros(len(PROJECTIONS))
+    model = model.to(device)
+    to_column_major(model)
+    return model.eval()
+
+
+def check_state_dict(model: Transformer, state: dict) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        expected.pop("output.weight")
+    unknown = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    if unknown:
+        raise CheckpointError(f"checkpoint has unknown weights: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}")
+    if missing:
+        raise CheckpointError(f"checkpoint lacks weights: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)}, config.json implies {shape}")
+
+
+@torch.no_grad()
+def to_column_major(model: Transformer) -> None:
+    """Store every block linear's weight (out, in) transposed in memory, i.e. W.t() is contiguous (in, out).
+
+    The sparse GEMV then reads each kept input column as one contiguous row of W.t(); F.linear handles the
+    transposed layout natively, so dense prefill is unaffected and no second copy is kept.
+    """
+    for b in model.layers:
+        for lin in (b.attention.wqkv, b.attention.wo, b.feed_forward.w1, b.feed_forward.w2, b.feed_forward.w3):
+            lin.weight = nn.Parameter(lin.weight.t().contiguous().t(), requires_grad=False)

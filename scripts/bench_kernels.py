@@ -1,0 +1,181 @@
+"""Sparse GEMV kernel benchmark at Llama-2-7B / Llama-3-8B shapes, against cuBLAS in the same run.
+
+    python scripts/bench_kernels.py [--batch 1,2,4,8] [--sparsity 0,0.25,0.4,0.5,0.65,0.9] [--json OUT]
+    python scripts/bench_kernels.py --sweep     # try tile configs, print the best per shape (for pick_config)
+
+Each op is captured REPS times in a CUDA graph (as decode runs it) cycling over enough weight copies that L2
+(50 MB) cannot hold them; the time is the median graph replay over REPS. cuBLAS is timed the same way.
+Bandwidth counts the bytes actually needed: kept weight rows (union over the batch) plus x and y.
+"""
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sparse_ops  # noqa: E402
+from sparse_ops.gemv import _launch, pick_config  # noqa: E402
+
+# (name, K = input features, N = output features); "gate/up" is two N-wide weights on one input.
+SHAPES = [
+    ("attn.o / 7B-8B wqkv(MHA)", 4096, 4096),
+    ("llama-3 wqkv", 4096, 6144),
+    ("llama-2 gate|up", 4096, 11008),
+    ("llama-2 down", 11008, 4096),
+    ("llama-3 gate|up", 4096, 14336),
+    ("llama-3 down", 14336, 4096),
+    ("llama-2 gate+up fused", 4096, 2 * 11008),
+    ("llama-3 gate+up fused", 4096, 2 * 14336),
+]
+
+
+def make_x(batch, K, sparsity, dtype, g):
+    """Rows whose |x| falls below the returned threshold for `sparsity` of entries (per row, independently)."""
+    x = torch.randn(batch, K, generator=g, device="cuda").to(dtype)
+    thr = torch.quantile(x.abs().float().flatten(), sparsity).item() if sparsity > 0 else 0.0
+    return x, thr
+
+
+REPS = 20
+
+
+def copies_for(t: torch.Tensor) -> int:
+    """Enough copies of a weight that cycling through them never hits in L2."""
+    return max(2, -(-256 * 2**20 // (t.numel() * t.element_size())))
+
+
+def time_us(fn, n_copies: int) -> float:
+    """fn(i) runs the op on weight copy i. Median over 15 replays of a graph of REPS calls, per call."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(i % n_copies)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(REPS):
+            fn(i % n_copies)
+    g.replay()
+    times = []
+    for _ in range(15):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / REPS)
+    return sorted(times)[len(times) // 2]
+
+
+def run(args):
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name, K, N in SHAPES:
+        fused = "fused" in name
+        w0 = torch.randn(N, K, generator=g, device="cuda").to(dtype)
+        c = copies_for(w0)
+        ws = [w0] + [w0.clone() for _ in range(c - 1)]   # row-major (N, K), what cuBLAS likes
+        wts = [w.t().contiguous() for w in ws]            # (K, N): our layout
+        pairs = [(wt[:, :N // 2].contiguous(), wt[:, N // 2:].contiguous()) for wt in wts] if fused else None
+        for batch in args.batch:
+            xd = torch.randn(batch, K, device="cuda", dtype=dtype)
+            t_cublas = time_us(lambda i: F.linear(xd, ws[i]), c)
+            t_compiled = None
+            if args.compiled_baseline and batch == 1:
+                lin = torch.compile(F.linear, mode="max-autotune-no-cudagraphs")
+                t_compiled = time_us(lambda i: lin(xd, ws[i]), c)
+            for s in args.sparsity:
+                x, thr = make_x(batch, K, s, dtype, g)
+                thr_t = torch.tensor([thr, thr], device="cuda")
+                if fused:
+                    fn = lambda i: sparse_ops.sparse_gemv_pair(x, *pairs[i], thr_t)  # noqa: E731
+                else:
+                    fn = lambda i: sparse_ops.sparse_gemv(x, wts[i], thr_t[:1], [N])  # noqa: E731
+                t = time_us(fn, c)
+                union = (x.abs().float() > thr).any(0).float().mean().item()
+                need = union * K * N * w0.element_size() + (batch * K + batch * N) * w0.element_size()
+                rows.append(dict(shape=name, K=K, N=N, batch=batch, sparsity=s, union_density=round(union, 4),
+                                 sparse_us=round(t, 2), cublas_us=round(t_cublas, 2),
+                                 compiled_us=None if t_compiled is None else round(t_compiled, 2),
+                                 tb_s_needed=round(need / t / 1e6, 3),
+                                 speedup=round(t_cublas / t, 3), ideal_speedup=round(1 / max(union, 1e-3), 2)))
+                r = rows[-1]
+                print(f"{name:24s} B={batch} s={s:.2f} union_keep={union:.3f} sparse={t:7.2f}us "
+                      f"cuBLAS={t_cublas:7.2f}us{'' if t_compiled is None else f' compiled={t_compiled:7.2f}us'} "
+                      f"x{r['speedup']:.2f} {r['tb_s_needed']:.2f}TB/s", flush=True)
+        del ws, wts, pairs
+    return rows
+
+
+def sweep(args):
+    """Time many tile configs per shape/batch/sparsity; print the best and how the default compares."""
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = []
+    for name, K, N in [SHAPES[0], SHAPES[4], SHAPES[5]]:
+        wt0 = torch.randn(K, N, generator=g, device="cuda").to(dtype)
+        c = copies_for(wt0)
+        wts = [wt0] + [wt0.clone() for _ in range(c - 1)]
+        for batch in args.batch:
+            for s in args.sparsity:
+                x, thr = make_x(batch, K, s, dtype, g)
+                thr_t = torch.tensor([thr], device="cuda")
+                default = pick_config(batch, K, N, (), x.device)
+                t_def = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, N, N, None, default), c)
+                results = []
+                for bn, bk, sk, nw, ns in itertools.product((64, 128, 256), (16, 32, 64, 128), (1, 2, 4, 8, 16, 32),
+                                                            (4, 8), (1, 3)):
+                    programs = triton.cdiv(N, bn) * sk
+                    if not 132 <= programs <= 2048 or (batch == 1 and bk == 16) or (batch > 1 and bk == 128):
+                        continue
+                    cfg = dict(BLOCK_B=16 if batch > 1 else 1, BLOCK_K=bk, BLOCK_N=bn, SPLIT_K=sk,
+                               num_warps=nw, num_stages=ns)
+                    try:
+                        t = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, N, N, None, cfg), c)
+                    except Exception as e:  # e.g. out of shared memory for big tiles
+                        print(f"  skip {cfg}: {type(e).__name__}")
+                        continue
+                    results.append((t, cfg))
+                results.sort(key=lambda r: r[0])
+                print(f"{name:22s} B={batch} s={s:.2f} default={t_def:7.2f}us {default}", flush=True)
+                for t, cfg in results[:4]:
+                    print(f"    {t:7.2f}us {cfg}", flush=True)
+                out.append(dict(shape=name, K=K, N=N, batch=batch, sparsity=s, default_us=t_def,
+                                top=[dict(us=t, **cfg) for t, cfg in results[:8]]))
+        del wts
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", default="1,2,4,8", help="comma-separated batch sizes (decode rows), each 1-8")
+    p.add_argument("--sparsity", default="0,0.25,0.4,0.5,0.65,0.9", help="comma-separated input sparsities in [0, 1)")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="weight and activation dtype")
+    p.add_argument("--compiled_baseline", action="store_true",
+                   help="also time torch.compile(max-autotune) dense GEMV at batch 1 (slow to compile)")
+    p.add_argument("--sweep", action="store_true", help="search tile configs instead of the standard table")
+    p.add_argument("--json", type=Path, help="write all rows as JSON here")
+    args = p.parse_args(argv)
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.sparsity = [float(s) for s in args.sparsity.split(",")]
+    if not all(1 <= b <= sparse_ops.MAX_BATCH for b in args.batch):
+        p.error(f"--batch values must be in 1..{sparse_ops.MAX_BATCH}")
+    if not all(0 <= s < 1 for s in args.sparsity):
+        p.error("--sparsity values must be in [0, 1)")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    rows = sweep(args) if args.sweep else run(args)
+    if args.json:
+        args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                         "triton": triton.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

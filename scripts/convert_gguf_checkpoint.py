@@ -1,0 +1,212 @@
+"""Convert a llama-architecture GGUF file (e.g. SmolLM2 from llama.cpp) into a tealfast checkpoint folder.
+
+Writes model.pth (dequantized weights, gpt-fast names), an HF-style config.json and an HF tokenizer.json
+rebuilt from the GGUF tokenizer metadata.
+
+q/k rows need no permuting: llama.cpp's converter already stores them in the interleaved-pair order that
+model.py's RoPE uses (transformers has to undo that when it loads a GGUF; tests/test_convert_gguf.py checks it).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoint_io import save_checkpoint  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+Q = gguf.GGMLQuantizationType
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
+
+# GGUF per-block tensor -> our key; attn_q/k/v are fused into wqkv separately.
+BLOCK_NAMES = {
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+}
+TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+
+# tokenizer.ggml.pre -> how llama.cpp splits text before BPE (llama-vocab.cpp).
+GPT2_PRE = ("default", "gpt-2", "gpt2", "mpt", "olmo", "jais")
+DIGITS_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+class ConversionError(ValueError):
+    """Anything about the input file that this converter does not handle."""
+
+
+def field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def read_config(reader: gguf.GGUFReader, has_output: bool) -> dict:
+    def need(key):
+        v = field(reader, f"llama.{key}")
+        if v is None:
+            raise ConversionError(f"GGUF metadata lacks llama.{key}")
+        return v
+
+    if field(reader, "llama.expert_count", 0):
+        raise ConversionError("mixture-of-experts models are not supported")
+    scaling = field(reader, "llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ConversionError(f"unsupported rope scaling {scaling!r}")
+    dim, n_head = need("embedding_length"), need("attention.head_count")
+    head_dim = field(reader, "llama.attention.key_length", dim // n_head)
+    if field(reader, "llama.rope.dimension_count", head_dim) != head_dim:
+        raise ConversionError("partial rotary embeddings are not supported")
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dim,
+        "intermediate_size": need("feed_forward_length"),
+        "num_hidden_layers": need("block_count"),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": field(reader, "llama.attention.head_count_kv", n_head),
+        "head_dim": head_dim,
+        # float32 metadata: 7 significant digits give back the intended value (1e-05, not 9.9999997e-06)
+        "rms_norm_eps": float(f'{need("attention.layer_norm_rms_epsilon"):.7g}'),
+        "rope_theta": float(f'{field(reader, "llama.rope.freq_base", 10000.0):.7g}'),
+        "max_position_embeddings": need("context_length"),
+        "vocab_size": None,  # filled in from the embedding's shape, which is what the model really has
+        "tie_word_embeddings": not has_output,
+        "hidden_act": "silu",
+    }
+    bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
+    eot = field(reader, "tokenizer.ggml.eot_token_id")
+    if bos is not None:
+        cfg["bos_token_id"] = bos
+    if eos is not None:
+        # chat models may end a turn with a separate end-of-turn token; stop on either
+        cfg["eos_token_id"] = [eos, eot] if eot is not None and eot != eos else eos
+    return cfg
+
+
+def read_weights(reader: gguf.GGUFReader, cfg: dict, dtype: torch.dtype) -> dict:
+    raw = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        # GGUF lists dims fastest-first; numpy/torch order is the reverse
+        expected = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if w.shape != expected:
+            raise ConversionError(f"tensor {t.name} dequantized to {w.shape}, expected {expected}")
+        raw[t.name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)
+
+    state = {}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"blk.{i}."
+        try:
+            qkv = [raw.pop(p + n + ".weight") for n in ("attn_q", "attn_k", "attn_v")]
+        except KeyError as e:
+            raise ConversionError(f"GGUF lacks tensor {e.args[0]}") from None
+        state[f"layers.{i}.attention.wqkv.weight"] = torch.cat(qkv)
+        for src, dst in BLOCK_NAMES.items():
+            if p + src + ".weight" not in raw:
+                raise ConversionError(f"GGUF lacks tensor {p + src}.weight")
+            state[f"layers.{i}.{dst}.weight"] = raw.pop(p + src + ".weight")
+    for src, dst in TOP_NAMES.items():
+        if src + ".weight" in raw:
+            state[dst + ".weight"] = raw.pop(src + ".weight")
+    if raw:  # biases, rope_freqs, extra layers ...: refuse rather than silently drop them
+        names = sorted(raw)
+        raise ConversionError(f"unsupported tensors: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}")
+    if "tok_embeddings.weight" not in state or "norm.weight" not in state:
+        raise ConversionError("GGUF lacks token_embd.weight or output_norm.weight")
+    return state
+
+
+def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
+    kind = field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ConversionError(f"unsupported tokenizer.ggml.model {kind!r} (only gpt2 byte-level BPE)")
+    pre = field(reader, "tokenizer.ggml.pre", "default")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    merges = field(reader, "tokenizer.ggml.merges")
+    if not tokens or not merges:
+        raise ConversionError("GGUF tokenizer lacks tokens or merges")
+    types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                               merges=[tuple(m.split(" ")) for m in merges]))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre in GPT2_PRE:
+        tok.pre_tokenizer = byte_level
+    elif pre in DIGITS_PRE:
+        # The original (HF) tokenizers of these models split every digit off first
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in LLAMA3_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        raise ConversionError(f"unsupported tokenizer.ggml.pre {pre!r}")
+    tok.decoder = decoders.ByteLevel()
+
+    # Control tokens (<|im_start|> ...) must match whole and count as special; user-defined ones match whole.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
+
+    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    if field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise ConversionError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # bad magic, truncated file ...
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(f"cannot read GGUF {path}: {why}") from None
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise ConversionError(f"unsupported architecture {arch!r} (only llama)")
+    for t in reader.tensors:  # before any slow work
+        if t.tensor_type not in SUPPORTED_TYPES:
+            raise ConversionError(f"tensor {t.name} has unsupported type {t.tensor_type.name} "
+                                  f"(supported: {', '.join(q.name for q in SUPPORTED_TYPES)})")
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    cfg = read_config(reader, has_output)
+    tokenizer = build_tokenizer(reader)
+    state = read_weights(reader, cfg, dtype)
+    cfg["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+    return save_checkpoint(out_dir, state, cfg, "hf", {"tokenizer.json": tokenizer.to_str()}, f"gguf:{path.name}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", required=True, type=Path, help="input .gguf file (llama architecture)")
+    ap.add_argument("--out", required=True, type=Path, help="output checkpoint folder (created if missing)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype in model.pth (default bf16)")
+    args = ap.parse_args(argv)
+    try:
+        out = convert(args.gguf, args.out, DTYPES[args.dtype])
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Convert a Hugging Face Llama / Mistral / Qwen2 folder into a tealfast checkpoint folder.
+
+    python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M
+
+Writes model.pth (gpt-fast names, q/k rows permuted for interleaved RoPE, q|k|v fused into wqkv),
+config.json (unchanged), the tokenizer files and tealfast.json. Any mismatch is one `error:` line.
+"""
+import argparse
+import base64
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from checkpoint_io import permute_qk, save_checkpoint  # noqa: E402
+from model import CheckpointError, ModelArgs, Transformer, check_state_dict  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Buffers older exporters saved; RoPE frequencies come from config.json instead.
+HARMLESS = re.compile(r"\.rotary_emb\.inv_freq$")
+# HF per-layer names -> our per-layer names (q/k/v are handled separately: they are fused).
+LAYER_MAP = {
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+HF_TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def load_hf_weights(d: Path) -> dict:
+    """All tensors of the folder, from safetensors (single or sharded) or pytorch_model.bin (single or sharded)."""
+    from safetensors.torch import load_file
+
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", lambda p: torch.load(p, map_location="cpu",
+                                                                                     weights_only=True))):
+        index = d / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            state = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (d / shard).is_file():
+                    raise CheckpointError(f"shard {shard} listed in {index_name} is missing")
+                state.update(loader(d / shard))
+            return state
+    if (d / "model.safetensors").is_file():
+        return load_file(d / "model.safetensors")
+    if (d / "pytorch_model.bin").is_file():
+        return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {d}")
+
+
+def is_tiktoken_file(path: Path) -> bool:
+    """tiktoken BPE files are text lines '<base64 token> <rank>'; sentencepiece models are protobuf binary."""
+    lines = path.read_bytes()[:4096].splitlines()[:8]
+    if not lines:
+        return False
+    try:
+        for line in lines[:-1] if len(lines) > 1 else lines:  # the last line may be cut off by the 4 KiB read
+            tok, rank = line.decode("ascii").split(" ")
+            base64.b64decode(tok, validate=True)
+            int(rank)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
+def find_tokenizer(d: Path):
+    """(kind, {name in output folder: source path})."""
+    if (d / "tokenizer.json").is_file():
+        files = {"tokenizer.json": d / "tokenizer.json"}
+        files.update({n: d / n for n in HF_TOKENIZER_EXTRAS if (d / n).is_file()})
+        return "hf", files
+    for cand in (d / "tokenizer.model", d / "original" / "tokenizer.model"):
+        if cand.is_file():
+            return ("tiktoken" if is_tiktoken_file(cand) else "sentencepiece"), {"tokenizer.model": cand}
+    raise CheckpointError(f"no tokenizer.json or tokenizer.model in {d} (or {d / 'original'})")
+
+
+def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
+    """HF names -> gpt-fast names with every shape checked against the config."""
+    hf = {k: v for k, v in hf.items() if not HARMLESS.search(k)}
+    q_rows, kv_rows = args.n_head * args.head_dim, args.n_local_heads * args.head_dim
+    expected = {"model.embed_tokens.weight": (args.vocab_size, args.dim), "model.norm.weight": (args.dim,)}
+    if not args.tie_embeddings:
+        expected["lm_head.weight"] = (args.vocab_size, args.dim)
+    layer_shapes = {
+        "self_attn.q_proj.weight": (q_rows, args.dim),
+        "self_attn.k_proj.weight": (kv_rows, args.dim),
+        "self_attn.v_proj.weight": (kv_rows, args.dim),
+        "self_attn.o_proj.weight": (args.dim, q_rows),
+        "mlp.gate_proj.weight": (args.intermediate_size, args.dim),
+        "mlp.up_proj.weight": (args.intermediate_size, args.dim),
+        "mlp.down_proj.weight": (args.dim, args.intermediate_size),
+        "input_layernorm.weight": (args.dim,),
+        "post_attention_layernorm.weight": (args.dim,),
+    }
+    if args.qkv_bias:
+        layer_shapes.update({"self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,),
+                             "self_attn.v_proj.bias": (kv_rows,)})
+    for i in range(args.n_layer):
+        expected.update({f"model.layers.{i}.{name}": shape for name, shape in layer_shapes.items()})
+
+    tied_head = args.tie_embeddings and "lm_head.weight" in hf
+    unknown = sorted(set(hf) - set(expected) - ({"lm_head.weight"} if tied_head else set()))
+    missing = sorted(set(expected) - set(hf), key=lambda k: (len(k), k))
+    if unknown:
+        raise CheckpointError(f"unknown weights: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}")
+    if missing:
+        raise CheckpointError(f"missing weights: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    for k, shape in expected.items():
+        if tuple(hf[k].shape) != shape:
+            raise CheckpointError(f"weight {k} has shape {tuple(hf[k].shape)}, config.json implies {shape}")
+    if tied_head and not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):
+        raise CheckpointError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
+
+    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    if not args.tie_embeddings:
+        out["output.weight"] = hf["lm_head.weight"]
+    for i in range(args.n_layer):
+        p = f"model.layers.{i}."
+        q = permute_qk(hf[p + "self_attn.q_proj.weight"], args.n_head, args.head_dim)
+        k = permute_qk(hf[p + "self_attn.k_proj.weight"], args.n_local_heads, args.head_dim)
+        out[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, hf[p + "self_attn.v_proj.weight"]])
+        if args.qkv_bias:
+            qb = permute_qk(hf[p + "self_attn.q_proj.bias"], args.n_head, args.head_dim)
+            kb = permute_qk(hf[p + "self_attn.k_proj.bias"], args.n_local_heads, args.head_dim)
+            out[f"layers.{i}.attention.wqkv.bias"] = torch.cat([qb, kb, hf[p + "self_attn.v_proj.bias"]])
+        for src, dst in LAYER_MAP.items():
+            out[f"layers.{i}.{dst}"] = hf[p + src]
+    return out
+
+
+def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
+    cfg_path = checkpoint_dir / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"config.json not found in {checkpoint_dir}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt config.json ({cfg_path}): {e}") from None
+    args = ModelArgs.from_hf_config(config)
+    kind, tok_files = find_tokenizer(checkpoint_dir)
+    try:
+        hf = load_hf_weights(checkpoint_dir)
+    except (CheckpointError, OSError):
+        raise
+    except Exception as e:  # corrupt safetensors / pickle files raise assorted types
+        raise CheckpointError(f"cannot read weights in {checkpoint_dir}: {type(e).__name__}: {e}") from None
+    state = convert_state_dict(hf, args)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    with torch.device("meta"):  # last check against the model itself, so the output always loads
+        check_state_dict(Transformer(args), state)
+    # Converting in place: files already at their destination need no copy (copyfile refuses same-file).
+    tok_files = {n: src for n, src in tok_files.items()
+                 if not (out_dir / n).exists() or not (out_dir / n).samefile(src)}
+    return save_checkpoint(out_dir, state, config, kind, tok_files, source=str(checkpoint_dir.resolve()))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Convert a Hugging Face Llama/Mistral/Qwen2 checkpoint folder "
+                                                 "to tealfast's model.pth format.")
+    parser.add_argument("--checkpoint_dir", type=Path, required=True,
+                        help="HF model folder with config.json, weights (safetensors or pytorch_model.bin) "
+                             "and tokenizer files")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: the checkpoint folder itself)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                        help="dtype of the stored weights (default: bf16)")
+    opts = parser.parse_args(argv)
+    try:
+        path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, DTYPES[opts.dtype])
+    except (CheckpointError, OSError) as e:
+        msg = str(e).strip()
+        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Thresholded sparse GEMV: y = (x * 1[|x| > t]) @ Wt, reading only the rows of Wt (= columns of W) it needs.
+
+The weight is passed transposed, Wt (K, N) contiguous, so one kept input channel k is one contiguous row
+Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs; it loads a row of its
+tile only where some batch row keeps that input channel, so dropped channels cost no memory traffic.
+Split-K partial sums go to an fp32 (SPLIT_K, B, N) buffer; their sum and cast are plain torch ops that
+inductor fuses into the consumer, so no zero-fill or atomics are needed.
+"""
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked reference (prefill)
+
+
+@triton.jit
+def _sparse_gemv_kernel(
+    x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, out_ptr,
+    B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
+    HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    # A block never straddles a segment (the wrapper picks BLOCK_N so), so threshold and weight are per block.
+    seg = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+    thr = tl.load(thr_ptr + seg)
+    if n0 < N_A:
+        w_ptr = wa_ptr
+        ld = N_A
+        col0 = n0
+    else:
+        w_ptr = wb_ptr
+        ld = N - N_A
+        col0 = n0 - N_A
+    cols = col0 + tl.arange(0, BLOCK_N)
+    n_mask = cols < ld
+
+    k_lo = pid_k * K_PER_SPLIT
+    rk = tl.arange(0, BLOCK_K)
+
+    if USE_DOT:
+        # Batch > 1: a channel is loaded if any row keeps it; each row applies its own mask through the dot.
+        rb = tl.arange(0, BLOCK_B)
+        b_mask = rb < B
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            ks = k_lo + k0 + rk
+            k_mask = ks < K
+            xv = tl.load(x_ptr + rb[:, None] * K + ks[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+            score = tl.abs(xv.to(tl.float32))
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + seg * K + ks, mask=k_mask, other=0.0)[None, :]
+            keep = score > thr
+            any_keep = tl.max(keep.to(tl.int32), axis=0) > 0
+            w = tl.load(w_ptr + ks[:, None] * ld + cols[None, :], mask=any_keep[:, None] & n_mask[None, :], other=0.0)
+            xm = tl.where(keep, xv, 0.0).to(w.dtype)
+            if DOT_F32:  # Triton's CPU interpreter gets bf16 dots wrong; fp32 there, tensor cores on GPU
+                acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xm, w, acc, input_precision="ieee")
+        y = acc
+        out_rows = rb
+        out_mask = b_mask[:, None] & ((n0 + tl.arange(0, BLOCK_N)) < N)[None, :]
+        out_ptrs = out_ptr + out_rows[:, None] * N + (n0 + tl.arange(0, BLOCK_N))[None, :]
+    else:
+        # Batch 1: accumulate the 2-D tile and reduce once at the end, not once per step.
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            ks = k_lo + k0 + rk
+            k_mask = ks < K
+            xv = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            score = tl.abs(xv)
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + seg * K + ks, mask=k_mask, other=0.0)
+            keep = score > thr
+            w = tl.load(w_ptr + ks[:, None] * ld + cols[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
+            acc += w.to(tl.float32) * tl.where(keep, xv, 0.0)[:, None]
+        y = tl.sum(acc, axis=0)
+        out_mask = (n0 + tl.arange(0, BLOCK_N)) < N
+        out_ptrs = out_ptr + n0 + tl.arange(0, BLOCK_N)
+    tl.store(out_ptrs + pid_k * B * N, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.device) -> dict:
+    """Tile sizes for one launch. boundaries: inner column offsets where threshold or weight changes.
+
+    Chosen from a sweep on an H100 (scripts/bench_kernels.py --sweep): 128-wide rows (256 B in bf16) keep
+    loads coalesced and every dropped row a whole skipped transaction; split-K fills the SMs.
+    """
+    g = 0
+    for b in boundaries:
+        g = math.gcd(g, b)
+    block_n = 128 if g == 0 else min(128, _pow2_divisor(g))
+    if block_n < 16:
+        raise ValueError(f"segment boundaries {list(boundaries)} must be multiples of 16")
+    use_dot = batch > 1
+    block_k = 32 if use_dot else 64
+    if device.type == "cuda":
+        n_blocks = triton.cdiv(N, block_n)
+        target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        split_k = max(1, min(target // max(n_blocks, 1), triton.cdiv(K, 2 * block_k)))
+        split_k = 1 << (split_k.bit_length() - 1)  # a power of two: fewer distinct compiled variants
+        num_warps, num_stages = 4, 3
+    else:  # Triton's interpreter: keep the program count small
+        split_k, num_warps, num_stages = (2 if K > block_k else 1), 4, 1
+    return dict(BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Optional[Tensor]) -> None:
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
+        raise ValueError(f"x must be (batch<= {MAX_BATCH}, K), got {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"x dtype {x.dtype} not supported (bf16, fp16, fp32)")
+    for w in weights:
+        if w.dim() != 2 or w.shape[0] != x.shape[1]:
+            raise ValueError(f"weight must be transposed, (K={x.shape[1]}, N), got {tuple(w.shape)}")
+        if w.dtype != x.dtype:
+            raise TypeError(f"weight dtype {w.dtype} differs from x dtype {x.dtype}")
+        if not w.is_contiguous():
+            raise ValueError("weight.t() must be contiguous: store the weight column-major (model.to_column_major)")
+        if w.device != x.device:
+            raise ValueError(f"weight on {w.device}, x on {x.device}")
+    if thresholds.dim() != 1 or thresholds.shape[0] != n_seg or thresholds.dtype != torch.float32 \
+            or thresholds.device != x.device:
+        raise ValueError(f"thresholds must be fp32 ({n_seg},) on {x.device}, got {thresholds.dtype} "
+                         f"{tuple(thresholds.shape)} on {thresholds.device}")
+    if scale is not None and (tuple(scale.shape) != (n_seg, x.shape[1]) or scale.dtype != torch.float32
+                              or scale.device != x.device):
+        raise ValueError(f"scale must be fp32 ({n_seg}, {x.shape[1]}) on {x.device}, got {scale.dtype} "
+                         f"{tuple(scale.shape)} on {scale.device}")
+
+
+def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Tensor, seg1: int, seg2: int,
+            scale: Optional[Tensor], config: Optional[dict] = None) -> Tensor:
+    batch, K = x.shape
+    inner = tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)
+    cfg = dict(config or pick_config(batch, K, n, inner, x.device))
+    split = cfg["SPLIT_K"]
+    out = torch.empty((split, batch, n) if split > 1 else (batch, n), device=x.device,
+                      dtype=torch.float32 if split > 1 else x.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    wrap_triton(_sparse_gemv_kernel)[grid](
+        x, wa, wb, scale if scale is not None else thresholds, thresholds, out,
+        batch, K, n, n_a, seg1, seg2, triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"],
+        HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
+        **cfg)
+    return out.sum(0).to(x.dtype) if split > 1 else out
+
+
+@triton_op("tealfast::sparse_gemv", mutates_args={})
+def _sparse_gemv_op(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list[int],
+                    scale: Optional[Tensor]) -> Tensor:
+    n = wt.shape[1]
+    seg1 = seg_ends[0] if len(seg_ends) > 1 else n
+    seg2 = seg_ends[1] if len(seg_ends) > 2 else n
+    return _launch(x.contiguous(), wt, wt, n, n, thresholds, seg1, seg2, scale)
+
+
+@triton_op("tealfast::sparse_gemv_pair", mutates_args={})
+def _sparse_gemv_pair_op(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
+                         scale: Optional[Tensor]) -> Tensor:
+    n_a = wt_a.shape[1]
+    n = n_a + wt_b.shape[1]
+    return _launch(x.contiguous(), wt_a, wt_b, n_a, n, thresholds, n_a, n, scale)
+
+
+# Explicit shape functions: the body cannot run on fake tensors under Triton's CPU interpreter.
+@_sparse_gemv_op.register_fake
+def _(x, wt, thresholds, seg_ends, scale):
+    return x.new_empty((x.shape[0], wt.shape[1]))
+
+
+@_sparse_gemv_pair_op.register_fake
+def _(x, wt_a, wt_b, thresholds, scale):
+    return x.new_empty((x.shape[0], wt_a.shape[1] + wt_b.shape[1]))
+
+
+def use_triton(x: Tensor) -> bool:
+    """Triton on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (how CI tests the kernels)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

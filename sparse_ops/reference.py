@@ -1,0 +1,33 @@
+"""Plain-torch references for the sparse GEMV ops: the CPU path, the prefill path and the tests' oracle."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def keep_mask(x: Tensor, threshold: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """TEAL's rule: keep input channel i when |x_i| (times ||W[:, i]|| for weighted scores) exceeds t."""
+    score = x.abs().float()
+    if scale is not None:
+        score = score * scale
+    return score > threshold
+
+
+def sparse_gemv_ref(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list,
+                    scale: Optional[Tensor] = None) -> Tensor:
+    """y[:, seg s] = (x * keep_s(x)) @ wt[:, seg s]. x: (M, K); wt: (K, N), the weight transposed;
+    thresholds: (S,) fp32, one per output segment ending at seg_ends[s]; scale: (S, K) or None."""
+    outs, start = [], 0
+    for s, end in enumerate(seg_ends):
+        keep = keep_mask(x, thresholds[s], None if scale is None else scale[s])
+        outs.append(torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)) @ wt[:, start:end])
+        start = end
+    return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+
+
+def sparse_gemv_pair_ref(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
+                         scale: Optional[Tensor] = None) -> Tensor:
+    """Two weights on one input (gate and up), a threshold each: returns cat([y_a, y_b], -1)."""
+    ya = sparse_gemv_ref(x, wt_a, thresholds[0:1], [wt_a.shape[1]], None if scale is None else scale[0:1])
+    yb = sparse_gemv_ref(x, wt_b, thresholds[1:2], [wt_b.shape[1]], None if scale is None else scale[1:2])
+    return torch.cat([ya, yb], dim=-1)

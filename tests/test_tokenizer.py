@@ -1,0 +1,288 @@
+"""tokenizer.py against independent references, on tokenizers trained here from stdlib text (no downloads)."""
+import base64
+import collections
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import regex
+from pydoc_data.topics import topics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tokenizer import Tokenizer, TokenizerError, get_tokenizer  # noqa: E402
+
+CORPUS = [t for t in topics.values() if t.strip()]
+
+# Text the tokenizers were not trained on, with odd whitespace, digits and non-ASCII (incl. 4-byte UTF-8).
+UNICODE_TEXTS = [
+    "Hello world, naïve café — déjà vu. Straße, ﬁne, Ω≈ç√∫.",
+    "日本語のテキストと中文文本，한국어 텍스트도 있습니다。",
+    "Emoji: 🚀🔥👍🏽 and flags 🇫🇷🇯🇵; math 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∀x∈ℝ.",
+    "tabs\tand  double  spaces\n\n\nnewlines\r\nwindows line\n    indented code: x = 12345678 + 0.5e-3\n",
+    "Привет, мир! Ελληνικά κείμενα. عربى. עברית.",
+    "DON'T SHOUT, it's FINE; WE'LL see what YOU'VE got: 1234567 items.",
+]
+PARAGRAPHS = CORPUS[:6] + UNICODE_TEXTS
+
+# Written out again here (not imported) so the tiktoken reference is independent of tokenizer.py.
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def write_checkpoint(path: Path, kind, config=None, files=None, meta=None) -> Path:
+    """A checkpoint folder as the converters write it (minus model.pth, which the tokenizer never reads)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if meta is None:
+        meta = {"schema_version": 1, "tokenizer": kind, "source": "test"}
+    (path / "tealfast.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    for name, data in (files or {}).items():
+        (path / name).write_bytes(data)
+    return path
+
+
+# ---------------------------------------------------------------- hf (byte-level BPE, tokenizer.json)
+
+HF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def hf_json(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, processors, trainers
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=HF_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    # A post-processor that adds BOS, like Llama-3's tokenizer.json: our encode must not apply it.
+    bos = tok.token_to_id("<|im_start|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def hf_checkpoint(tmp_path, hf_json, config):
+    return write_checkpoint(tmp_path / "ckpt", "hf", config, {"tokenizer.json": hf_json.read_bytes()})
+
+
+def test_hf_matches_transformers(tmp_path, hf_json):
+    from transformers import PreTrainedTokenizerFast
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_json))
+    tok = get_tokenizer(hf_checkpoint(tmp_path, hf_json, {"bos_token_id": 1, "eos_token_id": 2}))
+    assert isinstance(tok, Tokenizer)
+    assert tok.vocab_size == len(ref) == 1000
+    for text in PARAGRAPHS + ["<|im_start|>user\nhi<|im_end|>\n"]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False)
+        assert ref.encode(text, add_special_tokens=True) == [1] + ids  # the post-processor's BOS, not ours
+        assert tok.encode(text, bos=True) == [1] + ids
+        assert tok.decode(ids) == ref.decode(ids) == text
+    # Special tokens in the text are single ids, as transformers does.
+    assert tok.encode("a<|im_end|>b")[1] == 2
+
+
+def test_hf_bos_eos_from_config(tmp_path, hf_json):
+    tok = get_tokenizer(hf_checkpoint(tmp_path, hf_json, {"bos_token_id": 0, "eos_token_id": [0, 2]}))
+    assert tok.bos_id == 0
+    # config order first; known end-of-turn tokens present in the vocab (<|im_end|>=2, <|endoftext|>=0) deduped.
+    assert tok.eos_ids == [0, 2]
+    assert tok.encode("", bos=True) == [0]
+
+
+def test_hf_no_bos_in_config(tmp_path, hf_json):
+    tok = get_tokenizer(hf_checkpoint(tmp_path, hf_json, {"eos_token_id": 2}))
+    assert tok.bos_id is None
+    assert tok.encode("hello", bos=True) == tok.encode("hello")
+    assert tok.eos_ids == [2, 0]
+
+
+# ---------------------------------------------------------------- sentencepiece (tokenizer.model)
+
+@pytest.fixture(scope="module")
+def sp_model() -> bytes:
+    import sentencepiece as spm
+    lines = [line for t in CORPUS for line in t.splitlines() if line.strip()]
+    out = io.BytesIO()
+    # Llama-2-like settings: BPE, byte fallback, no normalization, whitespace kept, digits split.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=out, vocab_size=800, model_type="bpe", byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    return out.getvalue()
+
+
+def test_sentencepiece_matches_transformers(tmp_path, sp_model):
+    # transformers 5 has no slow sentencepiece LlamaTokenizer; LlamaTokenizer is a `tokenizers` BPE built from
+    # the model's pieces and merges, an encoder independent of sentencepiece's. (from_pretrained on a bare
+    # tokenizer.model would need protobuf, so the vocab/merges are extracted and passed in directly.)
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
+    ckpt = write_checkpoint(tmp_path / "ckpt", "sentencepiece", {"bos_token_id": 1, "eos_token_id": 2},
+                            {"tokenizer.model": sp_model})
+    vocab, _, merges = SentencePieceExtractor(str(ckpt / "tokenizer.model")).extract()
+    ref = LlamaTokenizer(vocab=vocab, merges=merges)
+    tok = get_tokenizer(ckpt)
+    assert tok.vocab_size == 800 == len(vocab)
+    assert tok.bos_id == 1 and tok.eos_ids == [2]
+    for text in PARAGRAPHS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False)
+        assert tok.encode(text, bos=True) == [1] + ids
+        assert tok.decode(ids) == text
+    # Byte fallback really used: unseen characters become <0x..> byte pieces, not <unk> (0).
+    ids = tok.encode("🚀")
+    assert 0 not in ids and len(ids) >= 4
+    # Leading space: sentencepiece (Meta's reference) keeps its dummy prefix ("▁▁x"); HF's Metaspace drops it.
+    assert tok.decode(tok.encode("  two leading spaces")) == "  two leading spaces"
+
+
+def test_sentencepiece_defaults_without_config(tmp_path, sp_model):
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "sentencepiece", None, {"tokenizer.model": sp_model}))
+    assert tok.bos_id == 1 and tok.eos_ids == [2]
+    assert tok.decode(tok.encode("hi there", bos=True)) == "hi there"  # control ids decode to nothing
+
+
+# ---------------------------------------------------------------- tiktoken (Llama-3 tokenizer.model)
+
+def train_byte_bpe(texts, n_merges) -> dict[bytes, int]:
+    """Plain byte-level BPE: the 256 bytes, then the most frequent adjacent pair, n_merges times."""
+    words = collections.Counter(w.encode() for t in texts for w in regex.findall(LLAMA3_PAT, t))
+    words = {tuple(bytes([b]) for b in w): c for w, c in words.items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for _ in range(n_merges):
+        pairs = collections.Counter()
+        for w, c in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += c
+        if not pairs:
+            break
+        a, b = max(pairs, key=pairs.get)
+        if a + b not in ranks:
+            ranks[a + b] = len(ranks)
+        merged = {}
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + c
+        words = merged
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def tiktoken_ranks() -> dict[bytes, int]:
+    ranks = train_byte_bpe(CORPUS[:30], 300)
+    # Digit-run tokens, so a pre-tokenizer not splitting digits in threes ("1234567" -> 123|456|7) shows.
+    for t in (b"12", b"123", b"1234", b"45", b"456", b"4567"):
+        ranks.setdefault(t, len(ranks))
+    return ranks
+
+
+def ranks_file(ranks) -> bytes:
+    return b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda x: x[1]))
+
+
+def test_tiktoken_matches_reference(tmp_path, tiktoken_ranks):
+    import tiktoken
+    n = len(tiktoken_ranks)
+    assert n > 500  # the merges really happened
+    # Meta's Llama-3(.1) layout: 256 special tokens after the base vocab; only these few names matter here.
+    names = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
+             8: "<|eom_id|>", 9: "<|eot_id|>"}
+    specials = {names.get(i, f"<|reserved_special_token_{i}|>"): n + i for i in range(256)}
+    ref = tiktoken.Encoding("ref", pat_str=LLAMA3_PAT, mergeable_ranks=tiktoken_ranks, special_tokens=specials)
+
+    # config.json of Llama-3 instruct: eos is <|eot_id|> only.
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiktoken", {"bos_token_id": n, "eos_token_id": n + 9},
+                            {"tokenizer.model": ranks_file(tiktoken_ranks)})
+    tok = get_tokenizer(ckpt)
+    assert tok.vocab_size == n + 256 == ref.n_vocab
+    assert tok.bos_id == n
+    assert tok.eos_ids == [n + 9, n + 1, n + 8]  # config, then <|end_of_text|>, <|eom_id|>
+    for text in PARAGRAPHS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text)
+        assert tok.encode(text, bos=True) == [n] + ids
+        assert tok.decode(ids) == text
+    chat = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+    ids = tok.encode(chat)
+    assert ids == ref.encode(chat, allowed_special="all")
+    assert ids[:2] == [n, n + 6] and ids[-1] == n + 9
+    assert tok.decode(ids) == chat
+
+
+def test_tiktoken_defaults_without_config(tmp_path, tiktoken_ranks):
+    n = len(tiktoken_ranks)
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "tiktoken", {},
+                                         {"tokenizer.model": ranks_file(tiktoken_ranks)}))
+    assert tok.bos_id == n
+    assert tok.eos_ids == [n + 1, n + 9, n + 8]
+
+
+# ---------------------------------------------------------------- the kind comes from tealfast.json only
+
+def test_kind_from_tealfast_json_not_path(tmp_path, sp_model, tiktoken_ranks):
+    # A folder named like a tiktoken model but declared sentencepiece must load as sentencepiece.
+    ckpt = write_checkpoint(tmp_path / "Meta-Llama-3-8B", "sentencepiece", {}, {"tokenizer.model": sp_model})
+    assert get_tokenizer(ckpt).vocab_size == 800
+    # The same tiktoken file declared as sentencepiece is rejected, not silently guessed.
+    ckpt = write_checkpoint(tmp_path / "llama2", "sentencepiece", {},
+                            {"tokenizer.model": ranks_file(tiktoken_ranks)})
+    with pytest.raises(TokenizerError):
+        get_tokenizer(ckpt)
+
+
+# ---------------------------------------------------------------- errors
+
+def error_message(ckpt) -> str:
+    with pytest.raises(TokenizerError) as e:
+        get_tokenizer(ckpt)
+    assert isinstance(e.value, ValueError)
+    msg = str(e.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_errors_checkpoint_folder(tmp_path):
+    assert "not found" in error_message(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    assert "tealfast.json" in error_message(tmp_path / "empty")
+    assert "tealfast.json" in error_message(write_checkpoint(tmp_path / "corrupt", "hf", meta="{not json"))
+    assert "JSON object" in error_message(write_checkpoint(tmp_path / "list", "hf", meta="[1, 2]"))
+    assert "schema_version" in error_message(
+        write_checkpoint(tmp_path / "v2", "hf", meta={"schema_version": 2, "tokenizer": "hf"}))
+    assert "'bpe'" in error_message(write_checkpoint(tmp_path / "kind", "bpe"))
+    assert "None" in error_message(write_checkpoint(tmp_path / "nokind", "hf", meta={"schema_version": 1}))
+    corrupt_config = write_checkpoint(tmp_path / "cfg", "hf")
+    (corrupt_config / "config.json").write_text("{")
+    assert "config.json" in error_message(corrupt_config)
+
+
+@pytest.mark.parametrize("kind,name", [("hf", "tokenizer.json"), ("sentencepiece", "tokenizer.model"),
+                                       ("tiktoken", "tokenizer.model")])
+def test_errors_tokenizer_file(tmp_path, kind, name):
+    assert name in error_message(write_checkpoint(tmp_path / "missing", kind, {}))
+    garbage = {name: b"\x00\x01garbage \xff\xfe not a tokenizer\n"}
+    assert name in error_message(write_checkpoint(tmp_path / "garbage", kind, {}, garbage))
+
+
+def test_errors_tiktoken_ranks_not_contiguous(tmp_path):
+    data = b"".join(base64.b64encode(bytes([b])) + b" %d\n" % (b * 2) for b in range(256))
+    assert "0..n-1" in error_message(write_checkpoint(tmp_path / "c", "tiktoken", {}, {"tokenizer.model": data}))
+
+
+def test_errors_config_ids_out_of_vocab(tmp_path, hf_json, sp_model):
+    assert "eos_token_id 5000" in error_message(hf_checkpoint(tmp_path, hf_json, {"eos_token_id": [2, 5000]}))
+    ckpt = write_checkpoint(tmp_path / "sp", "sentencepiece", {"bos_token_id": -1}, {"tokenizer.model": sp_model})
+    assert "bos_token_id -1" in error_message(ckpt)

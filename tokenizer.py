@@ -1,0 +1,221 @@
+"""Tokenizers for tealfast checkpoints: one small class per kind, same interface.
+
+The kind comes only from the checkpoint's tealfast.json ("hf", "sentencepiece" or "tiktoken");
+BOS/EOS ids come from its config.json where present.
+"""
+import base64
+import json
+from pathlib import Path
+
+# Same value as scripts/checkpoint_io.META_SCHEMA_VERSION; kept local so the runtime does not import scripts/.
+SCHEMA_VERSION = 1
+
+# End-of-turn tokens that chat models emit instead of (or as well as) config.json's eos_token_id.
+EXTRA_STOP_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
+
+# Llama-3's pre-tokenization regex (Meta's reference tokenizer).
+LLAMA3_PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+
+
+def llama3_special_tokens() -> list[str]:
+    """Meta's Llama-3.1 layout, appended after the base vocab; ids of the shared names match Llama-3.0."""
+    named = [
+        "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+        "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    ]
+    reserved = [f"<|reserved_special_token_{2 + i}|>" for i in range(LLAMA3_NUM_SPECIAL_TOKENS - len(named))]
+    return named + reserved
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Shared interface; subclasses set vocab_size and default bos_id/eos_ids, get_tokenizer applies config.json."""
+
+    file_name: str
+    bos_id: int | None = None
+    eos_ids: list[int]
+    vocab_size: int
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self._encode(text)
+        return [self.bos_id] + ids if bos and self.bos_id is not None else ids
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def token_id(self, token: str) -> int | None:
+        """Id of a whole (special) token, or None if the vocab lacks it."""
+        raise NotImplementedError
+
+
+class HFTokenizer(Tokenizer):
+    """Byte-level BPE (SmolLM2, Qwen2, Llama-3 HF) from tokenizer.json via the `tokenizers` library."""
+
+    file_name = "tokenizer.json"
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _Tok
+        try:
+            self.tok = _Tok.from_file(str(path))
+        except Exception as e:
+            raise TokenizerError(f"cannot load {path}: {_one_line(e)}") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eos_ids = []
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def _encode(self, text: str) -> list[int]:
+        # The tokenizer.json post-processor may add BOS itself; we never want that, BOS is our flag.
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Llama-2 / Mistral tokenizer.model via the `sentencepiece` library."""
+
+    file_name = "tokenizer.model"
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:
+            raise TokenizerError(f"cannot load {path} as a sentencepiece model: {_one_line(e)}") from None
+        self.vocab_size = self.sp.vocab_size()
+        # Fallbacks when config.json has no ids; sentencepiece uses -1 for "none".
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_ids = [self.sp.eos_id()] if self.sp.eos_id() >= 0 else []
+
+    def token_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        # piece_to_id maps unknown pieces to unk; only a real match counts.
+        return i if self.sp.id_to_piece(i) == token else None
+
+    def _encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama-3 tokenizer.model ("base64token rank" lines) via `tiktoken`, as Meta's reference builds it."""
+
+    file_name = "tokenizer.model"
+
+    def __init__(self, path: Path):
+        import tiktoken
+        ranks = _load_tiktoken_ranks(path)
+        n_base = len(ranks)
+        self.special_tokens = {t: n_base + i for i, t in enumerate(llama3_special_tokens())}
+        self.enc = tiktoken.Encoding(
+            name="tealfast-llama3", pat_str=LLAMA3_PAT_STR,
+            mergeable_ranks=ranks, special_tokens=self.special_tokens,
+        )
+        self.vocab_size = self.enc.n_vocab
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_ids = [self.special_tokens["<|end_of_text|>"], self.special_tokens["<|eot_id|>"]]
+
+    def token_id(self, token: str) -> int | None:
+        return self.special_tokens.get(token)
+
+    def _encode(self, text: str) -> list[int]:
+        # Special tokens written in the text are encoded as such, like the HF Llama-3 tokenizer does,
+        # so chat prompts give the same ids whichever way the checkpoint was converted.
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(list(ids))
+
+
+TOKENIZER_CLASSES = {"hf": HFTokenizer, "sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer}
+
+
+def get_tokenizer(checkpoint_dir) -> Tokenizer:
+    ckpt = Path(checkpoint_dir)
+    if not ckpt.is_dir():
+        raise TokenizerError(f"checkpoint folder not found: {ckpt}")
+    meta = _read_json(ckpt / "tealfast.json", required=True)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise TokenizerError(f"{ckpt / 'tealfast.json'}: schema_version {meta.get('schema_version')!r}, "
+                             f"expected {SCHEMA_VERSION}")
+    kind = meta.get("tokenizer")
+    if kind not in TOKENIZER_CLASSES:
+        raise TokenizerError(f"{ckpt / 'tealfast.json'}: unknown tokenizer kind {kind!r}, "
+                             f"expected one of {sorted(TOKENIZER_CLASSES)}")
+    config = _read_json(ckpt / "config.json", required=False)
+    cls = TOKENIZER_CLASSES[kind]
+    path = ckpt / cls.file_name
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer file missing for kind {kind!r}: {path}")
+    tok = cls(path)
+
+    bos = config.get("bos_token_id")
+    if bos is not None:
+        tok.bos_id = bos
+    eos = config.get("eos_token_id")
+    # config.json eos first: it is what the model was trained to stop on; kind defaults follow.
+    eos_ids = ([] if eos is None else eos if isinstance(eos, list) else [eos]) + tok.eos_ids
+    eos_ids += [i for i in (tok.token_id(t) for t in EXTRA_STOP_TOKENS) if i is not None]
+
+    # A config that does not match the tokenizer would otherwise fail much later, mid-generation.
+    for name, i in [("bos_token_id", tok.bos_id)] + [("eos_token_id", i) for i in eos_ids]:
+        if i is not None and not (type(i) is int and 0 <= i < tok.vocab_size):
+            raise TokenizerError(f"{ckpt}: {name} {i!r} is not a token id of this {kind} tokenizer "
+                                 f"(vocab_size {tok.vocab_size})")
+    tok.eos_ids = list(dict.fromkeys(eos_ids))
+    return tok
+
+
+def _read_json(path: Path, required: bool) -> dict:
+    if not path.is_file():
+        if required:
+            raise TokenizerError(f"missing {path}")
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {path}: {_one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    # Parsed here rather than with tiktoken.load so a bad file gives a TokenizerError naming the line.
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise TokenizerError(f"cannot read {path}: {_one_line(e)}") from None
+    ranks = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as e:  # also covers binascii.Error
+            raise TokenizerError(f"{path} line {n} is not 'base64token rank' (not a tiktoken file?): "
+                                 f"{_one_line(e)}") from None
+    # Special tokens are appended at len(ranks); that is only right when ranks are exactly 0..n-1.
+    if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: tiktoken ranks are not the contiguous range 0..n-1")
+    return ranks
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
