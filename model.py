@@ -89,23 +89,28 @@ class ModelArgs:
             raise CheckpointError(f"config.json lacks {e.args[0]!r}") from None
 
 
-def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], thresholds: Tensor, seg_ends: list,
-                  sparse: bool, scale: Optional[Tensor] = None) -> Tensor:
-    """y = W (x * 1[score(x) > t_s]) for each output segment s; dense when `sparse` is False.
+def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list, sparse: bool,
+                  scale: Optional[Tensor] = None, stats: Optional[Tensor] = None) -> Tensor:
+    """y = W (x * 1[score(x) > t_s]) for each output segment s; the plain nn.Linear when `sparse` is False.
 
     One token per row (decode) runs the sparse GEMV op, which skips the weight columns it does not need;
-    more tokens (prefill) mask the input and use a dense matmul.
+    more tokens (prefill) mask the input and use a dense matmul. `stats` (segments, 2), when given, gathers
+    (dropped, total) input entries per segment: eager measurement only.
     """
     if not sparse:
-        return F.linear(x, weight, bias)
+        return lin(x)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x.dim() == 3 and shape[1] == 1 and x2.shape[0] <= sparse_ops.MAX_BATCH:
-        y = sparse_ops.sparse_gemv(x2, weight.t(), thresholds, seg_ends, scale)
+    if shape[-2] == 1 and x2.shape[0] <= sparse_ops.MAX_BATCH:
+        y = sparse_ops.sparse_gemv(x2, lin.weight.t(), thresholds, seg_ends, scale)
     else:
-        y = sparse_ops.sparse_gemv_ref(x2, weight.t(), thresholds, seg_ends, scale)
-    if bias is not None:
-        y = y + bias
+        y = sparse_ops.sparse_gemv_ref(x2, lin.weight.t(), thresholds, seg_ends, scale)
+    if stats is not None:
+        for s in range(len(seg_ends)):
+            keep = sparse_ops.keep_mask(x2, thresholds[s], None if scale is None else scale[s])
+            stats[s] += torch.tensor([keep.numel() - keep.sum().item(), keep.numel()], dtype=stats.dtype)
+    if lin.bias is not None:
+        y = y + lin.bias
     return y.view(*shape[:-1], -1)
 
 
@@ -167,9 +172,17 @@ class Transformer(nn.Module):
         for b in self.layers:
             b.set_scores(weighted)
 
-    @classmethod
-    def from_config_file(cls, path) -> "Transformer":
-        return cls(ModelArgs.from_hf_config(json.loads(Path(path).read_text())))
+    def start_stats(self) -> None:
+        """Count dropped inputs per projection in the following eager forwards (see sparse_linear)."""
+        for b in self.layers:
+            b.stats = torch.zeros(len(PROJECTIONS), 2, dtype=torch.float64)
+
+    def pop_stats(self) -> Tensor:
+        """(n_layer, 7, 2) dropped and total input entries since start_stats; stops counting."""
+        out = torch.stack([b.stats for b in self.layers])
+        for b in self.layers:
+            b.stats = None
+        return out
 
 
 class TransformerBlock(nn.Module):
@@ -181,21 +194,22 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         # Per-projection thresholds (PROJECTIONS order); a tensor, so new values need no recompile.
-        self.register_buffer("thresholds", torch.zeros(len(PROJECTIONS)), persistent=False)
+        self.register_buffer("thresholds", torch.zeros(len(PROJECTIONS), dtype=torch.float32), persistent=False)
         self.sparse_decode = False
         self.sparse_prefill = False
+        self.stats: Optional[Tensor] = None  # (7, 2) dropped/total counts while measuring, on the CPU
 
     def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
         sparse = self.sparse_prefill if x.shape[1] > 1 else self.sparse_decode
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse)
-        return h + self.feed_forward(self.ffn_norm(h), self.thresholds, sparse)
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse, self.stats)
+        return h + self.feed_forward(self.ffn_norm(h), self.thresholds, sparse, self.stats)
 
     def set_scores(self, weighted: bool) -> None:
         self.attention.set_scores(weighted)
         self.feed_forward.set_scores(weighted)
 
 
-def _column_norms(w: Tensor, seg_ends: list) -> Tensor:
+def column_norms(w: Tensor, seg_ends: list) -> Tensor:
     """(segments, in_features) L2 norm of each input column of each output segment of w (out, in)."""
     starts = [0] + seg_ends[:-1]
     return torch.stack([w[a:b].float().norm(dim=0) for a, b in zip(starts, seg_ends)])
@@ -215,13 +229,14 @@ class Attention(nn.Module):
         self.o_scale: Optional[Tensor] = None
 
     def set_scores(self, weighted: bool) -> None:
-        self.qkv_scale = _column_norms(self.wqkv.weight, self.qkv_ends) if weighted else None
-        self.o_scale = _column_norms(self.wo.weight, [self.wo.out_features]) if weighted else None
+        self.qkv_scale = column_norms(self.wqkv.weight, self.qkv_ends) if weighted else None
+        self.o_scale = column_norms(self.wo.weight, [self.wo.out_features]) if weighted else None
 
-    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor, thr: Tensor,
-                sparse: bool) -> Tensor:
+    def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor, thr: Tensor, sparse: bool,
+                stats: Optional[Tensor] = None) -> Tensor:
         bsz, seqlen, _ = x.shape
-        qkv = sparse_linear(x, self.wqkv.weight, self.wqkv.bias, thr[0:3], self.qkv_ends, sparse, self.qkv_scale)
+        qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale,
+                            None if stats is None else stats[0:3])
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(bsz, seqlen, self.n_head, self.head_dim)
         k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -233,7 +248,8 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
                                            enable_gqa=self.n_head != self.n_local_heads)
         y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.q_size)
-        return sparse_linear(y, self.wo.weight, None, thr[3:4], [self.wo.out_features], sparse, self.o_scale)
+        return sparse_linear(y, self.wo, thr[3:4], [self.wo.out_features], sparse, self.o_scale,
+                             None if stats is None else stats[3:4])
 
 
 class FeedForward(nn.Module):
@@ -244,26 +260,34 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
         self.w13_scale: Optional[Tensor] = None
         self.w2_scale: Optional[Tensor] = None
+        self.cats_threshold: Optional[Tensor] = None  # CATS baseline (eval only), see forward
 
     def set_scores(self, weighted: bool) -> None:
-        self.w13_scale = torch.cat([_column_norms(self.w1.weight, [self.w1.out_features]),
-                                    _column_norms(self.w3.weight, [self.w3.out_features])]) if weighted else None
-        self.w2_scale = _column_norms(self.w2.weight, [self.w2.out_features]) if weighted else None
+        self.w13_scale = torch.cat([column_norms(self.w1.weight, [self.w1.out_features]),
+                                    column_norms(self.w3.weight, [self.w3.out_features])]) if weighted else None
+        self.w2_scale = column_norms(self.w2.weight, [self.w2.out_features]) if weighted else None
 
-    def forward(self, x: Tensor, thr: Tensor, sparse: bool) -> Tensor:
-        if sparse and x.shape[1] == 1 and x.shape[0] <= sparse_ops.MAX_BATCH:
+    def forward(self, x: Tensor, thr: Tensor, sparse: bool, stats: Optional[Tensor] = None) -> Tensor:
+        if self.cats_threshold is not None:
+            # CATS (Lee et al. 2024), a baseline: only silu(gate) is thresholded; up and down skip its dropped rows.
+            a = F.silu(self.w1(x))
+            keep = a.abs() > self.cats_threshold
+            if stats is not None:
+                stats[5:7] += torch.tensor([keep.numel() - keep.sum().item(), keep.numel()], dtype=stats.dtype)
+            return self.w2(torch.where(keep, a * self.w3(x), 0))
+        sc = self.w13_scale
+        if sparse and x.shape[-2] == 1 and x.shape[0] <= sparse_ops.MAX_BATCH and stats is None:
             # gate and up share their input: one fused op, a threshold each
-            g, u = sparse_ops.sparse_gemv_pair(x.view(x.shape[0], -1), self.w1.weight.t(), self.w3.weight.t(),
-                                               thr[4:6], self.w13_scale)
-            g, u = g.view(x.shape[0], 1, -1), u.view(x.shape[0], 1, -1)
+            gu = sparse_ops.sparse_gemv_pair(x.view(x.shape[0], -1), self.w1.weight.t(), self.w3.weight.t(),
+                                             thr[4:6], sc)
+            g, u = gu.view(x.shape[0], 1, -1).chunk(2, dim=-1)
         else:
-            scale = self.w13_scale
-            g = sparse_linear(x, self.w1.weight, None, thr[4:5], [self.w1.out_features], sparse,
-                              None if scale is None else scale[0:1])
-            u = sparse_linear(x, self.w3.weight, None, thr[5:6], [self.w3.out_features], sparse,
-                              None if scale is None else scale[1:2])
-        return sparse_linear(F.silu(g) * u, self.w2.weight, None, thr[6:7], [self.w2.out_features], sparse,
-                             self.w2_scale)
+            g = sparse_linear(x, self.w1, thr[4:5], [self.w1.out_features], sparse, None if sc is None else sc[0:1],
+                              None if stats is None else stats[4:5])
+            u = sparse_linear(x, self.w3, thr[5:6], [self.w3.out_features], sparse, None if sc is None else sc[1:2],
+                              None if stats is None else stats[5:6])
+        return sparse_linear(F.silu(g) * u, self.w2, thr[6:7], [self.w2.out_features], sparse, self.w2_scale,
+                             None if stats is None else stats[6:7])
 
 
 class KVCache(nn.Module):
@@ -341,7 +365,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
     if model.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     for b in model.layers:  # non-persistent buffers are still on the meta device
-        b.thresholds = torch.zeros(len(PROJECTIONS))
+        b.thresholds = torch.zeros(len(PROJECTIONS), dtype=torch.float32)
     model = model.to(device)
     to_column_major(model)
     return model.eval()

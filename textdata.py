@@ -32,3 +32,52 @@ def read_text_file(path) -> str:
     if not text.strip():
         raise ValueError(f"text file is empty: {p}")
     return text
+
+
+def load_hub_text(repo_id: str, filename: str, column: str = "text", max_chars: int = 10_000_000) -> str:
+    """Text of one file of a Hugging Face dataset repo (downloaded with huggingface_hub; needs network).
+
+    .parquet (needs pyarrow), .jsonl / .json (records holding `column`) or .txt; rows joined by blank lines.
+    """
+    from huggingface_hub import hf_hub_download
+    try:
+        local = Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
+    except Exception as e:  # the hub raises many kinds: offline, 404, auth
+        raise ValueError(f"cannot download {filename} from dataset {repo_id}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return text_from_file(local, column, max_chars)
+
+
+def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000) -> str:
+    """Rows of a .parquet / .jsonl / .json / .txt dataset file joined by blank lines, up to max_chars."""
+    import json
+
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("reading .parquet datasets needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(path, columns=[column])
+        rows = table.column(column).to_pylist()
+    elif suffix in (".jsonl", ".json"):
+        raw = path.read_text(encoding="utf-8")
+        records = [json.loads(line) for line in raw.splitlines() if line.strip()] if suffix == ".jsonl" else json.loads(raw)
+        try:
+            rows = [r[column] for r in records]
+        except (KeyError, TypeError):
+            raise ValueError(f"{path.name}: records have no {column!r} field") from None
+    elif suffix == ".txt":
+        rows = [read_text_file(path)]
+    else:
+        raise ValueError(f"unsupported dataset file type {suffix!r} (.parquet, .jsonl, .json, .txt)")
+    out, n = [], 0
+    for r in rows:
+        if isinstance(r, str) and r.strip():
+            out.append(r.strip())
+            n += len(out[-1])
+            if n >= max_chars:
+                break
+    if not out:
+        raise ValueError(f"{path.name}: no text in column {column!r}")
+    return "\n\n".join(out)

