@@ -60,12 +60,14 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.isin(tok[:, 0], stop)
     n = 1
+    pos = torch.tensor([T], device=device)  # advanced on the device: no host-to-device copy per step
     for i in range(1, max_new_tokens):
         if on_token is not None:
             on_token(seq[:, :T + n])
             if bool(done.all()):
                 break
-        tok, finite = decode_fn(model, tok.clone(), torch.tensor([T + i - 1], device=device), temperature, top_k)
+        tok, finite = decode_fn(model, tok.clone(), pos, temperature, top_k)
+        pos += 1
         seq[:, T + i:T + i + 1] = tok
         all_finite = all_finite & finite
         done = done | torch.isin(tok[:, 0], stop)

@@ -59,15 +59,15 @@ def time_decode(model, decode_fn, batch: int, prompt_len: int, n_tokens: int, wa
     model(prompt, torch.arange(prompt_len, device=dev))
     tok = prompt[:, -1:]
     toks = [prompt]
-    pos = prompt_len
+    pos = torch.tensor([prompt_len], device=dev)  # advanced on the device: no host-to-device copy per step
     for _ in range(warmup):
-        tok, _ = decode_fn(model, tok.clone(), torch.tensor([pos], device=dev), 0.0, None)
+        tok, _ = decode_fn(model, tok.clone(), pos, 0.0, None)
         pos += 1
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
     t = time.perf_counter()
     for _ in range(n_tokens):
-        tok, _ = decode_fn(model, tok.clone(), torch.tensor([pos], device=dev), 0.0, None)
+        tok, _ = decode_fn(model, tok.clone(), pos, 0.0, None)
         toks.append(tok.clone())
         pos += 1
     sync()
