@@ -81,3 +81,22 @@ def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000
     if not out:
         raise ValueError(f"{path.name}: no text in column {column!r}")
     return "\n\n".join(out)
+
+
+DOCSTRING_MODULES = ("argparse", "collections", "email.message", "json", "logging", "pathlib", "subprocess",
+                     "threading", "unittest", "urllib.request", "zipfile", "asyncio.events", "http.client")
+
+
+def docstring_text() -> str:
+    """A second English text the calibration never sees: docstrings of a fixed list of stdlib modules
+    (technical prose unlike pydoc's language reference). Depends on the Python version; record it."""
+    import importlib
+    import inspect
+    parts = []
+    for name in DOCSTRING_MODULES:
+        mod = importlib.import_module(name)
+        for obj in [mod] + [getattr(mod, a) for a in sorted(vars(mod)) if not a.startswith("_")]:
+            doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj) or obj is mod) else None
+            if doc and len(doc) > 200 and doc not in parts:
+                parts.append(doc)
+    return "\n\n".join(parts)

@@ -75,7 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
     p.add_argument("--sparsity", default="0,0.25,0.4,0.5,0.65", help="comma-separated levels in [0, 1)")
     p.add_argument("--method", default="uniform", help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument("--text", type=Path, help="UTF-8 text file (default: held-out part of pydoc_data.topics)")
+    p.add_argument("--text", type=Path, help="UTF-8 text file (default: --corpus)")
+    p.add_argument("--corpus", choices=["pydoc-heldout", "stdlib-docstrings"], default="pydoc-heldout",
+                   help="built-in text when no --text: the held-out part of pydoc_data.topics, or docstrings of "
+                        "stdlib modules (a second text the calibration never saw)")
     p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens")
     p.add_argument("--seq_len", type=int, default=512, help="window length")
     p.add_argument("--thresholds", type=Path, help="magnitude thresholds JSON (default: beside the checkpoint)")
@@ -107,7 +110,11 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     model = load_model(args.checkpoint, device=torch.device(args.device), dtype=DTYPES[args.dtype])
     tokenizer = get_tokenizer(args.checkpoint.parent)
-    text = textdata.read_text_file(args.text) if args.text else textdata.heldout_text()
+    if args.text:
+        text, source = textdata.read_text_file(args.text), str(args.text)
+    else:
+        text = textdata.heldout_text() if args.corpus == "pydoc-heldout" else textdata.docstring_text()
+        source = args.corpus
     ids = tokenizer.encode(text)[:args.max_tokens]
     cals = {"magnitude": thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), model.config)}
     if any("weighted" in m for m in args.method):
@@ -135,11 +142,11 @@ def main(argv=None) -> list:
             print(f"{method:16s} {s:8.2f} {ach:8.3f} {ppl:9.4f}   " + " ".join(f"{v:.3f}" for v in per), flush=True)
     configure(model, "uniform", 0, cals)
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "text": str(args.text or "pydoc heldout"),
+        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "text": source, "python": sys.version.split()[0],
                                          "tokens": len(ids), "seq_len": args.seq_len, "dtype": args.dtype,
                                          "results": results}, indent=1))
     if args.plot:
-        plot(results, args.plot, f"{args.checkpoint.parent.name}, {len(ids)} tokens of {args.text or 'pydoc held-out'}")
+        plot(results, args.plot, f"{args.checkpoint.parent.name}, {len(ids)} tokens of {source}")
     return results
 
 
