@@ -22,10 +22,10 @@ MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked re
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, out_ptr,
+    x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, idx_ptr, out_ptr,
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -43,51 +43,66 @@ def _sparse_gemv_kernel(
         col0 = n0 - N_A
     cols = col0 + tl.arange(0, BLOCK_N)
     n_mask = cols < ld
-
     k_lo = pid_k * K_PER_SPLIT
-    rk = tl.arange(0, BLOCK_K)
+    rb = tl.arange(0, BLOCK_B)
+    b_mask = rb < B
 
-    if USE_DOT:
-        # Batch > 1: a channel is loaded if any row keeps it; each row applies its own mask through the dot.
-        rb = tl.arange(0, BLOCK_B)
-        b_mask = rb < B
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-            ks = k_lo + k0 + rk
-            k_mask = ks < K
-            xv = tl.load(x_ptr + rb[:, None] * K + ks[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+    # Phase 1: list the kept input channels of this K range, in order, in idx[seg, k_lo:]. Every program of
+    # the same (segment, K range) computes the same list from the same x, so they may share the scratch.
+    idx_base = idx_ptr + seg * K + k_lo
+    rc = tl.arange(0, CHUNK)
+    count = pid_k * 0
+    for c0 in range(0, K_PER_SPLIT, CHUNK):
+        ks = k_lo + c0 + rc
+        valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
+        if USE_DOT:  # a channel is listed if any batch row keeps it
+            xv = tl.load(x_ptr + rb[:, None] * K + ks[None, :], mask=b_mask[:, None] & valid[None, :], other=0.0)
             score = tl.abs(xv.to(tl.float32))
             if HAS_SCALE:
-                score = score * tl.load(scale_ptr + seg * K + ks, mask=k_mask, other=0.0)[None, :]
-            keep = score > thr
-            any_keep = tl.max(keep.to(tl.int32), axis=0) > 0
-            w = tl.load(w_ptr + ks[:, None] * ld + cols[None, :], mask=any_keep[:, None] & n_mask[None, :], other=0.0)
-            xm = tl.where(keep, xv, 0.0).to(w.dtype)
+                score = score * tl.load(scale_ptr + seg * K + ks, mask=valid, other=0.0)[None, :]
+            keep = (tl.max((score > thr).to(tl.int32), axis=0) > 0) & valid
+        else:
+            score = tl.abs(tl.load(x_ptr + ks, mask=valid, other=0.0).to(tl.float32))
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + seg * K + ks, mask=valid, other=0.0)
+            keep = (score > thr) & valid
+        kept = keep.to(tl.int32)
+        tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
+        count += tl.sum(kept, 0)
+    tl.debug_barrier()  # the list is read back by other threads of this program
+
+    # Phase 2: stream only the listed rows of Wt, BLOCK_K at a time: every load moves needed bytes, so the
+    # loop is count / BLOCK_K steps long instead of K_PER_SPLIT / BLOCK_K.
+    rk = tl.arange(0, BLOCK_K)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
+    for j0 in range(0, count, BLOCK_K):
+        jm = (j0 + rk) < count
+        rows = tl.load(idx_base + j0 + rk, mask=jm, other=0, cache_modifier=".cg")
+        w = tl.load(w_ptr + rows[:, None] * ld + cols[None, :], mask=jm[:, None] & n_mask[None, :], other=0.0)
+        if USE_DOT:  # each batch row applies its own mask
+            xv = tl.load(x_ptr + rb[:, None] * K + rows[None, :], mask=b_mask[:, None] & jm[None, :], other=0.0)
+            score = tl.abs(xv.to(tl.float32))
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + seg * K + rows, mask=jm, other=0.0)[None, :]
+            xm = tl.where(score > thr, xv, 0.0).to(w.dtype)
             if DOT_F32:  # Triton's CPU interpreter gets bf16 dots wrong; fp32 there, tensor cores on GPU
                 acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xm, w, acc, input_precision="ieee")
-        y = acc
-        out_rows = rb
-        out_mask = b_mask[:, None] & ((n0 + tl.arange(0, BLOCK_N)) < N)[None, :]
-        out_ptrs = out_ptr + out_rows[:, None] * N + (n0 + tl.arange(0, BLOCK_N))[None, :]
+        else:
+            xv = tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * xv[:, None]
+    out_cols = n0 + tl.arange(0, BLOCK_N)
+    if USE_DOT:
+        out_mask = b_mask[:, None] & (out_cols < N)[None, :]
+        tl.store(out_ptr + pid_k * B * N + rb[:, None] * N + out_cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
     else:
-        # Batch 1: accumulate the 2-D tile and reduce once at the end, not once per step.
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-            ks = k_lo + k0 + rk
-            k_mask = ks < K
-            xv = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-            score = tl.abs(xv)
-            if HAS_SCALE:
-                score = score * tl.load(scale_ptr + seg * K + ks, mask=k_mask, other=0.0)
-            keep = score > thr
-            w = tl.load(w_ptr + ks[:, None] * ld + cols[None, :], mask=keep[:, None] & n_mask[None, :], other=0.0)
-            acc += w.to(tl.float32) * tl.where(keep, xv, 0.0)[:, None]
-        y = tl.sum(acc, axis=0)
-        out_mask = (n0 + tl.arange(0, BLOCK_N)) < N
-        out_ptrs = out_ptr + n0 + tl.arange(0, BLOCK_N)
-    tl.store(out_ptrs + pid_k * B * N, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
+                 mask=out_cols < N)
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,13 +169,17 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
     batch, K = x.shape
     inner = tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)
     cfg = dict(config or pick_config(batch, K, n, inner, x.device))
-    split = cfg["SPLIT_K"]
+    split = cfg.pop("SPLIT_K")
+    k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    # phase 1 scans the K range in chunks; with a batch, x tiles are BLOCK_B x CHUNK, so smaller ones
+    cfg["CHUNK"] = min(256 if cfg["BLOCK_B"] > 1 else 1024, triton.next_power_of_2(k_per_split))
     out = torch.empty((split, batch, n) if split > 1 else (batch, n), device=x.device,
                       dtype=torch.float32 if split > 1 else x.dtype)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    idx = torch.empty((3, K), device=x.device, dtype=torch.int32)  # kept-channel lists; every read slot is written first
     wrap_triton(_sparse_gemv_kernel)[grid](
-        x, wa, wb, scale if scale is not None else thresholds, thresholds, out,
-        batch, K, n, n_a, seg1, seg2, triton.cdiv(triton.cdiv(K, cfg["SPLIT_K"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"],
+        x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
+        batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
         **cfg)
     return out.sum(0).to(x.dtype) if split > 1 else out

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Fresh machine -> TEAL decoding of the embedded default model (SmolLM2-135M-Instruct) at 40% sparsity.
+# Sets up .venv, prepares the checkpoint, calibrates thresholds once, then generates. Extra args go to generate.py.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -d .venv ]; then
+    python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+    # No GPU: the CPU build of torch (a CUDA build is several GB). With a GPU, pip picks the CUDA build.
+    if command -v nvidia-smi >/dev/null 2>&1; then python -m pip install -q torch; else python -m pip install -q torch==2.13.0; fi
+fi
+python -m pip install -q -r requirements.txt
+bash scripts/prepare.sh smollm2-135m
+ckpt=checkpoints/smollm2-135m/model.pth
+if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    calib=(); extra=(--compile)
+else
+    calib=(--dtype fp32); extra=(--dtype fp32)  # CPU: fp32 matmuls are much faster than bf16 here
+fi
+[ -f checkpoints/smollm2-135m/thresholds.json ] || python calibrate.py --checkpoint "$ckpt" "${calib[@]}"
+python generate.py --checkpoint "$ckpt" --sparsity 0.4 --temperature 0 --max_new_tokens 64 \
+    --prompt "Python's list comprehensions are" "${extra[@]}" "$@"

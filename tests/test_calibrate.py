@@ -1,0 +1,167 @@
+"""calibrate.py: one calibration of the real SmolLM2 (4096 tokens), checked for a valid file and for achieving the
+requested sparsity on held-out text; errors, --plot and determinism on a tiny checkpoint."""
+import io
+import json
+import runpy
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+import calibrate
+import textdata
+import thresholds
+from conftest import needs_gguf
+from model import PROJECTIONS, load_model
+from test_generate import write_tiny_checkpoint
+from tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+HELDOUT_TOKENS, WINDOW = 2048, 512
+TOLERANCE = 0.015  # 1.5 points
+
+_CACHE = {}
+
+
+def real_calibration(smollm2_dir, tmp_path_factory) -> dict:
+    """The one calibration of the real SmolLM2 (also used by test_eval_ppl.py): its folder, JSON and plot."""
+    if "cal" not in _CACHE:
+        d = tmp_path_factory.mktemp("smollm2_calibrated")
+        for f in Path(smollm2_dir).iterdir():
+            if f.is_file() and not f.name.startswith("thresholds"):
+                (d / f.name).symlink_to(f)
+        out, png = d / "thresholds.json", d / "scores.png"
+        calibrate.main(["--checkpoint", str(d / "model.pth"), "--tokens", "4096", "--seq_len", "512",
+                        "--dtype", "fp32", "--device", "cpu", "--out", str(out), "--plot", str(png)])
+        _CACHE["cal"] = {"dir": d, "ckpt": d / "model.pth", "json": out, "png": png}
+    return _CACHE["cal"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm2_dir, tmp_path_factory):
+    return real_calibration(smollm2_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def smollm2(calibrated):
+    m = load_model(calibrated["ckpt"], "cpu", torch.float32)
+    return m, get_tokenizer(calibrated["dir"]), thresholds.load(calibrated["json"], m.config)
+
+
+@needs_gguf
+def test_file_valid(calibrated, smollm2):
+    m, _, cal = smollm2
+    levels, table = cal["levels"], cal["table"]
+    assert levels[0] == 0 and levels.tolist() == [round(x, 6) for x in calibrate.LEVELS]
+    assert table.shape == (m.config.n_layer, len(PROJECTIONS), len(levels))
+    assert (table[..., 0] == 0).all()
+    assert (table[..., 1:] >= table[..., :-1]).all()
+    assert (table[..., -1] > 0).all()
+    data = json.loads(calibrated["json"].read_text())
+    assert data["calibration"]["tokens"] == 4096 and data["calibration"]["score"] == "magnitude"
+    # q, k and v share their input: identical magnitude thresholds
+    assert torch.equal(table[:, 0], table[:, 1]) and torch.equal(table[:, 0], table[:, 2])
+    assert cal["cats"] is not None and (cal["cats"][:, 1:] >= cal["cats"][:, :-1]).all()
+
+
+@needs_gguf
+def test_plot_written(calibrated):
+    png = calibrated["png"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def heldout_sparsity(m, ids, thr) -> torch.Tensor:
+    """(n_layer, 7) fraction of inputs dropped on ids in WINDOW windows, by the model's own counters."""
+    m.set_thresholds(thr)
+    m.set_sparse(decode=True, prefill=True)
+    m.setup_caches(1, WINDOW)
+    m.start_stats()
+    with torch.no_grad():
+        for i in range(0, len(ids) - WINDOW + 1, WINDOW):
+            m(torch.tensor([ids[i:i + WINDOW]]), torch.arange(WINDOW))
+    stats = m.pop_stats()
+    m.set_sparse(decode=False, prefill=False)
+    m.set_thresholds(torch.zeros_like(thr))
+    return stats[..., 0] / stats[..., 1]
+
+
+@needs_gguf
+def test_achieved_sparsity_heldout(smollm2):
+    m, tok, cal = smollm2
+    ids = tok.encode(textdata.heldout_text())[:HELDOUT_TOKENS]
+    assert len(ids) == HELDOUT_TOKENS
+    report = []
+    for s in (0.25, 0.4, 0.5):
+        per_layer = heldout_sparsity(m, ids, thresholds.thresholds_for(cal, s))
+        per_proj = per_layer.mean(0)
+        report.append(f"{s}: " + " ".join(f"{p}={v:.4f}" for p, v in zip(PROJECTIONS, per_proj.tolist()))
+                      + f" (layers {per_layer.min():.3f}..{per_layer.max():.3f})")
+        print(report[-1])
+        assert ((per_proj - s).abs() <= TOLERANCE).all(), "\n".join(report)
+
+
+# ---- tiny checkpoint: errors, determinism ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_cal")
+    ckpt = write_tiny_checkpoint(d / "ckpt", max_pos=64)
+    text = d / "text.txt"
+    text.write_text(textdata.calibration_text()[:3000])
+    return ckpt, text
+
+
+def run_main(argv) -> tuple:
+    out, err = io.StringIO(), io.StringIO()
+    old, code = sys.argv, 0
+    sys.argv = ["calibrate.py", *map(str, argv)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(str(ROOT / "calibrate.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_deterministic(tiny, tmp_path):
+    ckpt, text = tiny
+    outs = []
+    for i, seed in enumerate((0, 0, 1)):
+        out = tmp_path / f"t{i}.json"
+        code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--tokens", "256", "--seq_len", "64",
+                                 "--samples", "2000", "--dtype", "fp32", "--device", "cpu", "--seed", seed,
+                                 "--out", out])
+        assert code == 0, err
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]  # the seed does drive the sampling
+    cal = thresholds.load(tmp_path / "t0.json", load_model(ckpt, "cpu", torch.float32).config)
+    assert cal["levels"][0] == 0 and (cal["table"][..., 1:] >= cal["table"][..., :-1]).all()
+    assert json.loads(outs[0])["calibration"]["source"] == str(text)
+
+
+@pytest.mark.parametrize("case", ["missing_text", "tokens_0", "text_too_short", "nan"])
+def test_errors(tiny, tmp_path, case):
+    ckpt, text = tiny
+    args, exit_code = ["--tokens", "256", "--seq_len", "64"], 1
+    if case == "missing_text":
+        args += ["--text", tmp_path / "nope.txt"]
+    elif case == "tokens_0":
+        args, exit_code = ["--tokens", "0", "--seq_len", "64", "--text", text], 2
+    elif case == "text_too_short":
+        (tmp_path / "short.txt").write_text("hi there")
+        args += ["--text", tmp_path / "short.txt"]
+    elif case == "nan":
+        ckpt = write_tiny_checkpoint(tmp_path / "nan", nan=True, max_pos=64)
+        args += ["--text", text]
+    code, _, err = run_main(["--checkpoint", ckpt, "--dtype", "fp32", "--device", "cpu",
+                             "--out", tmp_path / "t.json", *args])
+    assert code == exit_code, err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    if exit_code == 1:
+        assert err.splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "t.json").exists()

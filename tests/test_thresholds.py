@@ -1,0 +1,234 @@
+"""thresholds.py: the JSON written by calibrate.py and read by generate.py / eval_ppl.py.
+
+Round trip, interpolation against the stored grid, and every way a file can fail to fit the model: each a
+CheckpointError with a one-line message."""
+import json
+import math
+
+import pytest
+import torch
+
+import thresholds
+from model import PROJECTIONS, CheckpointError, ModelArgs
+
+ARGS = ModelArgs(vocab_size=256, dim=64, n_layer=2, n_head=4, n_local_heads=2, head_dim=16,
+                 intermediate_size=128, block_size=128)
+LEVELS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999]
+
+
+def random_table(n_layer=ARGS.n_layer, levels=LEVELS, seed=0) -> torch.Tensor:
+    """(n_layer, 7, len(levels)) strictly increasing along the levels, 0 at level 0 (as calibrate.py writes)."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.rand(n_layer, len(PROJECTIONS), len(levels), generator=g, dtype=torch.float64) + 0.01
+    steps[..., 0] = 0
+    return steps.cumsum(-1)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    table = random_table()
+    path = tmp_path / "thresholds.json"
+    thresholds.save(path, ARGS, LEVELS, table, "unit test", 1234, "magnitude")
+    return path, table
+
+
+def load_error(path, config=ARGS) -> str:
+    with pytest.raises(CheckpointError) as e:
+        thresholds.load(path, config)
+    msg = str(e.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+def rewrite(path, **changes):
+    data = json.loads(path.read_text())
+    for k, v in changes.items():
+        data[k] = v
+    path.write_text(json.dumps(data))
+    return data
+
+
+def test_round_trip(saved):
+    path, table = saved
+    cal = thresholds.load(path, ARGS)
+    assert cal["levels"].tolist() == LEVELS
+    assert cal["score"] == "magnitude"
+    assert cal["greedy"] is None and cal["cats"] is None
+    assert cal["path"] == str(path)
+    assert cal["table"].shape == (ARGS.n_layer, len(PROJECTIONS), len(LEVELS))
+    # stored with 6 significant digits
+    assert torch.allclose(cal["table"], table, rtol=1e-5, atol=0)
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == thresholds.SCHEMA_VERSION
+    assert data["calibration"] == {"source": "unit test", "tokens": 1234, "score": "magnitude"}
+    assert [list(layer) for layer in data["layers"]] == [list(PROJECTIONS)] * ARGS.n_layer
+
+
+def test_round_trip_cats_and_weighted(tmp_path):
+    table = random_table()
+    cats = random_table()[:, 0]
+    path = tmp_path / "thresholds_weighted.json"
+    thresholds.save(path, ARGS, LEVELS, table, "x", 1, "weighted", cats=cats)
+    cal = thresholds.load(path, ARGS)
+    assert cal["score"] == "weighted"
+    assert torch.allclose(cal["cats"], cats, rtol=1e-5, atol=0)
+    for i, level in enumerate(LEVELS):
+        assert torch.allclose(thresholds.cats_thresholds_for(cal, level).double(), cats[:, i], rtol=1e-5, atol=1e-7)
+    assert thresholds.default_path("/a/b/model.pth", "weighted").name == "thresholds_weighted.json"
+    assert thresholds.default_path("/a/b/model.pth").name == "thresholds.json"
+
+
+def test_interpolation(saved):
+    path, _ = saved
+    cal = thresholds.load(path, ARGS)
+    stored = cal["table"]
+    for i, level in enumerate(LEVELS):
+        got = thresholds.thresholds_for(cal, level)
+        assert got.dtype == torch.float32 and got.shape == (ARGS.n_layer, len(PROJECTIONS))
+        assert torch.allclose(got.double(), stored[..., i], rtol=1e-6, atol=0), level
+    for i in range(len(LEVELS) - 1):
+        lo, hi = LEVELS[i], LEVELS[i + 1]
+        for frac in (0.25, 0.5, 0.9):
+            s = lo + frac * (hi - lo)
+            got = thresholds.thresholds_for(cal, s).double()
+            a, b = stored[..., i], stored[..., i + 1]
+            assert (got > a * (1 - 1e-6)).all() and (got < b * (1 + 1e-6)).all(), s
+            # piecewise linear: written out independently
+            assert torch.allclose(got, a + frac * (b - a), rtol=1e-5, atol=1e-7)
+    # past the last grid level (0.999) the last threshold holds
+    assert torch.allclose(thresholds.thresholds_for(cal, 0.9995).double(), stored[..., -1], rtol=1e-6)
+
+
+def test_interpolation_monotone(saved):
+    path, _ = saved
+    cal = thresholds.load(path, ARGS)
+    prev = None
+    for s in torch.linspace(0, 0.99, 67).tolist():
+        t = thresholds.thresholds_for(cal, s)
+        if prev is not None:
+            assert (t >= prev).all()
+        prev = t
+    assert (thresholds.thresholds_for(cal, 0.0) == 0).all()
+
+
+@pytest.mark.parametrize("other", [
+    dict(n_layer=3), dict(dim=128), dict(intermediate_size=256), dict(n_local_heads=4), dict(head_dim=32),
+])
+def test_other_model(saved, other):
+    path, _ = saved
+    config = ModelArgs(**{**ARGS.__dict__, **other})
+    msg = load_error(path, config)
+    assert "another model" in msg
+
+
+def test_missing_file(tmp_path):
+    msg = load_error(tmp_path / "nope.json")
+    assert "not found" in msg and "calibrate.py" in msg
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe\x00garbage", b'{"schema_version": 1, "mod'])
+def test_corrupt_json(tmp_path, content):
+    path = tmp_path / "thresholds.json"
+    path.write_bytes(content)
+    assert "corrupt" in load_error(path)
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_wrong_schema_version(saved, version):
+    path, _ = saved
+    rewrite(path, schema_version=version)
+    assert "schema_version" in load_error(path)
+
+
+@pytest.mark.parametrize("content", ["[]", "3", '"text"', "null"])
+def test_not_an_object(tmp_path, content):
+    path = tmp_path / "thresholds.json"
+    path.write_text(content)
+    assert "schema_version" in load_error(path)
+
+
+def test_wrong_table_shape(saved):
+    path, _ = saved
+    data = json.loads(path.read_text())
+    # one layer too few
+    rewrite(path, layers=data["layers"][:1])
+    load_error(path)
+    # one level too few in one projection
+    layers = json.loads(json.dumps(data["layers"]))
+    layers[1]["down"] = layers[1]["down"][:-1]
+    rewrite(path, layers=layers)
+    load_error(path)
+    # a projection missing
+    layers = json.loads(json.dumps(data["layers"]))
+    del layers[0]["gate"]
+    rewrite(path, layers=layers)
+    assert "malformed" in load_error(path)
+    # levels and table disagree
+    rewrite(path, layers=data["layers"], levels=LEVELS[:-1])
+    load_error(path)
+
+
+@pytest.mark.parametrize("levels", [[0.1, 0.5, 0.9, 0.95, 0.96, 0.97, 0.98], [0.0, 0.5, 0.4, 0.6, 0.7, 0.8, 0.9],
+                                    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0]])
+def test_bad_levels(saved, levels):
+    path, _ = saved
+    rewrite(path, levels=levels)
+    assert "levels" in load_error(path)
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_bad_threshold_values(saved, bad):
+    path, _ = saved
+    data = json.loads(path.read_text())
+    data["layers"][1]["o"][3] = bad
+    path.write_text(json.dumps(data))  # json writes NaN / Infinity, which json.loads reads back
+    assert "finite" in load_error(path)
+
+
+def test_unknown_score(saved):
+    path, _ = saved
+    data = json.loads(path.read_text())
+    rewrite(path, calibration={**data["calibration"], "score": "random"})
+    assert "score" in load_error(path)
+
+
+def test_malformed_optional_sections(saved):
+    path, _ = saved
+    rewrite(path, cats=[[0.0] * len(LEVELS)])  # one layer only
+    assert "cats" in load_error(path)
+    rewrite(path, cats=None, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 1.5] for p in PROJECTIONS}] * 2})
+    assert "greedy" in load_error(path)
+
+
+def test_set_thresholds_rejects_bad_tables():
+    import model
+    m = model.Transformer(ARGS)
+    with pytest.raises(CheckpointError):
+        m.set_thresholds(torch.zeros(3, len(PROJECTIONS)))
+    with pytest.raises(CheckpointError):
+        m.set_thresholds(torch.full((ARGS.n_layer, len(PROJECTIONS)), -1.0))
+    with pytest.raises(CheckpointError):
+        m.set_thresholds(torch.full((ARGS.n_layer, len(PROJECTIONS)), float("nan")))
+
+
+@pytest.mark.parametrize("s", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_check_sparsity_rejects(saved, s):
+    with pytest.raises(ValueError):
+        thresholds.check_sparsity(s)
+    path, _ = saved
+    with pytest.raises(ValueError):
+        thresholds.thresholds_for(thresholds.load(path, ARGS), s)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.999, 0.9999])
+def test_check_sparsity_accepts(s):
+    thresholds.check_sparsity(s)
+    assert not math.isnan(s)
+
+
+def test_greedy_requires_section(saved):
+    path, _ = saved
+    cal = thresholds.load(path, ARGS)
+    with pytest.raises(CheckpointError) as e:
+        thresholds.thresholds_for(cal, 0.4, greedy=True)
+    assert "greedy" in str(e.value) and "\n" not in str(e.value)
