@@ -113,10 +113,11 @@ def calibration_tokens(args, tokenizer) -> tuple:
 
 
 @torch.no_grad()
-def record(model: Transformer, ids: list, seq_len: int, score: str, samples: int, device, progress=True):
+def record(model: Transformer, ids: list, seq_len: int, score: str, samples: int, device, progress=True,
+           seed: int = 0):
     """Run the dense model over ids in seq_len windows; return the (n_layer, 7, levels) threshold table."""
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    rec = InputRecorder(model, score, per_call=-(-samples // len(chunks)))
+    rec = InputRecorder(model, score, per_call=-(-samples // len(chunks)), seed=seed)
     model.setup_caches(1, seq_len)
     try:
         for c in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress, file=sys.stderr):
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
     tokenizer = get_tokenizer(args.checkpoint.parent)
     ids, source = calibration_tokens(args, tokenizer)
     t = time.perf_counter()
-    table, n_tokens, rec = record(model, ids, args.seq_len, args.score, args.samples, device)
+    table, n_tokens, rec = record(model, ids, args.seq_len, args.score, args.samples, device, seed=args.seed)
     greedy = None
     if args.greedy:
         import greedy as greedy_search

@@ -1,10 +1,10 @@
 """Thresholded sparse GEMV: y = (x * 1[|x| > t]) @ Wt, reading only the rows of Wt (= columns of W) it needs.
 
 The weight is passed transposed, Wt (K, N) contiguous, so one kept input channel k is one contiguous row
-Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs; it loads a row of its
-tile only where some batch row keeps that input channel, so dropped channels cost no memory traffic.
-Split-K partial sums go to an fp32 (SPLIT_K, B, N) buffer; their sum and cast are plain torch ops that
-inductor fuses into the consumer, so no zero-fill or atomics are needed.
+Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs. With one decode row it first
+lists its kept channels, then streams only their rows; with a batch it streams tiles and loads a row where any
+batch row keeps the channel. Split-K partial sums go to an fp32 (SPLIT_K, B, N) buffer; their sum and cast are
+plain torch ops that inductor fuses into the consumer, so no zero-fill or atomics are needed.
 """
 import functools
 import math
@@ -44,63 +44,58 @@ def _sparse_gemv_kernel(
     cols = col0 + tl.arange(0, BLOCK_N)
     n_mask = cols < ld
     k_lo = pid_k * K_PER_SPLIT
-    rb = tl.arange(0, BLOCK_B)
-    b_mask = rb < B
-
-    # Phase 1: list the kept input channels of this K range, in order, in idx[seg, k_lo:]. Every program of
-    # the same (segment, K range) computes the same list from the same x, so they may share the scratch.
-    idx_base = idx_ptr + seg * K + k_lo
-    rc = tl.arange(0, CHUNK)
-    count = pid_k * 0
-    for c0 in range(0, K_PER_SPLIT, CHUNK):
-        ks = k_lo + c0 + rc
-        valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
-        if USE_DOT:  # a channel is listed if any batch row keeps it
-            xv = tl.load(x_ptr + rb[:, None] * K + ks[None, :], mask=b_mask[:, None] & valid[None, :], other=0.0)
-            score = tl.abs(xv.to(tl.float32))
-            if HAS_SCALE:
-                score = score * tl.load(scale_ptr + seg * K + ks, mask=valid, other=0.0)[None, :]
-            keep = (tl.max((score > thr).to(tl.int32), axis=0) > 0) & valid
-        else:
-            score = tl.abs(tl.load(x_ptr + ks, mask=valid, other=0.0).to(tl.float32))
-            if HAS_SCALE:
-                score = score * tl.load(scale_ptr + seg * K + ks, mask=valid, other=0.0)
-            keep = (score > thr) & valid
-        kept = keep.to(tl.int32)
-        tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
-        count += tl.sum(kept, 0)
-    tl.debug_barrier()  # the list is read back by other threads of this program
-
-    # Phase 2: stream only the listed rows of Wt, BLOCK_K at a time: every load moves needed bytes, so the
-    # loop is count / BLOCK_K steps long instead of K_PER_SPLIT / BLOCK_K.
     rk = tl.arange(0, BLOCK_K)
+    out_cols = n0 + tl.arange(0, BLOCK_N)
+
     if USE_DOT:
+        # Batch > 1: the rows' masks have few zeros in common, so stream the K range tile by tile; a weight row
+        # is loaded where any batch row keeps its channel, and each row applies its own mask through the dot.
+        rb = tl.arange(0, BLOCK_B)
+        b_mask = rb < B
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
-    for j0 in range(0, count, BLOCK_K):
-        jm = (j0 + rk) < count
-        rows = tl.load(idx_base + j0 + rk, mask=jm, other=0, cache_modifier=".cg")
-        w = tl.load(w_ptr + rows[:, None] * ld + cols[None, :], mask=jm[:, None] & n_mask[None, :], other=0.0)
-        if USE_DOT:  # each batch row applies its own mask
-            xv = tl.load(x_ptr + rb[:, None] * K + rows[None, :], mask=b_mask[:, None] & jm[None, :], other=0.0)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            ks = k_lo + k0 + rk
+            k_mask = ks < K
+            xv = tl.load(x_ptr + rb[:, None] * K + ks[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0)
             score = tl.abs(xv.to(tl.float32))
             if HAS_SCALE:
-                score = score * tl.load(scale_ptr + seg * K + rows, mask=jm, other=0.0)[None, :]
-            xm = tl.where(score > thr, xv, 0.0).to(w.dtype)
+                score = score * tl.load(scale_ptr + seg * K + ks, mask=k_mask, other=0.0)[None, :]
+            keep = score > thr
+            any_keep = tl.max(keep.to(tl.int32), axis=0) > 0
+            w = tl.load(w_ptr + ks[:, None] * ld + cols[None, :], mask=any_keep[:, None] & n_mask[None, :], other=0.0)
+            xm = tl.where(keep, xv, 0.0).to(w.dtype)
             if DOT_F32:  # Triton's CPU interpreter gets bf16 dots wrong; fp32 there, tensor cores on GPU
                 acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xm, w, acc, input_precision="ieee")
-        else:
+        tl.store(out_ptr + pid_k * B * N + rb[:, None] * N + out_cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=b_mask[:, None] & (out_cols < N)[None, :])
+    else:
+        # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
+        # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
+        idx_base = idx_ptr + seg * K + k_lo
+        rc = tl.arange(0, CHUNK)
+        count = pid_k * 0
+        for c0 in range(0, K_PER_SPLIT, CHUNK):
+            ks = k_lo + c0 + rc
+            valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
+            score = tl.abs(tl.load(x_ptr + ks, mask=valid, other=0.0).to(tl.float32))
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + seg * K + ks, mask=valid, other=0.0)
+            keep = (score > thr) & valid
+            kept = keep.to(tl.int32)
+            tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
+            count += tl.sum(kept, 0)
+        tl.debug_barrier()  # the list is read back by other threads of this program
+        # Phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and the
+        # loop is count / BLOCK_K steps long, not K_PER_SPLIT / BLOCK_K: what makes high sparsity pay.
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
+        for j0 in range(0, count, BLOCK_K):
+            jm = (j0 + rk) < count
+            rows = tl.load(idx_base + j0 + rk, mask=jm, other=0, cache_modifier=".cg")
+            w = tl.load(w_ptr + rows[:, None] * ld + cols[None, :], mask=jm[:, None] & n_mask[None, :], other=0.0)
             xv = tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * xv[:, None]
-    out_cols = n0 + tl.arange(0, BLOCK_N)
-    if USE_DOT:
-        out_mask = b_mask[:, None] & (out_cols < N)[None, :]
-        tl.store(out_ptr + pid_k * B * N + rb[:, None] * N + out_cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
-    else:
         tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
                  mask=out_cols < N)
 
@@ -117,24 +112,27 @@ def _pow2_divisor(n: int) -> int:
 def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.device) -> dict:
     """Tile sizes for one launch. boundaries: inner column offsets where threshold or weight changes.
 
-    Chosen from a sweep on an H100 (scripts/bench_kernels.py --sweep): 128-wide rows (256 B in bf16) keep
-    loads coalesced and every dropped row a whole skipped transaction; split-K fills the SMs.
+    From sweeps on an H100 (scripts/bench_kernels.py --sweep, docs/benchmarks.md): batch 1 wants 128x128
+    tiles of listed rows and about 2 programs per SM; batches want 256-wide tiles and about 4 per SM.
     """
     g = 0
     for b in boundaries:
         g = math.gcd(g, b)
-    block_n = 128 if g == 0 else min(128, _pow2_divisor(g))
+    use_dot = batch > 1
+    block_n = 256 if use_dot else 128
+    if g:
+        block_n = min(block_n, _pow2_divisor(g))
     if block_n < 16:
         raise ValueError(f"segment boundaries {list(boundaries)} must be multiples of 16")
-    use_dot = batch > 1
-    block_k = 32 if use_dot else 64
+    block_k = 32 if use_dot else 128
     if device.type == "cuda":
         n_blocks = triton.cdiv(N, block_n)
-        target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        target = (4 if use_dot else 2) * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         split_k = max(1, min(target // max(n_blocks, 1), triton.cdiv(K, 2 * block_k)))
         split_k = 1 << (split_k.bit_length() - 1)  # a power of two: fewer distinct compiled variants
         num_warps, num_stages = 4, 3
-    else:  # Triton's interpreter: keep the program count small
+    else:  # Triton's interpreter: small tiles and few programs keep it quick
+        block_k = min(block_k, 64)
         split_k, num_warps, num_stages = (2 if K > block_k else 1), 4, 1
     return dict(BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
                 num_warps=num_warps, num_stages=num_stages)

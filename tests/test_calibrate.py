@@ -87,19 +87,62 @@ def heldout_sparsity(m, ids, thr) -> torch.Tensor:
     return stats[..., 0] / stats[..., 1]
 
 
+LEVELS = (0.25, 0.4, 0.5)
+# Under sparse prefill every layer sees the activations of the sparse layers before it, not the dense ones the
+# thresholds were calibrated on. For the attention output (o) that shifts mass below the threshold: measured on
+# 2048 held-out tokens it reaches 27.1% at a requested 25% (dense activations of the same text: 25.1%; calibration
+# text: 25.1%; excluding position 0 changes nothing). That is TEAL's compounding, not calibration error, and it
+# gets its own, explicit bound here; every other projection must be within 1.5 points.
+COMPOUNDING_TOLERANCE = {"o": 0.03}
+
+
+@needs_gguf
+def test_achieved_sparsity_heldout_dense_activations(smollm2):
+    """What calibration promises: on the dense model's activations of unseen text, each threshold drops its level."""
+    m, tok, cal = smollm2
+    ids = tok.encode(textdata.heldout_text())[:HELDOUT_TOKENS]
+    thr = {s: thresholds.thresholds_for(cal, s) for s in LEVELS}
+    counts = {s: torch.zeros(m.config.n_layer, len(PROJECTIONS), 2, dtype=torch.float64) for s in LEVELS}
+    handles = []
+    for l, b in enumerate(m.layers):
+        for lin, projs in ((b.attention.wqkv, (0, 1, 2)), (b.attention.wo, (3,)), (b.feed_forward.w1, (4, 5)),
+                           (b.feed_forward.w2, (6,))):
+            def hook(mod, inp, l=l, projs=projs):
+                x = inp[0].abs().double()
+                for s in LEVELS:
+                    for p in projs:
+                        counts[s][l, p] += torch.tensor([(x <= thr[s][l, p]).sum().item(), x.numel()])
+            handles.append(lin.register_forward_pre_hook(hook))
+    m.set_sparse(decode=False, prefill=False)
+    m.setup_caches(1, WINDOW)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids) - WINDOW + 1, WINDOW):
+                m(torch.tensor([ids[i:i + WINDOW]]), torch.arange(WINDOW))
+    finally:
+        for h in handles:
+            h.remove()
+    for s in LEVELS:
+        per_proj = (counts[s][..., 0] / counts[s][..., 1]).mean(0)
+        print(s, " ".join(f"{p}={v:.4f}" for p, v in zip(PROJECTIONS, per_proj.tolist())))
+        assert ((per_proj - s).abs() <= TOLERANCE).all(), (s, per_proj)
+
+
 @needs_gguf
 def test_achieved_sparsity_heldout(smollm2):
+    """The sparse model's own counters (sparse prefill, as scripts/eval_ppl.py measures)."""
     m, tok, cal = smollm2
     ids = tok.encode(textdata.heldout_text())[:HELDOUT_TOKENS]
     assert len(ids) == HELDOUT_TOKENS
     report = []
-    for s in (0.25, 0.4, 0.5):
+    for s in LEVELS:
         per_layer = heldout_sparsity(m, ids, thresholds.thresholds_for(cal, s))
         per_proj = per_layer.mean(0)
         report.append(f"{s}: " + " ".join(f"{p}={v:.4f}" for p, v in zip(PROJECTIONS, per_proj.tolist()))
                       + f" (layers {per_layer.min():.3f}..{per_layer.max():.3f})")
         print(report[-1])
-        assert ((per_proj - s).abs() <= TOLERANCE).all(), "\n".join(report)
+        tol = torch.tensor([COMPOUNDING_TOLERANCE.get(p, TOLERANCE) for p in PROJECTIONS], dtype=per_proj.dtype)
+        assert ((per_proj - s).abs() <= tol).all(), "\n".join(report)
 
 
 # ---- tiny checkpoint: errors, determinism ------------------------------------------------------------------

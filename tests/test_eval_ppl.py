@@ -1,0 +1,128 @@
+"""scripts/eval_ppl.py on the real SmolLM2 (1024 held-out tokens), thresholds from test_calibrate's calibration."""
+import io
+import json
+import math
+import runpy
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval_ppl
+import textdata
+from conftest import needs_gguf
+from model import PROJECTIONS, Transformer, load_model
+from test_calibrate import real_calibration
+from tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_TOKENS, SEQ_LEN = 1024, 256
+
+
+@pytest.fixture(scope="module")
+def results(smollm2_dir, tmp_path_factory):
+    cal = real_calibration(smollm2_dir, tmp_path_factory)
+    out = tmp_path_factory.mktemp("eval") / "r.json"
+    res = eval_ppl.main(["--checkpoint", str(cal["ckpt"]), "--sparsity", "0,0.25,0.5", "--method", "uniform,cats",
+                         "--max_tokens", str(MAX_TOKENS), "--seq_len", str(SEQ_LEN), "--device", "cpu",
+                         "--json", str(out)])
+    return cal, res, json.loads(out.read_text())
+
+
+def dense_perplexity(ckpt: Path) -> float:
+    """Plain model forward + cross-entropy over SEQ_LEN windows; no sparse flags, no stats."""
+    m = load_model(ckpt, "cpu", torch.float32)
+    ids = get_tokenizer(ckpt.parent).encode(textdata.heldout_text())[:MAX_TOKENS]
+    nll, n = 0.0, 0
+    m.setup_caches(1, SEQ_LEN)
+    with torch.no_grad():
+        for i in range(0, len(ids), SEQ_LEN):
+            w = torch.tensor([ids[i:i + SEQ_LEN]])
+            if w.shape[1] < 2:
+                continue
+            logits = m(w, torch.arange(w.shape[1]))
+            nll += F.cross_entropy(logits[0, :-1], w[0, 1:], reduction="sum").item()
+            n += w.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def pick(res, method, s):
+    return next(r for r in res if r["method"] == method and r["sparsity"] == s)
+
+
+@needs_gguf
+def test_dense_matches_independent(results):
+    cal, res, _ = results
+    want = dense_perplexity(cal["ckpt"])
+    got = pick(res, "uniform", 0.0)
+    assert got["ppl"] == pytest.approx(want, rel=1e-4)
+    assert got["achieved_sparsity"] == 0
+    assert 1 < want < 200  # a real model on English text
+
+
+@needs_gguf
+def test_sparsity_raises_perplexity(results):
+    _, res, _ = results
+    p0, p25, p50 = (pick(res, "uniform", s)["ppl"] for s in (0.0, 0.25, 0.5))
+    assert p0 < p25 < p50
+    assert p50 < 3 * p0  # TEAL at 50% degrades, it does not break the model
+    for s in (0.25, 0.5):
+        r = pick(res, "uniform", s)
+        assert abs(r["achieved_sparsity"] - s) < 0.03, r
+        assert all(abs(v - s) < 0.03 for v in r["achieved_per_projection"].values()), r
+
+
+@needs_gguf
+def test_json_schema(results):
+    _, res, data = results
+    assert data["tokens"] == MAX_TOKENS and data["seq_len"] == SEQ_LEN
+    rows = data["results"]
+    assert [(r["method"], r["sparsity"]) for r in rows] == [(m, s) for m in ("uniform", "cats") for s in (0.0, 0.25, 0.5)]
+    for r in rows:
+        assert {"method", "sparsity", "achieved_sparsity", "ppl"} <= set(r)
+        assert isinstance(r["ppl"], float) and r["ppl"] > 1
+        assert 0 <= r["achieved_sparsity"] < 1
+        assert list(r["achieved_per_projection"]) == list(PROJECTIONS)
+    assert rows == json.loads(json.dumps(res))
+
+
+@needs_gguf
+def test_cats(results):
+    _, res, _ = results
+    assert pick(res, "cats", 0.0)["ppl"] == pick(res, "uniform", 0.0)["ppl"]
+    c25, c50 = pick(res, "cats", 0.25), pick(res, "cats", 0.5)
+    assert pick(res, "uniform", 0.0)["ppl"] < c25["ppl"] < c50["ppl"]
+    per = c50["achieved_per_projection"]
+    # only up and down skip rows under CATS; attention and gate stay dense
+    assert all(per[p] == 0 for p in ("q", "k", "v", "o", "gate"))
+    assert abs(per["up"] - 0.5) < 0.05 and per["up"] == per["down"]
+
+
+def run_main(argv) -> tuple:
+    out, err = io.StringIO(), io.StringIO()
+    old, code = sys.argv, 0
+    sys.argv = ["eval_ppl.py", *map(str, argv)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(str(ROOT / "scripts" / "eval_ppl.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("argv", [["--method", "bogus"], ["--method", "uniform,nope"], ["--sparsity", "0,1.0"],
+                                  ["--sparsity", "a,b"], ["--seq_len", "1"]])
+def test_bad_args(tmp_path, argv):
+    code, err = run_main(["--checkpoint", tmp_path / "model.pth", *argv])
+    assert code == 2
+    assert len([l for l in err.splitlines() if "error:" in l]) == 1 and "Traceback" not in err, err
+
+
+def test_missing_checkpoint(tmp_path):
+    code, err = run_main(["--checkpoint", tmp_path / "model.pth"])
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
