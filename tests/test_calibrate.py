@@ -88,14 +88,12 @@ def heldout_sparsity(m, ids, thr) -> torch.Tensor:
 
 
 LEVELS = (0.25, 0.4, 0.5)
-# Under sparse prefill every layer sees the activations of the sparse layers before it, not the dense ones the
-# thresholds were calibrated on. For the attention output (o) that shifts mass below the threshold: measured on
-# 2048 held-out tokens it reaches 27.1% at a requested 25% (dense activations of the same text: 25.1%; calibration
-# text: 25.1%; excluding position 0 changes nothing). That is TEAL's compounding, not calibration error, and it
-# gets its own, explicit bound here; every other projection must be within 1.5 points.
-COMPOUNDING_TOLERANCE = {"o": 0.03}
-
-
+# Measured on the dense model's activations (what calibration promises) every projection is within 0.4 points.
+# Under sparse prefill each layer sees the activations of the sparse layers before it, not the dense ones the
+# thresholds were calibrated on, and the attention output (o) and down inputs drift upward: on these 2048 held-out
+# tokens o = 27.1% / 43.0% at 25% / 40% requested, down = 41.5% at 40%. Neither the text (calibration text gives
+# the same dense numbers), nor position 0 (excluding it changes < 0.1 point) explains it: it is TEAL's compounding.
+# Reported, not loosened: the 1.5-point check on the sparse model's own counters stays, as a strict xfail.
 @needs_gguf
 def test_achieved_sparsity_heldout_dense_activations(smollm2):
     """What calibration promises: on the dense model's activations of unseen text, each threshold drops its level."""
@@ -129,6 +127,8 @@ def test_achieved_sparsity_heldout_dense_activations(smollm2):
 
 
 @needs_gguf
+@pytest.mark.xfail(strict=True, reason="compounding under sparse prefill: o is 2-3 points over the requested level, "
+                                       "down 1.5 points at 40% (see the comment above)")
 def test_achieved_sparsity_heldout(smollm2):
     """The sparse model's own counters (sparse prefill, as scripts/eval_ppl.py measures)."""
     m, tok, cal = smollm2
@@ -141,8 +141,7 @@ def test_achieved_sparsity_heldout(smollm2):
         report.append(f"{s}: " + " ".join(f"{p}={v:.4f}" for p, v in zip(PROJECTIONS, per_proj.tolist()))
                       + f" (layers {per_layer.min():.3f}..{per_layer.max():.3f})")
         print(report[-1])
-        tol = torch.tensor([COMPOUNDING_TOLERANCE.get(p, TOLERANCE) for p in PROJECTIONS], dtype=per_proj.dtype)
-        assert ((per_proj - s).abs() <= tol).all(), "\n".join(report)
+        assert ((per_proj - s).abs() <= TOLERANCE).all(), "\n".join(report)
 
 
 # ---- tiny checkpoint: errors, determinism ------------------------------------------------------------------

