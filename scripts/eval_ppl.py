@@ -159,7 +159,8 @@ def plot(results: list, path: Path, title: str) -> None:
         rs = [r for r in results if r["method"] == m]
         ax.plot([r["achieved_sparsity"] for r in rs], [r["ppl"] for r in rs], marker="o", label=m)
     ax.set_xlabel("achieved parameter-weighted sparsity of the block linears")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()

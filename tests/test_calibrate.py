@@ -94,22 +94,29 @@ LEVELS = (0.25, 0.4, 0.5)
 # tokens o = 27.1% / 43.0% at 25% / 40% requested, down = 41.5% at 40%. Neither the text (calibration text gives
 # the same dense numbers), nor position 0 (excluding it changes < 0.1 point) explains it: it is TEAL's compounding.
 # Reported, not loosened: the 1.5-point check on the sparse model's own counters stays, as a strict xfail.
+# (name, per-projection levels in PROJECTIONS order, tolerance): TEAL's uniform levels, and an unequal allocation
+# like calibrate.py --greedy produces (issue #5: each projection reaches its own level within 2 points).
+ALLOCATIONS = [(f"uniform {s}", [s] * 7, TOLERANCE) for s in LEVELS] + [
+    ("per-projection", [0.3, 0.55, 0.65, 0.45, 0.4, 0.6, 0.5], 0.02)]
+
+
 @needs_gguf
 def test_achieved_sparsity_heldout_dense_activations(smollm2):
     """What calibration promises: on the dense model's activations of unseen text, each threshold drops its level."""
     m, tok, cal = smollm2
     ids = tok.encode(textdata.heldout_text())[:HELDOUT_TOKENS]
-    thr = {s: thresholds.thresholds_for(cal, s) for s in LEVELS}
-    counts = {s: torch.zeros(m.config.n_layer, len(PROJECTIONS), 2, dtype=torch.float64) for s in LEVELS}
+    targets = [torch.tensor(a, dtype=torch.float64).expand(m.config.n_layer, 7) for _, a, _ in ALLOCATIONS]
+    thr = [thresholds._interp(cal["levels"], cal["table"], t.contiguous()).float() for t in targets]
+    counts = torch.zeros(len(ALLOCATIONS), m.config.n_layer, len(PROJECTIONS), 2, dtype=torch.float64)
     handles = []
     for l, b in enumerate(m.layers):
         for lin, projs in ((b.attention.wqkv, (0, 1, 2)), (b.attention.wo, (3,)), (b.feed_forward.w1, (4, 5)),
                            (b.feed_forward.w2, (6,))):
             def hook(mod, inp, l=l, projs=projs):
                 x = inp[0].abs().double()
-                for s in LEVELS:
+                for i in range(len(ALLOCATIONS)):
                     for p in projs:
-                        counts[s][l, p] += torch.tensor([(x <= thr[s][l, p]).sum().item(), x.numel()])
+                        counts[i, l, p] += torch.tensor([(x <= thr[i][l, p]).sum().item(), x.numel()])
             handles.append(lin.register_forward_pre_hook(hook))
     m.set_sparse(decode=False, prefill=False)
     m.setup_caches(1, WINDOW)
@@ -120,10 +127,10 @@ def test_achieved_sparsity_heldout_dense_activations(smollm2):
     finally:
         for h in handles:
             h.remove()
-    for s in LEVELS:
-        per_proj = (counts[s][..., 0] / counts[s][..., 1]).mean(0)
-        print(s, " ".join(f"{p}={v:.4f}" for p, v in zip(PROJECTIONS, per_proj.tolist())))
-        assert ((per_proj - s).abs() <= TOLERANCE).all(), (s, per_proj)
+    for (name, alloc, tol), c in zip(ALLOCATIONS, counts):
+        per_proj = (c[..., 0] / c[..., 1]).mean(0)
+        print(name, " ".join(f"{p}={v:.4f}" for p, v in zip(PROJECTIONS, per_proj.tolist())))
+        assert ((per_proj - torch.tensor(alloc, dtype=torch.float64)).abs() <= tol).all(), (name, per_proj)
 
 
 @needs_gguf

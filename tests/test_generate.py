@@ -437,7 +437,7 @@ def test_cli_dense_smollm2(smollm2_copy):
 
 @needs_gguf
 def test_cli_sparse_smollm2(smollm2_copy):
-    run_cli("calibrate.py", "--checkpoint", smollm2_copy / "model.pth", "--tokens", "1024", "--seq_len", "256",
+    run_cli("calibrate.py", "--checkpoint", smollm2_copy / "model.pth", "--tokens", "1024", "--seq_len", "256", "--samples", "20000",
             "--dtype", "fp32", "--device", "cpu")
     assert (smollm2_copy / "thresholds.json").is_file()
     out = run_cli("generate.py", "--checkpoint", smollm2_copy / "model.pth", *GEN, "--sparsity", "0.4")
