@@ -19,11 +19,10 @@ from tqdm import tqdm
 
 import textdata
 import thresholds as thr_file
-from model import PROJECTIONS, CheckpointError, Transformer, column_norms, load_model
+from model import DTYPES, PROJECTIONS, CheckpointError, Transformer, column_norms, load_model
 from tokenizer import TokenizerError, get_tokenizer
 
 LEVELS = [i / 200 for i in range(200)] + [0.999]  # sparsity grid: 0, 0.005, ..., 0.995, 0.999
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class InputRecorder:

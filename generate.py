@@ -16,10 +16,9 @@ import torch
 from torch import Tensor
 
 import thresholds as thr_file
-from model import PROJECTIONS, CheckpointError, Transformer, load_model
+from model import DTYPES, PROJECTIONS, CheckpointError, Transformer, load_model
 from tokenizer import TokenizerError, get_tokenizer
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:

@@ -20,6 +20,7 @@ import sparse_ops
 # Order of the seven projections in every threshold tensor and in the thresholds JSON.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the --dtype choices of the CLIs
 
 
 class CheckpointError(ValueError):

@@ -110,7 +110,6 @@ def run(args):
                 print(f"{name:24s} B={batch} s={s:.2f} union_keep={union:.3f} sparse={t:7.2f}us "
                       f"cuBLAS={t_cublas:7.2f}us{'' if t_compiled is None else f' compiled={t_compiled:7.2f}us'} "
                       f"x{r['speedup']:.2f} {r['tb_s_needed']:.2f}TB/s", flush=True)
-        del ws, wts, pairs
     return rows
 
 
@@ -149,7 +148,6 @@ def sweep(args):
                     print(f"    {t:7.2f}us {cfg}", flush=True)
                 out.append(dict(shape=name, K=K, N=N, batch=batch, sparsity=s, default_us=t_def,
                                 top=[dict(us=t, **cfg) for t, cfg in results[:8]]))
-        del wts
     return out
 
 

@@ -19,9 +19,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from checkpoint_io import permute_qk, save_checkpoint  # noqa: E402
-from model import CheckpointError, ModelArgs, Transformer, check_state_dict  # noqa: E402
+from model import DTYPES, CheckpointError, ModelArgs, Transformer, check_state_dict  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Buffers older exporters saved; RoPE frequencies come from config.json instead.
 HARMLESS = re.compile(r"\.rotary_emb\.inv_freq$")
 # HF per-layer names -> our per-layer names (q/k/v are handled separately: they are fused).

