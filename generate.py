@@ -63,8 +63,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
     for i in range(1, max_new_tokens):
         if on_token is not None:
             on_token(seq[:, :T + n])
-            if bool(done.all()):
-                break
+        if (on_token is not None or i % 16 == 0) and bool(done.all()):  # a host sync: every step only if streaming
+            break
         tok, finite = decode_fn(model, tok.clone(), pos, temperature, top_k)
         pos += 1
         seq[:, T + i:T + i + 1] = tok
@@ -191,12 +191,15 @@ def main(argv=None) -> None:
     total_bytes, linear_bytes = model_bytes(model)
     stop_ids = tuple(tokenizer.eos_ids)
 
+    def until_stop(ids: list) -> list:  # the text shown ends before the first stop token
+        return next((ids[:j] for j, t in enumerate(ids) if t in stop_ids), ids)
+
     for i in range(args.num_samples + (1 if args.compile else 0)):
         warmup = args.compile and i == 0  # the first run compiles and captures; not timed
         shown = [0]
 
         def stream(seq):
-            text = tokenizer.decode(seq[0, T:].tolist())
+            text = tokenizer.decode(until_stop(seq[0, T:].tolist()))
             print(text[shown[0]:], end="", flush=True)
             shown[0] = len(text)
 
@@ -214,7 +217,7 @@ def main(argv=None) -> None:
             print(f"compiled and warmed up in {dt:.1f}s", file=sys.stderr)
             continue
         if on_token is None:
-            print(tokenizer.decode(seq[0, T:].tolist()), end="")
+            print(tokenizer.decode(until_stop(seq[0, T:].tolist())), end="")
         else:
             stream(seq)
         n_new = seq.shape[1] - T
