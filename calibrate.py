@@ -126,6 +126,43 @@ def record(model: Transformer, ids: list, seq_len: int, score: str, samples: int
     return rec.table(), len(chunks) * seq_len, rec
 
 
+@torch.no_grad()
+def sparse_aware(model: Transformer, ids: list, seq_len: int, table: torch.Tensor, anchors: list, score: str,
+                 device, iters: int = 2, progress=True) -> torch.Tensor:
+    """(n_layer, 7, len(anchors)) thresholds that hit each anchor level on the sparse model's own activations.
+
+    The table holds quantiles of dense activations; under sparse decode each layer sees the sparse layers before it,
+    and the o and down inputs drift above the requested level. Per anchor: run the model sparse (every token masked
+    as decode masks it), measure each projection's dropped fraction, and move that projection's quantile level by
+    the miss; `iters` rounds.
+    """
+    levels = torch.tensor(LEVELS, dtype=torch.float64)
+    n_layer = table.shape[0]
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    state = ([(b.sparse_decode, b.sparse_prefill) for b in model.layers], [b.thresholds.clone() for b in model.layers])
+    model.set_scores(score == "weighted")
+    model.set_sparse(decode=True, prefill=True)
+    model.setup_caches(1, seq_len)
+    out = []
+    try:
+        for s in tqdm(anchors, desc="sparse-aware levels", disable=not progress, file=sys.stderr):
+            lev = torch.full((n_layer, len(PROJECTIONS)), float(s), dtype=torch.float64)
+            for _ in range(iters):
+                model.set_thresholds(thr_file._interp(levels, table, lev).float().to(device))
+                model.start_stats()
+                for c in chunks:
+                    model(torch.tensor([c], device=device), torch.arange(len(c), device=device))
+                stats = model.pop_stats()
+                lev = (lev + s - stats[..., 0] / stats[..., 1]).clamp(0.0, LEVELS[-1])
+            out.append(thr_file._interp(levels, table, lev))
+    finally:
+        for b, (dec, pre), t in zip(model.layers, *state):
+            b.sparse_decode, b.sparse_prefill = dec, pre
+            b.thresholds.copy_(t)
+        model.set_scores(False)
+    return torch.stack(out, dim=-1)
+
+
 def plot(rec: InputRecorder, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -166,6 +203,13 @@ def parse_args(argv=None):
     p.add_argument("--greedy", action="store_true",
                    help="also search per-projection sparsities per block (greedy allocation, see README)")
     p.add_argument("--greedy_tokens", type=int, default=2048, help="calibration tokens used by the greedy search")
+    p.add_argument("--sparse_aware", action="store_true",
+                   help="also correct the uniform thresholds so each projection hits its level on the sparse "
+                        "model's own activations (each layer sees the sparse layers before it); generate.py uses "
+                        "them for --sparsity within --sparse_aware_levels")
+    p.add_argument("--sparse_aware_levels", default=",".join(f"{i / 20:g}" for i in range(1, 19)),
+                   help="comma-separated sparsity levels for --sparse_aware (default 0.05, 0.1, ..., 0.9)")
+    p.add_argument("--sparse_aware_tokens", type=int, default=4096, help="calibration tokens used by --sparse_aware")
     p.add_argument("--out", type=Path, help="output JSON (default: thresholds.json beside the checkpoint, "
                                             "thresholds_weighted.json for --score weighted)")
     p.add_argument("--plot", type=Path, help="also write a PNG of the score distributions here")
@@ -177,6 +221,13 @@ def parse_args(argv=None):
         p.error("--tokens and --seq_len must be >= 1 and --samples >= 1000")
     if args.tokens < args.seq_len:
         p.error("--tokens must be at least --seq_len")
+    try:
+        args.sparse_aware_levels = [float(x) for x in args.sparse_aware_levels.split(",")]
+    except ValueError:
+        p.error("--sparse_aware_levels must be comma-separated numbers")
+    lv = args.sparse_aware_levels
+    if not all(a < b for a, b in zip([0.0] + lv, lv)) or lv[-1] >= 1:
+        p.error("--sparse_aware_levels must increase within (0, 1)")
     return args
 
 
@@ -194,8 +245,13 @@ def main(argv=None) -> None:
         import greedy as greedy_search
         greedy = greedy_search.search(model, ids[:args.greedy_tokens], args.seq_len, table, LEVELS, args.score,
                                       seed=args.seed)
+    corrected = None
+    if args.sparse_aware:
+        t_sa = sparse_aware(model, ids[:args.sparse_aware_tokens], args.seq_len, table, args.sparse_aware_levels,
+                            args.score, device)
+        corrected = {"levels": args.sparse_aware_levels, "table": t_sa}
     out = args.out or thr_file.default_path(args.checkpoint, args.score)
-    thr_file.save(out, model.config, LEVELS, table, source, n_tokens, args.score, greedy, rec.cats_table())
+    thr_file.save(out, model.config, LEVELS, table, source, n_tokens, args.score, greedy, rec.cats_table(), corrected)
     print(f"calibrated on {n_tokens} tokens of {source} in {time.perf_counter() - t:.1f}s -> {out}")
     if args.plot:
         plot(rec, args.plot, f"{args.checkpoint.parent.name}: input scores ({args.score}), {n_tokens} tokens")

@@ -6,12 +6,15 @@
      "levels": [0.0, 0.005, ..., 0.999],                # sparsity grid
      "layers": [{"q": [t at each level], "k": [...], "v", "o", "gate", "up", "down"}, ...],
      "greedy": {"levels": [...], "layers": [{"q": [sparsity at each level], ...}, ...]},  # optional
-     "cats": [[|silu(gate)| threshold at each level] for each layer]                     # optional
+     "cats": [[|silu(gate)| threshold at each level] for each layer],                    # optional
+     "sparse_aware": {"levels": [...], "layers": [{"q": [threshold at each level], ...}, ...]}  # optional
     }
 
 layers[l][p][i] is the levels[i]-quantile of projection p's input score in layer l on the calibration text:
 zeroing entries at or below it drops that fraction of them. Any sparsity in [0, 1) is interpolated.
 "greedy" (calibrate.py --greedy) holds, for each parameter-weighted block sparsity, each projection's own level.
+"sparse_aware" (calibrate.py --sparse_aware) holds uniform thresholds corrected on the sparse model's own
+activations; uniform sparsities up to its last level use it.
 """
 import json
 from pathlib import Path
@@ -34,18 +37,24 @@ def default_path(checkpoint_path, score: str = "magnitude") -> Path:
     return Path(checkpoint_path).parent / name
 
 
+def _layers(table: torch.Tensor) -> list:
+    return [{p: [float(f"{v:.6g}") for v in table[l, i].tolist()] for i, p in enumerate(PROJECTIONS)}
+            for l in range(table.shape[0])]
+
+
 def save(path, config: ModelArgs, levels: list, table: torch.Tensor, source: str, tokens: int, score: str,
-         greedy: dict = None, cats: torch.Tensor = None) -> None:
+         greedy: dict = None, cats: torch.Tensor = None, sparse_aware: dict = None) -> None:
     """table: (n_layer, 7, len(levels)) thresholds."""
     data = {"schema_version": SCHEMA_VERSION, "model": model_fingerprint(config),
             "calibration": {"source": source, "tokens": tokens, "score": score},
-            "levels": [round(x, 6) for x in levels],
-            "layers": [{p: [float(f"{v:.6g}") for v in table[l, i].tolist()] for i, p in enumerate(PROJECTIONS)}
-                       for l in range(table.shape[0])]}
+            "levels": [round(x, 6) for x in levels], "layers": _layers(table)}
     if greedy is not None:
         data["greedy"] = greedy
     if cats is not None:
         data["cats"] = [[float(f"{v:.6g}") for v in row] for row in cats.tolist()]
+    if sparse_aware is not None:
+        data["sparse_aware"] = {"levels": [round(x, 6) for x in sparse_aware["levels"]],
+                                "layers": _layers(sparse_aware["table"])}
     Path(path).write_text(json.dumps(data))
 
 
@@ -93,8 +102,21 @@ def load(path, config: ModelArgs) -> dict:
             assert cats.shape == (config.n_layer, n) and torch.isfinite(cats).all()
         except Exception:
             raise CheckpointError(f"{path}: malformed cats section") from None
+    sa = data.get("sparse_aware")
+    if sa is not None:
+        try:
+            sa_levels = torch.tensor(sa["levels"], dtype=torch.float64)
+            sa_table = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in sa["layers"]], dtype=torch.float64)
+            assert sa_table.shape == (config.n_layer, len(PROJECTIONS), len(sa_levels)) and len(sa_levels) > 0
+            assert torch.isfinite(sa_table).all() and (sa_table >= 0).all()
+            assert (sa_levels > 0).all() and (sa_levels < 1).all() and (sa_levels[1:] > sa_levels[:-1]).all()
+        except Exception:
+            raise CheckpointError(f"{path}: malformed sparse_aware section") from None
+        # level 0 keeps everything: threshold 0
+        sa = {"levels": torch.cat([torch.zeros(1, dtype=torch.float64), sa_levels]),
+              "table": torch.cat([torch.zeros(config.n_layer, len(PROJECTIONS), 1, dtype=torch.float64), sa_table], -1)}
     return {"levels": torch.tensor(levels, dtype=torch.float64), "table": table, "score": score, "greedy": greedy,
-            "cats": cats, "path": str(path)}
+            "cats": cats, "sparse_aware": sa, "path": str(path)}
 
 
 def _interp(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +146,12 @@ def projection_sparsities(cal: dict, sparsity: float, greedy: bool) -> torch.Ten
 
 
 def thresholds_for(cal: dict, sparsity: float, greedy: bool = False) -> torch.Tensor:
-    """(n_layer, 7) fp32 thresholds that drop `sparsity` of every projection's input (per its own level)."""
+    """(n_layer, 7) fp32 thresholds that drop `sparsity` of every projection's input (per its own level).
+    Uniform levels covered by a sparse_aware table come from it (thresholds interpolated between its levels)."""
     s = projection_sparsities(cal, sparsity, greedy)
+    sa = cal.get("sparse_aware")
+    if not greedy and sa is not None and sparsity <= sa["levels"][-1]:
+        return _interp(sa["levels"], sa["table"], s).float()
     return _interp(cal["levels"], cal["table"], s).float()
 
 

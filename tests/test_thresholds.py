@@ -232,3 +232,24 @@ def test_greedy_requires_section(saved):
     with pytest.raises(CheckpointError) as e:
         thresholds.thresholds_for(cal, 0.4, greedy=True)
     assert "greedy" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sparse_aware_section(tmp_path):
+    """Uniform levels up to the sparse-aware table's last level come from it; higher ones and greedy from the
+    dense table; a malformed section is refused."""
+    table = random_table()
+    sa_levels = [0.25, 0.5]
+    sa_table = random_table(levels=[0.1, 0.2], seed=3)  # any increasing values
+    path = tmp_path / "t.json"
+    thresholds.save(path, ARGS, LEVELS, table, "x", 1, "magnitude",
+                    sparse_aware={"levels": sa_levels, "table": sa_table})
+    cal = thresholds.load(path, ARGS)
+    for i, s in enumerate(sa_levels):
+        assert torch.allclose(thresholds.thresholds_for(cal, s).double(), sa_table[..., i], rtol=1e-5)
+    # halfway to the first level: halfway to its thresholds (level 0 keeps everything)
+    assert torch.allclose(thresholds.thresholds_for(cal, 0.125).double(), sa_table[..., 0] / 2, rtol=1e-5)
+    assert torch.allclose(thresholds.thresholds_for(cal, 0.75).double(), table[..., LEVELS.index(0.75)], rtol=1e-5)
+    data = json.loads(path.read_text())
+    data["sparse_aware"]["levels"] = [0.5, 0.25]
+    path.write_text(json.dumps(data))
+    assert "sparse_aware" in load_error(path)
