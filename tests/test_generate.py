@@ -17,6 +17,7 @@ import model
 import sparse_ops.gemv as gemv
 from conftest import needs_gguf
 from model import PROJECTIONS
+from test_model import write_tokenizer_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -270,17 +271,6 @@ def test_sample_top_k():
 
 
 # ---- the command line ------------------------------------------------------------------------------------------
-def write_tokenizer_json(path: Path) -> int:
-    """A tiny byte-level BPE; returns its vocab size."""
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
-    vocab.update({"Ġt": 256, "he": 257})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t"), ("h", "e")]))
-    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(path))
-    return len(vocab)
 
 
 def write_tiny_checkpoint(d: Path, max_pos=32, nan=False, n_layer=2) -> Path:

@@ -49,8 +49,8 @@ def randomize_(m: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
 
-def write_tokenizer_json(path: Path) -> None:
-    """A tiny byte-level BPE: the converter only copies it, but the folder should look real."""
+def write_tokenizer_json(path: Path) -> int:
+    """A tiny byte-level BPE (returns its vocab size): the converter only copies it, but the folder should look real."""
     from tokenizers import Tokenizer, decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -60,6 +60,7 @@ def write_tokenizer_json(path: Path) -> None:
     tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(path))
+    return len(vocab)
 
 
 def make_hf_model(name: str, d: Path, seed: int = 0):
