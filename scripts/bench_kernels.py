@@ -117,37 +117,51 @@ def sweep(args):
     """Time many tile configs per shape/batch/sparsity; print the best and how the default compares."""
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     out = []
-    for name, K, N in [SHAPES[0], SHAPES[4], SHAPES[5]]:
+    cases = [(4096, (14336,)), (14336, (4096,)), (4096, (4096,)), (4096, (4096, 1024, 1024))]  # (K, segment sizes)
+    for K, segs in cases:
+        N = sum(segs)
+        ends = torch.tensor(segs).cumsum(0).tolist()
+        seg1, seg2 = (ends + [N, N])[0], (ends + [N, N])[1]
         wt0 = torch.randn(K, N, generator=g, device="cuda").to(dtype)
         c = copies_for(wt0)
         wts = [wt0] + [wt0.clone() for _ in range(c - 1)]
+        ws = [w.t().contiguous() for w in wts]
         for batch in args.batch:
+            xd = torch.randn(batch, K, device="cuda", dtype=dtype)
+            t_cublas = time_us(lambda i: F.linear(xd, ws[i]), c)
+            tiles = [(16, bn, bk, nw, ns) for bn in (128, 256) for bk in (32, 64) for nw in (4, 8) for ns in (3, 4)]
+            if batch == 1:
+                tiles += [(1, bn, bk, nw, ns) for bn in (128, 256, 512, 1024, 2048) for bk in (8, 16, 32, 64, 128)
+                          for nw in (4, 8) for ns in (1, 3) if bk * bn <= 2048 * nw * 2 and bk * bn >= 4096]
             for s in args.sparsity:
                 x, thr = make_x(batch, K, s, dtype, g)
-                thr_t = torch.tensor([thr], device="cuda")
-                default = pick_config(batch, K, N, (), x.device)
-                t_def = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, N, N, None, default), c)
+                thr_t = torch.full((len(segs),), thr, device="cuda")
+                default = pick_config(batch, K, segs, x.device)
+                t_def = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, default), c)
                 results = []
-                for bn, bk, sk, nw, ns in itertools.product((64, 128, 256), (16, 32, 64, 128), (1, 2, 4, 8, 16, 32),
-                                                            (4, 8), (1, 3)):
-                    programs = triton.cdiv(N, bn) * sk
-                    if not 132 <= programs <= 2048 or (batch == 1 and bk == 16) or (batch > 1 and bk == 128):
-                        continue
-                    cfg = dict(BLOCK_B=16 if batch > 1 else 1, BLOCK_K=bk, BLOCK_N=bn, SPLIT_K=sk,
-                               num_warps=nw, num_stages=ns)
-                    try:
-                        t = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, N, N, None, cfg), c)
-                    except Exception as e:  # e.g. out of shared memory for big tiles
-                        print(f"  skip {cfg}: {type(e).__name__}")
-                        continue
-                    results.append((t, cfg))
+                for bb, bn, bk, nw, ns in tiles:
+                    n_blocks = sum(triton.cdiv(q, bn) for q in segs)
+                    for sk in (1, 2, 4, 8, 16, 32, 64, 128):
+                        if not n_sm <= n_blocks * sk <= 5 * n_sm or K // sk < bk:
+                            continue
+                        cfg = dict(BLOCK_B=bb, BLOCK_K=bk, BLOCK_N=bn, SPLIT_K=sk, num_warps=nw, num_stages=ns)
+                        try:
+                            t = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, cfg), c)
+                        except Exception as e:  # e.g. out of shared memory or registers for big tiles
+                            print(f"  skip {cfg}: {type(e).__name__}", flush=True)
+                            break
+                        results.append((t, cfg))
                 results.sort(key=lambda r: r[0])
-                print(f"{name:22s} B={batch} s={s:.2f} default={t_def:7.2f}us {default}", flush=True)
-                for t, cfg in results[:4]:
-                    print(f"    {t:7.2f}us {cfg}", flush=True)
-                out.append(dict(shape=name, K=K, N=N, batch=batch, sparsity=s, default_us=t_def,
-                                top=[dict(us=t, **cfg) for t, cfg in results[:8]]))
+                union = (x.abs().float() > thr).any(0).float().mean().item()
+                need = union * K * N * 2
+                print(f"K={K} segs={segs} B={batch} s={s:.2f} cuBLAS={t_cublas:7.2f}us default={t_def:7.2f}us "
+                      f"{default}", flush=True)
+                for t, cfg in results[:6]:
+                    print(f"    {t:7.2f}us {need / t / 1e6:5.2f}TB/s {cfg}", flush=True)
+                out.append(dict(K=K, segs=list(segs), batch=batch, sparsity=s, cublas_us=t_cublas, default_us=t_def,
+                                top=[dict(us=t, **cfg) for t, cfg in results[:12]]))
     return out
 
 
