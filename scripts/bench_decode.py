@@ -35,13 +35,14 @@ PRESETS = {
 VARIANTS = ("uniform", "per_projection", "weighted")
 
 
-def build(preset: str, dtype, device) -> Transformer:
+def build(config: ModelArgs, dtype, device) -> Transformer:
+    """A model with small random weights (seeded) drawn directly on `device`."""
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Transformer(ModelArgs(**PRESETS[preset]))
+            model = Transformer(config)
             for m in model.modules():  # small random weights keep activations finite through 32 layers
                 if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
                     torch.nn.init.normal_(m.weight, std=0.02)
@@ -113,7 +114,7 @@ def main(argv=None):
         p.error("needs a CUDA GPU")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     compile_mode = "reduce-overhead" if dev.type == "cuda" else None
-    model = build(args.preset, dtype, dev)
+    model = build(ModelArgs(**PRESETS[args.preset]), dtype, dev)
     model.setup_caches(args.batch_size, args.prompt_len + args.tokens + 16)
     total_bytes, linear_bytes = model_bytes(model)
     rows = []

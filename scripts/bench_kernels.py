@@ -5,10 +5,11 @@
 
 Each op is captured REPS times in a CUDA graph (as decode runs it) cycling over enough weight copies that L2
 (50 MB) cannot hold them; the time is the median graph replay over REPS. cuBLAS is timed the same way.
-Bandwidth counts the bytes actually needed: kept weight rows (union over the batch) plus x and y.
+Bandwidth counts the bytes actually needed: kept weight rows (union over the batch) plus x and y. The op time
+includes the split-K partial sum (separate small kernels here, fused into the next op in the compiled model);
+the kernel column is the sparse kernel's own device time from torch.profiler.
 """
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -73,6 +74,21 @@ def time_us(fn, n_copies: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def kernel_us(fn, n_copies: int, name: str) -> float:
+    """Mean device time of the kernels whose name contains `name` (torch.profiler), per call: the op's own
+    kernel without the split-K sum that the compiled model fuses into the next op."""
+    from torch.profiler import ProfilerActivity, profile
+    for i in range(3):
+        fn(i % n_copies)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(REPS):
+            fn(i % n_copies)
+        torch.cuda.synchronize()
+    total = sum(e.device_time_total for e in prof.key_averages() if name in e.key)
+    return total / REPS
+
+
 def run(args):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -99,15 +115,16 @@ def run(args):
                 else:
                     fn = lambda i: sparse_ops.sparse_gemv(x, wts[i], thr_t[:1], [N])  # noqa: E731
                 t = time_us(fn, c)
+                t_kernel = kernel_us(fn, c, "_sparse_gemv_kernel")
                 union = (x.abs().float() > thr).any(0).float().mean().item()
                 need = union * K * N * w0.element_size() + (batch * K + batch * N) * w0.element_size()
                 rows.append(dict(shape=name, K=K, N=N, batch=batch, sparsity=s, union_density=round(union, 4),
-                                 sparse_us=round(t, 2), cublas_us=round(t_cublas, 2),
+                                 sparse_us=round(t, 2), kernel_us=round(t_kernel, 2), cublas_us=round(t_cublas, 2),
                                  compiled_us=None if t_compiled is None else round(t_compiled, 2),
-                                 tb_s_needed=round(need / t / 1e6, 3),
+                                 tb_s_needed=round(need / t / 1e6, 3), kernel_tb_s=round(need / t_kernel / 1e6, 3),
                                  speedup=round(t_cublas / t, 3), ideal_speedup=round(1 / max(union, 1e-3), 2)))
                 r = rows[-1]
-                print(f"{name:24s} B={batch} s={s:.2f} union_keep={union:.3f} sparse={t:7.2f}us "
+                print(f"{name:24s} B={batch} s={s:.2f} union_keep={union:.3f} sparse={t:7.2f}us kernel={t_kernel:7.2f}us "
                       f"cuBLAS={t_cublas:7.2f}us{'' if t_compiled is None else f' compiled={t_compiled:7.2f}us'} "
                       f"x{r['speedup']:.2f} {r['tb_s_needed']:.2f}TB/s", flush=True)
     return rows

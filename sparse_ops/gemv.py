@@ -1,13 +1,13 @@
 """Thresholded sparse GEMV: y = (x * 1[|x| > t]) @ Wt, reading only the rows of Wt (= columns of W) it needs.
 
 The weight is passed transposed, Wt (K, N) contiguous, so one kept input channel k is one contiguous row
-Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs. With one decode row it first
-lists its kept channels, then streams only their rows; with a batch it streams tiles and loads a row where any
-batch row keeps the channel. Split-K partial sums go to an fp32 (SPLIT_K, B, N) buffer; their sum and cast are
-plain torch ops that inductor fuses into the consumer, so no zero-fill or atomics are needed.
+Wt[k, :]. Each program owns BLOCK_N outputs of one segment (q, k, v or gate, up: each its own threshold) and a
+1/SPLIT_K share of the inputs. It first lists the channels that some batch row keeps, then streams only their
+rows: FMAs for one decode row, a tensor-core dot with per-row masks for a batch. Split-K partial sums go to an
+fp32 (SPLIT_K, B, N) buffer; their sum and cast are plain torch ops that inductor fuses into the consumer, so no
+zero-fill or atomics are needed.
 """
 import functools
-import math
 import os
 from typing import Optional
 
@@ -110,11 +110,14 @@ def _num_sms(device_index: int) -> int:
 def pick_config(batch: int, K: int, seg_sizes: tuple, device: torch.device) -> dict:
     """Tile sizes for one launch; seg_sizes: output columns of each separately tiled segment.
 
-    From sweeps on an H100 (scripts/bench_kernels.py --sweep, docs/benchmarks.md).
+    From sweeps on an H100 (scripts/bench_kernels.py --sweep, docs/benchmarks.md): batch 1 wants 128x128 tiles
+    and about 2 programs per SM, except wide outputs (gate/up), where 16 rows x 1024 columns with more K splits
+    win at high sparsity; batches want 256-wide dot tiles and about 4 programs per SM.
     """
     use_dot = batch > 1
-    block_n = 256 if use_dot else 128
-    block_k = 32 if use_dot else 128
+    wide = not use_dot and sum(seg_sizes) >= 8192
+    block_n = 256 if use_dot else (1024 if wide else 128)
+    block_k = 32 if use_dot else (16 if wide else 128)
     if device.type == "cuda":
         n_blocks = sum(triton.cdiv(s, block_n) for s in seg_sizes)
         target = (4 if use_dot else 2) * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
@@ -122,7 +125,7 @@ def pick_config(batch: int, K: int, seg_sizes: tuple, device: torch.device) -> d
         split_k = 1 << (split_k.bit_length() - 1)  # a power of two: fewer distinct compiled variants
         num_warps, num_stages = 4, 3
     else:  # Triton's interpreter: small tiles and few programs keep it quick
-        block_k = min(block_k, 64)
+        block_n, block_k = min(block_n, 256), min(block_k, 64)
         split_k, num_warps, num_stages = (2 if K > block_k else 1), 4, 1
     return dict(BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
                 num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,76 @@
+"""A checkpoint folder with random weights at a real model's shapes, for timing generate.py end to end.
+
+    python scripts/make_random_checkpoint.py --preset llama-3-8b --out checkpoints/random-llama-3-8b
+
+Decode speed depends on shapes and sparsity, not on weight values, so this stands in for a download. It writes
+what the converters write (model.pth, an HF-style config.json, tealfast.json) and a byte-level tokenizer.json whose
+vocab is padded with placeholder tokens to the model's vocab size, so every sampled id decodes. The text it
+generates is of course noise.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_decode import PRESETS, build  # noqa: E402
+from checkpoint_io import save_checkpoint  # noqa: E402
+from model import DTYPES, ModelArgs  # noqa: E402
+
+
+def hf_config(preset: str, n_layer: int | None = None) -> dict:
+    """config.json as Hugging Face writes it for this preset (the runtime reads architecture only from here)."""
+    a = dict(ModelArgs(**PRESETS[preset]).__dict__)
+    mistral = preset.startswith("mistral")
+    cfg = dict(
+        architectures=["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        model_type="mistral" if mistral else "llama",
+        vocab_size=a["vocab_size"], hidden_size=a["dim"], num_hidden_layers=n_layer or a["n_layer"],
+        num_attention_heads=a["n_head"], num_key_value_heads=a["n_local_heads"], head_dim=a["head_dim"],
+        intermediate_size=a["intermediate_size"], max_position_embeddings=a["block_size"],
+        rms_norm_eps=a["norm_eps"], rope_theta=a["rope_base"], tie_word_embeddings=a["tie_embeddings"],
+        hidden_act="silu", bos_token_id=256, eos_token_id=257, torch_dtype="bfloat16",
+    )
+    if mistral:
+        cfg["sliding_window"] = a["block_size"]
+    return cfg
+
+
+def tokenizer_json(vocab_size: int) -> str:
+    """Byte-level BPE without merges: 256 byte symbols, <s> (256), </s> (257), placeholders up to vocab_size."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    vocab.update({f"<r{i}>": i for i in range(258, vocab_size)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok.to_str()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), required=True, help="model shapes (scripts/bench_decode.py)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype in model.pth")
+    p.add_argument("--n_layer", type=int, default=None, help="fewer layers than the preset (tests, smoke runs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to draw the random weights (a GPU is much faster for 7B/8B)")
+    args = p.parse_args(argv)
+    if args.n_layer is not None and args.n_layer < 1:
+        p.error("--n_layer must be >= 1")
+    cfg = hf_config(args.preset, args.n_layer)
+    model = build(ModelArgs.from_hf_config(cfg), DTYPES[args.dtype], torch.device(args.device))
+    state = {k: v.cpu() for k, v in model.state_dict().items()
+             if not (k == "output.weight" and model.config.tie_embeddings)}
+    out = save_checkpoint(args.out, state, cfg, "hf", {"tokenizer.json": tokenizer_json(cfg["vocab_size"])},
+                          source=f"random weights, preset {args.preset}")
+    print(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e9:.2f} B parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

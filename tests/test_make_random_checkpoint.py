@@ -1,0 +1,27 @@
+"""scripts/make_random_checkpoint.py: the folder loads with the runtime's own loaders and generate.py runs on it."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import generate  # noqa: E402
+import make_random_checkpoint  # noqa: E402
+from bench_decode import PRESETS  # noqa: E402
+from model import ModelArgs, load_model  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
+
+
+def test_random_checkpoint_loads_and_generates(tmp_path, capsys):
+    out = tmp_path / "rnd"
+    assert make_random_checkpoint.main(["--preset", "smollm2-135m", "--out", str(out), "--n_layer", "2",
+                                        "--device", "cpu"]) == 0
+    model = load_model(out / "model.pth", torch.device("cpu"), torch.bfloat16)
+    want = dict(ModelArgs(**PRESETS["smollm2-135m"]).__dict__, n_layer=2, bos_id=256, eos_ids=(257,))
+    assert model.config.__dict__ == want
+    tok = get_tokenizer(out)
+    assert tok.vocab_size == want["vocab_size"]
+    assert tok.decode(tok.encode("any text, é")) == "any text, é"
+    generate.main(["--checkpoint", str(out / "model.pth"), "--device", "cpu", "--max_new_tokens", "4",
+                          "--temperature", "0", "--no_stream"])
+    assert "tokens/s" in capsys.readouterr().out
