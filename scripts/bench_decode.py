@@ -114,6 +114,7 @@ def main(argv=None):
         p.error("needs a CUDA GPU")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     compile_mode = "reduce-overhead" if dev.type == "cuda" else None
+    t0 = time.perf_counter()
     model = build(ModelArgs(**PRESETS[args.preset]), dtype, dev)
     model.setup_caches(args.batch_size, args.prompt_len + args.tokens + 16)
     total_bytes, linear_bytes = model_bytes(model)
@@ -129,7 +130,7 @@ def main(argv=None):
                          achieved_per_projection=dict(zip(PROJECTIONS, [round(v, 4) for v in ach.tolist()]))))
         r = rows[-1]
         r["graphs_compiled_so_far"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        print(f"{name:15s} s={s:.2f} achieved={w:.3f} {tok_s:8.2f} tok/s x{r['speedup']:.3f} "
+        print(f"[{time.perf_counter() - t0:4.0f}s] {name:15s} s={s:.2f} achieved={w:.3f} {tok_s:8.2f} tok/s x{r['speedup']:.3f} "
               f"{r['gb_s_read']:7.1f} GB/s read  (graphs compiled so far: {r['graphs_compiled_so_far']})", flush=True)
 
     # Dense baseline: row-major weights, F.linear -> cuBLAS, as gpt-fast runs it.
@@ -145,6 +146,7 @@ def main(argv=None):
     if "weighted" in variants:
         table_w, _, _ = calibrate.record(model, ids, cal_seq, "weighted", 200_000, dev, progress=False)
         cal_w = {"levels": cal["levels"], "table": table_w, "greedy": None}
+    print(f"[{time.perf_counter() - t0:4.0f}s] calibrated on {args.calib_tokens} random tokens", flush=True)
     model.setup_caches(args.batch_size, args.prompt_len + args.tokens + 16)
     to_column_major(model)
     torch._dynamo.reset()

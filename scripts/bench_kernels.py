@@ -155,7 +155,7 @@ def sweep(args):
             for s in args.sparsity:
                 x, thr = make_x(batch, K, s, dtype, g)
                 thr_t = torch.full((len(segs),), thr, device="cuda")
-                default = pick_config(batch, K, segs, x.device)
+                default = pick_config(batch, K, N, tuple(ends[:-1]), x.device)
                 t_def = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, default), c)
                 results = []
                 for bb, bn, bk, nw, ns in tiles:

@@ -1,13 +1,13 @@
 """Thresholded sparse GEMV: y = (x * 1[|x| > t]) @ Wt, reading only the rows of Wt (= columns of W) it needs.
 
 The weight is passed transposed, Wt (K, N) contiguous, so one kept input channel k is one contiguous row
-Wt[k, :]. Each program owns BLOCK_N outputs of one segment (q, k, v or gate, up: each its own threshold) and a
-1/SPLIT_K share of the inputs. It first lists the channels that some batch row keeps, then streams only their
-rows: FMAs for one decode row, a tensor-core dot with per-row masks for a batch. Split-K partial sums go to an
-fp32 (SPLIT_K, B, N) buffer; their sum and cast are plain torch ops that inductor fuses into the consumer, so no
-zero-fill or atomics are needed.
+Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs. With one decode row it first
+lists its kept channels, then streams only their rows; with a batch it streams tiles and loads a row where any
+batch row keeps the channel. Split-K partial sums go to an fp32 (SPLIT_K, B, N) buffer; their sum and cast are
+plain torch ops that inductor fuses into the consumer, so no zero-fill or atomics are needed.
 """
 import functools
+import math
 import os
 from typing import Optional
 
@@ -29,77 +29,75 @@ def _sparse_gemv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # Output segments [0, SEG1), [SEG1, SEG2), [SEG2, N) each have their own threshold and are tiled separately,
-    # so a column block never straddles a threshold or weight boundary and segments need no alignment.
-    nb0 = tl.cdiv(SEG1, BLOCK_N)
-    nb1 = tl.cdiv(SEG2 - SEG1, BLOCK_N)
-    seg = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb0 + nb1).to(tl.int32)
-    seg_start = (seg >= 1).to(tl.int32) * SEG1 + (seg >= 2).to(tl.int32) * (SEG2 - SEG1)
-    seg_end = tl.where(seg == 0, SEG1, tl.where(seg == 1, SEG2, N))
-    n0 = seg_start + (pid_n - (seg >= 1).to(tl.int32) * nb0 - (seg >= 2).to(tl.int32) * nb1) * BLOCK_N
-    out_cols = n0 + tl.arange(0, BLOCK_N)
-    n_mask = out_cols < seg_end
+    n0 = pid_n * BLOCK_N
+    # A block never straddles a segment (the wrapper picks BLOCK_N so), so threshold and weight are per block.
+    seg = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
     thr = tl.load(thr_ptr + seg)
-    if seg_start < N_A:
+    if n0 < N_A:
         w_ptr = wa_ptr
         ld = N_A
-        cols = out_cols
+        col0 = n0
     else:
         w_ptr = wb_ptr
         ld = N - N_A
-        cols = out_cols - N_A
+        col0 = n0 - N_A
+    cols = col0 + tl.arange(0, BLOCK_N)
+    n_mask = cols < ld
     k_lo = pid_k * K_PER_SPLIT
-    rb = tl.arange(0, BLOCK_B)
-    b_mask = rb < B
-
-    # Phase 1: list, in order, the channels of this K range that some batch row keeps, in idx[seg, k_lo:].
-    # Every program of the same (segment, K range) writes the same list from the same x, so they share it.
-    idx_base = idx_ptr + seg * K + k_lo
-    rc = tl.arange(0, CHUNK)
-    count = pid_k * 0
-    for c0 in range(0, K_PER_SPLIT, CHUNK):
-        ks = k_lo + c0 + rc
-        valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
-        xv = tl.load(x_ptr + rb[:, None] * K + ks[None, :], mask=b_mask[:, None] & valid[None, :], other=0.0)
-        score = tl.abs(xv.to(tl.float32))
-        if HAS_SCALE:
-            score = score * tl.load(scale_ptr + seg * K + ks, mask=valid, other=0.0)[None, :]
-        kept = (tl.max((score > thr).to(tl.int32), axis=0) > 0) & valid
-        kept_i = kept.to(tl.int32)
-        tl.store(idx_base + count + tl.cumsum(kept_i, 0) - 1, ks, mask=kept)
-        count += tl.sum(kept_i, 0)
-    tl.debug_barrier()  # the list is read back by other threads of this program
-
-    # Phase 2: stream only the listed rows of Wt, BLOCK_K at a time: count / BLOCK_K steps, every load needed.
     rk = tl.arange(0, BLOCK_K)
+    out_cols = n0 + tl.arange(0, BLOCK_N)
+
     if USE_DOT:
-        # Batch > 1: each row applies its own mask to the gathered x; tensor cores do the (B x BLOCK_K) @ tile.
+        # Batch > 1: the rows' masks have few zeros in common, so stream the K range tile by tile; a weight row
+        # is loaded where any batch row keeps its channel, and each row applies its own mask through the dot.
+        rb = tl.arange(0, BLOCK_B)
+        b_mask = rb < B
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for j0 in range(0, count, BLOCK_K):
-            jm = (j0 + rk) < count
-            rows = tl.load(idx_base + j0 + rk, mask=jm, other=0, cache_modifier=".cg")
-            w = tl.load(w_ptr + rows[:, None] * ld + cols[None, :], mask=jm[:, None] & n_mask[None, :], other=0.0)
-            xv = tl.load(x_ptr + rb[:, None] * K + rows[None, :], mask=b_mask[:, None] & jm[None, :], other=0.0)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            ks = k_lo + k0 + rk
+            k_mask = ks < K
+            xv = tl.load(x_ptr + rb[:, None] * K + ks[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0)
             score = tl.abs(xv.to(tl.float32))
             if HAS_SCALE:
-                score = score * tl.load(scale_ptr + seg * K + rows, mask=jm, other=0.0)[None, :]
-            xm = tl.where(score > thr, xv, 0.0).to(w.dtype)
+                score = score * tl.load(scale_ptr + seg * K + ks, mask=k_mask, other=0.0)[None, :]
+            keep = score > thr
+            any_keep = tl.max(keep.to(tl.int32), axis=0) > 0
+            w = tl.load(w_ptr + ks[:, None] * ld + cols[None, :], mask=any_keep[:, None] & n_mask[None, :], other=0.0)
+            xm = tl.where(keep, xv, 0.0).to(w.dtype)
             if DOT_F32:  # Triton's CPU interpreter gets bf16 dots wrong; fp32 there, tensor cores on GPU
                 acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
-                acc = tl.dot(xm, w, acc)
+                acc = tl.dot(xm, w, acc, input_precision="ieee")
         tl.store(out_ptr + pid_k * B * N + rb[:, None] * N + out_cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=b_mask[:, None] & n_mask[None, :])
+                 mask=b_mask[:, None] & (out_cols < N)[None, :])
     else:
-        # Batch 1: every listed channel is kept, plain FMAs; the 2-D accumulator is reduced once at the end.
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
+        # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
+        idx_base = idx_ptr + seg * K + k_lo
+        rc = tl.arange(0, CHUNK)
+        count = pid_k * 0
+        for c0 in range(0, K_PER_SPLIT, CHUNK):
+            ks = k_lo + c0 + rc
+            valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
+            score = tl.abs(tl.load(x_ptr + ks, mask=valid, other=0.0).to(tl.float32))
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + seg * K + ks, mask=valid, other=0.0)
+            keep = (score > thr) & valid
+            kept = keep.to(tl.int32)
+            tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
+            count += tl.sum(kept, 0)
+        tl.debug_barrier()  # the list is read back by other threads of this program
+        # Phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and the
+        # loop is count / BLOCK_K steps long, not K_PER_SPLIT / BLOCK_K: what makes high sparsity pay.
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
         for j0 in range(0, count, BLOCK_K):
             jm = (j0 + rk) < count
             rows = tl.load(idx_base + j0 + rk, mask=jm, other=0, cache_modifier=".cg")
             w = tl.load(w_ptr + rows[:, None] * ld + cols[None, :], mask=jm[:, None] & n_mask[None, :], other=0.0)
             xv = tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * xv[:, None]
-        tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_mask)
+        tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
+                 mask=out_cols < N)
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,25 +105,34 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def pick_config(batch: int, K: int, seg_sizes: tuple, device: torch.device) -> dict:
-    """Tile sizes for one launch; seg_sizes: output columns of each separately tiled segment.
+def _pow2_divisor(n: int) -> int:
+    return n & -n
 
-    From sweeps on an H100 (scripts/bench_kernels.py --sweep, docs/benchmarks.md): batch 1 wants 128x128 tiles
-    and about 2 programs per SM, except wide outputs (gate/up), where 16 rows x 1024 columns with more K splits
-    win at high sparsity; batches want 256-wide dot tiles and about 4 programs per SM.
+
+def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.device) -> dict:
+    """Tile sizes for one launch. boundaries: inner column offsets where threshold or weight changes.
+
+    From sweeps on an H100 (scripts/bench_kernels.py --sweep, docs/benchmarks.md): batch 1 wants 128x128
+    tiles of listed rows and about 2 programs per SM; batches want 256-wide tiles and about 4 per SM.
     """
+    g = 0
+    for b in boundaries:
+        g = math.gcd(g, b)
     use_dot = batch > 1
-    wide = not use_dot and sum(seg_sizes) >= 8192
-    block_n = 256 if use_dot else (1024 if wide else 128)
-    block_k = 32 if use_dot else (16 if wide else 128)
+    block_n = 256 if use_dot else 128
+    if g:
+        block_n = min(block_n, _pow2_divisor(g))
+    if block_n < 16:
+        raise ValueError(f"segment boundaries {list(boundaries)} must be multiples of 16")
+    block_k = 32 if use_dot else 128
     if device.type == "cuda":
-        n_blocks = sum(triton.cdiv(s, block_n) for s in seg_sizes)
+        n_blocks = triton.cdiv(N, block_n)
         target = (4 if use_dot else 2) * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         split_k = max(1, min(target // max(n_blocks, 1), triton.cdiv(K, 2 * block_k)))
         split_k = 1 << (split_k.bit_length() - 1)  # a power of two: fewer distinct compiled variants
         num_warps, num_stages = 4, 3
     else:  # Triton's interpreter: small tiles and few programs keep it quick
-        block_n, block_k = min(block_n, 256), min(block_k, 64)
+        block_k = min(block_k, 64)
         split_k, num_warps, num_stages = (2 if K > block_k else 1), 4, 1
     return dict(BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
                 num_warps=num_warps, num_stages=num_stages)
@@ -158,15 +165,15 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
 def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Tensor, seg1: int, seg2: int,
             scale: Optional[Tensor], config: Optional[dict] = None) -> Tensor:
     batch, K = x.shape
-    seg_sizes = tuple(s for s in (seg1, seg2 - seg1, n - seg2) if s > 0)
-    cfg = dict(config or pick_config(batch, K, seg_sizes, x.device))
+    inner = tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)
+    cfg = dict(config or pick_config(batch, K, n, inner, x.device))
     split = cfg.pop("SPLIT_K")
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     # phase 1 scans the K range in chunks; with a batch, x tiles are BLOCK_B x CHUNK, so smaller ones
     cfg["CHUNK"] = min(256 if cfg["BLOCK_B"] > 1 else 1024, triton.next_power_of_2(k_per_split))
     out = torch.empty((split, batch, n) if split > 1 else (batch, n), device=x.device,
                       dtype=torch.float32 if split > 1 else x.dtype)
-    grid = (sum(triton.cdiv(s, cfg["BLOCK_N"]) for s in seg_sizes), split)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     idx = torch.empty((3, K), device=x.device, dtype=torch.int32)  # kept-channel lists; every read slot is written first
     wrap_triton(_sparse_gemv_kernel)[grid](
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
