@@ -46,6 +46,7 @@ def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, tempera
     return sample(logits, temperature, top_k), torch.isfinite(logits).all()
 
 
+@torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn, temperature: float = 0.0,
              top_k: Optional[int] = None, stop_ids=(), on_token=None) -> Tensor:
     """prompt (B, T). Returns (B, T + n) with n <= max_new_tokens (stops early when every row hit a stop id)."""

@@ -369,7 +369,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
         b.thresholds = torch.zeros(len(PROJECTIONS), dtype=torch.float32)
     model = model.to(device)
     to_column_major(model)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference only: compiled decode must not trace a backward
 
 
 def check_state_dict(model: Transformer, state: dict) -> None:

@@ -436,3 +436,21 @@ def test_cli_sparse_smollm2(smollm2_copy):
     assert len(values) == len(PROJECTIONS)
     # 7 decode tokens only, on a 1024-token calibration: loose bounds around 40%
     assert all(0.15 < v < 0.65 for v in values), line
+
+
+
+def test_decode_runs_without_autograd(tmp_path):
+    # `generate.py --compile --sparsity` on the GPU once failed to compile: the loaded parameters required grad,
+    # so AOT autograd traced a backward through the sparse custom ops, which have none. Loading must give an
+    # inference-only model, and generate() must call the (compiled) decode step with grad mode off.
+    m = model.load_model(write_tiny_checkpoint(tmp_path / "ckpt"), torch.device("cpu"), torch.float32)
+    assert not any(p.requires_grad for p in m.parameters())
+    m.setup_caches(1, 32)
+    grad_modes = []
+
+    def decode_fn(*a):
+        grad_modes.append(torch.is_grad_enabled())
+        return generate.decode_one_token(*a)
+
+    generate.generate(m, torch.tensor([[1, 5, 9, 2]]), 4, decode_fn)
+    assert grad_modes == [False] * 3
