@@ -17,7 +17,7 @@ import model
 import sparse_ops.gemv as gemv
 from conftest import needs_gguf
 from model import PROJECTIONS
-from test_model import write_tokenizer_json
+from test_model import randomize_, write_tokenizer_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -32,17 +32,7 @@ TINY = dict(vocab_size=258, dim=64, n_layer=2, n_head=4, n_local_heads=2, head_d
 def tiny_model(qkv_bias=True, seed=0) -> model.Transformer:
     torch.manual_seed(seed)
     m = model.Transformer(model.ModelArgs(**TINY, qkv_bias=qkv_bias)).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # non-unit norms and non-zero biases, so a wrong norm or bias shows
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif "tok_embeddings" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    randomize_(m, seed)
     model.to_column_major(m)
     return m
 

@@ -35,7 +35,8 @@ CASES = {
 
 
 def randomize_(m: torch.nn.Module, seed: int) -> None:
-    """Default HF init has unit norms and zero biases, which hides bugs in norms, biases and permutations."""
+    """Default init has unit norms and zero biases, which hides bugs in norms, biases and permutations.
+    Works on HF models and on ours (embedding names differ)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -43,7 +44,7 @@ def randomize_(m: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            elif "embed_tokens" in name:
+            elif "embed_tokens" in name or "tok_embeddings" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
