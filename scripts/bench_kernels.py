@@ -140,7 +140,7 @@ def sweep(args):
     for K, segs in cases:
         N = sum(segs)
         ends = torch.tensor(segs).cumsum(0).tolist()
-        seg1, seg2 = (ends + [N, N])[0], (ends + [N, N])[1]
+        seg1, seg2 = (ends + [N, N])[:2]
         wt0 = torch.randn(K, N, generator=g, device="cuda").to(dtype)
         c = copies_for(wt0)
         wts = [wt0] + [wt0.clone() for _ in range(c - 1)]
@@ -159,7 +159,9 @@ def sweep(args):
                 t_def = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, default), c)
                 results = []
                 for bb, bn, bk, nw, ns in tiles:
-                    n_blocks = sum(triton.cdiv(q, bn) for q in segs)
+                    if any(e % bn for e in ends[:-1]):  # a column block must stay inside one segment
+                        continue
+                    n_blocks = triton.cdiv(N, bn)
                     for sk in (1, 2, 4, 8, 16, 32, 64, 128):
                         if not n_sm <= n_blocks * sk <= 5 * n_sm or K // sk < bk:
                             continue

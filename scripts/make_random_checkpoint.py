@@ -62,12 +62,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n_layer is not None and args.n_layer < 1:
         p.error("--n_layer must be >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} exists and is not a folder")
     cfg = hf_config(args.preset, args.n_layer)
     model = build(ModelArgs.from_hf_config(cfg), DTYPES[args.dtype], torch.device(args.device))
     state = {k: v.cpu() for k, v in model.state_dict().items()
              if not (k == "output.weight" and model.config.tie_embeddings)}
-    out = save_checkpoint(args.out, state, cfg, "hf", {"tokenizer.json": tokenizer_json(cfg["vocab_size"])},
-                          source=f"random weights, preset {args.preset}")
+    try:
+        out = save_checkpoint(args.out, state, cfg, "hf", {"tokenizer.json": tokenizer_json(cfg["vocab_size"])},
+                              source=f"random weights, preset {args.preset}")
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e9:.2f} B parameters)")
     return 0
 

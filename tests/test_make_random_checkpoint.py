@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -25,3 +26,11 @@ def test_random_checkpoint_loads_and_generates(tmp_path, capsys):
     generate.main(["--checkpoint", str(out / "model.pth"), "--device", "cpu", "--max_new_tokens", "4",
                           "--temperature", "0", "--no_stream"])
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_bad_output_folder(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        make_random_checkpoint.main(["--preset", "smollm2-135m", "--out", str(f), "--n_layer", "1", "--device", "cpu"])
+    assert e.value.code == 2 and "not a folder" in capsys.readouterr().err
