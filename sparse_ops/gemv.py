@@ -113,7 +113,7 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
     """Tile sizes for one launch. boundaries: inner column offsets where threshold or weight changes.
 
     From sweeps on an H100 (scripts/bench_kernels.py --sweep, docs/benchmarks.md): batch 1 wants 128x128
-    tiles of listed rows and about 2 programs per SM; batches want 256-wide tiles and about 4 per SM.
+    tiles of listed rows, batches 256-wide tiles 32 rows deep; both about 2 programs per SM.
     """
     g = 0
     for b in boundaries:
@@ -126,10 +126,10 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
         raise ValueError(f"segment boundaries {list(boundaries)} must be multiples of 16")
     block_k = 32 if use_dot else 128
     if device.type == "cuda":
+        # About two programs per SM at every batch size (any split count, not only powers of two)
         n_blocks = triton.cdiv(N, block_n)
-        target = (4 if use_dot else 2) * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         split_k = max(1, min(target // max(n_blocks, 1), triton.cdiv(K, 2 * block_k)))
-        split_k = 1 << (split_k.bit_length() - 1)  # a power of two: fewer distinct compiled variants
         num_warps, num_stages = 4, 3
     else:  # Triton's interpreter: small tiles and few programs keep it quick
         block_k = min(block_k, 64)
@@ -168,7 +168,10 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
     inner = tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)
     cfg = dict(config or pick_config(batch, K, n, inner, x.device))
     split = cfg.pop("SPLIT_K")
-    k_per_split = triton.cdiv(triton.cdiv(K, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    # Equal K shares: multiples of BLOCK_K for the tile loop of batches, of 16 for the listing path of batch 1
+    step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
+    k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
+    split = triton.cdiv(K, k_per_split)  # rounding up can leave a trailing share empty: drop it
     # phase 1 scans the K range in chunks; with a batch, x tiles are BLOCK_B x CHUNK, so smaller ones
     cfg["CHUNK"] = min(256 if cfg["BLOCK_B"] > 1 else 1024, triton.next_power_of_2(k_per_split))
     out = torch.empty((split, batch, n) if split > 1 else (batch, n), device=x.device,
@@ -180,7 +183,16 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
         batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
         **cfg)
-    return out.sum(0).to(x.dtype) if split > 1 else out
+    if split == 1:
+        return out
+    if type(out) is not torch.Tensor:
+        # Traced for a compiled graph (fake or functional tensors): pointwise adds, which inductor fuses into the
+        # consumer, the next norm included. It fuses a sum(0) only below 8 partials (unroll_reductions_threshold).
+        y = out[0]
+        for i in range(1, split):
+            y = y + out[i]
+        return y.to(x.dtype)
+    return out.sum(0).to(x.dtype)  # eager: one kernel
 
 
 @triton_op("tealfast::sparse_gemv", mutates_args={})

@@ -183,3 +183,29 @@ def test_cuda_graph_replay_follows_threshold_changes():
         assert (outs[-1].float() - eager.float()).abs().max().item() < 1e-2 * eager.float().abs().max().item()
     assert (outs[0] - outs[2]).abs().max() > 0  # the replays really followed the new thresholds
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1
+
+
+@pytest.mark.gpu
+def test_compiled_split_k_sum_fuses_into_the_next_norm():
+    # 8 split-K partials: traced as adds, the sum joins the norm's kernel (inductor keeps a sum(0) over >= 8
+    # elements as a kernel of its own, one more launch per op in decode).
+    from torch.profiler import ProfilerActivity, profile
+    from sparse_ops import gemv
+    K, N = 14336, 4096
+    assert gemv.pick_config(1, K, N, (), torch.device("cuda"))["SPLIT_K"] >= 8
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    wt = torch.randn(K, N, device="cuda", dtype=torch.bfloat16) / 100
+    thr = torch.tensor([0.6], device="cuda")
+    h = torch.randn(1, N, device="cuda", dtype=torch.bfloat16)
+
+    def f(x, h):
+        y = sparse_ops.sparse_gemv(x, wt, thr, [N]) + h
+        return y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(y.dtype)
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert (compiled(x, h).float() - f(x, h).float()).abs().max() < 0.1
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        compiled(x, h)
+        torch.cuda.synchronize()
+    kernels = [e.key for e in prof.key_averages() if e.device_time_total > 0]
+    assert len(kernels) == 2 and "_sparse_gemv_kernel" in kernels, kernels
