@@ -9,9 +9,11 @@ model's own activations (calibrate.record). Decode is compiled with fullgraph=Tr
 serves every sparsity level (thresholds are tensors). Timed: --tokens decode steps after a warm-up, no prefill.
 """
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -52,9 +54,9 @@ def build(config: ModelArgs, dtype, device) -> Transformer:
 
 
 @torch.no_grad()
-def time_decode(model, decode_fn, batch: int, prompt_len: int, n_tokens: int, warmup: int = 5):
+def time_decode(model, decode_fn, batch: int, prompt_len: int, n_tokens: int, warmup: int = 5, prof=None):
     """tokens/s of n_tokens compiled decode steps (after warm-up steps that compile and capture), and the
-    sequence generated, for measuring achieved sparsity."""
+    sequence generated, for measuring achieved sparsity. prof: a torch.profiler run around the timed steps."""
     dev = model.output.weight.device
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=dev)
     model(prompt, torch.arange(prompt_len, device=dev))
@@ -66,14 +68,44 @@ def time_decode(model, decode_fn, batch: int, prompt_len: int, n_tokens: int, wa
         pos += 1
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
-    t = time.perf_counter()
-    for _ in range(n_tokens):
-        tok, _ = decode_fn(model, tok.clone(), pos, 0.0, None)
-        toks.append(tok.clone())
-        pos += 1
-    sync()
-    dt = time.perf_counter() - t
+    with prof or contextlib.nullcontext():
+        t = time.perf_counter()
+        for _ in range(n_tokens):
+            tok, _ = decode_fn(model, tok.clone(), pos, 0.0, None)
+            toks.append(tok.clone())
+            pos += 1
+        sync()
+        dt = time.perf_counter() - t
     return n_tokens / dt, torch.cat(toks, dim=1)
+
+
+def kernel_breakdown(model, decode_fn, args, steps: int = 20) -> dict:
+    """Device time per decode step by kernel kind (torch.profiler sees the kernels inside CUDA graph replays),
+    and the step's wall time: what the sparse ops cost against everything else."""
+    from torch.profiler import ProfilerActivity, profile
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    tok_s, _ = time_decode(model, decode_fn, args.batch_size, args.prompt_len, steps, prof=prof)
+    us, n, kernels = defaultdict(float), defaultdict(int), {}
+    for e in prof.key_averages():
+        if e.device_time_total <= 0:
+            continue
+        k = e.key.lower()
+        kind = ("sparse_gemv" if "sparse_gemv" in k else
+                "dense_matmul" if any(w in k for w in ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitk")) else
+                "attention" if any(w in k for w in ("flash", "attention", "fmha", "sdpa")) else "other")
+        us[kind] += e.device_time_total / steps
+        n[kind] += e.count / steps
+        kernels[e.key] = (round(e.device_time_total / steps, 1), round(e.count / steps, 1))
+    out = {kind: dict(us_per_step=round(us[kind], 1), kernels_per_step=round(n[kind], 1)) for kind in sorted(us)}
+    wall = 1e6 / tok_s
+    print("    per step: " + ", ".join(f"{kind} {v['us_per_step']:.0f} us in {v['kernels_per_step']:.0f} kernels"
+                                       for kind, v in out.items())
+          + f"; wall {wall:.0f} us, of which no kernel running {wall - sum(us.values()):.0f} us", flush=True)
+    for name, (t, c) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:10]:
+        print(f"      {t:7.1f} us {c:5.1f}x  {name[:110]}", flush=True)
+    out["wall_us_per_step"] = round(wall, 1)
+    out["kernels"] = {name: dict(us_per_step=t, per_step=c) for name, (t, c) in kernels.items()}
+    return out
 
 
 def per_projection_sparsities(model: Transformer, s: float, linear_bytes: torch.Tensor) -> torch.Tensor:
@@ -98,6 +130,8 @@ def main(argv=None):
     p.add_argument("--prompt_len", type=int, default=16, help="random prompt tokens before decoding")
     p.add_argument("--calib_tokens", type=int, default=2048, help="tokens for the on-the-fly calibration")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="weight and activation dtype")
+    p.add_argument("--profile", action="store_true",
+                   help="after each row, profile 20 decode steps and print device time by kernel kind")
     p.add_argument("--json", type=Path, help="write results here")
     p.add_argument("--device", default="cuda", help="cuda (cpu only for smoke tests: no CUDA graphs, no speed)")
     args = p.parse_args(argv)
@@ -120,7 +154,7 @@ def main(argv=None):
     total_bytes, linear_bytes = model_bytes(model)
     rows = []
 
-    def report(name, s, tok_s, seq, sparse):
+    def report(name, s, tok_s, seq, sparse, decode_fn):
         ach = achieved_sparsity(model, args.prompt_len, seq) if sparse else torch.zeros(len(PROJECTIONS))
         w = float((linear_bytes * ach.double()).sum() / linear_bytes.sum())
         base = rows[0]["tokens_per_s"] if rows else tok_s
@@ -132,11 +166,13 @@ def main(argv=None):
         r["graphs_compiled_so_far"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         print(f"[{time.perf_counter() - t0:4.0f}s] {name:15s} s={s:.2f} achieved={w:.3f} {tok_s:8.2f} tok/s x{r['speedup']:.3f} "
               f"{r['gb_s_read']:7.1f} GB/s read  (graphs compiled so far: {r['graphs_compiled_so_far']})", flush=True)
+        if args.profile and dev.type == "cuda":
+            r["kernel_breakdown"] = kernel_breakdown(model, decode_fn, args)
 
     # Dense baseline: row-major weights, F.linear -> cuBLAS, as gpt-fast runs it.
     dense_fn = torch.compile(decode_one_token, mode=compile_mode, fullgraph=True)
     tok_s, seq = time_decode(model, dense_fn, args.batch_size, args.prompt_len, args.tokens)
-    report("dense (cuBLAS)", 0.0, tok_s, seq, False)
+    report("dense (cuBLAS)", 0.0, tok_s, seq, False, dense_fn)
 
     ids = torch.randint(0, model.config.vocab_size, (args.calib_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     cal_seq = min(512, args.calib_tokens)
@@ -162,7 +198,7 @@ def main(argv=None):
                 t = thr_file.thresholds_for(c, s)
             model.set_thresholds(t.to(dev))  # in place: no recompile, no re-capture
             tok_s, seq = time_decode(model, sparse_fn, args.batch_size, args.prompt_len, args.tokens)
-            report(variant, s, tok_s, seq, True)
+            report(variant, s, tok_s, seq, True, sparse_fn)
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                                          "torch": torch.__version__, "batch_size": args.batch_size,

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# Session 8 device runs, one stage per call (each fits the 10-minute limit):
-#   kernels: kernel table at batch 1-8 (with each kernel's own time), then Mistral-7B decode at 40/50%
-#   cli:     the user path on a random-weight Llama-3-8B folder: make_random_checkpoint.py, calibrate.py,
-#            generate.py --compile at 50%, then dense
+# Session 9 device runs, one stage per call (each fits the 10-minute limit):
+#   sweep:   the split-count sweep at batch 1 and 4 (what pick_config's "two programs per SM" comes from)
+#   kernels: GPU tests of the sparse ops, the kernel table at batch 1-8
+#   final:   the batch-1 kernel table, a fresh compile, Llama-3-8B decode at 0-65% with the kernel-time breakdown
+#   models:  Llama-2-7B and Mistral-7B decode at 40/50% (or the presets given: gpu_session9.sh models mistral-7b)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee -a $OUT/gpu.txt
 case "$1" in
-kernels)
-  timeout 200 python3 scripts/bench_kernels.py --json $OUT/bench_kernels.json 2>&1 | grep -v -i warn > $OUT/bench_kernels.txt
-  tail -2 $OUT/bench_kernels.txt
-  timeout 360 python3 scripts/bench_decode.py --preset mistral-7b --sparsity 0.4,0.5 --json $OUT/decode_mistral.json 2>&1 | grep -v Warning | tee $OUT/decode_mistral.txt
+sweep)
+  timeout 150 python3 scripts/bench_kernels.py --sweep --batch 1,4 --sparsity 0.5 --json $OUT/sweep.json 2>&1 \
+    | grep -v -i warn > $OUT/sweep.txt; grep -v "^    " $OUT/sweep.txt
   ;;
-cli)
-  C=/tmp/ckpt/random-llama-3-8b
-  { time timeout 120 python3 scripts/make_random_checkpoint.py --preset llama-3-8b --out $C ; } 2>&1 | tee $OUT/cli.txt
-  { time timeout 120 python3 calibrate.py --checkpoint $C/model.pth --tokens 4096 ; } 2>&1 | grep -v -i warn | tail -6 | tee -a $OUT/cli.txt
-  cp $C/thresholds.json $OUT/thresholds_random_llama3.json
-  for s in 0.5 0; do
-    echo "### python3 generate.py --checkpoint $C/model.pth --compile --sparsity $s --temperature 0 --max_new_tokens 200 --num_samples 3 --no_stream" | tee -a $OUT/cli.txt
-    timeout 300 python3 generate.py --checkpoint $C/model.pth --compile --sparsity $s --temperature 0 \
-      --max_new_tokens 200 --num_samples 3 --no_stream 2>&1 | grep -v -i warn | grep -v "^<r" | tail -14 | tee -a $OUT/cli.txt
+kernels)
+  timeout 150 python3 -m pytest tests/test_sparse_ops.py -q 2>&1 | tail -1 | tee $OUT/tests.txt
+  timeout 330 python3 scripts/bench_kernels.py --json $OUT/bench_kernels.json 2>&1 | grep -v -i warn > $OUT/bench_kernels.txt
+  tail -2 $OUT/bench_kernels.txt
+  ;;
+final)
+  rm -rf /tmp/torchinductor_$(whoami)  # a fresh compile: inductor's cache keys a triton_op call, not its Python body
+  timeout 100 python3 scripts/bench_kernels.py --batch 1 --json $OUT/bench_kernels_b1.json 2>&1 | grep -v -i warn > $OUT/bench_kernels_b1.txt
+  timeout 440 python3 scripts/bench_decode.py --preset llama-3-8b --sparsity 0,0.25,0.4,0.5,0.65 --profile \
+    --json $OUT/decode_llama3.json 2>&1 | grep -v -i warn | tee $OUT/decode_llama3.txt | grep -v "^      "
+  ;;
+models)
+  for m in ${2:-llama-2-7b mistral-7b}; do
+    timeout 290 python3 scripts/bench_decode.py --preset $m --sparsity 0.4,0.5 --json $OUT/decode_$m.json 2>&1 \
+      | grep -v -i warn | tee $OUT/decode_$m.txt
   done
   ;;
 esac
