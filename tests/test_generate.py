@@ -428,7 +428,6 @@ def test_cli_sparse_smollm2(smollm2_copy):
     assert all(0.15 < v < 0.65 for v in values), line
 
 
-
 def test_decode_runs_without_autograd(tmp_path):
     # `generate.py --compile --sparsity` on the GPU once failed to compile: the loaded parameters required grad,
     # so AOT autograd traced a backward through the sparse custom ops, which have none. Loading must give an

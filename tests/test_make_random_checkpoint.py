@@ -24,7 +24,7 @@ def test_random_checkpoint_loads_and_generates(tmp_path, capsys):
     assert tok.vocab_size == want["vocab_size"]
     assert tok.decode(tok.encode("any text, é")) == "any text, é"
     generate.main(["--checkpoint", str(out / "model.pth"), "--device", "cpu", "--max_new_tokens", "4",
-                          "--temperature", "0", "--no_stream"])
+                   "--temperature", "0", "--no_stream"])
     assert "tokens/s" in capsys.readouterr().out
 
 
