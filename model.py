@@ -242,13 +242,20 @@ class Attention(nn.Module):
         q = q.view(bsz, seqlen, self.n_head, self.head_dim)
         k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        # Decode runs one kernel that rotates q and reads only the filled cache (SDPA with the mask reads all of it)
+        decode_kernel = seqlen == 1 and self.kv_cache is not None and sparse_ops.use_triton(x)
+        k = apply_rotary_emb(k, freqs_cis)
+        if not decode_kernel:
+            q = apply_rotary_emb(q, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
-                                           enable_gqa=self.n_head != self.n_local_heads)
-        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, self.q_size)
+        if decode_kernel:
+            y = sparse_ops.decode_attention(q.reshape(bsz, self.n_head, self.head_dim), k, v, input_pos, freqs_cis)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
+                                               enable_gqa=self.n_head != self.n_local_heads).transpose(1, 2)
+        y = y.contiguous().view(bsz, seqlen, self.q_size)
         return sparse_linear(y, self.wo, thr[3:4], [self.wo.out_features], sparse, self.o_scale,
                              None if stats is None else stats[3:4])
 
@@ -334,12 +341,8 @@ def precompute_freqs_cis(seq_len: int, n_elem: int, base: float, rope_scaling: O
 
 
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ...; the converters permute q/k weights to match."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1],
-                       xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
-    return out.flatten(3).type_as(x)
+    """x (B, T, H, D), freqs_cis (T, D/2, 2): rotate interleaved pairs (the converters permute q/k weights to match)."""
+    return sparse_ops.rope(x, freqs_cis[None, :, None])
 
 
 # ---- loading ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Plain-torch references for the sparse GEMV ops: the CPU path, the prefill path and the tests' oracle."""
+"""Plain-torch references for the ops: the CPU path, the prefill path and the tests' oracle."""
 from typing import Optional
 
 import torch
@@ -31,3 +31,13 @@ def sparse_gemv_pair_ref(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tens
     ya = sparse_gemv_ref(x, wt_a, thresholds[0:1], [wt_a.shape[1]], None if scale is None else scale[0:1])
     yb = sparse_gemv_ref(x, wt_b, thresholds[1:2], [wt_b.shape[1]], None if scale is None else scale[1:2])
     return torch.cat([ya, yb], dim=-1)
+
+
+def rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """RoPE on interleaved pairs (x0, x1), (x2, x3), ... of the last dim, in fp32, returned in x's dtype.
+    freqs (..., D/2, 2): cos and sin, broadcast against x viewed as (..., D/2, 2). The converters permute
+    HF's q/k weights to this pairing."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], dim=-1)
+    return out.flatten(-2).type_as(x)

@@ -121,6 +121,25 @@ def test_decode_with_kv_cache_matches_hf(pair, tokens):
     assert rel_err(torch.cat(steps, dim=1), ref[:, PROMPT:]) <= TOL, name
 
 
+@pytest.mark.gpu
+@torch.no_grad()
+def test_compiled_decode_matches_hf_gpu(pair, tokens):
+    # The CUDA-graph decode step (decode attention kernel, sparse ops at threshold 0) against transformers;
+    # GQA with RoPE scaling, and a head size (24) that is not a power of two, are enough to compile.
+    name, hf, path = pair
+    if name not in ("llama3_rope", "mistral"):
+        pytest.skip("compiled on two architectures only")
+    ref = hf(tokens).logits.float()
+    for sparse in (False, True):
+        ours = model.load_model(path, device="cuda", dtype=torch.float32)
+        ours.setup_caches(BATCH, 32)
+        ours.set_sparse(decode=sparse)
+        ours(tokens[:, :PROMPT].cuda(), torch.arange(PROMPT, device="cuda"))
+        step = torch.compile(ours, mode="reduce-overhead", fullgraph=True)
+        steps = [step(tokens[:, t:t + 1].cuda(), torch.tensor([t], device="cuda")).clone() for t in range(PROMPT, TOTAL)]
+        assert rel_err(torch.cat(steps, dim=1).cpu(), ref[:, PROMPT:]) <= 1e-3, (name, sparse)
+
+
 def test_config_parsing(pair):
     name, hf, path = pair
     args = model.ModelArgs.from_hf_config(json.loads((path.parent / "config.json").read_text()))

@@ -1,0 +1,91 @@
+"""Decode attention benchmark: sparse_ops.decode_attention against SDPA with gpt-fast's mask, same run.
+
+    python scripts/bench_attention.py [--context 256,1024,4096,8192] [--batch 1,4] [--json OUT]
+
+One layer's attention for one new token per row: q (B, H, 128) against a KV cache of max_seq_length = 8192
+positions filled up to `context`. SDPA (what model.py ran before, and still runs for prefill) gets the boolean
+mask row of the causal mask, so it reads the whole cache; decode_attention reads the filled positions only. Each
+is captured 20 times in a CUDA graph over cache copies that L2 cannot hold; median replay per call. Both
+times are whole ops (decode_attention: its kernel and the chunk merge; it also rotates q, which SDPA leaves
+to a separate kernel in the model).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sparse_ops  # noqa: E402
+from bench_kernels import copies_for, time_us  # noqa: E402
+
+# (name, query heads, key/value heads), head size 128
+MODELS = [("llama-3-8b / mistral-7b", 32, 8), ("llama-2-7b", 32, 32)]
+MAX_SEQ = 8192
+
+
+def run(args) -> list:
+    rows = []
+    for name, H, H_kv in MODELS:
+        for B in args.batch:
+            cache = torch.randn(B, H_kv, MAX_SEQ, 128, device="cuda", dtype=torch.bfloat16)
+            n = copies_for(cache) // 2 + 1  # k and v are two such tensors
+            ks = [cache.clone() for _ in range(n)]
+            vs = [cache.clone() for _ in range(n)]
+            del cache
+            q = torch.randn(B, H, 128, device="cuda", dtype=torch.bfloat16)
+            freqs = torch.randn(64, 2, device="cuda")  # RoPE cos/sin of the position: values do not change the time
+            causal = torch.tril(torch.ones(MAX_SEQ, MAX_SEQ, dtype=torch.bool, device="cuda"))
+            for ctx in args.context:
+                pos = torch.tensor([ctx - 1], device="cuda")
+                mask = causal[None, None, pos]
+                t_sdpa = time_us(lambda i: F.scaled_dot_product_attention(
+                    q[:, :, None], ks[i], vs[i], attn_mask=mask, enable_gqa=H != H_kv), n)
+                t_ours = time_us(lambda i: sparse_ops.decode_attention(q, ks[i], vs[i], pos, freqs), n)
+                gb = 2 * B * H_kv * ctx * 128 * 2 / 1e9  # the filled k and v positions
+                rows.append(dict(model=name, batch=B, context=ctx, sdpa_us=round(t_sdpa, 2),
+                                 decode_attention_us=round(t_ours, 2), speedup=round(t_sdpa / t_ours, 2),
+                                 tb_s_needed=round(gb / t_ours * 1e6 / 1e3, 2)))
+                r = rows[-1]
+                print(f"| {name} | {B} | {ctx} | {r['sdpa_us']} | {r['decode_attention_us']} | {r['speedup']}x "
+                      f"| {r['tb_s_needed']} |", flush=True)
+            del ks, vs, causal
+            torch.cuda.empty_cache()
+    return rows
+
+
+def parse_ints(s: str, lo: int, hi: int, flag: str) -> list:
+    try:
+        vals = [int(v) for v in s.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: {flag} takes comma-separated integers, got {s!r}") from None
+    if not all(lo <= v <= hi for v in vals):
+        raise SystemExit(f"error: {flag} values must lie in [{lo}, {hi}], got {s!r}")
+    return vals
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context", default="256,1024,4096,8192", help=f"comma-separated filled positions, 1-{MAX_SEQ}")
+    p.add_argument("--batch", default="1,4", help="comma-separated batch sizes (decode rows), 1-8")
+    p.add_argument("--json", type=Path, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    args.context = parse_ints(args.context, 1, MAX_SEQ, "--context")
+    args.batch = parse_ints(args.batch, 1, 8, "--batch")
+    if not torch.cuda.is_available():
+        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 1
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, cache of {MAX_SEQ} positions")
+    print("| model | batch | context | SDPA + mask (us) | decode_attention (us) | speed-up | TB/s on filled k/v |")
+    print("|---|---|---|---|---|---|---|")
+    rows = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                                             max_seq=MAX_SEQ, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
