@@ -2,6 +2,8 @@
 # Session 10 device runs, one stage per call (each fits the 10-minute limit):
 #   tests:   GPU tests of the ops, the attention kernel and the compiled model
 #   attn:    the attention table, then Llama-3-8B decode at 40/50% (or the levels given), profiled
+#   final:   Llama-3-8B decode at 40/50% profiled (fresh compile), then the GPU tests of the GEMV ops and the
+#            compiled model (ran for the down-projection experiment in docs/benchmarks.md, session 10)
 #   kernels: the sparse GEMV kernel table at batch 1-8
 #   models:  decode at 40/50% for the presets given (default: Llama-2-7B and Mistral-7B)
 # Every stage that times decode clears inductor's cache first: the cache keys the graph that calls a triton_op,
@@ -21,6 +23,13 @@ attn)
   timeout 400 python3 scripts/bench_decode.py --preset llama-3-8b --sparsity ${2:-0.4,0.5} --profile \
     --json $OUT/decode_llama3.json 2>&1 | grep -v -i warn | tee $OUT/decode_llama3.txt | grep -v "^      "
   ;;
+final)
+  rm -rf /tmp/torchinductor_$(whoami)
+  timeout 400 python3 scripts/bench_decode.py --preset llama-3-8b --sparsity 0.4,0.5 --profile \
+    --json $OUT/decode_llama3.json 2>&1 | grep -v -i warn | tee $OUT/decode_llama3.txt | grep -v "^      "
+  timeout 150 python3 -m pytest tests/test_sparse_ops.py tests/test_model.py -q -p no:warnings \
+    -k "llama_shapes or glu or compiled" 2>&1 | tail -4 | tee $OUT/tests.txt
+  ;;
 kernels)
   timeout 330 python3 scripts/bench_kernels.py --json $OUT/bench_kernels.json 2>&1 | grep -v -i warn > $OUT/bench_kernels.txt
   tail -2 $OUT/bench_kernels.txt
@@ -33,6 +42,6 @@ models)
   done
   ;;
 *)
-  echo "usage: gpu_session10.sh tests|attn|kernels|models [arg]" >&2; exit 2
+  echo "usage: gpu_session10.sh tests|attn|final|kernels|models [arg]" >&2; exit 2
   ;;
 esac
