@@ -50,7 +50,7 @@ def rel_err(y, ref):
 @pytest.mark.parametrize("B,H,H_kv,D", [(1, 9, 3, 64), (2, 8, 8, 32), (3, 12, 4, 128), (1, 6, 2, 80)])
 def test_matches_sdpa(dtype, B, H, H_kv, D):
     # SmolLM2's 9/3 heads of 64, multi-head, GQA with 128-wide heads, and a head size that is not a power of two
-    for S, pos in [(40, 0), (40, 17), (100, 99), (77, 63)]:
+    for S, pos in [(40, 0), (40, 17), (100, 99), (77, 63), (16, 10)]:  # a 16-slot cache: a single chunk
         q, k, v, p, f = random_case(B, H, H_kv, S, D, dtype, pos, seed=S + pos)
         y = decode_attention(q, k, v, p, f)
         assert y.shape == q.shape and y.dtype == dtype
