@@ -20,7 +20,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparse_ops  # noqa: E402
-from sparse_ops.gemv import _launch, pick_config  # noqa: E402
+from sparse_ops.gemv import _launch, num_sms, pick_config  # noqa: E402
 
 # (name, K = input features, N = output features); "gate/up" is two N-wide weights on one input.
 SHAPES = [
@@ -134,7 +134,7 @@ def sweep(args):
     """Time many tile configs per shape/batch/sparsity; print the best and how the default compares."""
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
-    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    n_sm = num_sms(torch.device("cuda"))
     out = []
     cases = [(4096, (14336,)), (14336, (4096,)), (4096, (4096,)), (4096, (4096, 1024, 1024)), (4096, (11008,)),
              (4096, (14336, 14336))]  # (K, segment sizes)

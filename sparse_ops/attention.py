@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .gemv import _num_sms
+from .gemv import num_sms
 from .reference import rope
 
 MAX_SPLIT = 64  # chunks per head: enough to fill an H100 at batch 1 with 8 key/value heads; the merge's tile
@@ -100,7 +100,7 @@ def pick_split(batch: int, n_kv_heads: int, max_len: int, device: torch.device) 
     The filled length is split evenly at run time, so short contexts use fewer, still full, chunks."""
     if device.type == "cuda":
         block_s = 64
-        target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        target = 2 * num_sms(device)
         n_split = target // (batch * n_kv_heads)
     else:  # Triton's interpreter: a few programs, so tests run quickly but still merge several chunks
         block_s, n_split = 16, 3

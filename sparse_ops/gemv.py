@@ -100,8 +100,13 @@ def _sparse_gemv_kernel(
                  mask=out_cols < N)
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the current one when it has no index)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
+def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -128,7 +133,7 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
     if device.type == "cuda":
         # About two programs per SM at every batch size (any split count, not only powers of two)
         n_blocks = triton.cdiv(N, block_n)
-        target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        target = 2 * num_sms(device)
         split_k = max(1, min(target // max(n_blocks, 1), triton.cdiv(K, 2 * block_k)))
         num_warps, num_stages = 4, 3
     else:  # Triton's interpreter: small tiles and few programs keep it quick
