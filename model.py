@@ -91,25 +91,29 @@ class ModelArgs:
 
 
 def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list, sparse: bool,
-                  scale: Optional[Tensor] = None, stats: Optional[Tensor] = None) -> Tensor:
+                  scale: Optional[Tensor] = None, stats: Optional[Tensor] = None, partials: bool = False) -> Tensor:
     """y = W (x * 1[score(x) > t_s]) for each output segment s; the plain nn.Linear when `sparse` is False.
 
     One token per row (decode) runs the sparse GEMV op, which skips the weight columns it does not need;
     more tokens (prefill) mask the input and use a dense matmul. `stats` (segments, 2), when given, gathers
-    (dropped, total) input entries per segment: eager measurement only.
+    (dropped, total) input entries per segment: eager measurement only. `partials`: return the decode GEMV's
+    split-K partial sums, (split, rows, N) without the bias, for a consumer that sums them (decode attention).
     """
-    if not sparse:
-        return lin(x)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    if not sparse:
+        return F.linear(x2, lin.weight)[None] if partials else lin(x)
     if shape[-2] == 1 and x2.shape[0] <= sparse_ops.MAX_BATCH:
-        y = sparse_ops.sparse_gemv(x2, lin.weight.t(), thresholds, seg_ends, scale)
+        y = sparse_ops.sparse_gemv(x2, lin.weight.t(), thresholds, seg_ends, scale, reduce=not partials)
     else:
         y = sparse_ops.sparse_gemv_ref(x2, lin.weight.t(), thresholds, seg_ends, scale)
+        y = y[None] if partials else y
     if stats is not None:
         for s in range(len(seg_ends)):
             keep = sparse_ops.keep_mask(x2, thresholds[s], None if scale is None else scale[s])
             stats[s] += torch.tensor([keep.numel() - keep.sum().item(), keep.numel()], dtype=stats.dtype)
+    if partials:
+        return y
     if lin.bias is not None:
         y = y + lin.bias
     return y.view(*shape[:-1], -1)
@@ -236,23 +240,22 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor, thr: Tensor, sparse: bool,
                 stats: Optional[Tensor] = None) -> Tensor:
         bsz, seqlen, _ = x.shape
-        qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale,
-                            None if stats is None else stats[0:3])
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(bsz, seqlen, self.n_head, self.head_dim)
-        k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        # Decode runs one kernel that rotates q and reads only the filled cache (SDPA with the mask reads all of it)
-        decode_kernel = seqlen == 1 and self.kv_cache is not None and sparse_ops.use_triton(x)
-        k = apply_rotary_emb(k, freqs_cis)
-        if not decode_kernel:
-            q = apply_rotary_emb(q, freqs_cis)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-        if decode_kernel:
-            y = sparse_ops.decode_attention(q.reshape(bsz, self.n_head, self.head_dim), k, v, input_pos, freqs_cis)
+        qkv_stats = None if stats is None else stats[0:3]
+        if seqlen == 1 and self.kv_cache is not None and sparse_ops.use_triton(x):
+            # Decode: one kernel sums the qkv GEMV's split-K partials, adds the bias, applies RoPE, writes the
+            # cache and attends over the filled positions only (SDPA with the mask reads the whole cache).
+            qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats, partials=True)
+            y = sparse_ops.decode_attention(qkv, self.wqkv.bias, self.kv_cache.k_cache, self.kv_cache.v_cache,
+                                            input_pos, freqs_cis, self.n_head)
         else:
+            qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), freqs_cis)
+            k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs_cis)
+            v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            if self.kv_cache is not None:
+                k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
                                                enable_gqa=self.n_head != self.n_local_heads).transpose(1, 2)
         y = y.contiguous().view(bsz, seqlen, self.q_size)

@@ -2,12 +2,13 @@
 
     python scripts/bench_attention.py [--context 256,1024,4096,8192] [--batch 1,4] [--json OUT]
 
-One layer's attention for one new token per row: q (B, H, 128) against a KV cache of max_seq_length = 8192
-positions filled up to `context`. SDPA (what model.py ran before, and still runs for prefill) gets the boolean
+One layer's attention for one new token per row against a KV cache of max_seq_length = 8192 positions filled up
+to `context`. SDPA (what model.py ran before, and still runs for prefill) gets q (B, H, 128) and the boolean
 mask row of the causal mask, so it reads the whole cache; decode_attention reads the filled positions only. Each
 is captured 20 times in a CUDA graph over cache copies that L2 cannot hold; median replay per call. Both
-times are whole ops (decode_attention: its kernel and the chunk merge; it also rotates q, which SDPA leaves
-to a separate kernel in the model).
+times are whole ops. decode_attention (its kernel and the chunk merge) does more: it takes the qkv projection
+as 5 fp32 split-K partials (Llama-3-8B's qkv GEMV at batch 1), sums them, rotates q and k and writes k and v
+into the cache, all of which the SDPA path leaves to separate kernels in the model.
 """
 import argparse
 import json
@@ -36,6 +37,7 @@ def run(args) -> list:
             vs = [cache.clone() for _ in range(n)]
             del cache
             q = torch.randn(B, H, 128, device="cuda", dtype=torch.bfloat16)
+            qkv = torch.randn(5, B, (H + 2 * H_kv) * 128, device="cuda")
             freqs = torch.randn(64, 2, device="cuda")  # RoPE cos/sin of the position: values do not change the time
             causal = torch.tril(torch.ones(MAX_SEQ, MAX_SEQ, dtype=torch.bool, device="cuda"))
             for ctx in args.context:
@@ -43,7 +45,7 @@ def run(args) -> list:
                 mask = causal[None, None, pos]
                 t_sdpa = time_us(lambda i: F.scaled_dot_product_attention(
                     q[:, :, None], ks[i], vs[i], attn_mask=mask, enable_gqa=H != H_kv), n)
-                t_ours = time_us(lambda i: sparse_ops.decode_attention(q, ks[i], vs[i], pos, freqs), n)
+                t_ours = time_us(lambda i: sparse_ops.decode_attention(qkv, None, ks[i], vs[i], pos, freqs, H), n)
                 gb = 2 * B * H_kv * ctx * 128 * 2 / 1e9  # the filled k and v positions
                 rows.append(dict(model=name, batch=B, context=ctx, sdpa_us=round(t_sdpa, 2),
                                  decode_attention_us=round(t_ours, 2), speedup=round(t_sdpa / t_ours, 2),

@@ -3,8 +3,9 @@
 The weight is passed transposed, Wt (K, N) contiguous, so one kept input channel k is one contiguous row
 Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs. With one decode row it first
 lists its kept channels, then streams only their rows; with a batch it streams tiles and loads a row where any
-batch row keeps the channel. Split-K partial sums go to an fp32 (SPLIT_K, B, N) buffer; their sum and cast are
-plain torch ops that inductor fuses into the consumer, so no zero-fill or atomics are needed.
+batch row keeps the channel. The ops return the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum
+and cast are plain torch ops that inductor fuses into the consumer (or a consumer kernel sums them itself, as
+decode attention does), so no zero-fill or atomics are needed.
 """
 import functools
 import math
@@ -167,11 +168,9 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
                          f"{tuple(scale.shape)} on {scale.device}")
 
 
-def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Tensor, seg1: int, seg2: int,
-            scale: Optional[Tensor], config: Optional[dict] = None) -> Tensor:
-    batch, K = x.shape
-    inner = tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)
-    cfg = dict(config or pick_config(batch, K, n, inner, x.device))
+def plan(batch: int, K: int, n: int, inner: tuple, device: torch.device, config: Optional[dict] = None) -> tuple:
+    """(kernel settings, split-K count, inputs per split) of one launch; the fake ops use it for the output shape."""
+    cfg = dict(config or pick_config(batch, K, n, inner, device))
     split = cfg.pop("SPLIT_K")
     # Equal K shares: multiples of BLOCK_K for the tile loop of batches, of 16 for the listing path of batch 1
     step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
@@ -179,8 +178,23 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
     split = triton.cdiv(K, k_per_split)  # rounding up can leave a trailing share empty: drop it
     # phase 1 scans the K range in chunks; with a batch, x tiles are BLOCK_B x CHUNK, so smaller ones
     cfg["CHUNK"] = min(256 if cfg["BLOCK_B"] > 1 else 1024, triton.next_power_of_2(k_per_split))
-    out = torch.empty((split, batch, n) if split > 1 else (batch, n), device=x.device,
-                      dtype=torch.float32 if split > 1 else x.dtype)
+    return cfg, split, k_per_split
+
+
+def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[dict] = None) -> tuple:
+    """The ops' output buffer, (split, batch, n) split-K partial sums (fp32 when several, else x's dtype), and
+    the launch plan. Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes."""
+    inner = tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)
+    cfg, split, k_per_split = plan(x.shape[0], x.shape[1], n, inner, x.device, config)
+    out = x.new_empty((split, x.shape[0], n), dtype=torch.float32 if split > 1 else x.dtype)
+    return out, cfg, k_per_split
+
+
+def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Tensor, seg1: int, seg2: int,
+            scale: Optional[Tensor], config: Optional[dict] = None) -> Tensor:
+    batch, K = x.shape
+    out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, config)
+    split = out.shape[0]
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
     idx = torch.empty((3, K), device=x.device, dtype=torch.int32)  # kept-channel lists; every read slot is written first
     wrap_triton(_sparse_gemv_kernel)[grid](
@@ -188,25 +202,32 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
         batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
         **cfg)
-    if split == 1:
-        return out
-    if type(out) is not torch.Tensor:
-        # Traced for a compiled graph (fake or functional tensors): pointwise adds, which inductor fuses into the
-        # consumer, the next norm included. It fuses a sum(0) only below 8 partials (unroll_reductions_threshold).
-        y = out[0]
-        for i in range(1, split):
-            y = y + out[i]
-        return y.to(x.dtype)
-    return out.sum(0).to(x.dtype)  # eager: one kernel
+    return out
+
+
+def sum_partials(parts: Tensor, dtype: torch.dtype) -> Tensor:
+    """(split, batch, n) partials -> (batch, n) in dtype."""
+    if parts.shape[0] == 1:
+        return parts[0].to(dtype)
+    if torch.compiler.is_compiling():
+        # Pointwise adds, which inductor fuses into the consumer (the next norm, say). It fuses a sum(0) only
+        # below 8 partials (unroll_reductions_threshold) and would otherwise launch a kernel of its own.
+        y = parts[0]
+        for i in range(1, parts.shape[0]):
+            y = y + parts[i]
+        return y.to(dtype)
+    return parts.sum(0).to(dtype)  # eager: one kernel
+
+
+def _segments(seg_ends: list, n: int) -> tuple:
+    return (seg_ends[0] if len(seg_ends) > 1 else n), (seg_ends[1] if len(seg_ends) > 2 else n)
 
 
 @triton_op("tealfast::sparse_gemv", mutates_args={})
 def _sparse_gemv_op(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list[int],
                     scale: Optional[Tensor]) -> Tensor:
     n = wt.shape[1]
-    seg1 = seg_ends[0] if len(seg_ends) > 1 else n
-    seg2 = seg_ends[1] if len(seg_ends) > 2 else n
-    return _launch(x.contiguous(), wt, wt, n, n, thresholds, seg1, seg2, scale)
+    return _launch(x.contiguous(), wt, wt, n, n, thresholds, *_segments(seg_ends, n), scale)
 
 
 @triton_op("tealfast::sparse_gemv_pair", mutates_args={})
@@ -220,12 +241,15 @@ def _sparse_gemv_pair_op(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tens
 # Explicit shape functions: the body cannot run on fake tensors under Triton's CPU interpreter.
 @_sparse_gemv_op.register_fake
 def _(x, wt, thresholds, seg_ends, scale):
-    return x.new_empty((x.shape[0], wt.shape[1]))
+    n = wt.shape[1]
+    return _empty_partials(x, n, n, *_segments(seg_ends, n))[0]
 
 
 @_sparse_gemv_pair_op.register_fake
 def _(x, wt_a, wt_b, thresholds, scale):
-    return x.new_empty((x.shape[0], wt_a.shape[1] + wt_b.shape[1]))
+    n_a = wt_a.shape[1]
+    n = n_a + wt_b.shape[1]
+    return _empty_partials(x, n, n_a, n_a, n)[0]
 
 
 def use_triton(x: Tensor) -> bool:

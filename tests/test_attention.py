@@ -10,16 +10,19 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 
 
-def random_case(B, H, H_kv, S, D, dtype, pos, seed=0):
-    """q before RoPE, caches filled up to pos, the position tensor and its RoPE cos/sin."""
+def random_case(B, H, H_kv, S, D, dtype, pos, parts=1, bias=False, b_max=None, seed=0):
+    """qkv as the projection hands it over (`parts` split-K partial sums, fp32 when several), an optional bias,
+    caches (b_max rows) filled before pos, the position tensor and its RoPE cos/sin."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, D, generator=g).to(dtype).to(DEV)
-    k = torch.randn(B, H_kv, S, D, generator=g).to(dtype).to(DEV)
-    v = torch.randn(B, H_kv, S, D, generator=g).to(dtype).to(DEV)
-    # Positions past input_pos hold garbage: a kernel that reads them gives a visibly wrong answer.
-    k[:, :, pos + 1:] = 1e3
-    v[:, :, pos + 1:] = float("nan")
-    return q, k, v, torch.tensor([pos], device=DEV), rope_freqs(pos, D)
+    N = (H + 2 * H_kv) * D
+    qkv = (torch.randn(parts, B, N, generator=g) / parts ** 0.5).to(dtype if parts == 1 else torch.float32).to(DEV)
+    b = (torch.randn(N, generator=g) / 4).to(dtype).to(DEV) if bias else None
+    k = torch.randn(b_max or B, H_kv, S, D, generator=g).to(dtype).to(DEV)
+    v = torch.randn(b_max or B, H_kv, S, D, generator=g).to(dtype).to(DEV)
+    # Positions from input_pos on hold garbage: a kernel that reads one before writing it is visibly wrong.
+    k[:, :, pos:] = 1e3
+    v[:, :, pos:] = float("nan")
+    return qkv, b, k, v, torch.tensor([pos], device=DEV), rope_freqs(pos, D)
 
 
 def rope_freqs(pos, D, base=10000.0):
@@ -27,18 +30,28 @@ def rope_freqs(pos, D, base=10000.0):
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float().to(DEV)
 
 
-def rotate(q, freqs):
+def rotate(x, freqs):
     """RoPE written as a complex product: an oracle independent of sparse_ops.rope."""
-    qc = torch.view_as_complex(q.double().reshape(*q.shape[:-1], -1, 2).contiguous())
-    return torch.view_as_real(qc * torch.view_as_complex(freqs.double().contiguous())).flatten(-2)
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * torch.view_as_complex(freqs.double().contiguous())).flatten(-2)
 
 
-def sdpa(q, k, v, pos, freqs):
-    """PyTorch's own attention over the filled positions, in fp64: an oracle independent of decode_attention_ref."""
+def oracle(qkv, bias, k_cache, v_cache, pos, freqs, H):
+    """In fp64 with PyTorch's SDPA, independent of decode_attention_ref: (attention output, new k, new v)."""
+    B = qkv.shape[1]
+    H_kv, _, D = k_cache.shape[1:]
+    y = qkv.double().sum(0).to(k_cache.dtype).double()  # the projection's output is rounded to the model dtype
+    if bias is not None:
+        y = (y + bias.double()).to(k_cache.dtype).double()
+    q, k, v = y.split([H * D, H_kv * D, H_kv * D], dim=-1)
+    k_new = rotate(k.reshape(B, H_kv, D), freqs)
+    v_new = v.reshape(B, H_kv, D)
     L = int(pos.item()) + 1
-    y = F.scaled_dot_product_attention(rotate(q, freqs)[:, :, None], k[:, :, :L].double(), v[:, :, :L].double(),
-                                       enable_gqa=q.shape[1] != k.shape[1])
-    return y[:, :, 0]
+    keys = torch.cat([k_cache[:B, :, :L - 1].double(), k_new[:, :, None]], dim=2)
+    values = torch.cat([v_cache[:B, :, :L - 1].double(), v_new[:, :, None]], dim=2)
+    out = F.scaled_dot_product_attention(rotate(q.reshape(B, H, D), freqs)[:, :, None], keys, values,
+                                         enable_gqa=H != H_kv)
+    return out[:, :, 0], k_new, v_new
 
 
 def rel_err(y, ref):
@@ -46,89 +59,115 @@ def rel_err(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+def check(qkv, bias, k, v, p, f, H, fn=decode_attention):
+    """Run fn on copies of the caches; compare its output and the cache writes with the oracle."""
+    dtype = k.dtype
+    want, k_new, v_new = oracle(qkv, bias, k, v, p, f, H)
+    kc, vc = k.clone(), v.clone()
+    y = fn(qkv, bias, kc, vc, p, f, H)
+    assert y.shape == want.shape and y.dtype == dtype
+    assert rel_err(y, want) < TOL[dtype]
+    B, pos = qkv.shape[1], int(p.item())
+    assert rel_err(kc[:B, :, pos], k_new) < TOL[dtype] and rel_err(vc[:B, :, pos], v_new) < TOL[dtype]
+    kc[:B, :, pos], vc[:B, :, pos] = k[:B, :, pos], v[:B, :, pos]
+    assert torch.equal(kc, k) and torch.equal(vc.nan_to_num(), v.nan_to_num())  # nothing else written
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("B,H,H_kv,D", [(1, 9, 3, 64), (2, 8, 8, 32), (3, 12, 4, 128), (1, 6, 2, 80)])
 def test_matches_sdpa(dtype, B, H, H_kv, D):
-    # SmolLM2's 9/3 heads of 64, multi-head, GQA with 128-wide heads, and a head size that is not a power of two
-    for S, pos in [(40, 0), (40, 17), (100, 99), (77, 63), (16, 10)]:  # a 16-slot cache: a single chunk
-        q, k, v, p, f = random_case(B, H, H_kv, S, D, dtype, pos, seed=S + pos)
-        y = decode_attention(q, k, v, p, f)
-        assert y.shape == q.shape and y.dtype == dtype
-        assert rel_err(y, sdpa(q, k, v, p, f)) < TOL[dtype], (S, pos)
+    # SmolLM2's 9/3 heads of 64, multi-head, GQA with 128-wide heads, and a head size that is not a power of two;
+    # split-K partials (fp32) or the projection itself; with and without a (Qwen2) bias
+    for S, pos, parts, bias in [(40, 0, 1, False), (40, 17, 3, True), (100, 99, 5, False), (77, 63, 1, True),
+                                (16, 10, 2, False)]:  # a 16-slot cache: a single chunk
+        check(*random_case(B, H, H_kv, S, D, dtype, pos, parts, bias, seed=S + pos), H)
 
 
 def test_reference_matches_sdpa():
-    q, k, v, p, f = random_case(2, 8, 2, 50, 32, torch.float32, 30)
-    assert rel_err(decode_attention_ref(q, k, v, p, f), sdpa(q, k, v, p, f)) < 1e-6
+    case = random_case(2, 8, 2, 50, 32, torch.float32, 30, parts=3, bias=True)
+    check(*case, 8, fn=decode_attention_ref)
+
+
+def test_fewer_rows_than_the_cache():
+    # A cache set up for 4 rows decoding 2: rows 2 and 3 stay untouched
+    check(*random_case(2, 4, 2, 40, 32, torch.bfloat16, 20, parts=2, b_max=4), 4)
 
 
 def test_position_follows_the_tensor():
     # The length comes from input_pos at run time (a CUDA graph replays with new positions, same launch)
-    q, k, v, _, _ = random_case(1, 4, 2, 64, 32, torch.bfloat16, 63)
+    qkv, bias, k, v, _, _ = random_case(1, 4, 2, 64, 32, torch.bfloat16, 63, parts=2)
     outs = []
     for pos in (5, 40):
         p, f = torch.tensor([pos], device=DEV), rope_freqs(pos, 32)
-        outs.append(decode_attention(q, k, v, p, f))
-        assert rel_err(outs[-1], sdpa(q, k, v, p, f)) < TOL[torch.bfloat16]
+        outs.append(decode_attention(qkv, bias, k.clone(), v.clone(), p, f, 4))
+        assert rel_err(outs[-1], oracle(qkv, bias, k, v, p, f, 4)[0]) < TOL[torch.bfloat16]
     assert (outs[0] - outs[1]).abs().max() > 0
 
 
 def test_strided_batch_rows():
-    # q as the model hands it over: rows of a wider qkv buffer
-    q, k, v, p, f = random_case(3, 4, 2, 40, 32, torch.float32, 25)
-    wide = torch.cat([q.flatten(1), torch.randn(3, 64, device=DEV)], dim=1)[:, :128].view(3, 4, 32)
+    # qkv rows of a wider buffer
+    qkv, bias, k, v, p, f = random_case(3, 4, 2, 40, 32, torch.float32, 25, parts=2)
+    wide = torch.cat([qkv, torch.randn(2, 3, 64, device=DEV)], dim=2)[:, :, :qkv.shape[2]]
     assert not wide.is_contiguous()
-    assert rel_err(decode_attention(wide, k, v, p, f), sdpa(q, k, v, p, f)) < TOL[torch.float32]
+    check(wide, bias, k, v, p, f, 4)
 
 
 def test_opcheck():
-    q, k, v, p, f = random_case(2, 4, 2, 48, 32, torch.bfloat16, 20)
+    args = random_case(2, 4, 2, 48, 32, torch.bfloat16, 20, parts=3, bias=True)
     # AOT tracing runs the op's body on fake tensors, which Triton's CPU interpreter cannot; GPU runs them all.
     utils = "ALL" if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.tealfast.decode_attention.default, (q, k, v, p, f), test_utils=utils)
+    torch.library.opcheck(torch.ops.tealfast.decode_attention.default, (*args, 4), test_utils=utils)
 
 
 def test_bad_input():
-    q, k, v, p, f = random_case(1, 4, 2, 16, 32, torch.bfloat16, 3)
+    qkv, bias, k, v, p, f = random_case(1, 4, 2, 16, 32, torch.bfloat16, 3)
     with pytest.raises(ValueError, match="does not fit"):
-        decode_attention(q[:, :3].contiguous(), k, v, p, f)
+        decode_attention(qkv, bias, k, v, p, f, 3)
     with pytest.raises(ValueError, match="does not fit"):
-        decode_attention(q[..., :16].contiguous(), k, v, p, f)
+        decode_attention(qkv[..., :-32], bias, k, v, p, f, 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        decode_attention(qkv.expand(1, 2, -1), bias, k, v, p, f, 4)  # more rows than the cache
     with pytest.raises(TypeError, match="dtype"):
-        decode_attention(q.float(), k, v, p, f)
+        decode_attention(qkv.half(), bias, k, v, p, f, 4)
+    with pytest.raises(ValueError, match="bias"):
+        decode_attention(qkv, torch.zeros(10, device=DEV, dtype=torch.bfloat16), k, v, p, f, 4)
     with pytest.raises(ValueError, match="contiguous"):
-        decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, p, f)
+        decode_attention(qkv, bias, k.transpose(2, 3).contiguous().transpose(2, 3), v, p, f, 4)
     with pytest.raises(ValueError, match="contiguous"):
-        decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, p, f)
+        decode_attention(qkv.expand(2, -1, -1).transpose(0, 2).contiguous().transpose(0, 2), bias, k, v, p, f, 4)
     with pytest.raises(ValueError, match="one integer position"):
-        decode_attention(q, k, v, torch.tensor([1, 2], device=DEV), f)
+        decode_attention(qkv, bias, k, v, torch.tensor([1, 2], device=DEV), f, 4)
     with pytest.raises(ValueError, match="equal"):
-        decode_attention(q, k, v[:, :, :8], p, f)
+        decode_attention(qkv, bias, k, v[:, :, :8], p, f, 4)
     with pytest.raises(ValueError, match="freqs"):
-        decode_attention(q, k, v, p, f[:8])
+        decode_attention(qkv, bias, k, v, p, f[:8], 4)
     with pytest.raises(ValueError, match="freqs"):
-        decode_attention(q, k, v, p, f.double())
+        decode_attention(qkv, bias, k, v, p, f.double(), 4)
 
 
 # ---- GPU only ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,H,H_kv,S", [(1, 32, 8, 4096), (4, 32, 32, 1024), (8, 32, 8, 300)])
-def test_llama_shapes_gpu(B, H, H_kv, S):
+@pytest.mark.parametrize("B,H,H_kv,S,parts", [(1, 32, 8, 4096, 5), (4, 32, 32, 1024, 1), (8, 32, 8, 300, 3)])
+def test_llama_shapes_gpu(B, H, H_kv, S, parts):
     for pos in (0, 1, S // 3, S - 1):
-        q, k, v, p, f = random_case(B, H, H_kv, S, 128, torch.bfloat16, pos, seed=pos)
-        assert rel_err(decode_attention(q, k, v, p, f), sdpa(q, k, v, p, f)) < TOL[torch.bfloat16], pos
+        check(*random_case(B, H, H_kv, S, 128, torch.bfloat16, pos, parts, seed=pos), H)
 
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_follows_the_position():
-    q, k, v, _, _ = random_case(1, 32, 8, 512, 128, torch.bfloat16, 511)
+    qkv, bias, k, v, _, _ = random_case(1, 32, 8, 512, 128, torch.bfloat16, 511, parts=5, bias=True)
+    kc, vc = k.clone(), v.clone()
     pos, freqs = torch.tensor([10], device="cuda"), rope_freqs(10, 128)
-    compiled = torch.compile(lambda q: sparse_ops.decode_attention(q, k, v, pos, freqs), fullgraph=True,
-                             mode="reduce-overhead")
+    compiled = torch.compile(lambda qkv: sparse_ops.decode_attention(qkv, bias, kc, vc, pos, freqs, 32),
+                             fullgraph=True, mode="reduce-overhead")
     for _ in range(3):
-        compiled(q)
+        compiled(qkv)
     for p in (10, 200, 511):
         pos.fill_(p)
         freqs.copy_(rope_freqs(p, 128))
-        y = compiled(q).clone()
-        assert rel_err(y, sdpa(q, k, v, pos, freqs)) < TOL[torch.bfloat16], p
+        kc.copy_(k)
+        vc.copy_(v)
+        y = compiled(qkv).clone()
+        want, k_new, _ = oracle(qkv, bias, k, v, pos, freqs, 32)
+        assert rel_err(y, want) < TOL[torch.bfloat16], p
+        assert rel_err(kc[:, :, p], k_new) < TOL[torch.bfloat16], p  # the compiled graph wrote the cache in place
