@@ -244,7 +244,8 @@ class Attention(nn.Module):
         if seqlen == 1 and self.kv_cache is not None and sparse_ops.use_triton(x):
             # Decode: one kernel sums the qkv GEMV's split-K partials, adds the bias, applies RoPE, writes the
             # cache and attends over the filled positions only (SDPA with the mask reads the whole cache).
-            qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats, partials=True)
+            qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats,
+                                partials=True)
             y = sparse_ops.decode_attention(qkv, self.wqkv.bias, self.kv_cache.k_cache, self.kv_cache.v_cache,
                                             input_pos, freqs_cis, self.n_head)
         else:

@@ -161,8 +161,9 @@ def _decode_attention_op(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v
     wrap_triton(_decode_attention_kernel)[(B * HKV, n_split)](
         qkv, bias if bias is not None else freqs, k_cache, v_cache, input_pos, freqs, m, l, acc,
         qkv.stride(0), qkv.stride(1), H, HKV, S, n_split, math.log2(math.e) / math.sqrt(D),
-        N_PARTS=n_parts, HAS_BIAS=bias is not None, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
-        BLOCK_S=block_s, DOT_F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, num_warps=4, num_stages=2)
+        N_PARTS=n_parts, HAS_BIAS=bias is not None, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_D=block_d, BLOCK_S=block_s, DOT_F32=k_cache.dtype == torch.float32 or not qkv.is_cuda,
+        num_warps=4, num_stages=2)
     out = torch.empty((B, H, D), device=qkv.device, dtype=k_cache.dtype)
     wrap_triton(_merge_kernel)[(B * H,)](m, l, acc, out, n_split, D=D,
                                           BLOCK_SPLIT=triton.next_power_of_2(n_split), BLOCK_D=block_d)
@@ -177,15 +178,16 @@ def _(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head):
 def check_decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cache: Tensor,
                            input_pos: Tensor, freqs: Tensor, n_head: int) -> None:
     if qkv.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"qkv must be (parts, B, N) and the caches equal (B_max, H_kv, S, D), got {tuple(qkv.shape)}, "
-                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(f"qkv must be (parts, B, N) and the caches equal (B_max, H_kv, S, D), got "
+                         f"{tuple(qkv.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     _, B, N = qkv.shape
     B_max, HKV, _, D = k_cache.shape
     if B > B_max or n_head % HKV or D % 2 or N != (n_head + 2 * HKV) * D:
         raise ValueError(f"qkv {tuple(qkv.shape)} with {n_head} query heads does not fit the cache "
                          f"{tuple(k_cache.shape)}")
     if bias is not None and (tuple(bias.shape) != (N,) or bias.dtype != k_cache.dtype or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous ({N},) {k_cache.dtype} tensor, got {bias.dtype} {tuple(bias.shape)}")
+        raise ValueError(f"bias must be a contiguous ({N},) {k_cache.dtype} tensor, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
     if qkv.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous() and freqs.is_contiguous()):
         raise ValueError("the caches, freqs and each row of qkv must be contiguous")
     if qkv.dtype not in (k_cache.dtype, torch.float32) or v_cache.dtype != k_cache.dtype:
