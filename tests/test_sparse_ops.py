@@ -50,6 +50,20 @@ def test_odd_and_tiny_sizes(B, K, N):
         check_single(B, K, [N], dtype, [0.4], seed=K + N)
 
 
+@pytest.mark.parametrize("B", [1, 4])
+def test_unreduced_partials(B):
+    # reduce=False hands over the split-K partial sums (what decode attention takes): fp32, and they add up
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, 576, generator=g).to(torch.bfloat16).to(DEV)
+    wt = (torch.randn(576, 960, generator=g) / 24).to(torch.bfloat16).to(DEV)
+    thr = quantile_thresholds(x, [0.3, 0.5, 0.6])
+    parts = sparse_gemv(x, wt, thr, [576, 768, 960], reduce=False)
+    assert parts.dim() == 3 and parts.shape[0] > 1 and parts.shape[1:] == (B, 960) and parts.dtype == torch.float32
+    ref = sparse_gemv_ref(x.double(), wt.double(), thr, [576, 768, 960])
+    assert rel_err(parts.sum(0), ref) < 1e-5
+    assert torch.equal(sparse_gemv(x, wt, thr, [576, 768, 960]), parts.sum(0).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("level", [0.0, 0.9])
 def test_threshold_extremes(level):
     check_single(1, 256, [128], torch.bfloat16, [level])
