@@ -214,12 +214,12 @@ def decode_attention_ref(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v
     if bias is not None:
         y = y + bias
     q, k, v = y.split([n_head * D, HKV * D, HKV * D], dim=-1)
-    f = freqs.reshape(D // 2, 2)
-    k_cache[:B, :, input_pos.reshape(())] = rope(k.reshape(B, HKV, D), f)
-    v_cache[:B, :, input_pos.reshape(())] = v.reshape(B, HKV, D)
+    f, pos = freqs.reshape(D // 2, 2), input_pos.reshape(())
+    k_cache[:B, :, pos] = rope(k.reshape(B, HKV, D), f)
+    v_cache[:B, :, pos] = v.reshape(B, HKV, D)
     q = rope(q.reshape(B, n_head, D), f).float()
     rep = n_head // HKV
-    keep = (torch.arange(S, device=q.device) <= input_pos.reshape(()))[:, None]
+    keep = (torch.arange(S, device=q.device) <= pos)[:, None]
     k = k_cache[:B].float().masked_fill(~keep, 0).repeat_interleave(rep, dim=1)  # (B, H, S, D); unfilled slots zeroed
     v = v_cache[:B].float().masked_fill(~keep, 0).repeat_interleave(rep, dim=1)
     scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(D)

@@ -168,9 +168,13 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
                          f"{tuple(scale.shape)} on {scale.device}")
 
 
-def plan(batch: int, K: int, n: int, inner: tuple, device: torch.device, config: Optional[dict] = None) -> tuple:
-    """(kernel settings, split-K count, inputs per split) of one launch; the fake ops use it for the output shape."""
-    cfg = dict(config or pick_config(batch, K, n, inner, device))
+def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[dict] = None) -> tuple:
+    """The launch plan of an op and its output buffer, which the fake ops share: (out, kernel settings, inputs per
+    split); out holds the (split, batch, n) split-K partial sums, fp32 when there are several, else x's dtype.
+    Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes."""
+    batch, K = x.shape
+    inner = tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)
+    cfg = dict(config or pick_config(batch, K, n, inner, x.device))
     split = cfg.pop("SPLIT_K")
     # Equal K shares: multiples of BLOCK_K for the tile loop of batches, of 16 for the listing path of batch 1
     step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
@@ -178,15 +182,7 @@ def plan(batch: int, K: int, n: int, inner: tuple, device: torch.device, config:
     split = triton.cdiv(K, k_per_split)  # rounding up can leave a trailing share empty: drop it
     # phase 1 scans the K range in chunks; with a batch, x tiles are BLOCK_B x CHUNK, so smaller ones
     cfg["CHUNK"] = min(256 if cfg["BLOCK_B"] > 1 else 1024, triton.next_power_of_2(k_per_split))
-    return cfg, split, k_per_split
-
-
-def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[dict] = None) -> tuple:
-    """The ops' output buffer, (split, batch, n) split-K partial sums (fp32 when several, else x's dtype), and
-    the launch plan. Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes."""
-    inner = tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)
-    cfg, split, k_per_split = plan(x.shape[0], x.shape[1], n, inner, x.device, config)
-    out = x.new_empty((split, x.shape[0], n), dtype=torch.float32 if split > 1 else x.dtype)
+    out = x.new_empty((split, batch, n), dtype=torch.float32 if split > 1 else x.dtype)
     return out, cfg, k_per_split
 
 
