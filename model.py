@@ -91,20 +91,23 @@ class ModelArgs:
 
 
 def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list, sparse: bool,
-                  scale: Optional[Tensor] = None, stats: Optional[Tensor] = None, partials: bool = False) -> Tensor:
+                  scale: Optional[Tensor] = None, stats: Optional[Tensor] = None, partials: bool = False,
+                  kept: Optional[Tensor] = None) -> Tensor:
     """y = W (x * 1[score(x) > t_s]) for each output segment s; the plain nn.Linear when `sparse` is False.
 
     One token per row (decode) runs the sparse GEMV op, which skips the weight columns it does not need;
     more tokens (prefill) mask the input and use a dense matmul. `stats` (segments, 2), when given, gathers
     (dropped, total) input entries per segment: eager measurement only. `partials`: return the decode GEMV's
-    split-K partial sums, (split, rows, N) without the bias, for a consumer that sums them (decode attention).
+    split-K partial sums, (split, rows, N) without the bias, for a consumer that sums them (decode attention,
+    add_norm). `kept`: for the decode op, the channels listed by add_norm under these thresholds and scale (or a
+    superset of them: each segment still applies its own threshold).
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if not sparse:
         return F.linear(x2, lin.weight)[None] if partials else lin(x)
     if shape[-2] == 1 and x2.shape[0] <= sparse_ops.MAX_BATCH:
-        y = sparse_ops.sparse_gemv(x2, lin.weight.t(), thresholds, seg_ends, scale, reduce=not partials)
+        y = sparse_ops.sparse_gemv(x2, lin.weight.t(), thresholds, seg_ends, scale, reduce=not partials, kept=kept)
     else:
         y = sparse_ops.sparse_gemv_ref(x2, lin.weight.t(), thresholds, seg_ends, scale)
         y = y[None] if partials else y
@@ -206,12 +209,38 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
         sparse = self.sparse_prefill if x.shape[1] > 1 else self.sparse_decode
-        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse, self.stats)
-        return h + self.feed_forward(self.ffn_norm(h), self.thresholds, sparse, self.stats)
+        fused = fused_decode(x)
+        # At batch 1 the ffn norm's kernel also lists the channels that gate and up keep: listing them in the
+        # GEMV costs more, as its programs each scan the whole input (the qkv GEMV's scan a fraction of theirs).
+        lists = sparse and fused and x.shape[0] == 1 and x.shape[-1] % 16 == 0
+        a = self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse, self.stats,
+                           partials=fused)
+        f = self.feed_forward
+        h, y, kept = add_norm(x, a, self.ffn_norm, fused, self.thresholds[4:6] if lists else None,
+                              f.w13_scale if lists else None)
+        return h + f(y, self.thresholds, sparse, self.stats, kept)
 
     def set_scores(self, weighted: bool) -> None:
         self.attention.set_scores(weighted)
         self.feed_forward.set_scores(weighted)
+
+
+def fused_decode(x: Tensor) -> bool:
+    """One token per row on the GPU (or Triton's interpreter): the fused decode kernels run."""
+    return x.shape[1] == 1 and sparse_ops.use_triton(x)
+
+
+def add_norm(x: Tensor, delta: Tensor, norm: "RMSNorm", fused: bool, thresholds: Optional[Tensor] = None,
+             scale: Optional[Tensor] = None) -> tuple:
+    """(x + delta, its RMSNorm, kept). Fused decode: delta is the last GEMV's split-K partials (parts, rows, dim),
+    summed in one kernel with the add and the norm, which also lists the channels that the next GEMV keeps
+    under `thresholds` and `scale` (sparse_ops.add_rmsnorm); else kept is None."""
+    if not fused:
+        x = x + delta
+        return x, norm(x), None
+    B, T, D = x.shape
+    h, y, kept = sparse_ops.add_rmsnorm(x.reshape(B * T, D), delta, norm.weight, norm.eps, thresholds, scale)
+    return h.view(B, T, D), y.view(B, T, D), kept if thresholds is not None else None
 
 
 def column_norms(w: Tensor, seg_ends: list) -> Tensor:
@@ -238,10 +267,11 @@ class Attention(nn.Module):
         self.o_scale = column_norms(self.wo.weight, [self.wo.out_features]) if weighted else None
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor, thr: Tensor, sparse: bool,
-                stats: Optional[Tensor] = None) -> Tensor:
+                stats: Optional[Tensor] = None, partials: bool = False) -> Tensor:
+        """partials: return the o GEMV's split-K partial sums (see sparse_linear)."""
         bsz, seqlen, _ = x.shape
         qkv_stats = None if stats is None else stats[0:3]
-        if seqlen == 1 and self.kv_cache is not None and sparse_ops.use_triton(x):
+        if fused_decode(x) and self.kv_cache is not None:
             # Decode: one kernel sums the qkv GEMV's split-K partials, adds the bias, applies RoPE, writes the
             # cache and attends over the filled positions only (SDPA with the mask reads the whole cache).
             qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats,
@@ -261,7 +291,7 @@ class Attention(nn.Module):
                                                enable_gqa=self.n_head != self.n_local_heads).transpose(1, 2)
         y = y.contiguous().view(bsz, seqlen, self.q_size)
         return sparse_linear(y, self.wo, thr[3:4], [self.wo.out_features], sparse, self.o_scale,
-                             None if stats is None else stats[3:4])
+                             None if stats is None else stats[3:4], partials)
 
 
 class FeedForward(nn.Module):
@@ -279,7 +309,9 @@ class FeedForward(nn.Module):
                                     column_norms(self.w3.weight, [self.w3.out_features])]) if weighted else None
         self.w2_scale = column_norms(self.w2.weight, [self.w2.out_features]) if weighted else None
 
-    def forward(self, x: Tensor, thr: Tensor, sparse: bool, stats: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, thr: Tensor, sparse: bool, stats: Optional[Tensor] = None,
+                kept: Optional[Tensor] = None) -> Tensor:
+        """kept: the channels that gate or up keep, listed by add_norm (decode, batch 1)."""
         if self.cats_threshold is not None:
             # CATS (Lee et al. 2024), a baseline: only silu(gate) is thresholded; up and down skip its dropped rows.
             a = F.silu(self.w1(x))
@@ -291,13 +323,13 @@ class FeedForward(nn.Module):
         if sparse and x.shape[-2] == 1 and x.shape[0] <= sparse_ops.MAX_BATCH and stats is None:
             # gate and up share their input: one fused op, a threshold each
             gu = sparse_ops.sparse_gemv_pair(x.view(x.shape[0], -1), self.w1.weight.t(), self.w3.weight.t(),
-                                             thr[4:6], sc)
+                                             thr[4:6], sc, kept)
             g, u = gu.view(x.shape[0], 1, -1).chunk(2, dim=-1)
         else:
             g = sparse_linear(x, self.w1, thr[4:5], [self.w1.out_features], sparse, None if sc is None else sc[0:1],
-                              None if stats is None else stats[4:5])
+                              None if stats is None else stats[4:5], kept=kept)
             u = sparse_linear(x, self.w3, thr[5:6], [self.w3.out_features], sparse, None if sc is None else sc[1:2],
-                              None if stats is None else stats[5:6])
+                              None if stats is None else stats[5:6], kept=kept)
         return sparse_linear(F.silu(g) * u, self.w2, thr[6:7], [self.w2.out_features], sparse, self.w2_scale,
                              None if stats is None else stats[6:7])
 

@@ -157,7 +157,7 @@ def sweep(args):
                 x, thr = make_x(batch, K, s, dtype, g)
                 thr_t = torch.full((len(segs),), thr, device="cuda")
                 default = pick_config(batch, K, N, tuple(ends[:-1]), x.device)
-                t_def = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, default), c)
+                t_def = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, None, default), c)
                 results = []
                 for bb, bn, bk, nw, ns in tiles:
                     if any(e % bn for e in ends[:-1]):  # a column block must stay inside one segment
@@ -168,7 +168,7 @@ def sweep(args):
                             continue
                         cfg = dict(BLOCK_B=bb, BLOCK_K=bk, BLOCK_N=bn, SPLIT_K=sk, num_warps=nw, num_stages=ns)
                         try:
-                            t = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, cfg), c)
+                            t = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, None, cfg), c)
                         except Exception as e:  # e.g. out of shared memory or registers for big tiles
                             print(f"  skip {cfg}: {type(e).__name__}", flush=True)
                             break

@@ -5,10 +5,14 @@
     decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
                                                                 one new token: qkv's partials summed, RoPE, cache
                                                                 write and attention over the filled cache
+    add_rmsnorm(x, parts, weight, eps, thresholds=None, scale=None)
+                                                                residual add of a GEMV's partials and RMSNorm,
+                                                                listing the channels the next GEMV needs
 
 x: (batch <= MAX_BATCH, K); wt: the weight transposed, (K, N) contiguous; thresholds: fp32 tensor, so changing
-the sparsity never recompiles; scale: optional (segments, K) fp32 column norms for weight-informed scores.
-On CPU without TRITON_INTERPRET=1 the references run.
+the sparsity never recompiles; scale: optional (segments, K) fp32 column norms for weight-informed scores;
+kept: optional list of the channels of a one-row x that the GEMV may need, made by add_rmsnorm with the same
+thresholds and scale (the GEMV then skips listing them itself). On CPU without TRITON_INTERPRET=1 the references run.
 """
 from typing import Optional
 
@@ -17,32 +21,34 @@ from torch import Tensor
 from .attention import _decode_attention_op, check_decode_attention, decode_attention_ref
 from .gemv import (MAX_BATCH, _check, _sparse_gemv_op, _sparse_gemv_pair_op, pick_config, sum_partials,
                    use_triton)
+from .norm import _add_rmsnorm_op, add_rmsnorm_ref, check_add_rmsnorm
 from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref
 
 __all__ = ["MAX_BATCH", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "sparse_gemv_pair_ref",
-           "keep_mask", "pick_config", "decode_attention", "decode_attention_ref", "rope"]
+           "keep_mask", "pick_config", "decode_attention", "decode_attention_ref", "rope", "add_rmsnorm",
+           "add_rmsnorm_ref"]
 
 
 def sparse_gemv(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list, scale: Optional[Tensor] = None,
-                reduce: bool = True) -> Tensor:
+                reduce: bool = True, kept: Optional[Tensor] = None) -> Tensor:
     """reduce=False returns the kernel's split-K partial sums, (split, batch, N), for a consumer that sums them
-    itself (decode_attention); fp32 when split > 1."""
+    itself (decode_attention, add_rmsnorm); fp32 when split > 1."""
     if not 1 <= len(seg_ends) <= 3 or seg_ends[-1] != wt.shape[-1] or list(seg_ends) != sorted(seg_ends):
         raise ValueError(f"seg_ends {list(seg_ends)} must be 1-3 increasing offsets ending at N={wt.shape[-1]}")
-    _check(x, [wt], thresholds, len(seg_ends), scale)
+    _check(x, [wt], thresholds, len(seg_ends), scale, kept)
     if use_triton(x):
-        parts = _sparse_gemv_op(x, wt, thresholds, list(seg_ends), scale)
+        parts = _sparse_gemv_op(x, wt, thresholds, list(seg_ends), scale, kept)
         return sum_partials(parts, x.dtype) if reduce else parts
     y = sparse_gemv_ref(x, wt, thresholds, seg_ends, scale)
     return y if reduce else y[None]
 
 
 def sparse_gemv_pair(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
-                     scale: Optional[Tensor] = None) -> Tensor:
+                     scale: Optional[Tensor] = None, kept: Optional[Tensor] = None) -> Tensor:
     """Returns cat([y_a, y_b], dim=-1)."""
-    _check(x, [wt_a, wt_b], thresholds, 2, scale)
+    _check(x, [wt_a, wt_b], thresholds, 2, scale, kept)
     if use_triton(x):
-        return sum_partials(_sparse_gemv_pair_op(x, wt_a, wt_b, thresholds, scale), x.dtype)
+        return sum_partials(_sparse_gemv_pair_op(x, wt_a, wt_b, thresholds, scale, kept), x.dtype)
     return sparse_gemv_pair_ref(x, wt_a, wt_b, thresholds, scale)
 
 
@@ -58,3 +64,17 @@ def decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cac
     if use_triton(qkv):
         return _decode_attention_op(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
     return decode_attention_ref(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
+
+
+def add_rmsnorm(x: Tensor, parts: Optional[Tensor], weight: Tensor, eps: float, thresholds: Optional[Tensor] = None,
+                scale: Optional[Tensor] = None) -> tuple:
+    """Decode's residual add and RMSNorm: h = x + (sum of parts in x's dtype), y = RMSNorm(h) * weight.
+
+    x: (rows, D) the residual stream; parts: (parts, rows, D), the last GEMV's split-K partial sums (None: h = x).
+    With thresholds (the next GEMV's, one per output segment; scale likewise) and one row, also lists the
+    channels of y that any segment keeps (pass it as the GEMV's `kept`). Returns (h, y, kept): kept is
+    (1, D + D // 16 + 1) int32 (format in sparse_ops/norm.py), with no rows without thresholds."""
+    check_add_rmsnorm(x, parts, weight, thresholds, scale)
+    if use_triton(x):
+        return _add_rmsnorm_op(x, parts, weight, eps, thresholds, scale)
+    return add_rmsnorm_ref(x, parts, weight, eps, thresholds, scale)

@@ -25,7 +25,7 @@ MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked re
 def _sparse_gemv_kernel(
     x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, idx_ptr, out_ptr,
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
-    HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, LISTED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -71,6 +71,15 @@ def _sparse_gemv_kernel(
                 acc = tl.dot(xm, w, acc, input_precision="ieee")
         tl.store(out_ptr + pid_k * B * N + rb[:, None] * N + out_cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=b_mask[:, None] & (out_cols < N)[None, :])
+    elif LISTED:
+        # Batch 1 with the channels listed by the kernel that made x (sparse_ops.norm's format): those that any
+        # segment keeps, so this segment's own threshold still applies to them
+        start = tl.load(idx_ptr + K + k_lo // 16)
+        count = tl.load(idx_ptr + K + tl.minimum(k_lo + K_PER_SPLIT, K) // 16) - start
+        acc = _stream_listed(x_ptr, w_ptr, ld, cols, n_mask, idx_ptr + start, count, BLOCK_K, BLOCK_N,
+                             True, thr, scale_ptr + seg * K, HAS_SCALE)
+        tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
+                 mask=out_cols < N)
     else:
         # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
         # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
@@ -88,17 +97,32 @@ def _sparse_gemv_kernel(
             tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
             count += tl.sum(kept, 0)
         tl.debug_barrier()  # the list is read back by other threads of this program
-        # Phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and the
-        # loop is count / BLOCK_K steps long, not K_PER_SPLIT / BLOCK_K: what makes high sparsity pay.
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
-        for j0 in range(0, count, BLOCK_K):
-            jm = (j0 + rk) < count
-            rows = tl.load(idx_base + j0 + rk, mask=jm, other=0, cache_modifier=".cg")
-            w = tl.load(w_ptr + rows[:, None] * ld + cols[None, :], mask=jm[:, None] & n_mask[None, :], other=0.0)
-            xv = tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * xv[:, None]
+        acc = _stream_listed(x_ptr, w_ptr, ld, cols, n_mask, idx_base, count, BLOCK_K, BLOCK_N,
+                             False, thr, scale_ptr, HAS_SCALE)
         tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
                  mask=out_cols < N)
+
+
+@triton.jit
+def _stream_listed(x_ptr, w_ptr, ld, cols, n_mask, idx_base, count, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK_X: tl.constexpr, thr, scale_ptr, HAS_SCALE: tl.constexpr):
+    """Batch 1, phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and
+    the loop is count / BLOCK_K steps long, not K_PER_SPLIT / BLOCK_K: what makes high sparsity pay.
+    MASK_X: the list may hold channels this segment drops (a union over segments); zero their inputs."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
+    for j0 in range(0, count, BLOCK_K):
+        jm = (j0 + rk) < count
+        rows = tl.load(idx_base + j0 + rk, mask=jm, other=0, cache_modifier=".cg")
+        w = tl.load(w_ptr + rows[:, None] * ld + cols[None, :], mask=jm[:, None] & n_mask[None, :], other=0.0)
+        xv = tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32)
+        if MASK_X:
+            score = tl.abs(xv)
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + rows, mask=jm, other=0.0)
+            xv = tl.where(score > thr, xv, 0.0)
+        acc += w.to(tl.float32) * xv[:, None]
+    return acc
 
 
 def num_sms(device: torch.device) -> int:
@@ -144,7 +168,8 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
                 num_warps=num_warps, num_stages=num_stages)
 
 
-def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Optional[Tensor]) -> None:
+def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Optional[Tensor],
+           kept: Optional[Tensor] = None) -> None:
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
         raise ValueError(f"x must be (batch<= {MAX_BATCH}, K), got {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -166,6 +191,12 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
                               or scale.device != x.device):
         raise ValueError(f"scale must be fp32 ({n_seg}, {x.shape[1]}) on {x.device}, got {scale.dtype} "
                          f"{tuple(scale.shape)} on {scale.device}")
+    K = x.shape[1]
+    if kept is not None and (tuple(kept.shape) != (1, K + K // 16 + 1) or kept.dtype != torch.int32
+                             or not kept.is_contiguous() or kept.device != x.device or x.shape[0] != 1 or K % 16):
+        raise ValueError(f"kept must be a contiguous int32 (1, {K + K // 16 + 1}) list on {x.device} for one row "
+                         f"with K a multiple of 16 (sparse_ops.add_rmsnorm's), got {kept.dtype} {tuple(kept.shape)} "
+                         f"for x {tuple(x.shape)}")
 
 
 def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[dict] = None) -> tuple:
@@ -187,17 +218,19 @@ def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: O
 
 
 def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Tensor, seg1: int, seg2: int,
-            scale: Optional[Tensor], config: Optional[dict] = None) -> Tensor:
+            scale: Optional[Tensor], kept: Optional[Tensor], config: Optional[dict] = None) -> Tensor:
     batch, K = x.shape
     out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, config)
     split = out.shape[0]
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    idx = torch.empty((3, K), device=x.device, dtype=torch.int32)  # kept-channel lists; every read slot is written first
+    listed = kept is not None and cfg["BLOCK_B"] == 1
+    # kept-channel lists: given (sparse_ops.norm's), or the kernel's scratch, every read slot written first
+    idx = kept if listed else torch.empty((3, K), device=x.device, dtype=torch.int32)
     wrap_triton(_sparse_gemv_kernel)[grid](
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
         batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
-        **cfg)
+        LISTED=listed, **cfg)
     return out
 
 
@@ -221,28 +254,28 @@ def _segments(seg_ends: list, n: int) -> tuple:
 
 @triton_op("tealfast::sparse_gemv", mutates_args={})
 def _sparse_gemv_op(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list[int],
-                    scale: Optional[Tensor]) -> Tensor:
+                    scale: Optional[Tensor], kept: Optional[Tensor]) -> Tensor:
     n = wt.shape[1]
-    return _launch(x.contiguous(), wt, wt, n, n, thresholds, *_segments(seg_ends, n), scale)
+    return _launch(x.contiguous(), wt, wt, n, n, thresholds, *_segments(seg_ends, n), scale, kept)
 
 
 @triton_op("tealfast::sparse_gemv_pair", mutates_args={})
 def _sparse_gemv_pair_op(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
-                         scale: Optional[Tensor]) -> Tensor:
+                         scale: Optional[Tensor], kept: Optional[Tensor]) -> Tensor:
     n_a = wt_a.shape[1]
     n = n_a + wt_b.shape[1]
-    return _launch(x.contiguous(), wt_a, wt_b, n_a, n, thresholds, n_a, n, scale)
+    return _launch(x.contiguous(), wt_a, wt_b, n_a, n, thresholds, n_a, n, scale, kept)
 
 
 # Explicit shape functions: the body cannot run on fake tensors under Triton's CPU interpreter.
 @_sparse_gemv_op.register_fake
-def _(x, wt, thresholds, seg_ends, scale):
+def _(x, wt, thresholds, seg_ends, scale, kept):
     n = wt.shape[1]
     return _empty_partials(x, n, n, *_segments(seg_ends, n))[0]
 
 
 @_sparse_gemv_pair_op.register_fake
-def _(x, wt_a, wt_b, thresholds, scale):
+def _(x, wt_a, wt_b, thresholds, scale, kept):
     n_a = wt_a.shape[1]
     n = n_a + wt_b.shape[1]
     return _empty_partials(x, n, n_a, n_a, n)[0]

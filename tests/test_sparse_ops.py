@@ -131,8 +131,14 @@ def test_opcheck():
     wb = torch.randn(96, 48, device=DEV, dtype=torch.bfloat16)
     # AOT tracing runs the op's body on fake tensors, which Triton's CPU interpreter cannot; GPU runs them all.
     utils = "ALL" if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x, wt, thr, [64, 80], None), test_utils=utils)
-    torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x, wt, wb, thr, None), test_utils=utils)
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x, wt, thr, [64, 80], None, None), test_utils=utils)
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x, wt, wb, thr, None, None), test_utils=utils)
+    # one row with kept-channel lists from add_rmsnorm
+    x1 = x[:1].contiguous()
+    kept = sparse_ops.add_rmsnorm(x1, None, torch.ones(96, device=DEV, dtype=torch.bfloat16), 1e-5, thr)[2]
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x1, wt, thr, [64, 80], None, kept),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x1, wt, wb, thr, None, kept), test_utils=utils)
 
 
 def test_bad_input():

@@ -1,0 +1,157 @@
+"""Decode's residual add and RMSNorm in one kernel, which can also list the channels the next sparse GEMV keeps.
+
+Between two block linears a decode step adds the last GEMV's output to the residual stream and normalises it.
+The GEMV leaves its output as split-K partial sums; inductor fused their sum into its norm kernel, but a
+looped reduction that reads the partials twice costs about 3.5 us per norm on an H100. Here the partials are
+summed with all loads in flight, the residual added and the row normalised; given the next GEMV's thresholds,
+the channels that any of its output segments keeps are listed too, and the GEMV streams their rows at once
+instead of listing them itself. That pays where the GEMV's listing is slow: each of its programs scans its
+whole K range, which for the fused gate|up GEMV (one K range of 4096 channels) costs about 5 us; the list
+here costs about 1.3 us (H100; docs/benchmarks.md). The list's scattered 4-byte stores are slow from one SM
+(about 7 us for 3 x 4096 channels), so several programs per row each compute the whole row (its sum of
+squares and every position in the list) and store one slice of channels.
+
+The list (`kept`, one row of K + K // 16 + 1 int32):
+    kept[0, :n]            the n channels kept by any segment, in increasing order (then -1 up to K)
+    kept[0, K + g]         how many of channels 0 .. 16 g - 1 are in the list (g = 0 .. K // 16)
+so a GEMV program scanning channels [a, b) (multiples of 16, or b = K) finds its rows at
+kept[0, kept[0, K + a // 16] : kept[0, K + b // 16]]; it still applies its segment's own threshold to them.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from .reference import keep_mask
+
+GROUP = 16  # channels per prefix count
+
+
+@triton.jit
+def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_ptr, kept_ptr, STRIDE_P, D, eps,
+                        SLICE, N_PARTS: tl.constexpr, N_SEG: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+    row = tl.program_id(0)
+    lo = tl.program_id(1) * SLICE  # this program stores channels lo .. lo + SLICE - 1 (a multiple of GROUP)
+    rd = tl.arange(0, BLOCK_D)
+    m = rd < D
+    mine = m & (rd >= lo) & (rd < lo + SLICE)
+    dt = h_ptr.dtype.element_ty
+    h = tl.load(res_ptr + row * D + rd, mask=m, other=0.0)
+    if N_PARTS > 0:
+        # The partials summed in fp32 and rounded to the model dtype (the linear's output), then the add, rounded
+        # too: what the unfused model computes. Unrolled, so that all the loads are in flight at once.
+        y = tl.load(parts_ptr + row * D + rd, mask=m, other=0.0).to(tl.float32)
+        for i in tl.static_range(1, N_PARTS):
+            y += tl.load(parts_ptr + i * STRIDE_P + row * D + rd, mask=m, other=0.0).to(tl.float32)
+        h = (h.to(tl.float32) + y.to(dt).to(tl.float32)).to(dt)
+    tl.store(h_ptr + row * D + rd, h, mask=mine)
+    hf = h.to(tl.float32)
+    normed = hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
+    out = (tl.load(w_ptr + rd, mask=m, other=0.0).to(tl.float32) * normed).to(dt)
+    tl.store(y_ptr + row * D + rd, out, mask=mine)
+    if N_SEG > 0:
+        # The channels any segment keeps (batch 1 only): per group of 16 channels a count, their prefix sums,
+        # and each kept channel's place inside its group; short scans instead of one over all D channels.
+        absy = tl.abs(out.to(tl.float32))
+        keep = rd < 0
+        for s in tl.static_range(N_SEG):
+            score = absy
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + s * D + rd, mask=m, other=0.0)
+            keep = keep | (score > tl.load(thr_ptr + s))
+        keep = tl.reshape((keep & m).to(tl.int32), (BLOCK_D // GROUP, GROUP))
+        ch = tl.reshape(rd, (BLOCK_D // GROUP, GROUP))
+        rg = tl.arange(0, BLOCK_D // GROUP)
+        mine_g = (rg < D // GROUP) & (rg * GROUP >= lo) & (rg * GROUP < lo + SLICE)
+        per_group = tl.sum(keep, axis=1)
+        before = tl.cumsum(per_group, axis=0) - per_group
+        n = tl.sum(per_group, axis=0)
+        tl.store(kept_ptr + before[:, None] + tl.cumsum(keep, axis=1) - 1, ch, mask=(keep > 0) & mine_g[:, None])
+        tl.store(kept_ptr + rd, tl.full((BLOCK_D,), -1, tl.int32), mask=mine & (rd >= n))  # slots past the list
+        tl.store(kept_ptr + D + rg, before, mask=mine_g)
+        if lo + SLICE >= D:
+            tl.store(kept_ptr + D + D // GROUP, n)
+
+
+@triton_op("tealfast::add_rmsnorm", mutates_args={})
+def _add_rmsnorm_op(x: Tensor, parts: Optional[Tensor], weight: Tensor, eps: float, thresholds: Optional[Tensor],
+                    scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    B, D = x.shape
+    h, y, kept = _empty_outputs(x, thresholds)
+    n_seg = thresholds.shape[0] if thresholds is not None else 0
+    block_d = triton.next_power_of_2(max(D, GROUP))
+    # 256 channels per program; a multiple of GROUP, so that each group's list entries have one writer
+    slice_d = max(256, triton.cdiv(triton.cdiv(D, 16), GROUP) * GROUP)
+    wrap_triton(_add_rmsnorm_kernel)[(B, triton.cdiv(D, slice_d))](
+        parts if parts is not None else x, x, weight, h, y, thresholds if n_seg else weight,
+        scale if scale is not None else weight, kept, parts.stride(0) if parts is not None else 0, D, eps, slice_d,
+        N_PARTS=parts.shape[0] if parts is not None else 0, N_SEG=n_seg, HAS_SCALE=scale is not None,
+        BLOCK_D=block_d, GROUP=GROUP, num_warps=max(4, min(32, block_d // 256)))
+    return h, y, kept
+
+
+def _empty_outputs(x: Tensor, thresholds: Optional[Tensor]) -> tuple:
+    D = x.shape[1]
+    return (torch.empty_like(x), torch.empty_like(x),
+            torch.empty((1 if thresholds is not None else 0, D + D // GROUP + 1), device=x.device, dtype=torch.int32))
+
+
+@_add_rmsnorm_op.register_fake
+def _(x, parts, weight, eps, thresholds, scale):
+    return _empty_outputs(x, thresholds)
+
+
+def check_add_rmsnorm(x: Tensor, parts: Optional[Tensor], weight: Tensor, thresholds: Optional[Tensor],
+                      scale: Optional[Tensor]) -> None:
+    if x.dim() != 2 or not x.is_contiguous() or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x must be a contiguous (rows, D) bf16/fp16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
+    B, D = x.shape
+    if parts is not None and (parts.dim() != 3 or tuple(parts.shape[1:]) != (B, D) or not parts.is_contiguous()
+                              or parts.dtype not in (x.dtype, torch.float32)):
+        raise ValueError(f"parts must be contiguous (parts, {B}, {D}) in {x.dtype} or fp32, got {parts.dtype} "
+                         f"{tuple(parts.shape)}")
+    if tuple(weight.shape) != (D,) or weight.dtype != x.dtype:
+        raise ValueError(f"weight must be ({D},) {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")
+    if thresholds is not None:
+        n_seg = thresholds.shape[0] if thresholds.dim() == 1 else -1
+        if not 1 <= n_seg <= 3 or thresholds.dtype != torch.float32:
+            raise ValueError(f"thresholds must be fp32 (1-3,), got {thresholds.dtype} {tuple(thresholds.shape)}")
+        if B != 1 or D % GROUP:
+            raise ValueError(f"kept-channel lists need one row and D a multiple of {GROUP}, got {tuple(x.shape)}")
+        if scale is not None and (tuple(scale.shape) != (n_seg, D) or scale.dtype != torch.float32):
+            raise ValueError(f"scale must be fp32 ({n_seg}, {D}), got {scale.dtype} {tuple(scale.shape)}")
+    devices = {t.device for t in (x, parts, weight, thresholds, scale) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"x, parts, weight, thresholds and scale must be on one device, got {sorted(map(str, devices))}")
+
+
+def kept_list(y: Tensor, thresholds: Tensor, scale: Optional[Tensor]) -> Tensor:
+    """The list above for one row y (1, D), in plain torch."""
+    D = y.shape[1]
+    keep = torch.zeros(D, dtype=torch.bool, device=y.device)
+    for s in range(thresholds.shape[0]):
+        keep |= keep_mask(y[0], thresholds[s], None if scale is None else scale[s])
+    idx = torch.nonzero(keep).flatten().to(torch.int32)
+    row = torch.full((1, D + D // GROUP + 1), -1, dtype=torch.int32, device=y.device)
+    row[0, :idx.numel()] = idx
+    row[0, D:] = torch.cat([keep.new_zeros(1, dtype=torch.int32), keep.cumsum(0, dtype=torch.int32)])[::GROUP]
+    return row
+
+
+def add_rmsnorm_ref(x: Tensor, parts: Optional[Tensor], weight: Tensor, eps: float,
+                    thresholds: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> tuple:
+    """Plain-torch reference, the op's contract: h = x + (sum of parts, in x's dtype), y = RMSNorm(h) * weight,
+    and with thresholds the list above of the channels of y that any segment keeps."""
+    h = x
+    if parts is not None:
+        y = parts.float().sum(0).to(x.dtype) if parts.shape[0] > 1 else parts[0].to(x.dtype)
+        h = x + y
+    hf = h.float()
+    y = (weight.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
+    kept = kept_list(y, thresholds, scale) if thresholds is not None else \
+        torch.empty((0, x.shape[1] + x.shape[1] // GROUP + 1), dtype=torch.int32, device=x.device)
+    return h, y, kept
