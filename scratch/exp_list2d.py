@@ -1,0 +1,49 @@
+"""Session-12 experiment: listing with a two-level scan (per-group counts, then positions inside groups)."""
+import json, os, sys
+from pathlib import Path
+import torch, triton
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "scripts")); sys.path.insert(0, str(ROOT / "scratch"))
+from bench_kernels import copies_for, make_x, time_us  # noqa
+from sparse_ops.gemv import _launch, num_sms  # noqa
+from exp_kernels import gemv_b1, list_kernel, list_kernel_2d  # noqa
+n_sm = num_sms(torch.device("cuda"))
+g = torch.Generator(device="cuda").manual_seed(0)
+res = []
+for K, N in [(4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (4096, 28672)]:
+    wt0 = torch.randn(K, N, generator=g, device="cuda").to(torch.bfloat16)
+    c = copies_for(wt0)
+    wts = [wt0] + [wt0.clone() for _ in range(c - 1)]
+    n_blocks = triton.cdiv(N, 128)
+    split = max(1, min(2 * n_sm // n_blocks, triton.cdiv(K, 256)))
+    kps = triton.cdiv(triton.cdiv(K, split), 16) * 16
+    split = triton.cdiv(K, kps)
+    out = torch.empty(split, N, device="cuda", dtype=torch.float32)
+    idx = torch.empty(K, device="cuda", dtype=torch.int32)
+    cnt = torch.zeros(split, device="cuda", dtype=torch.int32)
+    for s in (0.0, 0.4, 0.5, 0.9):
+        x, thr = make_x(1, K, s, torch.bfloat16, g)
+        thr_t = torch.tensor([thr], device="cuda")
+        ref = (torch.where(x.abs().float() > thr, x, 0).float() @ wt0.float())[0]
+        row = dict(K=K, N=N, sparsity=s, split=split, kps=kps,
+                   current_us=round(time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, N, N, None), c), 2))
+        for chunk in (1024, 2048, 4096):
+            ch = min(chunk, triton.next_power_of_2(kps))
+            if chunk > 1024 and ch < chunk:
+                continue
+            for lst, name in ((1, "scan1d"), (5, "scan2d")):
+                def run(i):
+                    gemv_b1[(n_blocks, split)](x, wts[i], thr_t, idx, out, K, N, kps, cnt, MODE=0, LIST=lst, BLOCK_K=128,
+                                               BLOCK_N=128, CHUNK=ch, STAGES=1, M=16)
+                idx.fill_(-1)
+                run(0); torch.cuda.synchronize()
+                err = ((out.sum(0) - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-3, (name, chunk, err)
+                row[f"{name}_chunk{chunk}_us"] = round(time_us(run, c), 2)
+                lk = list_kernel if lst == 1 else list_kernel_2d
+                extra = {} if lst == 1 else dict(GROUP=8)
+                row[f"list_kernel_{name}_chunk{chunk}_us"] = round(time_us(lambda i: lk[(split,)](x, thr_t, idx, cnt, K, kps, CHUNK=ch, **extra), c), 2)
+        row["stream_only_us"] = round(time_us(lambda i: gemv_b1[(n_blocks, split)](x, wts[i], thr_t, idx, out, K, N, kps, cnt, MODE=0, LIST=0, BLOCK_K=128, BLOCK_N=128, CHUNK=1024, STAGES=1, M=16), c), 2)
+        print(row, flush=True)
+        res.append(row)
+json.dump(dict(gpu=torch.cuda.get_device_name(), rows=res), open(os.environ.get("OUT", "/tmp") + "/exp_list2d.json", "w"), indent=1)
