@@ -209,14 +209,13 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
         sparse = self.sparse_prefill if x.shape[1] > 1 else self.sparse_decode
-        fused = fused_decode(x)
-        # At batch 1 the ffn norm's kernel also lists the channels that gate and up keep: listing them in the
-        # GEMV costs more, as its programs each scan the whole input (the qkv GEMV's scan a fraction of theirs).
-        lists = sparse and fused and x.shape[0] == 1 and x.shape[-1] % 16 == 0
+        # Sparse decode at batch 1: the MLP norm's kernel also lists the channels that gate or up keep. Listing
+        # them in the GEMV costs more, as each of its programs scans the whole input (qkv's scan a fraction).
+        lists = sparse and fused_decode(x) and x.shape[0] == 1 and x.shape[-1] % 16 == 0
         a = self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse, self.stats,
-                           partials=fused)
+                           partials=lists)
         f = self.feed_forward
-        h, y, kept = add_norm(x, a, self.ffn_norm, fused, self.thresholds[4:6] if lists else None,
+        h, y, kept = add_norm(x, a, self.ffn_norm, self.thresholds[4:6] if lists else None,
                               f.w13_scale if lists else None)
         return h + f(y, self.thresholds, sparse, self.stats, kept)
 
@@ -230,17 +229,16 @@ def fused_decode(x: Tensor) -> bool:
     return x.shape[1] == 1 and sparse_ops.use_triton(x)
 
 
-def add_norm(x: Tensor, delta: Tensor, norm: "RMSNorm", fused: bool, thresholds: Optional[Tensor] = None,
+def add_norm(x: Tensor, delta: Tensor, norm: "RMSNorm", thresholds: Optional[Tensor] = None,
              scale: Optional[Tensor] = None) -> tuple:
-    """(x + delta, its RMSNorm, kept). Fused decode: delta is the last GEMV's split-K partials (parts, rows, dim),
-    summed in one kernel with the add and the norm, which also lists the channels that the next GEMV keeps
-    under `thresholds` and `scale` (sparse_ops.add_rmsnorm); else kept is None."""
-    if not fused:
+    """(x + delta, its RMSNorm, kept). With the next GEMV's thresholds (and scale): delta is the last GEMV's split-K
+    partials (parts, rows, dim), summed in one kernel with the add and the norm, which also lists the channels
+    that the next GEMV keeps (sparse_ops.add_rmsnorm); else kept is None."""
+    if thresholds is None:
         x = x + delta
         return x, norm(x), None
-    B, T, D = x.shape
-    h, y, kept = sparse_ops.add_rmsnorm(x.reshape(B * T, D), delta, norm.weight, norm.eps, thresholds, scale)
-    return h.view(B, T, D), y.view(B, T, D), kept if thresholds is not None else None
+    h, y, kept = sparse_ops.add_rmsnorm(x.reshape(-1, x.shape[-1]), delta, norm.weight, norm.eps, thresholds, scale)
+    return h.view_as(x), y.view_as(x), kept
 
 
 def column_norms(w: Tensor, seg_ends: list) -> Tensor:

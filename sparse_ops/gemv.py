@@ -2,8 +2,8 @@
 
 The weight is passed transposed, Wt (K, N) contiguous, so one kept input channel k is one contiguous row
 Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs. With one decode row it first
-lists its kept channels, then streams only their rows; with a batch it streams tiles and loads a row where any
-batch row keeps the channel. The ops return the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum
+lists its kept channels (or takes them listed by the kernel that made x, sparse_ops/norm.py), then streams only
+their rows; with a batch it streams tiles and loads a row where any batch row keeps the channel. The ops return the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum
 and cast are plain torch ops that inductor fuses into the consumer (or a consumer kernel sums them itself, as
 decode attention does), so no zero-fill or atomics are needed.
 """
@@ -223,14 +223,13 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
     out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, config)
     split = out.shape[0]
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-    listed = kept is not None and cfg["BLOCK_B"] == 1
     # kept-channel lists: given (sparse_ops.norm's), or the kernel's scratch, every read slot written first
-    idx = kept if listed else torch.empty((3, K), device=x.device, dtype=torch.int32)
+    idx = kept if kept is not None else torch.empty((3, K), device=x.device, dtype=torch.int32)
     wrap_triton(_sparse_gemv_kernel)[grid](
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
         batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
-        LISTED=listed, **cfg)
+        LISTED=kept is not None, **cfg)
     return out
 
 

@@ -1,15 +1,13 @@
 """Decode's residual add and RMSNorm in one kernel, which can also list the channels the next sparse GEMV keeps.
 
-Between two block linears a decode step adds the last GEMV's output to the residual stream and normalises it.
-The GEMV leaves its output as split-K partial sums; inductor fused their sum into its norm kernel, but a
-looped reduction that reads the partials twice costs about 3.5 us per norm on an H100. Here the partials are
-summed with all loads in flight, the residual added and the row normalised; given the next GEMV's thresholds,
-the channels that any of its output segments keeps are listed too, and the GEMV streams their rows at once
-instead of listing them itself. That pays where the GEMV's listing is slow: each of its programs scans its
-whole K range, which for the fused gate|up GEMV (one K range of 4096 channels) costs about 5 us; the list
-here costs about 1.3 us (H100; docs/benchmarks.md). The list's scattered 4-byte stores are slow from one SM
-(about 7 us for 3 x 4096 channels), so several programs per row each compute the whole row (its sum of
-squares and every position in the list) and store one slice of channels.
+Between two block linears a decode step adds the last GEMV's output (split-K partial sums) to the residual
+stream and normalises it. Inductor fuses that into one kernel of its own, and this one is no faster (H100, 8 fp32
+partials of 4096: 3.5 us against 2.9): what it adds is the list. Given the next GEMV's thresholds, it lists the
+channels that any of its output segments keeps, and the GEMV streams their rows at once instead of listing them
+itself. That pays where the GEMV's listing is slow: each of its programs scans its whole K range, which for the
+fused gate|up GEMV (one K range of 4096 channels) costs about 5 us, the list here about 1 us (docs/benchmarks.md).
+The list's scattered 4-byte stores are slow from one SM (about 7 us for 3 x 4096 channels), so several programs
+per row each compute the whole row (its sum of squares and every position in the list) and store one slice.
 
 The list (`kept`, one row of K + K // 16 + 1 int32):
     kept[0, :n]            the n channels kept by any segment, in increasing order (then -1 up to K)
