@@ -168,7 +168,8 @@ def sweep(args):
                             continue
                         cfg = dict(BLOCK_B=bb, BLOCK_K=bk, BLOCK_N=bn, SPLIT_K=sk, num_warps=nw, num_stages=ns)
                         try:
-                            t = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, None, cfg), c)
+                            t = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, None,
+                                                          cfg), c)
                         except Exception as e:  # e.g. out of shared memory or registers for big tiles
                             print(f"  skip {cfg}: {type(e).__name__}", flush=True)
                             break

@@ -17,24 +17,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .gemv import num_sms
-from .reference import rope
+from .gemv import num_sms, partials_sum
+from .reference import rope, summed_partials
 
 MAX_SPLIT = 64  # chunks per head: enough to fill an H100 at batch 1 with 8 key/value heads; the merge's tile
-
-
-@triton.jit
-def _projected(row_ptr, bias_ptr, cols, mask, STRIDE_P, N_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr,
-               OUT_TY: tl.constexpr):
-    """qkv at `cols` of one row: its split-K partials summed in fp32, rounded to the model dtype, plus the bias
-    (in that order, as the model's linear layer gives it). Unrolled, so that all the loads are in flight at once."""
-    y = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    for i in tl.static_range(1, N_PARTS):
-        y += tl.load(row_ptr + i * STRIDE_P + cols, mask=mask, other=0.0).to(tl.float32)
-    y = y.to(OUT_TY)
-    if HAS_BIAS:
-        y = (y.to(tl.float32) + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(OUT_TY)
-    return y
 
 
 @triton.jit
@@ -74,13 +60,14 @@ def _decode_attention_kernel(
     # q for the query heads that share this key/value head (GQA); a chunk past the current length attends to
     # nothing and loads no q (masked loads move no bytes)
     q_mask = (rg < G)[:, None] & d_mask[None, :] & (s_lo < s_hi)
-    q = _projected(row_ptr, bias_ptr, (hk * G + rg)[:, None] * D + rd[None, :], q_mask, STRIDE_P, N_PARTS,
+    q = partials_sum(row_ptr, bias_ptr, (hk * G + rg)[:, None] * D + rd[None, :], q_mask, STRIDE_P, N_PARTS,
                    HAS_BIAS, dt)
     # The chunk that holds the new token also sums its k and v (loads issued with q's), writes them to the cache
     holds_new = (pos >= s_lo) & (pos < s_hi)
     k_cols = H * D + hk * D + rd
-    k = _projected(row_ptr, bias_ptr, k_cols[None, :], (d_mask & holds_new)[None, :], STRIDE_P, N_PARTS, HAS_BIAS, dt)
-    v = _projected(row_ptr, bias_ptr, k_cols + HKV * D, d_mask & holds_new, STRIDE_P, N_PARTS, HAS_BIAS, dt)
+    k = partials_sum(row_ptr, bias_ptr, k_cols[None, :], (d_mask & holds_new)[None, :], STRIDE_P, N_PARTS, HAS_BIAS,
+                     dt)
+    v = partials_sum(row_ptr, bias_ptr, k_cols + HKV * D, d_mask & holds_new, STRIDE_P, N_PARTS, HAS_BIAS, dt)
     q = _rotated(q, cos, sin, BLOCK_G, BLOCK_D)
     q = (q.to(tl.float32) * qk_scale).to(dt)  # 1/sqrt(D) and log2(e), for exp2
     if holds_new:
@@ -210,7 +197,7 @@ def decode_attention_ref(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v
     _, B, _ = qkv.shape
     HKV, S, D = k_cache.shape[1:]
     dtype = k_cache.dtype
-    y = (qkv.float().sum(0) if qkv.shape[0] > 1 else qkv[0]).to(dtype)
+    y = summed_partials(qkv, dtype)
     if bias is not None:
         y = y + bias
     q, k, v = y.split([n_head * D, HKV * D, HKV * D], dim=-1)

@@ -3,9 +3,10 @@
 The weight is passed transposed, Wt (K, N) contiguous, so one kept input channel k is one contiguous row
 Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs. With one decode row it first
 lists its kept channels (or takes them listed by the kernel that made x, sparse_ops/norm.py), then streams only
-their rows; with a batch it streams tiles and loads a row where any batch row keeps the channel. The ops return the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum
-and cast are plain torch ops that inductor fuses into the consumer (or a consumer kernel sums them itself, as
-decode attention does), so no zero-fill or atomics are needed.
+their rows; with a batch it streams tiles and loads a row where any batch row keeps the channel. The ops return
+the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum and cast are plain torch ops that inductor
+fuses into the consumer (or a consumer kernel sums them itself with `partials_sum`, as decode attention and the
+fused norm do), so no zero-fill or atomics are needed.
 """
 import functools
 import math
@@ -17,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
+
+from .reference import summed_partials
 
 MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked reference (prefill)
 
@@ -71,34 +74,33 @@ def _sparse_gemv_kernel(
                 acc = tl.dot(xm, w, acc, input_precision="ieee")
         tl.store(out_ptr + pid_k * B * N + rb[:, None] * N + out_cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=b_mask[:, None] & (out_cols < N)[None, :])
-    elif LISTED:
-        # Batch 1 with the channels listed by the kernel that made x (sparse_ops.norm's format): those that any
-        # segment keeps, so this segment's own threshold still applies to them
-        start = tl.load(idx_ptr + K + k_lo // 16)
-        count = tl.load(idx_ptr + K + tl.minimum(k_lo + K_PER_SPLIT, K) // 16) - start
-        acc = _stream_listed(x_ptr, w_ptr, ld, cols, n_mask, idx_ptr + start, count, BLOCK_K, BLOCK_N,
-                             True, thr, scale_ptr + seg * K, HAS_SCALE)
-        tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
-                 mask=out_cols < N)
     else:
-        # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
-        # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
-        idx_base = idx_ptr + seg * K + k_lo
-        rc = tl.arange(0, CHUNK)
-        count = pid_k * 0
-        for c0 in range(0, K_PER_SPLIT, CHUNK):
-            ks = k_lo + c0 + rc
-            valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
-            score = tl.abs(tl.load(x_ptr + ks, mask=valid, other=0.0).to(tl.float32))
-            if HAS_SCALE:
-                score = score * tl.load(scale_ptr + seg * K + ks, mask=valid, other=0.0)
-            keep = (score > thr) & valid
-            kept = keep.to(tl.int32)
-            tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
-            count += tl.sum(kept, 0)
-        tl.debug_barrier()  # the list is read back by other threads of this program
+        seg_scale = scale_ptr + seg * K  # this segment's column norms (weighted scores)
+        if LISTED:
+            # Batch 1 with the channels listed by the kernel that made x (sparse_ops.norm's format): those that
+            # any segment keeps, so this segment's own threshold still applies to them
+            start = tl.load(idx_ptr + K + k_lo // 16)
+            count = tl.load(idx_ptr + K + tl.minimum(k_lo + K_PER_SPLIT, K) // 16) - start
+            idx_base = idx_ptr + start
+        else:
+            # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
+            # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
+            idx_base = idx_ptr + seg * K + k_lo
+            rc = tl.arange(0, CHUNK)
+            count = pid_k * 0
+            for c0 in range(0, K_PER_SPLIT, CHUNK):
+                ks = k_lo + c0 + rc
+                valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
+                score = tl.abs(tl.load(x_ptr + ks, mask=valid, other=0.0).to(tl.float32))
+                if HAS_SCALE:
+                    score = score * tl.load(seg_scale + ks, mask=valid, other=0.0)
+                keep = (score > thr) & valid
+                kept = keep.to(tl.int32)
+                tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
+                count += tl.sum(kept, 0)
+            tl.debug_barrier()  # the list is read back by other threads of this program
         acc = _stream_listed(x_ptr, w_ptr, ld, cols, n_mask, idx_base, count, BLOCK_K, BLOCK_N,
-                             False, thr, scale_ptr, HAS_SCALE)
+                             LISTED, thr, seg_scale, HAS_SCALE)
         tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
                  mask=out_cols < N)
 
@@ -123,6 +125,21 @@ def _stream_listed(x_ptr, w_ptr, ld, cols, n_mask, idx_base, count, BLOCK_K: tl.
             xv = tl.where(score > thr, xv, 0.0)
         acc += w.to(tl.float32) * xv[:, None]
     return acc
+
+
+@triton.jit
+def partials_sum(row_ptr, bias_ptr, cols, mask, STRIDE_P, N_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 OUT_TY: tl.constexpr):
+    """For consumer kernels: a GEMV output at `cols` of one row from its split-K partials (row_ptr: partial 0 of
+    the row, STRIDE_P between partials), summed in fp32, rounded to OUT_TY, plus the bias (in that order, as the
+    model's linear layer gives it). Unrolled, so that all the loads are in flight at once."""
+    y = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    for i in tl.static_range(1, N_PARTS):
+        y += tl.load(row_ptr + i * STRIDE_P + cols, mask=mask, other=0.0).to(tl.float32)
+    y = y.to(OUT_TY)
+    if HAS_BIAS:
+        y = (y.to(tl.float32) + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(OUT_TY)
+    return y
 
 
 def num_sms(device: torch.device) -> int:
@@ -235,16 +252,14 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
 
 def sum_partials(parts: Tensor, dtype: torch.dtype) -> Tensor:
     """(split, batch, n) partials -> (batch, n) in dtype."""
-    if parts.shape[0] == 1:
-        return parts[0].to(dtype)
-    if torch.compiler.is_compiling():
+    if parts.shape[0] > 1 and torch.compiler.is_compiling():
         # Pointwise adds, which inductor fuses into the consumer (the next norm, say). It fuses a sum(0) only
         # below 8 partials (unroll_reductions_threshold) and would otherwise launch a kernel of its own.
         y = parts[0]
         for i in range(1, parts.shape[0]):
             y = y + parts[i]
         return y.to(dtype)
-    return parts.sum(0).to(dtype)  # eager: one kernel
+    return summed_partials(parts, dtype)  # eager: one kernel
 
 
 def _segments(seg_ends: list, n: int) -> tuple:

@@ -23,7 +23,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .reference import keep_mask
+from .gemv import partials_sum
+from .reference import keep_mask, summed_partials
 
 GROUP = 16  # channels per prefix count
 
@@ -40,12 +41,10 @@ def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_
     dt = h_ptr.dtype.element_ty
     h = tl.load(res_ptr + row * D + rd, mask=m, other=0.0)
     if N_PARTS > 0:
-        # The partials summed in fp32 and rounded to the model dtype (the linear's output), then the add, rounded
-        # too: what the unfused model computes. Unrolled, so that all the loads are in flight at once.
-        y = tl.load(parts_ptr + row * D + rd, mask=m, other=0.0).to(tl.float32)
-        for i in tl.static_range(1, N_PARTS):
-            y += tl.load(parts_ptr + i * STRIDE_P + row * D + rd, mask=m, other=0.0).to(tl.float32)
-        h = (h.to(tl.float32) + y.to(dt).to(tl.float32)).to(dt)
+        # The linear's output (partials summed, rounded to the model dtype), then the add, rounded too: what the
+        # unfused model computes
+        y = partials_sum(parts_ptr + row * D, parts_ptr, rd, m, STRIDE_P, N_PARTS, False, dt)
+        h = (h.to(tl.float32) + y.to(tl.float32)).to(dt)
     tl.store(h_ptr + row * D + rd, h, mask=mine)
     hf = h.to(tl.float32)
     normed = hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
@@ -124,7 +123,8 @@ def check_add_rmsnorm(x: Tensor, parts: Optional[Tensor], weight: Tensor, thresh
             raise ValueError(f"scale must be fp32 ({n_seg}, {D}), got {scale.dtype} {tuple(scale.shape)}")
     devices = {t.device for t in (x, parts, weight, thresholds, scale) if t is not None}
     if len(devices) != 1:
-        raise ValueError(f"x, parts, weight, thresholds and scale must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"x, parts, weight, thresholds and scale must be on one device, got "
+                         f"{sorted(map(str, devices))}")
 
 
 def kept_list(y: Tensor, thresholds: Tensor, scale: Optional[Tensor]) -> Tensor:
@@ -144,10 +144,7 @@ def add_rmsnorm_ref(x: Tensor, parts: Optional[Tensor], weight: Tensor, eps: flo
                     thresholds: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> tuple:
     """Plain-torch reference, the op's contract: h = x + (sum of parts, in x's dtype), y = RMSNorm(h) * weight,
     and with thresholds the list above of the channels of y that any segment keeps."""
-    h = x
-    if parts is not None:
-        y = parts.float().sum(0).to(x.dtype) if parts.shape[0] > 1 else parts[0].to(x.dtype)
-        h = x + y
+    h = x if parts is None else x + summed_partials(parts, x.dtype)
     hf = h.float()
     y = (weight.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
     kept = kept_list(y, thresholds, scale) if thresholds is not None else \

@@ -13,6 +13,11 @@ def keep_mask(x: Tensor, threshold: Tensor, scale: Optional[Tensor] = None) -> T
     return score > threshold
 
 
+def summed_partials(parts: Tensor, dtype: torch.dtype) -> Tensor:
+    """(split, rows, N) split-K partial sums -> (rows, N): summed in fp32, then rounded to dtype (the GEMV's output)."""
+    return (parts[0] if parts.shape[0] == 1 else parts.float().sum(0)).to(dtype)
+
+
 def sparse_gemv_ref(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list,
                     scale: Optional[Tensor] = None) -> Tensor:
     """y[:, seg s] = (x * keep_s(x)) @ wt[:, seg s]. x: (M, K); wt: (K, N), the weight transposed;

@@ -14,6 +14,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+def rel_err(y, ref) -> float:
+    """Relative L2 error of the op tests' outputs against their references (y must be finite)."""
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

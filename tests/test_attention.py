@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import sparse_ops
+from conftest import rel_err
 from sparse_ops import decode_attention, decode_attention_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,11 +53,6 @@ def oracle(qkv, bias, k_cache, v_cache, pos, freqs, H):
     out = F.scaled_dot_product_attention(rotate(q.reshape(B, H, D), freqs)[:, :, None], keys, values,
                                          enable_gqa=H != H_kv)
     return out[:, :, 0], k_new, v_new
-
-
-def rel_err(y, ref):
-    assert torch.isfinite(y).all()
-    return ((y.double() - ref).norm() / ref.norm()).item()
 
 
 def check(qkv, bias, k, v, p, f, H, fn=decode_attention):

@@ -3,15 +3,11 @@ import pytest
 import torch
 
 import sparse_ops
+from conftest import rel_err
 from sparse_ops import sparse_gemv, sparse_gemv_pair, sparse_gemv_pair_ref, sparse_gemv_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-
-
-def rel_err(y, ref):
-    assert torch.isfinite(y).all()
-    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def quantile_thresholds(x, levels):
