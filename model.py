@@ -319,16 +319,16 @@ class FeedForward(nn.Module):
             return self.w2(torch.where(keep, a * self.w3(x), 0))
         sc = self.w13_scale
         if sparse and x.shape[-2] == 1 and x.shape[0] <= sparse_ops.MAX_BATCH and stats is None:
-            # gate and up share their input: one fused op, a threshold each
-            gu = sparse_ops.sparse_gemv_pair(x.view(x.shape[0], -1), self.w1.weight.t(), self.w3.weight.t(),
-                                             thr[4:6], sc, kept)
-            g, u = gu.view(x.shape[0], 1, -1).chunk(2, dim=-1)
+            # gate and up share their input: one fused op, a threshold each (with kept, silu * up in its kernel)
+            h = sparse_ops.sparse_glu(x.view(x.shape[0], -1), self.w1.weight.t(), self.w3.weight.t(), thr[4:6], sc,
+                                      kept).view(x.shape[0], 1, -1)
         else:
             g = sparse_linear(x, self.w1, thr[4:5], [self.w1.out_features], sparse, None if sc is None else sc[0:1],
                               None if stats is None else stats[4:5], kept=kept)
             u = sparse_linear(x, self.w3, thr[5:6], [self.w3.out_features], sparse, None if sc is None else sc[1:2],
                               None if stats is None else stats[5:6], kept=kept)
-        return sparse_linear(F.silu(g) * u, self.w2, thr[6:7], [self.w2.out_features], sparse, self.w2_scale,
+            h = F.silu(g) * u
+        return sparse_linear(h, self.w2, thr[6:7], [self.w2.out_features], sparse, self.w2_scale,
                              None if stats is None else stats[6:7])
 
 

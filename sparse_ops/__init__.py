@@ -2,6 +2,8 @@
 
     sparse_gemv(x, wt, thresholds, seg_ends, scale=None)        one weight, a threshold per output segment (q|k|v)
     sparse_gemv_pair(x, wt_a, wt_b, thresholds, scale=None)     two weights on one input (gate, up)
+    sparse_glu(x, wt_gate, wt_up, thresholds, scale=None, kept=None)
+                                                                silu(gate) * up, the MLP's hidden activation
     decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
                                                                 one new token: qkv's partials summed, RoPE, cache
                                                                 write and attention over the filled cache
@@ -16,15 +18,17 @@ thresholds and scale (the GEMV then skips listing them itself). On CPU without T
 """
 from typing import Optional
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import _decode_attention_op, check_decode_attention, decode_attention_ref
-from .gemv import (MAX_BATCH, _check, _sparse_gemv_op, _sparse_gemv_pair_op, pick_config, sum_partials,
-                   use_triton)
+from .gemv import (MAX_BATCH, _check, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, pick_config,
+                   sum_partials, use_triton)
 from .norm import _add_rmsnorm_op, add_rmsnorm_ref, check_add_rmsnorm
-from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref
+from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref, sparse_glu_ref
 
-__all__ = ["MAX_BATCH", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "sparse_gemv_pair_ref",
+__all__ = ["MAX_BATCH", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "sparse_gemv_pair_ref", "sparse_glu",
+           "sparse_glu_ref",
            "keep_mask", "pick_config", "decode_attention", "decode_attention_ref", "rope", "add_rmsnorm",
            "add_rmsnorm_ref"]
 
@@ -50,6 +54,23 @@ def sparse_gemv_pair(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
     if use_triton(x):
         return sum_partials(_sparse_gemv_pair_op(x, wt_a, wt_b, thresholds, scale, kept), x.dtype)
     return sparse_gemv_pair_ref(x, wt_a, wt_b, thresholds, scale)
+
+
+def sparse_glu(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, scale: Optional[Tensor] = None,
+               kept: Optional[Tensor] = None) -> Tensor:
+    """silu(gate) * up, gate and up each a sparse GEMV of x with its own threshold (and scale); (batch, N).
+
+    With `kept` (one row) a single kernel computes it: each program holds the same columns of both weights, so it
+    applies silu(gate) * up to whole sums and the elementwise kernel between the MLP's GEMVs goes away."""
+    _check(x, [wt_gate, wt_up], thresholds, 2, scale, kept)
+    if wt_gate.shape != wt_up.shape:
+        raise ValueError(f"gate and up weights differ in shape: {tuple(wt_gate.shape)}, {tuple(wt_up.shape)}")
+    if not use_triton(x):
+        return sparse_glu_ref(x, wt_gate, wt_up, thresholds, scale)
+    if kept is not None:
+        return _sparse_glu_op(x, wt_gate, wt_up, thresholds, scale, kept)
+    g, u = sum_partials(_sparse_gemv_pair_op(x, wt_gate, wt_up, thresholds, scale, None), x.dtype).chunk(2, dim=-1)
+    return F.silu(g) * u
 
 
 def decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,

@@ -29,27 +29,41 @@ def _sparse_gemv_kernel(
     x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, idx_ptr, out_ptr,
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, LISTED: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    GLU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n0 = pid_n * BLOCK_N
-    # A block never straddles a segment (the wrapper picks BLOCK_N so), so threshold and weight are per block.
-    seg = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
-    thr = tl.load(thr_ptr + seg)
-    if n0 < N_A:
-        w_ptr = wa_ptr
-        ld = N_A
-        col0 = n0
-    else:
-        w_ptr = wb_ptr
-        ld = N - N_A
-        col0 = n0 - N_A
-    cols = col0 + tl.arange(0, BLOCK_N)
-    n_mask = cols < ld
     k_lo = pid_k * K_PER_SPLIT
     rk = tl.arange(0, BLOCK_K)
-    out_cols = n0 + tl.arange(0, BLOCK_N)
+    rn = tl.arange(0, BLOCK_N)
+    if GLU:
+        # silu(gate) * up (batch 1, listed, one K range): the left half of the tile is gate's columns
+        # pid_n * H .. + H - 1 (from wa), the right half up's same columns (from wb), so the program holds both
+        # factors of its H outputs
+        H: tl.constexpr = BLOCK_N // 2
+        cols = pid_n * H + rn % H
+        col_ptrs = tl.where(rn < H, wa_ptr + cols, wb_ptr + cols)
+        ld = N_A
+        n_mask = cols < N_A
+        seg = 0
+        thr = tl.load(thr_ptr)
+    else:
+        n0 = pid_n * BLOCK_N
+        # A block never straddles a segment (the wrapper picks BLOCK_N so), so threshold and weight are per block.
+        seg = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+        thr = tl.load(thr_ptr + seg)
+        if n0 < N_A:
+            w_ptr = wa_ptr
+            ld = N_A
+            col0 = n0
+        else:
+            w_ptr = wb_ptr
+            ld = N - N_A
+            col0 = n0 - N_A
+        cols = col0 + rn
+        col_ptrs = w_ptr + cols
+        n_mask = cols < ld
+        out_cols = n0 + rn
 
     if USE_DOT:
         # Batch > 1: the rows' masks have few zeros in common, so stream the K range tile by tile; a weight row
@@ -66,7 +80,7 @@ def _sparse_gemv_kernel(
                 score = score * tl.load(scale_ptr + seg * K + ks, mask=k_mask, other=0.0)[None, :]
             keep = score > thr
             any_keep = tl.max(keep.to(tl.int32), axis=0) > 0
-            w = tl.load(w_ptr + ks[:, None] * ld + cols[None, :], mask=any_keep[:, None] & n_mask[None, :], other=0.0)
+            w = tl.load(col_ptrs[None, :] + ks[:, None] * ld, mask=any_keep[:, None] & n_mask[None, :], other=0.0)
             xm = tl.where(keep, xv, 0.0).to(w.dtype)
             if DOT_F32:  # Triton's CPU interpreter gets bf16 dots wrong; fp32 there, tensor cores on GPU
                 acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -99,31 +113,53 @@ def _sparse_gemv_kernel(
                 tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
                 count += tl.sum(kept, 0)
             tl.debug_barrier()  # the list is read back by other threads of this program
-        acc = _stream_listed(x_ptr, w_ptr, ld, cols, n_mask, idx_base, count, BLOCK_K, BLOCK_N,
-                             LISTED, thr, seg_scale, HAS_SCALE)
-        tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty),
-                 mask=out_cols < N)
+        acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
+                             seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K)
+        y = tl.sum(acc, axis=0)
+        if GLU:
+            # from the fp32 sums, rounded once
+            g, u = tl.split(tl.permute(tl.reshape(y, (2, H)), (1, 0)))
+            hc = pid_n * H + tl.arange(0, H)
+            tl.store(out_ptr + hc, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=hc < N_A)
+        else:
+            tl.store(out_ptr + pid_k * N + out_cols, y.to(out_ptr.dtype.element_ty), mask=out_cols < N)
 
 
 @triton.jit
-def _stream_listed(x_ptr, w_ptr, ld, cols, n_mask, idx_base, count, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK_X: tl.constexpr, thr, scale_ptr, HAS_SCALE: tl.constexpr):
+def _masked_x(xv, rows, jm, thr, scale_ptr, HAS_SCALE: tl.constexpr):
+    """xv where its (weighted) score passes thr, else 0."""
+    score = tl.abs(xv)
+    if HAS_SCALE:
+        score = score * tl.load(scale_ptr + rows, mask=jm, other=0.0)
+    return tl.where(score > thr, xv, 0.0)
+
+
+@triton.jit
+def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASK_X: tl.constexpr, thr, scale_ptr, HAS_SCALE: tl.constexpr, GLU: tl.constexpr,
+                   thr_ptr, scale_b_ptr):
     """Batch 1, phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and
     the loop is count / BLOCK_K steps long, not K_PER_SPLIT / BLOCK_K: what makes high sparsity pay.
-    MASK_X: the list may hold channels this segment drops (a union over segments); zero their inputs."""
+    MASK_X: the list may hold channels this segment drops (a union over segments); zero their inputs.
+    GLU: the tile's right half is a second segment (up, threshold thr_ptr[1], scores scale_b_ptr)."""
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
+    if GLU:
+        thr_b = tl.load(thr_ptr + 1)
+        left = (tl.arange(0, BLOCK_N) < BLOCK_N // 2)[None, :]
     for j0 in range(0, count, BLOCK_K):
         jm = (j0 + rk) < count
         rows = tl.load(idx_base + j0 + rk, mask=jm, other=0, cache_modifier=".cg")
-        w = tl.load(w_ptr + rows[:, None] * ld + cols[None, :], mask=jm[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(col_ptrs[None, :] + rows[:, None] * ld, mask=jm[:, None] & n_mask[None, :], other=0.0)
         xv = tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32)
-        if MASK_X:
-            score = tl.abs(xv)
-            if HAS_SCALE:
-                score = score * tl.load(scale_ptr + rows, mask=jm, other=0.0)
-            xv = tl.where(score > thr, xv, 0.0)
-        acc += w.to(tl.float32) * xv[:, None]
+        if GLU:
+            xa = _masked_x(xv, rows, jm, thr, scale_ptr, HAS_SCALE)
+            xb = _masked_x(xv, rows, jm, thr_b, scale_b_ptr, HAS_SCALE)
+            acc += w.to(tl.float32) * tl.where(left, xa[:, None], xb[:, None])
+        else:
+            if MASK_X:
+                xv = _masked_x(xv, rows, jm, thr, scale_ptr, HAS_SCALE)
+            acc += w.to(tl.float32) * xv[:, None]
     return acc
 
 
@@ -216,37 +252,43 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
                          f"for x {tuple(x.shape)}")
 
 
-def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[dict] = None) -> tuple:
+def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[dict] = None,
+                    glu: bool = False) -> tuple:
     """The launch plan of an op and its output buffer, which the fake ops share: (out, kernel settings, inputs per
     split); out holds the (split, batch, n) split-K partial sums, fp32 when there are several, else x's dtype.
-    Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes."""
+    Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes.
+    glu: one K range (the epilogue needs whole sums) and out = silu(gate) * up, (1, n_a) in x's dtype."""
     batch, K = x.shape
-    inner = tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)
+    inner = () if glu else tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)  # a GLU tile holds both weights
     cfg = dict(config or pick_config(batch, K, n, inner, x.device))
-    split = cfg.pop("SPLIT_K")
+    split = 1 if glu else cfg["SPLIT_K"]
+    del cfg["SPLIT_K"]
     # Equal K shares: multiples of BLOCK_K for the tile loop of batches, of 16 for the listing path of batch 1
     step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
     k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
     split = triton.cdiv(K, k_per_split)  # rounding up can leave a trailing share empty: drop it
     # phase 1 scans the K range in chunks; with a batch, x tiles are BLOCK_B x CHUNK, so smaller ones
     cfg["CHUNK"] = min(256 if cfg["BLOCK_B"] > 1 else 1024, triton.next_power_of_2(k_per_split))
+    if glu:
+        return x.new_empty((1, n_a)), cfg, k_per_split
     out = x.new_empty((split, batch, n), dtype=torch.float32 if split > 1 else x.dtype)
     return out, cfg, k_per_split
 
 
 def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Tensor, seg1: int, seg2: int,
-            scale: Optional[Tensor], kept: Optional[Tensor], config: Optional[dict] = None) -> Tensor:
+            scale: Optional[Tensor], kept: Optional[Tensor], config: Optional[dict] = None,
+            glu: bool = False) -> Tensor:
     batch, K = x.shape
-    out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, config)
-    split = out.shape[0]
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+    out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, config, glu)
+    # a GLU program holds BLOCK_N // 2 columns of each weight
+    grid = (triton.cdiv(n_a, cfg["BLOCK_N"] // 2), 1) if glu else (triton.cdiv(n, cfg["BLOCK_N"]), out.shape[0])
     # kept-channel lists: given (sparse_ops.norm's), or the kernel's scratch, every read slot written first
     idx = kept if kept is not None else torch.empty((3, K), device=x.device, dtype=torch.int32)
     wrap_triton(_sparse_gemv_kernel)[grid](
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
         batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
-        LISTED=kept is not None, **cfg)
+        LISTED=kept is not None, GLU=glu, **cfg)
     return out
 
 
@@ -281,6 +323,13 @@ def _sparse_gemv_pair_op(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tens
     return _launch(x.contiguous(), wt_a, wt_b, n_a, n, thresholds, n_a, n, scale, kept)
 
 
+@triton_op("tealfast::sparse_glu", mutates_args={})
+def _sparse_glu_op(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, scale: Optional[Tensor],
+                   kept: Tensor) -> Tensor:
+    n_a = wt_gate.shape[1]
+    return _launch(x.contiguous(), wt_gate, wt_up, n_a, 2 * n_a, thresholds, n_a, 2 * n_a, scale, kept, glu=True)
+
+
 # Explicit shape functions: the body cannot run on fake tensors under Triton's CPU interpreter.
 @_sparse_gemv_op.register_fake
 def _(x, wt, thresholds, seg_ends, scale, kept):
@@ -293,6 +342,12 @@ def _(x, wt_a, wt_b, thresholds, scale, kept):
     n_a = wt_a.shape[1]
     n = n_a + wt_b.shape[1]
     return _empty_partials(x, n, n_a, n_a, n)[0]
+
+
+@_sparse_glu_op.register_fake
+def _(x, wt_gate, wt_up, thresholds, scale, kept):
+    n_a = wt_gate.shape[1]
+    return _empty_partials(x, 2 * n_a, n_a, n_a, 2 * n_a, glu=True)[0]
 
 
 def use_triton(x: Tensor) -> bool:

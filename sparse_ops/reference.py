@@ -2,6 +2,7 @@
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -36,6 +37,14 @@ def sparse_gemv_pair_ref(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tens
     ya = sparse_gemv_ref(x, wt_a, thresholds[0:1], [wt_a.shape[1]], None if scale is None else scale[0:1])
     yb = sparse_gemv_ref(x, wt_b, thresholds[1:2], [wt_b.shape[1]], None if scale is None else scale[1:2])
     return torch.cat([ya, yb], dim=-1)
+
+
+def sparse_glu_ref(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor,
+                   scale: Optional[Tensor] = None) -> Tensor:
+    """silu(gate) * up from the pair above, rounded as eager torch does (each factor, silu, the product; the
+    kernel rounds once, from fp32 sums)."""
+    g, u = sparse_gemv_pair_ref(x, wt_gate, wt_up, thresholds, scale).chunk(2, dim=-1)
+    return F.silu(g) * u
 
 
 def rope(x: Tensor, freqs: Tensor) -> Tensor:

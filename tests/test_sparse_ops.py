@@ -4,7 +4,8 @@ import torch
 
 import sparse_ops
 from conftest import rel_err
-from sparse_ops import sparse_gemv, sparse_gemv_pair, sparse_gemv_pair_ref, sparse_gemv_ref
+from sparse_ops import sparse_gemv, sparse_gemv_pair, sparse_gemv_pair_ref, sparse_gemv_ref, sparse_glu
+from sparse_ops.norm import kept_list
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
@@ -104,6 +105,66 @@ def test_pair(B, scaled):
         assert rel_err(y, ref) < TOL[dtype]
 
 
+def glu_oracle(x, wa, wb, thr, scale):
+    """silu(gate) * up in fp64, written out from the masks (independent of the references' composition)."""
+    xd = x.double()
+    g = torch.where((x.abs().float() * (1 if scale is None else scale[0])) > thr[0], xd, 0) @ wa.double()
+    u = torch.where((x.abs().float() * (1 if scale is None else scale[1])) > thr[1], xd, 0) @ wb.double()
+    return g * torch.sigmoid(g) * u
+
+
+def check_glu(B, K, N, dtype, levels, scaled=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, K, generator=g).to(dtype).to(DEV)
+    wa, wb = ((torch.randn(K, N, generator=g) / K ** 0.5).to(dtype).to(DEV) for _ in range(2))
+    scale = torch.rand(2, K, generator=g).to(DEV) + 0.5 if scaled else None
+    thr = quantile_thresholds(x, levels)
+    kept = kept_list(x, thr, scale) if B == 1 else None  # the fused kernel streams a list (batch 1)
+    h = sparse_glu(x, wa, wb, thr, scale, kept)
+    assert h.shape == (B, N) and h.dtype == dtype
+    ref = glu_oracle(x, wa, wb, thr, scale)
+    assert rel_err(h, ref) < TOL[dtype], (B, K, N, dtype, levels)
+    return h, ref, (x, wa, wb, thr, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("K,N", [(576, 1536), (64, 200), (96, 16), (48, 72)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_glu_one_row(K, N, dtype, scaled):
+    # silu(gate) * up in the GEMV's kernel (a list given): SmolLM2's MLP, widths that split a tile, tiny ones
+    check_glu(1, K, N, dtype, [0.3, 0.55], scaled, seed=K + N)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_glu_without_list_and_batches(B):
+    # no list, or several rows: the pair op then silu * up in torch; the same values as the fused kernel
+    h, ref, (x, wa, wb, thr, scale) = check_glu(B, 576, 1536, torch.bfloat16, [0.4, 0.5], seed=B)
+    assert rel_err(sparse_glu(x, wa, wb, thr, scale), ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("level", [0.0, 0.9])
+def test_glu_threshold_extremes(level):
+    check_glu(1, 256, 192, torch.bfloat16, [level, level])
+
+
+def test_glu_nothing_kept():
+    x = torch.randn(1, 256, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(256, 192, device=DEV, dtype=torch.bfloat16)
+    big = torch.tensor([1e9, 1e9], device=DEV)
+    assert torch.count_nonzero(sparse_glu(x, w, w, big, None, kept_list(x, big, None))) == 0  # an empty list
+
+
+def test_glu_union_list_applies_each_threshold():
+    # The list is the union over gate's and up's thresholds; a channel only up keeps must not reach gate.
+    x = torch.randn(1, 128, device=DEV, dtype=torch.float32)
+    wa, wb = torch.randn(128, 32, device=DEV), torch.randn(128, 32, device=DEV)
+    thr = torch.tensor([1.5, 0.2], device=DEV)
+    h = sparse_glu(x, wa, wb, thr, None, kept_list(x, thr, None))
+    assert rel_err(h, glu_oracle(x, wa, wb, thr, None)) < TOL[torch.float32]
+    same = torch.tensor([0.2, 0.2], device=DEV)
+    assert rel_err(h, glu_oracle(x, wa, wb, same, None)) > 1e-2
+
+
 @pytest.mark.parametrize("B", [1, 6])
 def test_weighted_scores(B):
     check_single(B, 576, [576, 192, 192], torch.bfloat16, [0.4, 0.5, 0.5], scaled=True, seed=3)
@@ -135,6 +196,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x1, wt, thr, [64, 80], None, kept),
                           test_utils=utils)
     torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x1, wt, wb, thr, None, kept), test_utils=utils)
+    torch.library.opcheck(torch.ops.tealfast.sparse_glu.default, (x1, wb, wb, thr, None, kept), test_utils=utils)
 
 
 def test_bad_input():
@@ -159,6 +221,13 @@ def test_bad_input():
         sparse_gemv(x, wt, torch.zeros(2, device=DEV), [10, 32])
     with pytest.raises(TypeError, match="dtype"):
         sparse_gemv(x.to(torch.int32), wt, thr, [32])
+    thr2 = torch.zeros(2, device=DEV)
+    with pytest.raises(ValueError, match="differ in shape"):
+        sparse_glu(x, wt, wt[:, :16].contiguous(), thr2)
+    with pytest.raises(ValueError, match="thresholds"):
+        sparse_glu(x, wt, wt, thr)  # one threshold for gate and one for up
+    with pytest.raises(ValueError, match="kept"):
+        sparse_glu(torch.cat([x, x]), wt, wt, thr2, None, kept_list(x, thr2, None))  # the list is for one row
 
 
 # ---- GPU only ------------------------------------------------------------------------------------------
@@ -173,6 +242,15 @@ def test_llama_shapes_gpu(K, N, B):
         for level in (0.0, 0.5, 0.9):
             check_single(B, K, [N], dtype, [level], seed=K + N + B)
     check_single(B, 4096, [4096, 1024, 1024], torch.bfloat16, [0.4, 0.5, 0.6], scaled=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N", [(4096, 14336), (4096, 11008), (5120, 13824)])
+def test_glu_llama_shapes_gpu(K, N):
+    for dtype in (torch.bfloat16, torch.float16):
+        for level in (0.0, 0.5, 0.9):
+            check_glu(1, K, N, dtype, [level, level + 0.02], seed=K + N)
+    check_glu(1, K, N, torch.bfloat16, [0.4, 0.5], scaled=True)
 
 
 @pytest.mark.gpu
@@ -200,6 +278,33 @@ def test_cuda_graph_replay_follows_threshold_changes():
         assert (outs[-1].float() - eager.float()).abs().max().item() < 1e-2 * eager.float().abs().max().item()
     assert (outs[0] - outs[2]).abs().max() > 0  # the replays really followed the new thresholds
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1
+
+
+@pytest.mark.gpu
+def test_compiled_mlp_runs_only_its_kernels():
+    # norm (lists gate|up's channels) -> sparse_glu -> down, compiled: inductor must see that the kernels write only
+    # their outputs; an input it took for written (a weight) would be copied around every call. Kernels: the
+    # norm, the two GEMVs and the sum of down's partials with the residual.
+    from torch.profiler import ProfilerActivity, profile
+    D, N = 4096, 14336
+    x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(D, device="cuda", dtype=torch.bfloat16)
+    w1, w3 = (torch.randn(D, N, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(2))
+    w2 = torch.randn(N, D, device="cuda", dtype=torch.bfloat16) / 128
+    thr = torch.tensor([0.5, 0.5, 0.02], device="cuda")
+
+    def f(x):
+        h, y, kept = sparse_ops.add_rmsnorm(x, None, w, 1e-5, thr[:2])
+        return h + sparse_gemv(sparse_glu(y, w1, w3, thr[:2], None, kept), w2, thr[2:], [D])
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert rel_err(compiled(x), f(x)) < 1e-2
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        compiled(x)
+        torch.cuda.synchronize()
+    kernels = {e.key: e.count for e in prof.key_averages() if e.device_time_total > 0}
+    assert kernels.pop("_add_rmsnorm_kernel") == 1 and kernels.pop("_sparse_gemv_kernel") == 2, kernels
+    assert len(kernels) == 1, kernels
 
 
 @pytest.mark.gpu
