@@ -28,9 +28,8 @@ from .norm import _add_rmsnorm_op, add_rmsnorm_ref, check_add_rmsnorm
 from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref, sparse_glu_ref
 
 __all__ = ["MAX_BATCH", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "sparse_gemv_pair_ref", "sparse_glu",
-           "sparse_glu_ref",
-           "keep_mask", "pick_config", "decode_attention", "decode_attention_ref", "rope", "add_rmsnorm",
-           "add_rmsnorm_ref"]
+           "sparse_glu_ref", "keep_mask", "pick_config", "decode_attention", "decode_attention_ref", "rope",
+           "add_rmsnorm", "add_rmsnorm_ref"]
 
 
 def sparse_gemv(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list, scale: Optional[Tensor] = None,

@@ -117,7 +117,7 @@ def _sparse_gemv_kernel(
                              seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K)
         y = tl.sum(acc, axis=0)
         if GLU:
-            # from the fp32 sums, rounded once
+            # silu(gate) * up from the fp32 sums, rounded once
             g, u = tl.split(tl.permute(tl.reshape(y, (2, H)), (1, 0)))
             hc = pid_n * H + tl.arange(0, H)
             tl.store(out_ptr + hc, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=hc < N_A)
