@@ -385,13 +385,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
     path = Path(checkpoint_path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    cfg_path = path.parent / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"config.json not found beside the checkpoint: {cfg_path}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt config.json ({cfg_path}): {e}") from None
+    cfg = read_config(path.parent / "config.json")
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf_config(cfg))
     try:
@@ -409,16 +403,31 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
     return model.eval().requires_grad_(False)  # inference only: compiled decode must not trace a backward
 
 
+def read_config(path: Path) -> dict:
+    """A checkpoint's HF config.json, parsed; a clear error when it is absent or corrupt."""
+    if not path.is_file():
+        raise CheckpointError(f"config.json not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt config.json ({path}): {e}") from None
+
+
 def check_state_dict(model: Transformer, state: dict) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         expected.pop("output.weight")
+    check_weights(state, expected)
+
+
+def check_weights(state: dict, expected: dict) -> None:
+    """A clear error for unknown, missing or misshapen weights; expected: name -> shape the config implies."""
     unknown = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state), key=lambda k: (len(k), k))
     if unknown:
-        raise CheckpointError(f"checkpoint has unknown weights: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}")
+        raise CheckpointError(f"unknown weights: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}")
     if missing:
-        raise CheckpointError(f"checkpoint lacks weights: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        raise CheckpointError(f"missing weights: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
             raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)}, config.json implies {shape}")

@@ -19,7 +19,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from checkpoint_io import permute_qk, save_checkpoint  # noqa: E402
-from model import DTYPES, CheckpointError, ModelArgs, Transformer, check_state_dict  # noqa: E402
+from model import (DTYPES, CheckpointError, ModelArgs, Transformer, check_state_dict, check_weights,  # noqa: E402
+                   read_config)
 
 # Buffers older exporters saved; RoPE frequencies come from config.json instead.
 HARMLESS = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -110,15 +111,7 @@ def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
         expected.update({f"model.layers.{i}.{name}": shape for name, shape in layer_shapes.items()})
 
     tied_head = args.tie_embeddings and "lm_head.weight" in hf
-    unknown = sorted(set(hf) - set(expected) - ({"lm_head.weight"} if tied_head else set()))
-    missing = sorted(set(expected) - set(hf), key=lambda k: (len(k), k))
-    if unknown:
-        raise CheckpointError(f"unknown weights: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}")
-    if missing:
-        raise CheckpointError(f"missing weights: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-    for k, shape in expected.items():
-        if tuple(hf[k].shape) != shape:
-            raise CheckpointError(f"weight {k} has shape {tuple(hf[k].shape)}, config.json implies {shape}")
+    check_weights({k: v for k, v in hf.items() if not (tied_head and k == "lm_head.weight")}, expected)
     if tied_head and not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):
         raise CheckpointError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
 
@@ -140,13 +133,7 @@ def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
 
 
 def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
-    cfg_path = checkpoint_dir / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"config.json not found in {checkpoint_dir}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt config.json ({cfg_path}): {e}") from None
+    config = read_config(checkpoint_dir / "config.json")
     args = ModelArgs.from_hf_config(config)
     kind, tok_files = find_tokenizer(checkpoint_dir)
     try:
