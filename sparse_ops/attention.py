@@ -61,7 +61,7 @@ def _decode_attention_kernel(
     # nothing and loads no q (masked loads move no bytes)
     q_mask = (rg < G)[:, None] & d_mask[None, :] & (s_lo < s_hi)
     q = partials_sum(row_ptr, bias_ptr, (hk * G + rg)[:, None] * D + rd[None, :], q_mask, STRIDE_P, N_PARTS,
-                   HAS_BIAS, dt)
+                     HAS_BIAS, dt)
     # The chunk that holds the new token also sums its k and v (loads issued with q's), writes them to the cache
     holds_new = (pos >= s_lo) & (pos < s_hi)
     k_cols = H * D + hk * D + rd

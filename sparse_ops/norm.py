@@ -147,6 +147,5 @@ def add_rmsnorm_ref(x: Tensor, parts: Optional[Tensor], weight: Tensor, eps: flo
     h = x if parts is None else x + summed_partials(parts, x.dtype)
     hf = h.float()
     y = (weight.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
-    kept = kept_list(y, thresholds, scale) if thresholds is not None else \
-        torch.empty((0, x.shape[1] + x.shape[1] // GROUP + 1), dtype=torch.int32, device=x.device)
+    kept = kept_list(y, thresholds, scale) if thresholds is not None else _empty_outputs(x, None)[2]
     return h, y, kept
