@@ -118,8 +118,8 @@ class BlockError:
         self.levels = torch.as_tensor(levels, dtype=torch.float64)
         pos = torch.arange(x.shape[1], device=x.device)
         # Block arguments as Transformer.forward builds them: all positions, and the query positions only.
-        self.full = (x, pos, model.freqs_cis[pos], model.causal_mask[None, None, pos])
-        self.query = (x[:, positions], positions, model.freqs_cis[positions], model.causal_mask[None, None, positions])
+        self.full = (x, pos, model.freqs_cis, model.causal_mask[None, None, pos])
+        self.query = (x[:, positions], positions, model.freqs_cis, model.causal_mask[None, None, positions])
         self.block.sparse_prefill = False
         self.target = self.block(*self.full)[:, positions].float()
         self.block.sparse_prefill = True

@@ -151,10 +151,9 @@ class Transformer(nn.Module):
         """idx: (B, T) token ids at positions input_pos (T,). Returns fp32 logits (B, T, vocab)."""
         assert self.freqs_cis is not None, "call setup_caches first"
         mask = self.causal_mask[None, None, input_pos]
-        freqs_cis = self.freqs_cis[input_pos]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, input_pos, freqs_cis, mask)
+            x = layer(x, input_pos, self.freqs_cis, mask)
         return self.output(self.norm(x)).float()
 
     # ---- TEAL sparsity -------------------------------------------------------------------------------
@@ -266,7 +265,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor, thr: Tensor, sparse: bool,
                 stats: Optional[Tensor] = None, partials: bool = False) -> Tensor:
-        """partials: return the o GEMV's split-K partial sums (see sparse_linear)."""
+        """freqs_cis: the whole RoPE table (positions, head_dim/2, 2). partials: return the o GEMV's split-K partial
+        sums (see sparse_linear)."""
         bsz, seqlen, _ = x.shape
         qkv_stats = None if stats is None else stats[0:3]
         if fused_decode(x) and self.kv_cache is not None:
@@ -279,8 +279,9 @@ class Attention(nn.Module):
         else:
             qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), freqs_cis)
-            k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs_cis)
+            freqs = freqs_cis[input_pos]
+            q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), freqs)
+            k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs)
             v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             if self.kv_cache is not None:

@@ -38,7 +38,7 @@ def run(args) -> list:
             del cache
             q = torch.randn(B, H, 128, device="cuda", dtype=torch.bfloat16)
             qkv = torch.randn(5, B, (H + 2 * H_kv) * 128, device="cuda")
-            freqs = torch.randn(64, 2, device="cuda")  # RoPE cos/sin of the position: values do not change the time
+            freqs = torch.randn(MAX_SEQ, 64, 2, device="cuda")  # a RoPE table: values do not change the time
             causal = torch.tril(torch.ones(MAX_SEQ, MAX_SEQ, dtype=torch.bool, device="cuda"))
             for ctx in args.context:
                 pos = torch.tensor([ctx - 1], device="cuda")

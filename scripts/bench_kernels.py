@@ -21,8 +21,11 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sparse_ops  # noqa: E402
 from sparse_ops.gemv import _launch, num_sms, pick_config  # noqa: E402
+from sparse_ops.norm import kept_list  # noqa: E402
 
-# (name, K = input features, N = output features); "gate/up" is two N-wide weights on one input.
+# (name, K = input features, N = output features); "fused" is gate and up (two N/2-wide weights) on one input, as
+# the pair op (listing in the kernel) and, at batch 1, as decode runs it: the GLU op streaming the list that the
+# MLP norm made (sparse_ops.add_rmsnorm; the list's cost, about 1 us, is in the norm) and applying silu(gate) * up.
 SHAPES = [
     ("attn.o / 7B-8B wqkv(MHA)", 4096, 4096),
     ("llama-3 wqkv", 4096, 6144),
@@ -32,6 +35,8 @@ SHAPES = [
     ("llama-3 down", 14336, 4096),
     ("llama-2 gate+up fused", 4096, 2 * 11008),
     ("llama-3 gate+up fused", 4096, 2 * 14336),
+    ("llama-2 gate+up GLU, listed", 4096, 2 * 11008),
+    ("llama-3 gate+up GLU, listed", 4096, 2 * 14336),
 ]
 
 
@@ -94,13 +99,16 @@ def run(args):
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name, K, N in SHAPES:
-        fused = "fused" in name
+        glu = "GLU" in name
+        fused = "fused" in name or glu
         w0 = torch.randn(N, K, generator=g, device="cuda").to(dtype)
         c = copies_for(w0)
         ws = [w0] + [w0.clone() for _ in range(c - 1)]   # row-major (N, K), what cuBLAS likes
         wts = [w.t().contiguous() for w in ws]            # (K, N): our layout
         pairs = [(wt[:, :N // 2].contiguous(), wt[:, N // 2:].contiguous()) for wt in wts] if fused else None
         for batch in args.batch:
+            if glu and batch > 1:  # the list is one row's
+                continue
             xd = torch.randn(batch, K, device="cuda", dtype=dtype)
             t_cublas = time_us(lambda i: F.linear(xd, ws[i]), c)
             t_compiled = None
@@ -110,14 +118,17 @@ def run(args):
             for s in args.sparsity:
                 x, thr = make_x(batch, K, s, dtype, g)
                 thr_t = torch.tensor([thr, thr], device="cuda")
-                if fused:
+                if glu:
+                    kept = kept_list(x, thr_t, None)
+                    fn = lambda i: sparse_ops.sparse_glu(x, *pairs[i], thr_t, None, kept)  # noqa: E731
+                elif fused:
                     fn = lambda i: sparse_ops.sparse_gemv_pair(x, *pairs[i], thr_t)  # noqa: E731
                 else:
                     fn = lambda i: sparse_ops.sparse_gemv(x, wts[i], thr_t[:1], [N])  # noqa: E731
                 t = time_us(fn, c)
                 t_kernel = kernel_us(fn, c, "_sparse_gemv_kernel")
                 union = (x.abs().float() > thr).any(0).float().mean().item()
-                need = union * K * N * w0.element_size() + (batch * K + batch * N) * w0.element_size()
+                need = union * K * N * w0.element_size() + batch * (K + (N // 2 if glu else N)) * w0.element_size()
                 rows.append(dict(shape=name, K=K, N=N, batch=batch, sparsity=s, union_density=round(union, 4),
                                  sparse_us=round(t, 2), kernel_us=round(t_kernel, 2), cublas_us=round(t_cublas, 2),
                                  compiled_us=None if t_compiled is None else round(t_compiled, 2),
@@ -147,6 +158,8 @@ def sweep(args):
         wts = [wt0] + [wt0.clone() for _ in range(c - 1)]
         ws = [w.t().contiguous() for w in wts]
         for batch in args.batch:
+            if glu and batch > 1:  # the list is one row's
+                continue
             xd = torch.randn(batch, K, device="cuda", dtype=dtype)
             t_cublas = time_us(lambda i: F.linear(xd, ws[i]), c)
             # Tiles near the defaults (wider searches: docs/benchmarks.md "Tile sweep"), with every split count

@@ -78,7 +78,8 @@ def decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cac
 
     qkv: (parts, B, (n_head + 2 H_kv) D), the projection's split-K partial sums (parts=1: the projection itself),
     q|k|v before the bias and RoPE; caches: (B_max >= B, H_kv, S, D), filled before input_pos (one position);
-    freqs: (D/2, 2) fp32 cos/sin of that position. Writes the new token's rotated k and its v at input_pos into
+    freqs: (>= S, D/2, 2) fp32 RoPE table (cos, sin per position; the kernel reads row input_pos, so a CUDA graph
+    needs no index kernel per step). Writes the new token's rotated k and its v at input_pos into
     the caches and returns (B, n_head, D): causal attention of rope(q) over positions 0 .. input_pos (GQA)."""
     check_decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
     if use_triton(qkv):

@@ -54,8 +54,8 @@ def _decode_attention_kernel(
     rd = tl.arange(0, BLOCK_D)
     rh = tl.arange(0, BLOCK_D // 2)
     d_mask = rd < D
-    cos = tl.load(freqs_ptr + 2 * rh, mask=rh < D // 2, other=0.0)
-    sin = tl.load(freqs_ptr + 2 * rh + 1, mask=rh < D // 2, other=0.0)
+    cos = tl.load(freqs_ptr + pos * D + 2 * rh, mask=rh < D // 2, other=0.0)  # the RoPE table's row pos
+    sin = tl.load(freqs_ptr + pos * D + 2 * rh + 1, mask=rh < D // 2, other=0.0)
     row_ptr = qkv_ptr + b * STRIDE_B
     # q for the query heads that share this key/value head (GQA); a chunk past the current length attends to
     # nothing and loads no q (masked loads move no bytes)
@@ -182,9 +182,10 @@ def check_decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor,
                         "must agree, and qkv be in their dtype or fp32 partial sums")
     if input_pos.numel() != 1 or input_pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"input_pos must hold one integer position, got {input_pos.dtype} {tuple(input_pos.shape)}")
-    if freqs.numel() != D or freqs.dtype != torch.float32:
-        raise ValueError(f"freqs must be the fp32 (D/2, 2) cos/sin of the position, got {freqs.dtype} "
-                         f"{tuple(freqs.shape)}")
+    if freqs.dim() != 3 or tuple(freqs.shape[1:]) != (D // 2, 2) or freqs.shape[0] < k_cache.shape[2] \
+            or freqs.dtype != torch.float32:
+        raise ValueError(f"freqs must be the fp32 RoPE table (positions >= {k_cache.shape[2]}, {D // 2}, 2), got "
+                         f"{freqs.dtype} {tuple(freqs.shape)}")
     devices = {qkv.device, k_cache.device, v_cache.device, input_pos.device, freqs.device}
     if len(devices | ({bias.device} if bias is not None else set())) != 1:
         raise ValueError("qkv, the bias, the caches, input_pos and freqs must be on one device")
@@ -201,7 +202,8 @@ def decode_attention_ref(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v
     if bias is not None:
         y = y + bias
     q, k, v = y.split([n_head * D, HKV * D, HKV * D], dim=-1)
-    f, pos = freqs.reshape(D // 2, 2), input_pos.reshape(())
+    pos = input_pos.reshape(())
+    f = freqs[pos]
     k_cache[:B, :, pos] = rope(k.reshape(B, HKV, D), f)
     v_cache[:B, :, pos] = v.reshape(B, HKV, D)
     q = rope(q.reshape(B, n_head, D), f).float()

@@ -13,7 +13,7 @@ TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 
 def random_case(B, H, H_kv, S, D, dtype, pos, parts=1, bias=False, b_max=None, seed=0):
     """qkv as the projection hands it over (`parts` split-K partial sums, fp32 when several), an optional bias,
-    caches (b_max rows) filled before pos, the position tensor and its RoPE cos/sin."""
+    caches (b_max rows) filled before pos, the position tensor and a RoPE table (a row per cache position)."""
     g = torch.Generator().manual_seed(seed)
     N = (H + 2 * H_kv) * D
     qkv = (torch.randn(parts, B, N, generator=g) / parts ** 0.5).to(dtype if parts == 1 else torch.float32).to(DEV)
@@ -23,11 +23,11 @@ def random_case(B, H, H_kv, S, D, dtype, pos, parts=1, bias=False, b_max=None, s
     # Positions from input_pos on hold garbage: a kernel that reads one before writing it is visibly wrong.
     k[:, :, pos:] = 1e3
     v[:, :, pos:] = float("nan")
-    return qkv, b, k, v, torch.tensor([pos], device=DEV), rope_freqs(pos, D)
+    return qkv, b, k, v, torch.tensor([pos], device=DEV), rope_table(S, D)
 
 
-def rope_freqs(pos, D, base=10000.0):
-    angles = pos / base ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+def rope_table(S, D, base=10000.0):
+    angles = torch.arange(S, dtype=torch.float64)[:, None] / base ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float().to(DEV)
 
 
@@ -37,9 +37,10 @@ def rotate(x, freqs):
     return torch.view_as_real(xc * torch.view_as_complex(freqs.double().contiguous())).flatten(-2)
 
 
-def oracle(qkv, bias, k_cache, v_cache, pos, freqs, H):
+def oracle(qkv, bias, k_cache, v_cache, pos, table, H):
     """In fp64 with PyTorch's SDPA, independent of decode_attention_ref: (attention output, new k, new v)."""
     B = qkv.shape[1]
+    freqs = table[int(pos.item())]
     H_kv, _, D = k_cache.shape[1:]
     y = qkv.double().sum(0).to(k_cache.dtype).double()  # the projection's output is rounded to the model dtype
     if bias is not None:
@@ -91,10 +92,10 @@ def test_fewer_rows_than_the_cache():
 
 def test_position_follows_the_tensor():
     # The length comes from input_pos at run time (a CUDA graph replays with new positions, same launch)
-    qkv, bias, k, v, _, _ = random_case(1, 4, 2, 64, 32, torch.bfloat16, 63, parts=2)
+    qkv, bias, k, v, _, f = random_case(1, 4, 2, 64, 32, torch.bfloat16, 63, parts=2)
     outs = []
     for pos in (5, 40):
-        p, f = torch.tensor([pos], device=DEV), rope_freqs(pos, 32)
+        p = torch.tensor([pos], device=DEV)
         outs.append(decode_attention(qkv, bias, k.clone(), v.clone(), p, f, 4))
         assert rel_err(outs[-1], oracle(qkv, bias, k, v, p, f, 4)[0]) < TOL[torch.bfloat16]
     assert (outs[0] - outs[1]).abs().max() > 0
@@ -136,7 +137,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="equal"):
         decode_attention(qkv, bias, k, v[:, :, :8], p, f, 4)
     with pytest.raises(ValueError, match="freqs"):
-        decode_attention(qkv, bias, k, v, p, f[:8], 4)
+        decode_attention(qkv, bias, k, v, p, f[:8], 4)  # fewer rows than cache positions
+    with pytest.raises(ValueError, match="freqs"):
+        decode_attention(qkv, bias, k, v, p, f[3], 4)  # one position's row, not the table
     with pytest.raises(ValueError, match="freqs"):
         decode_attention(qkv, bias, k, v, p, f.double(), 4)
 
@@ -153,14 +156,13 @@ def test_llama_shapes_gpu(B, H, H_kv, S, parts):
 def test_cuda_graph_replay_follows_the_position():
     qkv, bias, k, v, _, _ = random_case(1, 32, 8, 512, 128, torch.bfloat16, 511, parts=5, bias=True)
     kc, vc = k.clone(), v.clone()
-    pos, freqs = torch.tensor([10], device="cuda"), rope_freqs(10, 128)
+    pos, freqs = torch.tensor([10], device="cuda"), rope_table(512, 128)
     compiled = torch.compile(lambda qkv: sparse_ops.decode_attention(qkv, bias, kc, vc, pos, freqs, 32),
                              fullgraph=True, mode="reduce-overhead")
     for _ in range(3):
         compiled(qkv)
     for p in (10, 200, 511):
         pos.fill_(p)
-        freqs.copy_(rope_freqs(p, 128))
         kc.copy_(k)
         vc.copy_(v)
         y = compiled(qkv).clone()

@@ -100,7 +100,7 @@ def dense_inputs(m: model.Transformer, idx: torch.Tensor) -> dict:
     m.set_sparse(decode=False, prefill=False)
     m.setup_caches(idx.shape[0], idx.shape[1])
     with torch.no_grad():
-        m(idx, torch.arange(idx.shape[1]))
+        m(idx, torch.arange(idx.shape[1], device=idx.device))
     for h in handles:
         h.remove()
     return seen
@@ -129,7 +129,7 @@ def reference_logits(m, idx, thr, weighted, from_pos):
     try:
         m.setup_caches(idx.shape[0], idx.shape[1])
         with torch.no_grad():
-            return m(idx, torch.arange(idx.shape[1])), ref.counts
+            return m(idx, torch.arange(idx.shape[1], device=idx.device)), ref.counts
     finally:
         ref.remove()
 
@@ -143,9 +143,9 @@ def sparse_decode_logits(m, idx, thr, weighted):
     m.setup_caches(B, L)
     out = []
     with torch.no_grad():
-        out.append(m(idx[:, :PROMPT], torch.arange(PROMPT))[:, -1:])
+        out.append(m(idx[:, :PROMPT], torch.arange(PROMPT, device=idx.device))[:, -1:])
         for t in range(PROMPT, L - 1):
-            out.append(m(idx[:, t:t + 1], torch.tensor([t])))
+            out.append(m(idx[:, t:t + 1], torch.tensor([t], device=idx.device)))
     m.set_sparse(decode=False, prefill=False)
     m.set_scores(False)
     return torch.cat(out, dim=1)
@@ -162,8 +162,10 @@ def test_sparse_decode_matches_masked_reference(batch, backend, monkeypatch):
     calls = []  # Triton launches: the backend really is the one asked for
     launch = gemv._launch
     monkeypatch.setattr(gemv, "_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    m = tiny_model()
-    idx = torch.randint(0, TINY["vocab_size"], (batch, TOTAL), generator=torch.Generator().manual_seed(batch))
+    # Triton's kernels run on CUDA tensors where there is a GPU (the interpreter cannot be chosen after import)
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    m = tiny_model().to(dev)
+    idx = torch.randint(0, TINY["vocab_size"], (batch, TOTAL), generator=torch.Generator().manual_seed(batch)).to(dev)
     thr = random_thresholds(m, idx, weighted=False, seed=batch)
     want, counts = reference_logits(m, idx, thr, False, PROMPT)
     dense, _ = reference_logits(m, idx, torch.zeros_like(thr), False, TOTAL)
@@ -250,6 +252,17 @@ def test_generate_stops_on_stop_id():
         cut = generate.generate(m, prompt, 10, generate.decode_one_token, temperature=0.0, stop_ids=(stop,),
                                 on_token=lambda s: None)
     assert torch.equal(cut, full[:, :PROMPT + first + 1])
+
+
+@pytest.mark.parametrize("vocab", [5, 1024, 1500, 49152, 128256])
+def test_argmax_matches_torch(vocab):
+    torch.manual_seed(vocab)
+    x = torch.randn(3, vocab)
+    ties = torch.randint(0, 4, (3, vocab)).float()  # many equal maxima: the first one must win
+    ties[1, -1] = 9.0  # the maximum in the padded last chunk
+    for t in (x, ties, x.to(torch.bfloat16)):
+        assert torch.equal(generate.argmax(t), torch.argmax(t, dim=-1, keepdim=True))
+    assert torch.equal(generate.argmax(x, chunk=7), torch.argmax(x, dim=-1, keepdim=True))
 
 
 def test_sample_top_k():

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Device runs (session 14), one stage per call (each fits the 10-minute limit):
+#   tests:   GPU tests of the norm, attention and GEMV ops and of the compiled model
+#   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%)
+#   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included
+# Timing stages clear inductor's cache first: the cache keys the graph that calls a triton_op, not the op's
+# Python body, so an edited op could otherwise be served from an old compile.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee -a $OUT/gpu.txt
+case "$1" in
+tests)
+  timeout 400 python3 -m pytest tests/test_norm.py tests/test_attention.py tests/test_sparse_ops.py tests/test_model.py \
+    tests/test_generate.py -q -p no:warnings 2>&1 | tail -15 | tee $OUT/tests.txt
+  ;;
+decode)
+  preset=${2:-llama-3-8b}
+  rm -rf /tmp/torchinductor_$(whoami)
+  timeout ${4:-560} python3 scripts/bench_decode.py --preset $preset --sparsity ${3:-0,0.25,0.4,0.5,0.65} --profile \
+    --json $OUT/decode_$preset.json 2>&1 | grep -v -i warn | tee $OUT/decode_$preset.txt | grep -v "^      "
+  ;;
+kernels)
+  timeout ${2:-560} python3 scripts/bench_kernels.py --batch 1 --json $OUT/bench_kernels_b1.json 2>&1 | grep -v -i warn \
+    | tee $OUT/bench_kernels_b1.txt
+  ;;
+*)
+  echo "usage: gpu_session14.sh tests | decode [preset] [levels] [timeout_s] | kernels [timeout_s]" >&2; exit 2
+  ;;
+esac
