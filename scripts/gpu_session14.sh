@@ -3,6 +3,7 @@
 #   tests:   GPU tests of the norm, attention and GEMV ops and of the compiled model
 #   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%)
 #   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included
+#   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%)
 # Timing stages clear inductor's cache first: the cache keys the graph that calls a triton_op, not the op's
 # Python body, so an edited op could otherwise be served from an old compile.
 set -uo pipefail
@@ -19,11 +20,25 @@ decode)
   timeout ${4:-560} python3 scripts/bench_decode.py --preset $preset --sparsity ${3:-0,0.25,0.4,0.5,0.65} --profile \
     --json $OUT/decode_$preset.json 2>&1 | grep -v -i warn | tee $OUT/decode_$preset.txt | grep -v "^      "
   ;;
+generate)
+  # the user's path on a random-weight Llama-3-8B folder: make it, calibrate, generate dense and at 50%
+  rm -rf /tmp/torchinductor_$(whoami)
+  log=$OUT/generate_cli_random_llama3.txt
+  ck=/tmp/ckpt/random-llama-3-8b
+  { time python3 scripts/make_random_checkpoint.py --preset llama-3-8b --out $ck; } >> $log 2>&1
+  { time python3 calibrate.py --checkpoint $ck/model.pth --tokens 4096; } 2>&1 | tr '\r' '\n' | grep -v "^calibrating" >> $log
+  for s in 0 0.5; do
+    echo "### python3 generate.py --checkpoint $ck/model.pth --compile --sparsity $s --temperature 0 --max_new_tokens 200 --num_samples 3 --no_stream" >> $log
+    timeout 250 python3 generate.py --checkpoint $ck/model.pth --compile --sparsity $s --temperature 0 --max_new_tokens 200 \
+      --num_samples 3 --no_stream 2>&1 | grep -v -i warn >> $log
+  done
+  grep -v "^ *$" $log | tail -40
+  ;;
 kernels)
   timeout ${2:-560} python3 scripts/bench_kernels.py --batch 1 --json $OUT/bench_kernels_b1.json 2>&1 | grep -v -i warn \
     | tee $OUT/bench_kernels_b1.txt
   ;;
 *)
-  echo "usage: gpu_session14.sh tests | decode [preset] [levels] [timeout_s] | kernels [timeout_s]" >&2; exit 2
+  echo "usage: gpu_session14.sh tests | decode [preset] [levels] [timeout_s] | kernels [timeout_s] | generate" >&2; exit 2
   ;;
 esac
