@@ -158,8 +158,6 @@ def sweep(args):
         wts = [wt0] + [wt0.clone() for _ in range(c - 1)]
         ws = [w.t().contiguous() for w in wts]
         for batch in args.batch:
-            if glu and batch > 1:  # the list is one row's
-                continue
             xd = torch.randn(batch, K, device="cuda", dtype=dtype)
             t_cublas = time_us(lambda i: F.linear(xd, ws[i]), c)
             # Tiles near the defaults (wider searches: docs/benchmarks.md "Tile sweep"), with every split count
