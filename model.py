@@ -92,7 +92,7 @@ class ModelArgs:
 
 def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list, sparse: bool,
                   scale: Optional[Tensor] = None, stats: Optional[Tensor] = None, partials: bool = False,
-                  kept: Optional[Tensor] = None, prefetch: tuple = (), prefetch_rows: Optional[Tensor] = None) -> Tensor:
+                  kept: Optional[Tensor] = None) -> Tensor:
     """y = W (x * 1[score(x) > t_s]) for each output segment s; the plain nn.Linear when `sparse` is False.
 
     One token per row (decode) runs the sparse GEMV op, which skips the weight columns it does not need;
@@ -100,16 +100,14 @@ def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list,
     (dropped, total) input entries per segment: eager measurement only. `partials`: return the decode GEMV's
     split-K partial sums, (split, rows, N) without the bias, for a consumer that sums them (decode attention,
     add_norm). `kept`: for the decode op, the channels listed by add_norm under these thresholds and scale (or a
-    superset of them: each segment still applies its own threshold). prefetch, prefetch_rows: the decode op's
-    L2 prefetch of the next GEMV's weight (sparse_ops.sparse_gemv).
+    superset of them: each segment still applies its own threshold).
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if not sparse:
         return F.linear(x2, lin.weight)[None] if partials else lin(x)
     if shape[-2] == 1 and x2.shape[0] <= sparse_ops.MAX_BATCH:
-        y = sparse_ops.sparse_gemv(x2, lin.weight.t(), thresholds, seg_ends, scale, reduce=not partials, kept=kept,
-                                   prefetch=prefetch, prefetch_rows=prefetch_rows)
+        y = sparse_ops.sparse_gemv(x2, lin.weight.t(), thresholds, seg_ends, scale, reduce=not partials, kept=kept)
     else:
         y = sparse_ops.sparse_gemv_ref(x2, lin.weight.t(), thresholds, seg_ends, scale)
         y = y[None] if partials else y
@@ -147,9 +145,6 @@ class Transformer(nn.Module):
         for b in self.layers:
             b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype, device)
         self.freqs_cis = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling).to(device)
-        # L2 prefetch (sparse decode): rows per K range of wo, w1|w3, w2 and the next wqkv that the GEMV before
-        # each asks L2 for as it ends (sparse_ops.sparse_gemv's prefetch); a tensor, so tuning never recompiles
-        self.prefetch_rows = torch.zeros(4, dtype=torch.int32, device=device)
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
 
     def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
@@ -157,9 +152,8 @@ class Transformer(nn.Module):
         assert self.freqs_cis is not None, "call setup_caches first"
         mask = self.causal_mask[None, None, input_pos]
         x = self.tok_embeddings(idx)
-        for i, layer in enumerate(self.layers):
-            nxt = self.layers[i + 1].attention.wqkv.weight.t() if i + 1 < len(self.layers) else None
-            x = layer(x, input_pos, self.freqs_cis, mask, nxt, self.prefetch_rows)
+        for layer in self.layers:
+            x = layer(x, input_pos, self.freqs_cis, mask)
         return self.output(self.norm(x)).float()
 
     # ---- TEAL sparsity -------------------------------------------------------------------------------
@@ -212,20 +206,17 @@ class TransformerBlock(nn.Module):
         self.sparse_prefill = False
         self.stats: Optional[Tensor] = None  # (7, 2) dropped/total counts while measuring, on the CPU
 
-    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor, next_wqkv: Optional[Tensor] = None,
-                prefetch_rows: Optional[Tensor] = None) -> Tensor:
-        """next_wqkv: the next layer's wqkv.weight.t(), for the L2 prefetch (see Transformer.setup_caches)."""
+    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
         sparse = self.sparse_prefill if x.shape[1] > 1 else self.sparse_decode
         # Sparse decode at batch 1: the MLP norm's kernel also lists the channels that gate or up keep. Listing
         # them in the GEMV costs more, as each of its programs scans the whole input (qkv's scan a fraction).
         lists = sparse and fused_decode(x) and x.shape[0] == 1 and x.shape[-1] % 16 == 0
-        pf = prefetch_rows if lists else None
-        f = self.feed_forward
         a = self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse, self.stats,
-                           partials=lists, prefetch_rows=pf, next_w=(f.w1.weight.t(), f.w3.weight.t()))
+                           partials=lists)
+        f = self.feed_forward
         h, y, kept = add_norm(x, a, self.ffn_norm, self.thresholds[4:6] if lists else None,
                               f.w13_scale if lists else None)
-        return h + f(y, self.thresholds, sparse, self.stats, kept, pf, next_wqkv)
+        return h + f(y, self.thresholds, sparse, self.stats, kept)
 
     def set_scores(self, weighted: bool) -> None:
         self.attention.set_scores(weighted)
@@ -273,19 +264,16 @@ class Attention(nn.Module):
         self.o_scale = column_norms(self.wo.weight, [self.wo.out_features]) if weighted else None
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Tensor, input_pos: Tensor, thr: Tensor, sparse: bool,
-                stats: Optional[Tensor] = None, partials: bool = False, prefetch_rows: Optional[Tensor] = None,
-                next_w: tuple = ()) -> Tensor:
+                stats: Optional[Tensor] = None, partials: bool = False) -> Tensor:
         """freqs_cis: the whole RoPE table (positions, head_dim/2, 2). partials: return the o GEMV's split-K partial
-        sums (see sparse_linear). prefetch_rows: L2 prefetch of wo's rows (by qkv) and next_w's (by o)."""
-        pf = prefetch_rows is not None
+        sums (see sparse_linear)."""
         bsz, seqlen, _ = x.shape
         qkv_stats = None if stats is None else stats[0:3]
         if fused_decode(x) and self.kv_cache is not None:
             # Decode: one kernel sums the qkv GEMV's split-K partials, adds the bias, applies RoPE, writes the
             # cache and attends over the filled positions only (SDPA with the mask reads the whole cache).
             qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats,
-                                partials=True, prefetch=(self.wo.weight.t(),) if pf else (),
-                                prefetch_rows=prefetch_rows[0:1] if pf else None)
+                                partials=True)
             y = sparse_ops.decode_attention(qkv, self.wqkv.bias, self.kv_cache.k_cache, self.kv_cache.v_cache,
                                             input_pos, freqs_cis, self.n_head)
         else:
@@ -302,8 +290,7 @@ class Attention(nn.Module):
                                                enable_gqa=self.n_head != self.n_local_heads).transpose(1, 2)
         y = y.contiguous().view(bsz, seqlen, self.q_size)
         return sparse_linear(y, self.wo, thr[3:4], [self.wo.out_features], sparse, self.o_scale,
-                             None if stats is None else stats[3:4], partials, prefetch=next_w if pf else (),
-                             prefetch_rows=prefetch_rows[1:2] if pf else None)
+                             None if stats is None else stats[3:4], partials)
 
 
 class FeedForward(nn.Module):
@@ -322,11 +309,8 @@ class FeedForward(nn.Module):
         self.w2_scale = column_norms(self.w2.weight, [self.w2.out_features]) if weighted else None
 
     def forward(self, x: Tensor, thr: Tensor, sparse: bool, stats: Optional[Tensor] = None,
-                kept: Optional[Tensor] = None, prefetch_rows: Optional[Tensor] = None,
-                next_w: Optional[Tensor] = None) -> Tensor:
-        """kept: the channels that gate or up keep, listed by add_norm (decode, batch 1). prefetch_rows: L2
-        prefetch of w2's rows (by the gate|up kernel) and next_w's (by w2's)."""
-        pf = prefetch_rows is not None and kept is not None
+                kept: Optional[Tensor] = None) -> Tensor:
+        """kept: the channels that gate or up keep, listed by add_norm (decode, batch 1)."""
         if self.cats_threshold is not None:
             # CATS (Lee et al. 2024), a baseline: only silu(gate) is thresholded; up and down skip its dropped rows.
             a = F.silu(self.w1(x))
@@ -338,18 +322,15 @@ class FeedForward(nn.Module):
         if sparse and x.shape[-2] == 1 and x.shape[0] <= sparse_ops.MAX_BATCH and stats is None:
             # gate and up share their input: one fused op, a threshold each (with kept, silu * up in its kernel)
             h = sparse_ops.sparse_glu(x.view(x.shape[0], -1), self.w1.weight.t(), self.w3.weight.t(), thr[4:6], sc,
-                                      kept, (self.w2.weight.t(),) if pf else (),
-                                      prefetch_rows[2:3] if pf else None).view(x.shape[0], 1, -1)
+                                      kept).view(x.shape[0], 1, -1)
         else:
             g = sparse_linear(x, self.w1, thr[4:5], [self.w1.out_features], sparse, None if sc is None else sc[0:1],
                               None if stats is None else stats[4:5], kept=kept)
             u = sparse_linear(x, self.w3, thr[5:6], [self.w3.out_features], sparse, None if sc is None else sc[1:2],
                               None if stats is None else stats[5:6], kept=kept)
             h = F.silu(g) * u
-        pf = pf and next_w is not None
         return sparse_linear(h, self.w2, thr[6:7], [self.w2.out_features], sparse, self.w2_scale,
-                             None if stats is None else stats[6:7], prefetch=(next_w,) if pf else (),
-                             prefetch_rows=prefetch_rows[3:4] if pf else None)
+                             None if stats is None else stats[6:7])
 
 
 class KVCache(nn.Module):

@@ -132,10 +132,6 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="weight and activation dtype")
     p.add_argument("--profile", action="store_true",
                    help="after each row, profile 20 decode steps and print device time by kernel kind")
-    p.add_argument("--prefetch", default=None,
-                   help="semicolon-separated settings of the L2 prefetch, each four row counts (wo by qkv, w1|w3 by o, "
-                        "w2 by gate|up, next wqkv by down; model.Transformer.setup_caches): every sparse level is "
-                        "timed with each (default: the model's own)")
     p.add_argument("--json", type=Path, help="write results here")
     p.add_argument("--device", default="cuda", help="cuda (cpu only for smoke tests: no CUDA graphs, no speed)")
     args = p.parse_args(argv)
@@ -147,13 +143,6 @@ def main(argv=None):
         p.error(f"--variants must be from {', '.join(VARIANTS)}")
     if not 1 <= args.batch_size <= 8:
         p.error("--batch_size must be 1-8")
-    try:
-        prefetch = [None] if args.prefetch is None else \
-            [[int(v) for v in c.split(",")] for c in args.prefetch.split(";")]
-    except ValueError:
-        p.error("--prefetch takes settings like 0,0,0,0;128,256,64,512")
-    if any(c is not None and (len(c) != 4 or min(c) < 0) for c in prefetch):
-        p.error("--prefetch settings are four non-negative row counts each")
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -208,12 +197,8 @@ def main(argv=None):
             else:
                 t = thr_file.thresholds_for(c, s)
             model.set_thresholds(t.to(dev))  # in place: no recompile, no re-capture
-            for pf in prefetch:
-                if pf is not None:
-                    model.prefetch_rows.copy_(torch.tensor(pf))  # in place too
-                tok_s, seq = time_decode(model, sparse_fn, args.batch_size, args.prompt_len, args.tokens)
-                report(variant if pf is None else f"{variant} pf={','.join(map(str, pf))}", s,
-                       tok_s, seq, True, sparse_fn)
+            tok_s, seq = time_decode(model, sparse_fn, args.batch_size, args.prompt_len, args.tokens)
+            report(variant, s, tok_s, seq, True, sparse_fn)
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                                          "torch": torch.__version__, "batch_size": args.batch_size,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import _decode_attention_op, check_decode_attention, decode_attention_ref
-from .gemv import (MAX_BATCH, _check, _check_prefetch, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, pick_config,
+from .gemv import (MAX_BATCH, _check, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, pick_config,
                    sum_partials, use_triton)
 from .norm import _add_rmsnorm_op, add_rmsnorm_ref, check_add_rmsnorm
 from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref, sparse_glu_ref
@@ -33,17 +33,14 @@ __all__ = ["MAX_BATCH", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "s
 
 
 def sparse_gemv(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list, scale: Optional[Tensor] = None,
-                reduce: bool = True, kept: Optional[Tensor] = None, prefetch: tuple = (),
-                prefetch_rows: Optional[Tensor] = None) -> Tensor:
+                reduce: bool = True, kept: Optional[Tensor] = None) -> Tensor:
     """reduce=False returns the kernel's split-K partial sums, (split, batch, N), for a consumer that sums them
-    itself (decode_attention, add_rmsnorm); fp32 when split > 1. prefetch: the next GEMV's transposed weight(s)
-    (two: a GLU's gate and up), whose first prefetch_rows[0] rows per K range the kernel asks L2 for as it ends."""
+    itself (decode_attention, add_rmsnorm); fp32 when split > 1."""
     if not 1 <= len(seg_ends) <= 3 or seg_ends[-1] != wt.shape[-1] or list(seg_ends) != sorted(seg_ends):
         raise ValueError(f"seg_ends {list(seg_ends)} must be 1-3 increasing offsets ending at N={wt.shape[-1]}")
     _check(x, [wt], thresholds, len(seg_ends), scale, kept)
-    _check_prefetch(x, prefetch, prefetch_rows)
     if use_triton(x):
-        parts = _sparse_gemv_op(x, wt, thresholds, list(seg_ends), scale, kept, list(prefetch), prefetch_rows)
+        parts = _sparse_gemv_op(x, wt, thresholds, list(seg_ends), scale, kept)
         return sum_partials(parts, x.dtype) if reduce else parts
     y = sparse_gemv_ref(x, wt, thresholds, seg_ends, scale)
     return y if reduce else y[None]
@@ -59,20 +56,18 @@ def sparse_gemv_pair(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
 
 
 def sparse_glu(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, scale: Optional[Tensor] = None,
-               kept: Optional[Tensor] = None, prefetch: tuple = (), prefetch_rows: Optional[Tensor] = None) -> Tensor:
+               kept: Optional[Tensor] = None) -> Tensor:
     """silu(gate) * up, gate and up each a sparse GEMV of x with its own threshold (and scale); (batch, N).
 
     With `kept` (one row) a single kernel computes it: each program holds the same columns of both weights, so it
-    applies silu(gate) * up to whole sums and the elementwise kernel between the MLP's GEMVs goes away; it also
-    takes sparse_gemv's prefetch (with kept only)."""
+    applies silu(gate) * up to whole sums and the elementwise kernel between the MLP's GEMVs goes away."""
     _check(x, [wt_gate, wt_up], thresholds, 2, scale, kept)
-    _check_prefetch(x, prefetch, prefetch_rows)
     if wt_gate.shape != wt_up.shape:
         raise ValueError(f"gate and up weights differ in shape: {tuple(wt_gate.shape)}, {tuple(wt_up.shape)}")
     if not use_triton(x):
         return sparse_glu_ref(x, wt_gate, wt_up, thresholds, scale)
     if kept is not None:
-        return _sparse_glu_op(x, wt_gate, wt_up, thresholds, scale, kept, list(prefetch), prefetch_rows)
+        return _sparse_glu_op(x, wt_gate, wt_up, thresholds, scale, kept)
     g, u = sum_partials(_sparse_gemv_pair_op(x, wt_gate, wt_up, thresholds, scale, None), x.dtype).chunk(2, dim=-1)
     return F.silu(g) * u
 

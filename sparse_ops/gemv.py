@@ -28,10 +28,8 @@ MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked re
 def _sparse_gemv_kernel(
     x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, idx_ptr, out_ptr,
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
-    pf_a_ptr, pf_b_ptr, pf_rows_ptr, PF_K, PF_N, PF_K_PER_SPLIT,
     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, LISTED: tl.constexpr,
     GLU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    PREFETCH: tl.constexpr, PF_TWO: tl.constexpr, PF_M: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -118,8 +116,6 @@ def _sparse_gemv_kernel(
         acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
                              seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K)
         y = tl.sum(acc, axis=0)
-        if PREFETCH:
-            _prefetch_next(pf_a_ptr, pf_b_ptr, pf_rows_ptr, PF_K, PF_N, PF_K_PER_SPLIT, PF_TWO, PF_M, out_ptr)
         if GLU:
             # silu(gate) * up from the fp32 sums, rounded once
             g, u = tl.split(tl.permute(tl.reshape(y, (2, H)), (1, 0)))
@@ -127,33 +123,6 @@ def _sparse_gemv_kernel(
             tl.store(out_ptr + hc, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=hc < N_A)
         else:
             tl.store(out_ptr + pid_k * N + out_cols, y.to(out_ptr.dtype.element_ty), mask=out_cols < N)
-
-
-@triton.jit
-def _prefetch_next(a_ptr, b_ptr, rows_ptr, K, N, K_PER_SPLIT, TWO: tl.constexpr, M: tl.constexpr, out_ptr):
-    """Ask L2 for the rows the next GEMV streams first: rows_ptr[0] rows at the start of each of its K ranges, of
-    its weight (and its second one: TWO), one bulk prefetch per row, spread over this grid's programs. Issued as a
-    program finishes its own stream, so the DRAM reads fill this kernel's tail and the small kernels in between
-    (norms, attention), when DRAM would otherwise idle; the next GEMV then finds those rows in L2."""
-    r = tl.load(rows_ptr)
-    if r > 0:
-        n_prog = tl.num_programs(0) * tl.num_programs(1)
-        it = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0) + n_prog * tl.arange(0, M)
-        per_weight = tl.cdiv(K, K_PER_SPLIT) * r
-        j = it % per_weight
-        row = (j // r) * K_PER_SPLIT + j % r
-        ok = (it < per_weight * (2 if TWO else 1)) & (j % r < K_PER_SPLIT) & (row < K)
-        row = tl.where(ok, row, 0)  # a repeated request for row 0 is harmless
-        if TWO:
-            base = tl.where(it >= per_weight, b_ptr, a_ptr)
-        else:
-            base = a_ptr + tl.zeros([M], dtype=tl.int32)
-        done = tl.inline_asm_elementwise(
-            "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-            [base + row.to(tl.int64) * N, tl.full([M], 0, tl.int32) + N * a_ptr.dtype.element_ty.primitive_bitwidth // 8],
-            dtype=tl.int32, is_pure=True, pack=1)
-        # the asm is pure (so that torch's kernel analysis sees no write): a store that never happens keeps it
-        tl.store(out_ptr + tl.arange(0, M), done.to(out_ptr.dtype.element_ty), mask=done != 0)
 
 
 @triton.jit
@@ -288,20 +257,6 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
                          f"for x {tuple(x.shape)}")
 
 
-def _check_prefetch(x: Tensor, prefetch: tuple, rows: Optional[Tensor]) -> None:
-    if not prefetch:
-        return
-    if len(prefetch) > 2 or any(w.dim() != 2 or not w.is_contiguous() or w.shape != prefetch[0].shape
-                                or w.dtype != x.dtype or w.device != x.device for w in prefetch):
-        raise ValueError("prefetch takes one or two contiguous transposed weights of one shape, x's dtype and device")
-    if rows is None or tuple(rows.shape) != (1,) or rows.dtype != torch.int32 or rows.device != x.device:
-        raise ValueError(f"prefetch_rows must be an int32 (1,) tensor on {x.device}")
-
-
-def _k_per_split(K: int, split: int, step: int) -> int:
-    return triton.cdiv(triton.cdiv(K, split), step) * step
-
-
 def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[dict] = None,
                     glu: bool = False) -> tuple:
     """The launch plan of an op and its output buffer, which the fake ops share: (out, kernel settings, inputs per
@@ -314,7 +269,8 @@ def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: O
     split = 1 if glu else cfg["SPLIT_K"]
     del cfg["SPLIT_K"]
     # Equal K shares: multiples of BLOCK_K for the tile loop of batches, of 16 for the listing path of batch 1
-    k_per_split = _k_per_split(K, split, cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16)
+    step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
+    k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
     split = triton.cdiv(K, k_per_split)  # rounding up can leave a trailing share empty: drop it
     # phase 1 scans the K range in chunks; with a batch, x tiles are BLOCK_B x CHUNK, so smaller ones
     cfg["CHUNK"] = min(256 if cfg["BLOCK_B"] > 1 else 1024, triton.next_power_of_2(k_per_split))
@@ -326,27 +282,18 @@ def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: O
 
 def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Tensor, seg1: int, seg2: int,
             scale: Optional[Tensor], kept: Optional[Tensor], config: Optional[dict] = None,
-            glu: bool = False, prefetch: tuple = (), prefetch_rows: Optional[Tensor] = None) -> Tensor:
+            glu: bool = False) -> Tensor:
     batch, K = x.shape
     out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, config, glu)
     # a GLU program holds BLOCK_N // 2 columns of each weight
     grid = (triton.cdiv(n_a, cfg["BLOCK_N"] // 2), 1) if glu else (triton.cdiv(n, cfg["BLOCK_N"]), out.shape[0])
     # kept-channel lists: given (sparse_ops.norm's), or the kernel's scratch, every read slot written first
     idx = kept if kept is not None else torch.empty((3, K), device=x.device, dtype=torch.int32)
-    # L2 prefetch of the next GEMV's first rows (batch 1 on the GPU: bulk prefetch is an sm_90 instruction)
-    pf = len(prefetch) > 0 and prefetch_rows is not None and x.is_cuda and batch == 1
-    pf_k, pf_n, pf_kps, pf_m = 1, 1, 1, 1
-    if pf:
-        pf_k, pf_n = prefetch[0].shape
-        # the next op's K ranges at batch 1 (a GLU's two weights: one range)
-        pf_kps = pf_k if len(prefetch) == 2 else _k_per_split(pf_k, pick_config(1, pf_k, pf_n, (), x.device)["SPLIT_K"], 16)
-        pf_m = triton.next_power_of_2(triton.cdiv(len(prefetch) * pf_k, grid[0] * grid[1]))
     wrap_triton(_sparse_gemv_kernel)[grid](
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
         batch, K, n, n_a, seg1, seg2, k_per_split,
-        prefetch[0] if pf else wa, prefetch[-1] if pf else wa, prefetch_rows if pf else idx, pf_k, pf_n, pf_kps,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
-        LISTED=kept is not None, GLU=glu, PREFETCH=pf, PF_TWO=len(prefetch) == 2, PF_M=pf_m, **cfg)
+        LISTED=kept is not None, GLU=glu, **cfg)
     return out
 
 
@@ -368,11 +315,9 @@ def _segments(seg_ends: list, n: int) -> tuple:
 
 @triton_op("tealfast::sparse_gemv", mutates_args={})
 def _sparse_gemv_op(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list[int],
-                    scale: Optional[Tensor], kept: Optional[Tensor], prefetch: list[Tensor],
-                    prefetch_rows: Optional[Tensor]) -> Tensor:
+                    scale: Optional[Tensor], kept: Optional[Tensor]) -> Tensor:
     n = wt.shape[1]
-    return _launch(x.contiguous(), wt, wt, n, n, thresholds, *_segments(seg_ends, n), scale, kept,
-                   prefetch=tuple(prefetch), prefetch_rows=prefetch_rows)
+    return _launch(x.contiguous(), wt, wt, n, n, thresholds, *_segments(seg_ends, n), scale, kept)
 
 
 @triton_op("tealfast::sparse_gemv_pair", mutates_args={})
@@ -385,15 +330,14 @@ def _sparse_gemv_pair_op(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tens
 
 @triton_op("tealfast::sparse_glu", mutates_args={})
 def _sparse_glu_op(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, scale: Optional[Tensor],
-                   kept: Tensor, prefetch: list[Tensor], prefetch_rows: Optional[Tensor]) -> Tensor:
+                   kept: Tensor) -> Tensor:
     n_a = wt_gate.shape[1]
-    return _launch(x.contiguous(), wt_gate, wt_up, n_a, 2 * n_a, thresholds, n_a, 2 * n_a, scale, kept, glu=True,
-                   prefetch=tuple(prefetch), prefetch_rows=prefetch_rows)
+    return _launch(x.contiguous(), wt_gate, wt_up, n_a, 2 * n_a, thresholds, n_a, 2 * n_a, scale, kept, glu=True)
 
 
 # Explicit shape functions: the body cannot run on fake tensors under Triton's CPU interpreter.
 @_sparse_gemv_op.register_fake
-def _(x, wt, thresholds, seg_ends, scale, kept, prefetch, prefetch_rows):
+def _(x, wt, thresholds, seg_ends, scale, kept):
     n = wt.shape[1]
     return _empty_partials(x, n, n, *_segments(seg_ends, n))[0]
 
@@ -406,7 +350,7 @@ def _(x, wt_a, wt_b, thresholds, scale, kept):
 
 
 @_sparse_glu_op.register_fake
-def _(x, wt_gate, wt_up, thresholds, scale, kept, prefetch, prefetch_rows):
+def _(x, wt_gate, wt_up, thresholds, scale, kept):
     n_a = wt_gate.shape[1]
     return _empty_partials(x, 2 * n_a, n_a, n_a, 2 * n_a, glu=True)[0]
 

@@ -188,15 +188,15 @@ def test_opcheck():
     wb = torch.randn(96, 48, device=DEV, dtype=torch.bfloat16)
     # AOT tracing runs the op's body on fake tensors, which Triton's CPU interpreter cannot; GPU runs them all.
     utils = "ALL" if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x, wt, thr, [64, 80], None, None, [], None), test_utils=utils)
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x, wt, thr, [64, 80], None, None), test_utils=utils)
     torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x, wt, wb, thr, None, None), test_utils=utils)
     # one row with kept-channel lists from add_rmsnorm
     x1 = x[:1].contiguous()
     kept = sparse_ops.add_rmsnorm(x1, None, torch.ones(96, device=DEV, dtype=torch.bfloat16), 1e-5, thr)[2]
-    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x1, wt, thr, [64, 80], None, kept, [], None),
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x1, wt, thr, [64, 80], None, kept),
                           test_utils=utils)
     torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x1, wt, wb, thr, None, kept), test_utils=utils)
-    torch.library.opcheck(torch.ops.tealfast.sparse_glu.default, (x1, wb, wb, thr, None, kept, [], None), test_utils=utils)
+    torch.library.opcheck(torch.ops.tealfast.sparse_glu.default, (x1, wb, wb, thr, None, kept), test_utils=utils)
 
 
 def test_bad_input():
@@ -305,49 +305,6 @@ def test_compiled_mlp_runs_only_its_kernels():
     kernels = {e.key: e.count for e in prof.key_averages() if e.device_time_total > 0}
     assert kernels.pop("_add_rmsnorm_kernel") == 1 and kernels.pop("_sparse_gemv_kernel") == 2, kernels
     assert len(kernels) == 1, kernels
-
-
-@pytest.mark.gpu
-def test_prefetch_is_only_a_hint():
-    # The GEMVs' L2 prefetch of the next weight changes no bit of any output, and inductor (the asm is declared
-    # pure) takes no weight for written: the compiled MLP with prefetches still runs only its kernels.
-    from torch.profiler import ProfilerActivity, profile
-    D, N = 4096, 14336
-    x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
-    w = torch.ones(D, device="cuda", dtype=torch.bfloat16)
-    w1, w3 = (torch.randn(D, N, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(2))
-    w2 = torch.randn(N, D, device="cuda", dtype=torch.bfloat16) / 128
-    thr = torch.tensor([0.5, 0.5, 0.02], device="cuda")
-    rows = torch.tensor([300, 700], dtype=torch.int32, device="cuda")
-
-    def f(x, pf=True):
-        h, y, kept = sparse_ops.add_rmsnorm(x, None, w, 1e-5, thr[:2])
-        g = sparse_glu(y, w1, w3, thr[:2], None, kept, (w2,) if pf else (), rows[:1] if pf else None)
-        return h + sparse_gemv(g, w2, thr[2:], [D], prefetch=(w1, w3) if pf else (), prefetch_rows=rows[1:])
-
-    plain = f(x, pf=False)
-    assert torch.equal(f(x), plain)
-    compiled = torch.compile(f, fullgraph=True)
-    assert rel_err(compiled(x), plain) < 1e-2
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        compiled(x)
-        torch.cuda.synchronize()
-    kernels = {e.key: e.count for e in prof.key_averages() if e.device_time_total > 0}
-    assert kernels.pop("_add_rmsnorm_kernel") == 1 and kernels.pop("_sparse_gemv_kernel") == 2, kernels
-    assert len(kernels) == 1, kernels
-
-
-def test_prefetch_checks():
-    x = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
-    wt = torch.randn(64, 32, device=DEV, dtype=torch.bfloat16)
-    thr = torch.tensor([0.5], device=DEV)
-    rows = torch.tensor([4], dtype=torch.int32, device=DEV)
-    with pytest.raises(ValueError, match="prefetch_rows"):
-        sparse_gemv(x, wt, thr, [32], prefetch=(wt,))
-    with pytest.raises(ValueError, match="one shape"):
-        sparse_gemv(x, wt, thr, [32], prefetch=(wt, wt[:, :16].contiguous()), prefetch_rows=rows)
-    with pytest.raises(ValueError, match="contiguous"):
-        sparse_gemv(x, wt, thr, [32], prefetch=(wt.t(),), prefetch_rows=rows)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Device runs (session 15), one stage per call (each fits the 10-minute limit):
+# Device runs (session 14), one stage per call (each fits the 10-minute limit):
 #   tests:   GPU tests of the norm, attention and GEMV ops and of the compiled model
 #   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%)
-#   prefetch: decode at the levels given, once per L2-prefetch setting (bench_decode.py --prefetch)
 #   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included
 #   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%)
 # Timing stages clear inductor's cache first: the cache keys the graph that calls a triton_op, not the op's
@@ -20,11 +19,6 @@ decode)
   rm -rf /tmp/torchinductor_$(whoami)
   timeout ${4:-560} python3 scripts/bench_decode.py --preset $preset --sparsity ${3:-0,0.25,0.4,0.5,0.65} --profile \
     --json $OUT/decode_$preset.json 2>&1 | grep -v -i warn | tee $OUT/decode_$preset.txt | grep -v "^      "
-  ;;
-prefetch)
-  rm -rf /tmp/torchinductor_$(whoami)
-  timeout ${4:-560} python3 scripts/bench_decode.py --preset llama-3-8b --sparsity ${2:-0.4,0.5} --prefetch "$3" \
-    --json $OUT/decode_prefetch.json 2>&1 | grep -v -i warn | tee $OUT/decode_prefetch.txt
   ;;
 generate)
   # the user's path on a random-weight Llama-3-8B folder: make it, calibrate, generate dense and at 50%
@@ -45,6 +39,6 @@ kernels)
     | tee $OUT/bench_kernels_b1.txt
   ;;
 *)
-  echo "usage: gpu_session15.sh tests | decode [preset] [levels] [timeout_s] | prefetch levels settings [timeout_s] | kernels [timeout_s] | generate" >&2; exit 2
+  echo "usage: gpu_session14.sh tests | decode [preset] [levels] [timeout_s] | kernels [timeout_s] | generate" >&2; exit 2
   ;;
 esac
