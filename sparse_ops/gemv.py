@@ -80,8 +80,7 @@ def _sparse_gemv_kernel(
                 score = score * tl.load(scale_ptr + seg * K + ks, mask=k_mask, other=0.0)[None, :]
             keep = score > thr
             any_keep = tl.max(keep.to(tl.int32), axis=0) > 0
-            w = tl.load(col_ptrs[None, :] + ks[:, None] * ld, mask=any_keep[:, None] & n_mask[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            w = tl.load(col_ptrs[None, :] + ks[:, None] * ld, mask=any_keep[:, None] & n_mask[None, :], other=0.0)
             xm = tl.where(keep, xv, 0.0).to(w.dtype)
             if DOT_F32:  # Triton's CPU interpreter gets bf16 dots wrong; fp32 there, tensor cores on GPU
                 acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -114,8 +113,15 @@ def _sparse_gemv_kernel(
                 tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
                 count += tl.sum(kept, 0)
             tl.debug_barrier()  # the list is read back by other threads of this program
-        acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
-                             seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K)
+        # A stream of more than two steps loads its weights with an evict-first hint for L2, which keeps x, the
+        # lists and the partials there: 1-3% faster at 25-65%; on one or two steps (90%) it costs 20-40%
+        # (docs/benchmarks.md, session 15)
+        if count > 2 * BLOCK_K:
+            acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
+                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, True)
+        else:
+            acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
+                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, False)
         y = tl.sum(acc, axis=0)
         if GLU:
             # silu(gate) * up from the fp32 sums, rounded once
@@ -138,11 +144,12 @@ def _masked_x(xv, rows, jm, thr, scale_ptr, HAS_SCALE: tl.constexpr):
 @triton.jit
 def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASK_X: tl.constexpr, thr, scale_ptr, HAS_SCALE: tl.constexpr, GLU: tl.constexpr,
-                   thr_ptr, scale_b_ptr):
+                   thr_ptr, scale_b_ptr, EVICT_FIRST: tl.constexpr):
     """Batch 1, phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and
     the loop is count / BLOCK_K steps long, not K_PER_SPLIT / BLOCK_K: what makes high sparsity pay.
     MASK_X: the list may hold channels this segment drops (a union over segments); zero their inputs.
-    GLU: the tile's right half is a second segment (up, threshold thr_ptr[1], scores scale_b_ptr)."""
+    GLU: the tile's right half is a second segment (up, threshold thr_ptr[1], scores scale_b_ptr).
+    EVICT_FIRST: load the weights with L2's evict-first policy."""
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
     if GLU:
@@ -154,9 +161,11 @@ def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.con
     for j0 in range(0, count, BLOCK_K):
         jm = (j0 + rk) < count
         rows = next_rows
-        # weights are read once per step: evicted first, they leave x, the lists and the partials in L2 (1-2%)
-        w = tl.load(col_ptrs[None, :] + rows[:, None] * ld, mask=jm[:, None] & n_mask[None, :], other=0.0,
-                    eviction_policy="evict_first")
+        if EVICT_FIRST:
+            w = tl.load(col_ptrs[None, :] + rows[:, None] * ld, mask=jm[:, None] & n_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        else:
+            w = tl.load(col_ptrs[None, :] + rows[:, None] * ld, mask=jm[:, None] & n_mask[None, :], other=0.0)
         xv = tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32)
         nj = j0 + BLOCK_K + rk
         next_rows = tl.load(idx_base + nj, mask=nj < count, other=0, cache_modifier=".cg")
