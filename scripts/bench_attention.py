@@ -53,7 +53,7 @@ def run(args) -> list:
                 r = rows[-1]
                 print(f"| {name} | {B} | {ctx} | {r['sdpa_us']} | {r['decode_attention_us']} | {r['speedup']}x "
                       f"| {r['tb_s_needed']} |", flush=True)
-            del ks, vs, causal
+            ks = vs = causal = None  # frees the copies before the next model
             torch.cuda.empty_cache()
     return rows
 

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import sparse_ops
 from conftest import rel_err
 from sparse_ops import (add_rmsnorm, add_rmsnorm_ref, sparse_gemv, sparse_gemv_pair, sparse_gemv_pair_ref,
                         sparse_gemv_ref)
