@@ -115,7 +115,7 @@ def _sparse_gemv_kernel(
             tl.debug_barrier()  # the list is read back by other threads of this program
         # A stream of more than four steps loads its weights with an evict-first hint for L2, which keeps x, the
         # lists and the partials there: 1-3% faster on long streams (25-65%); on short ones (90%) it costs up to
-        # 40% (docs/benchmarks.md, session 15)
+        # 42% (docs/benchmarks.md, session 15)
         if count > 4 * BLOCK_K:
             acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
                                  seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, True)
