@@ -118,10 +118,10 @@ def _sparse_gemv_kernel(
         # 42% (docs/benchmarks.md, session 15)
         if count > 4 * BLOCK_K:
             acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
-                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, True)
+                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "evict_first")
         else:
             acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
-                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, False)
+                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "")
         y = tl.sum(acc, axis=0)
         if GLU:
             # silu(gate) * up from the fp32 sums, rounded once
@@ -144,12 +144,12 @@ def _masked_x(xv, rows, jm, thr, scale_ptr, HAS_SCALE: tl.constexpr):
 @triton.jit
 def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASK_X: tl.constexpr, thr, scale_ptr, HAS_SCALE: tl.constexpr, GLU: tl.constexpr,
-                   thr_ptr, scale_b_ptr, EVICT_FIRST: tl.constexpr):
+                   thr_ptr, scale_b_ptr, EVICTION: tl.constexpr):
     """Batch 1, phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and
     the loop is count / BLOCK_K steps long, not K_PER_SPLIT / BLOCK_K: what makes high sparsity pay.
     MASK_X: the list may hold channels this segment drops (a union over segments); zero their inputs.
     GLU: the tile's right half is a second segment (up, threshold thr_ptr[1], scores scale_b_ptr).
-    EVICT_FIRST: load the weights with L2's evict-first policy."""
+    EVICTION: the weight loads' eviction policy ("evict_first", or "" for the default)."""
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
     if GLU:
@@ -161,11 +161,8 @@ def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.con
     for j0 in range(0, count, BLOCK_K):
         jm = (j0 + rk) < count
         rows = next_rows
-        if EVICT_FIRST:
-            w = tl.load(col_ptrs[None, :] + rows[:, None] * ld, mask=jm[:, None] & n_mask[None, :], other=0.0,
-                        eviction_policy="evict_first")
-        else:
-            w = tl.load(col_ptrs[None, :] + rows[:, None] * ld, mask=jm[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(col_ptrs[None, :] + rows[:, None] * ld, mask=jm[:, None] & n_mask[None, :], other=0.0,
+                    eviction_policy=EVICTION)
         xv = tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32)
         nj = j0 + BLOCK_K + rk
         next_rows = tl.load(idx_base + nj, mask=nj < count, other=0, cache_modifier=".cg")
