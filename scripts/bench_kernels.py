@@ -162,22 +162,30 @@ def sweep(args):
             t_cublas = time_us(lambda i: F.linear(xd, ws[i]), c)
             # Tiles near the defaults (wider searches: docs/benchmarks.md "Tile sweep"), with every split count
             # that gives 0.5-4 programs per SM: the program count against the SM count is what moves the time.
-            tiles = [(1, 128, 128, 4, 3), (1, 128, 64, 4, 3), (1, 256, 64, 4, 3)] if batch == 1 else \
-                [(16, 256, 32, 4, 3), (16, 128, 32, 4, 3)]
+            # (BLOCK_B, BLOCK_N, BLOCK_K, warps, stages, windows instead of a list)
+            tiles = [(1, 128, 128, 4, 3, False), (1, 128, 64, 4, 3, False), (1, 256, 64, 4, 3, False),
+                     (1, 64, 128, 8, 3, True), (1, 64, 128, 4, 3, True)] if batch == 1 else \
+                [(16, 256, 32, 4, 3, False), (16, 128, 32, 4, 3, False)]
             for s in args.sparsity:
                 x, thr = make_x(batch, K, s, dtype, g)
                 thr_t = torch.full((len(segs),), thr, device="cuda")
                 default = pick_config(batch, K, N, tuple(ends[:-1]), x.device)
                 t_def = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, None, default), c)
-                results = []
-                for bb, bn, bk, nw, ns in tiles:
+                results, seen = [], set()
+                for bb, bn, bk, nw, ns, win in tiles:
                     if any(e % bn for e in ends[:-1]):  # a column block must stay inside one segment
                         continue
                     n_blocks = triton.cdiv(N, bn)
                     for sk in range(1, 129):
                         if not n_sm // 2 <= n_blocks * sk <= 4 * n_sm or K // sk < bk:
                             continue
-                        cfg = dict(BLOCK_B=bb, BLOCK_K=bk, BLOCK_N=bn, SPLIT_K=sk, num_warps=nw, num_stages=ns)
+                        # windows: a power of two (sparse_ops.pick_config), which sets the split
+                        w = min(16, triton.next_power_of_2(triton.cdiv(triton.cdiv(K, sk), bk))) if win else 0
+                        cfg = dict(BLOCK_B=bb, BLOCK_K=bk, BLOCK_N=bn, SPLIT_K=triton.cdiv(K, w * bk) if w else sk,
+                                   num_warps=nw, num_stages=ns, WINDOWS=w)
+                        if tuple(cfg.values()) in seen:
+                            continue
+                        seen.add(tuple(cfg.values()))
                         try:
                             t = time_us(lambda i: _launch(x, wts[i], wts[i], N, N, thr_t, seg1, seg2, None, None,
                                                           cfg), c)

@@ -3,7 +3,9 @@
 The weight is passed transposed, Wt (K, N) contiguous, so one kept input channel k is one contiguous row
 Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs. With one decode row it first
 lists its kept channels (or takes them listed by the kernel that made x, sparse_ops/norm.py), then streams only
-their rows; with a batch it streams tiles and loads a row where any batch row keeps the channel. The ops return
+their rows; or, where the weight is small and each program's share short (o), it loads its share's rows in
+windows, masked by the keep mask, with no list. With a batch it streams tiles and loads a row where any batch row
+keeps the channel. The ops return
 the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum and cast are plain torch ops that inductor
 fuses into the consumer (or a consumer kernel sums them itself with `partials_sum`, as decode attention and the
 fused norm do), so no zero-fill or atomics are needed.
@@ -29,7 +31,8 @@ def _sparse_gemv_kernel(
     x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, idx_ptr, out_ptr,
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, LISTED: tl.constexpr,
-    GLU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    GLU: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -88,6 +91,10 @@ def _sparse_gemv_kernel(
                 acc = tl.dot(xm, w, acc, input_precision="ieee")
         tl.store(out_ptr + pid_k * B * N + rb[:, None] * N + out_cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=b_mask[:, None] & (out_cols < N)[None, :])
+    elif WINDOWS > 0:
+        acc = _stream_windows(x_ptr, col_ptrs, ld, n_mask, k_lo, K, thr, scale_ptr + seg * K, HAS_SCALE, WINDOWS,
+                              BLOCK_K, BLOCK_N)
+        tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=out_cols < N)
     else:
         seg_scale = scale_ptr + seg * K  # this segment's column norms (weighted scores)
         if LISTED:
@@ -139,6 +146,25 @@ def _masked_x(xv, rows, jm, thr, scale_ptr, HAS_SCALE: tl.constexpr):
     if HAS_SCALE:
         score = score * tl.load(scale_ptr + rows, mask=jm, other=0.0)
     return tl.where(score > thr, xv, 0.0)
+
+
+@triton.jit
+def _stream_windows(x_ptr, col_ptrs, ld, n_mask, k_lo, K, thr, scale_ptr, HAS_SCALE: tl.constexpr,
+                    WINDOWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Batch 1 without a list: the program's WINDOWS * BLOCK_K channels from k_lo, each window's weight rows
+    loaded where x is kept (masked rows move no bytes). Every load's address depends on x alone, so the compiler
+    issues several windows' loads at once, and the call's chain is x, weights, one reduction; listing adds a
+    store, a barrier and a read-back before the first weight load (o at 50%: 9.1 us against 10.9, but on
+    longer shares, qkv's and the MLP's, the windows' masked rows cost more than the list: docs/benchmarks.md)."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for i in tl.static_range(WINDOWS):
+        rows = k_lo + i * BLOCK_K + rk
+        jm = rows < K
+        xv = _masked_x(tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32), rows, jm, thr, scale_ptr, HAS_SCALE)
+        w = tl.load(col_ptrs[None, :] + rows[:, None] * ld, mask=(xv != 0.0)[:, None] & n_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * xv[:, None]
+    return acc
 
 
 @triton.jit
@@ -206,11 +232,15 @@ def _pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.device) -> dict:
-    """Tile sizes for one launch. boundaries: inner column offsets where threshold or weight changes.
+def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.device, listed: bool = False) -> dict:
+    """Tile sizes for one launch. boundaries: inner column offsets where threshold or weight changes; listed: the
+    kept channels come listed (batch 1).
 
     From sweeps on an H100 (scripts/bench_kernels.py --sweep, docs/benchmarks.md): batch 1 wants 128x128
-    tiles of listed rows, batches 256-wide tiles 32 rows deep; both about 2 programs per SM.
+    tiles of listed rows, batches 256-wide tiles 32 rows deep; both about 2 programs per SM. A small weight (K * N
+    up to 4096 x 4096, o's) at batch 1 without a list runs windows of 128 rows on 64-wide tiles instead, WINDOWS
+    per program: listing would split K into shares of 512 or fewer channels, too short to repay the list. The
+    count of windows is a power of two up to 8: triton 3.6 compiles other counts (6, 12) into code up to 10x slower.
     """
     g = 0
     for b in boundaries:
@@ -222,16 +252,23 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
     if block_n < 16:
         raise ValueError(f"segment boundaries {list(boundaries)} must be multiples of 16")
     block_k = 32 if use_dot else 128
-    if device.type == "cuda":
+    # the interpreter runs the same paths at a small scale: small tiles and few programs keep it quick
+    cuda = device.type == "cuda"
+    windows = not use_dot and not listed and K * N <= (2 ** 24 if cuda else 2 ** 16)
+    if windows:
+        block_n = min(block_n, 64)
+    if cuda:
         # About two programs per SM at every batch size (any split count, not only powers of two)
-        n_blocks = triton.cdiv(N, block_n)
         target = 2 * num_sms(device)
-        split_k = max(1, min(target // max(n_blocks, 1), triton.cdiv(K, 2 * block_k)))
-        num_warps, num_stages = 4, 3
-    else:  # Triton's interpreter: small tiles and few programs keep it quick
+        split_k = max(1, min(target // triton.cdiv(N, block_n), triton.cdiv(K, (1 if windows else 2) * block_k)))
+        num_warps, num_stages = 8 if windows else 4, 3
+    else:
         block_k = min(block_k, 64)
         split_k, num_warps, num_stages = (2 if K > block_k else 1), 4, 1
-    return dict(BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k,
+    if windows:
+        windows = min(8, triton.next_power_of_2(triton.cdiv(triton.cdiv(K, split_k), block_k)))
+        split_k = triton.cdiv(K, windows * block_k)
+    return dict(BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k, WINDOWS=int(windows),
                 num_warps=num_warps, num_stages=num_stages)
 
 
@@ -266,20 +303,23 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
                          f"for x {tuple(x.shape)}")
 
 
-def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[dict] = None,
+def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, listed: bool, config: Optional[dict] = None,
                     glu: bool = False) -> tuple:
     """The launch plan of an op and its output buffer, which the fake ops share: (out, kernel settings, inputs per
     split); out holds the (split, batch, n) split-K partial sums, fp32 when there are several, else x's dtype.
-    Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes.
+    Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes. listed: a kept list is given.
     glu: one K range (the epilogue needs whole sums) and out = silu(gate) * up, (1, n_a) in x's dtype."""
     batch, K = x.shape
     inner = () if glu else tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)  # a GLU tile holds both weights
-    cfg = dict(config or pick_config(batch, K, n, inner, x.device))
+    cfg = dict(config or pick_config(batch, K, n, inner, x.device, listed or glu))
     split = 1 if glu else cfg["SPLIT_K"]
     del cfg["SPLIT_K"]
-    # Equal K shares: multiples of BLOCK_K for the tile loop of batches, of 16 for the listing path of batch 1
-    step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
-    k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
+    if cfg["WINDOWS"]:
+        k_per_split = cfg["WINDOWS"] * cfg["BLOCK_K"]  # the windows make the share
+    else:
+        # Equal K shares: multiples of BLOCK_K for the tile loop of batches, of 16 for the listing path of batch 1
+        step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
+        k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
     split = triton.cdiv(K, k_per_split)  # rounding up can leave a trailing share empty: drop it
     # phase 1 scans the K range in chunks; with a batch, x tiles are BLOCK_B x CHUNK, so smaller ones
     cfg["CHUNK"] = min(256 if cfg["BLOCK_B"] > 1 else 1024, triton.next_power_of_2(k_per_split))
@@ -293,7 +333,7 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
             scale: Optional[Tensor], kept: Optional[Tensor], config: Optional[dict] = None,
             glu: bool = False) -> Tensor:
     batch, K = x.shape
-    out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, config, glu)
+    out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, kept is not None, config, glu)
     # a GLU program holds BLOCK_N // 2 columns of each weight
     grid = (triton.cdiv(n_a, cfg["BLOCK_N"] // 2), 1) if glu else (triton.cdiv(n, cfg["BLOCK_N"]), out.shape[0])
     # kept-channel lists: given (sparse_ops.norm's), or the kernel's scratch, every read slot written first
@@ -348,20 +388,20 @@ def _sparse_glu_op(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor
 @_sparse_gemv_op.register_fake
 def _(x, wt, thresholds, seg_ends, scale, kept):
     n = wt.shape[1]
-    return _empty_partials(x, n, n, *_segments(seg_ends, n))[0]
+    return _empty_partials(x, n, n, *_segments(seg_ends, n), kept is not None)[0]
 
 
 @_sparse_gemv_pair_op.register_fake
 def _(x, wt_a, wt_b, thresholds, scale, kept):
     n_a = wt_a.shape[1]
     n = n_a + wt_b.shape[1]
-    return _empty_partials(x, n, n_a, n_a, n)[0]
+    return _empty_partials(x, n, n_a, n_a, n, kept is not None)[0]
 
 
 @_sparse_glu_op.register_fake
 def _(x, wt_gate, wt_up, thresholds, scale, kept):
     n_a = wt_gate.shape[1]
-    return _empty_partials(x, 2 * n_a, n_a, n_a, 2 * n_a, glu=True)[0]
+    return _empty_partials(x, 2 * n_a, n_a, n_a, 2 * n_a, True, glu=True)[0]
 
 
 def use_triton(x: Tensor) -> bool:

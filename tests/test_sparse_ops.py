@@ -61,6 +61,21 @@ def test_unreduced_partials(B):
     assert torch.equal(sparse_gemv(x, wt, thr, [576, 768, 960]), parts.sum(0).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_windows_and_lists(scaled):
+    # batch 1 has two paths: small weights run windows of rows masked by the keep mask, larger ones list the kept
+    # channels first (sparse_ops.pick_config); both against the reference, with segments and weighted scores
+    from sparse_ops.gemv import pick_config
+    dev = torch.device(DEV)
+    for K, segs in ((128, [64, 32, 32]), (200, [48]), (1536, [256, 128, 128])):
+        cfg = pick_config(1, K, sum(segs), tuple(torch.tensor(segs).cumsum(0).tolist()[:-1]), dev)
+        assert (cfg["WINDOWS"] > 0) == (K * sum(segs) <= (2 ** 24 if DEV == "cuda" else 2 ** 16)), cfg
+        assert cfg["WINDOWS"] & (cfg["WINDOWS"] - 1) == 0, cfg  # a power of two (pick_config says why)
+        for levels in ([0.3, 0.5, 0.7], [0.0, 0.0, 0.0], [0.95, 0.9, 1.0]):
+            check_single(1, K, segs, torch.bfloat16, levels[:len(segs)], scaled=scaled, seed=K)
+    assert pick_config(1, 4096, 4096, (), dev, listed=True)["WINDOWS"] == 0  # a given list is streamed
+
+
 @pytest.mark.parametrize("level", [0.0, 0.9])
 def test_threshold_extremes(level):
     check_single(1, 256, [128], torch.bfloat16, [level])

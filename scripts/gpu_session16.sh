@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Device runs (session 15; session 14 ran the same stages as gpu_session14.sh), one stage per call (each fits
-# the 10-minute limit):
+# Device runs (session 16; sessions 14-15 ran the same stages as gpu_session14.sh and gpu_session15.sh), one
+# stage per call (each fits the 10-minute limit):
 #   tests:   GPU tests of the norm, attention and GEMV ops and of the compiled model
 #   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%)
 #   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included
@@ -40,6 +40,6 @@ kernels)
     | tee $OUT/bench_kernels_b1.txt
   ;;
 *)
-  echo "usage: gpu_session15.sh tests | decode [preset] [levels] [timeout_s] | kernels [timeout_s] | generate" >&2; exit 2
+  echo "usage: gpu_session16.sh tests | decode [preset] [levels] [timeout_s] | kernels [timeout_s] | generate" >&2; exit 2
   ;;
 esac
