@@ -5,10 +5,9 @@ Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs.
 lists its kept channels (or takes them listed by the kernel that made x, sparse_ops/norm.py), then streams only
 their rows; or, where the weight is small and each program's share short (o), it loads its share's rows in
 windows, masked by the keep mask, with no list. With a batch it streams tiles and loads a row where any batch row
-keeps the channel. The ops return
-the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum and cast are plain torch ops that inductor
-fuses into the consumer (or a consumer kernel sums them itself with `partials_sum`, as decode attention and the
-fused norm do), so no zero-fill or atomics are needed.
+keeps the channel. The ops return the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum and cast
+are plain torch ops that inductor fuses into the consumer (or a consumer kernel sums them itself with
+`partials_sum`, as decode attention and the fused norm do), so no zero-fill or atomics are needed.
 """
 import functools
 import math
@@ -153,7 +152,7 @@ def _stream_windows(x_ptr, col_ptrs, ld, n_mask, k_lo, K, thr, scale_ptr, HAS_SC
                     WINDOWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Batch 1 without a list: the program's WINDOWS * BLOCK_K channels from k_lo, each window's weight rows
     loaded where x is kept (masked rows move no bytes). Every load's address depends on x alone, so the compiler
-    issues several windows' loads at once, and the call's chain is x, weights, one reduction; listing adds a
+    can issue several windows' loads at once, and the call's chain is x, weights, one reduction; listing adds a
     store, a barrier and a read-back before the first weight load (o at 50%: 9.1 us against 10.9, but on
     longer shares, qkv's and the MLP's, the windows' masked rows cost more than the list: docs/benchmarks.md)."""
     rk = tl.arange(0, BLOCK_K)
@@ -253,23 +252,23 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
     if block_n < 16:
         raise ValueError(f"segment boundaries {list(boundaries)} must be multiples of 16")
     block_k = 32 if use_dot else 128
-    # the interpreter runs the same paths at a small scale: small tiles and few programs keep it quick
     cuda = device.type == "cuda"
-    windows = not use_dot and not listed and K * N <= (2 ** 24 if cuda else 2 ** 16)
-    if windows:
+    small = not use_dot and not listed and K * N <= (2 ** 24 if cuda else 2 ** 16)  # takes the windows
+    if small:
         block_n = min(block_n, 64)
     if cuda:
         # About two programs per SM at every batch size (any split count, not only powers of two)
         target = 2 * num_sms(device)
-        split_k = max(1, min(target // triton.cdiv(N, block_n), triton.cdiv(K, (1 if windows else 2) * block_k)))
-        num_warps, num_stages = 8 if windows else 4, 3
-    else:
+        split_k = max(1, min(target // triton.cdiv(N, block_n), triton.cdiv(K, (1 if small else 2) * block_k)))
+        num_warps, num_stages = 8 if small else 4, 3
+    else:  # Triton's interpreter, the same paths at a small scale: small tiles and few programs keep it quick
         block_k = min(block_k, 64)
         split_k, num_warps, num_stages = (2 if K > block_k else 1), 4, 1
-    if windows:
+    windows = 0
+    if small:
         windows = min(8, triton.next_power_of_2(triton.cdiv(triton.cdiv(K, split_k), block_k)))
         split_k = triton.cdiv(K, windows * block_k)
-    return dict(BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k, WINDOWS=int(windows),
+    return dict(BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k, WINDOWS=windows,
                 num_warps=num_warps, num_stages=num_stages)
 
 
