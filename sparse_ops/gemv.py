@@ -30,8 +30,8 @@ def _sparse_gemv_kernel(
     x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, idx_ptr, out_ptr,
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, LISTED: tl.constexpr,
-    GLU: tl.constexpr, WINDOWS: tl.constexpr, HEAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    GLU: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -103,14 +103,6 @@ def _sparse_gemv_kernel(
             count = tl.load(idx_ptr + K + tl.minimum(k_lo + K_PER_SPLIT, K) // 16) - start
             idx_base = idx_ptr + start
         else:
-            if HEAD > 0:
-                # the first HEAD * BLOCK_K channels' rows, loaded masked now, in flight while the rest is listed
-                hrows = k_lo + tl.arange(0, HEAD * BLOCK_K)
-                hm = (hrows < K) & (hrows < k_lo + K_PER_SPLIT)
-                hx = _masked_x(tl.load(x_ptr + hrows, mask=hm, other=0.0).to(tl.float32), hrows, hm, thr, seg_scale,
-                               HAS_SCALE)
-                hw = tl.load(col_ptrs[None, :] + hrows[:, None] * ld, mask=(hx != 0.0)[:, None] & n_mask[None, :],
-                             other=0.0)
             # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
             # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
             idx_base = idx_ptr + seg * K + k_lo
@@ -118,7 +110,7 @@ def _sparse_gemv_kernel(
             count = pid_k * 0
             for c0 in range(0, K_PER_SPLIT, CHUNK):
                 ks = k_lo + c0 + rc
-                valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K) & ((c0 + rc) >= HEAD * BLOCK_K)
+                valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
                 score = tl.abs(tl.load(x_ptr + ks, mask=valid, other=0.0).to(tl.float32))
                 if HAS_SCALE:
                     score = score * tl.load(seg_scale + ks, mask=valid, other=0.0)
@@ -130,14 +122,11 @@ def _sparse_gemv_kernel(
         # A stream of more than four steps loads its weights with an evict-first hint for L2, which keeps x, the
         # lists and the partials there: 1-3% faster on long streams (25-65%); on short ones (90%) it costs up to
         # 42% (docs/benchmarks.md, session 15)
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        if HEAD > 0 and not LISTED:
-            acc += tl.sum(tl.reshape(hw.to(tl.float32) * hx[:, None], (HEAD, BLOCK_K, BLOCK_N)), axis=0)
         if count > 4 * BLOCK_K:
-            acc = _stream_listed(acc, x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
+            acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
                                  seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "evict_first")
         else:
-            acc = _stream_listed(acc, x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
+            acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
                                  seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "")
         y = tl.sum(acc, axis=0)
         if GLU:
@@ -178,7 +167,7 @@ def _stream_windows(x_ptr, col_ptrs, ld, n_mask, k_lo, K, thr, scale_ptr, HAS_SC
 
 
 @triton.jit
-def _stream_listed(acc, x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASK_X: tl.constexpr, thr, scale_ptr, HAS_SCALE: tl.constexpr, GLU: tl.constexpr,
                    thr_ptr, scale_b_ptr, EVICTION: tl.constexpr):
     """Batch 1, phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and
@@ -187,6 +176,7 @@ def _stream_listed(acc, x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: t
     GLU: the tile's right half is a second segment (up, threshold thr_ptr[1], scores scale_b_ptr).
     EVICTION: the weight loads' eviction policy ("evict_first", or "" for the default)."""
     rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
     if GLU:
         thr_b = tl.load(thr_ptr + 1)
         left = (tl.arange(0, BLOCK_N) < BLOCK_N // 2)[None, :]
@@ -279,7 +269,7 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
         windows = min(8, triton.next_power_of_2(triton.cdiv(triton.cdiv(K, split_k), block_k)))
         split_k = triton.cdiv(K, windows * block_k)
     return dict(BLOCK_B=16 if use_dot else 1, BLOCK_K=block_k, BLOCK_N=block_n, SPLIT_K=split_k, WINDOWS=windows,
-                HEAD=0, num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Optional[Tensor],
