@@ -105,35 +105,29 @@ def _sparse_gemv_kernel(
         else:
             # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
             # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
-            # A threshold of 0 (0% sparsity) needs every row: no list, the rows are the range itself.
             idx_base = idx_ptr + seg * K + k_lo
-            count = tl.minimum(K_PER_SPLIT, K - k_lo)
-            if thr > 0.0:
-                rc = tl.arange(0, CHUNK)
-                count = pid_k * 0
-                for c0 in range(0, K_PER_SPLIT, CHUNK):
-                    ks = k_lo + c0 + rc
-                    valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
-                    score = tl.abs(tl.load(x_ptr + ks, mask=valid, other=0.0).to(tl.float32))
-                    if HAS_SCALE:
-                        score = score * tl.load(seg_scale + ks, mask=valid, other=0.0)
-                    keep = (score > thr) & valid
-                    kept = keep.to(tl.int32)
-                    tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
-                    count += tl.sum(kept, 0)
-                tl.debug_barrier()  # the list is read back by other threads of this program
+            rc = tl.arange(0, CHUNK)
+            count = pid_k * 0
+            for c0 in range(0, K_PER_SPLIT, CHUNK):
+                ks = k_lo + c0 + rc
+                valid = ((c0 + rc) < K_PER_SPLIT) & (ks < K)
+                score = tl.abs(tl.load(x_ptr + ks, mask=valid, other=0.0).to(tl.float32))
+                if HAS_SCALE:
+                    score = score * tl.load(seg_scale + ks, mask=valid, other=0.0)
+                keep = (score > thr) & valid
+                kept = keep.to(tl.int32)
+                tl.store(idx_base + count + tl.cumsum(kept, 0) - 1, ks, mask=keep)
+                count += tl.sum(kept, 0)
+            tl.debug_barrier()  # the list is read back by other threads of this program
         # A stream of more than four steps loads its weights with an evict-first hint for L2, which keeps x, the
         # lists and the partials there: 1-3% faster on long streams (25-65%); on short ones (90%) it costs up to
         # 42% (docs/benchmarks.md, session 15)
-        if not LISTED and thr <= 0.0:  # the whole range, its inputs still masked (x = 0, or a weighted score of 0)
-            acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, k_lo, count, BLOCK_K, BLOCK_N, True, thr, seg_scale,
-                                 HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "evict_first", True)
-        elif count > 4 * BLOCK_K:
+        if count > 4 * BLOCK_K:
             acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
-                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "evict_first", False)
+                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "evict_first")
         else:
             acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
-                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "", False)
+                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "")
         y = tl.sum(acc, axis=0)
         if GLU:
             # silu(gate) * up from the fp32 sums, rounded once
@@ -175,13 +169,12 @@ def _stream_windows(x_ptr, col_ptrs, ld, n_mask, k_lo, K, thr, scale_ptr, HAS_SC
 @triton.jit
 def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                    MASK_X: tl.constexpr, thr, scale_ptr, HAS_SCALE: tl.constexpr, GLU: tl.constexpr,
-                   thr_ptr, scale_b_ptr, EVICTION: tl.constexpr, DENSE: tl.constexpr):
+                   thr_ptr, scale_b_ptr, EVICTION: tl.constexpr):
     """Batch 1, phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and
     the loop is count / BLOCK_K steps long, not K_PER_SPLIT / BLOCK_K: what makes high sparsity pay.
     MASK_X: the list may hold channels this segment drops (a union over segments); zero their inputs.
     GLU: the tile's right half is a second segment (up, threshold thr_ptr[1], scores scale_b_ptr).
-    EVICTION: the weight loads' eviction policy ("evict_first", or "" for the default).
-    DENSE: no list; idx_base is the first channel and the rows are idx_base, idx_base + 1, ..."""
+    EVICTION: the weight loads' eviction policy ("evict_first", or "" for the default)."""
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
     if GLU:
@@ -189,10 +182,7 @@ def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.con
         left = (tl.arange(0, BLOCK_N) < BLOCK_N // 2)[None, :]
     # The next step's list entries are loaded a step ahead, so a step's weight loads wait for no list read
     # (long loops gain most: the listed gate|up GEMV at 40-50% 4-5% faster, docs/benchmarks.md)
-    if DENSE:
-        next_rows = idx_base + rk
-    else:
-        next_rows = tl.load(idx_base + rk, mask=rk < count, other=0, cache_modifier=".cg")
+    next_rows = tl.load(idx_base + rk, mask=rk < count, other=0, cache_modifier=".cg")
     for j0 in range(0, count, BLOCK_K):
         jm = (j0 + rk) < count
         rows = next_rows
@@ -200,10 +190,7 @@ def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.con
                     eviction_policy=EVICTION)
         xv = tl.load(x_ptr + rows, mask=jm, other=0.0).to(tl.float32)
         nj = j0 + BLOCK_K + rk
-        if DENSE:
-            next_rows = idx_base + nj
-        else:
-            next_rows = tl.load(idx_base + nj, mask=nj < count, other=0, cache_modifier=".cg")
+        next_rows = tl.load(idx_base + nj, mask=nj < count, other=0, cache_modifier=".cg")
         if GLU:
             xa = _masked_x(xv, rows, jm, thr, scale_ptr, HAS_SCALE)
             xb = _masked_x(xv, rows, jm, thr_b, scale_b_ptr, HAS_SCALE)
