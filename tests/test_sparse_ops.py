@@ -76,6 +76,30 @@ def test_windows_and_lists(scaled):
     assert pick_config(1, 4096, 4096, (), dev, listed=True)["WINDOWS"] == 0  # a given list is streamed
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_zero_threshold_still_masks(scaled):
+    # Threshold 0 (0% sparsity) on the listing path: inputs of exactly 0, NaN ones and (weighted) scores of 0 must
+    # still drop, as in the reference: a finite output equal to it
+    from sparse_ops.gemv import pick_config
+    g = torch.Generator().manual_seed(7)
+    K, N = 1024, 192
+    assert pick_config(1, K, N, (), torch.device(DEV))["WINDOWS"] == 0 or DEV == "cuda"  # the listing path on CPU
+    x = torch.randn(1, K, generator=g)
+    x[0, ::9] = 0.0
+    x[0, 5::97] = float("nan")
+    x = x.to(torch.bfloat16).to(DEV)
+    wt = (torch.randn(K, N, generator=g) / 32).to(torch.bfloat16).to(DEV)
+    scale = None
+    if scaled:
+        scale = torch.rand(1, K, generator=g) + 0.5
+        scale[0, 1::7] = 0.0
+        scale = scale.to(DEV)
+    thr = torch.zeros(1, device=DEV)
+    y = sparse_gemv(x, wt, thr, [N], scale)
+    ref = sparse_gemv_ref(x.double(), wt.double(), thr, [N], scale)
+    assert torch.isfinite(ref).all() and rel_err(y, ref) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("level", [0.0, 0.9])
 def test_threshold_extremes(level):
     check_single(1, 256, [128], torch.bfloat16, [level])
