@@ -66,7 +66,7 @@ def _sparse_gemv_kernel(
         col_ptrs = w_ptr + cols
         n_mask = cols < ld
         out_cols = n0 + rn
-
+    seg_scale = scale_ptr + seg * K  # this segment's column norms (weighted scores)
     if USE_DOT:
         # Batch > 1: the rows' masks have few zeros in common, so stream the K range tile by tile; a weight row
         # is loaded where any batch row keeps its channel, and each row applies its own mask through the dot.
@@ -79,7 +79,7 @@ def _sparse_gemv_kernel(
             xv = tl.load(x_ptr + rb[:, None] * K + ks[None, :], mask=b_mask[:, None] & k_mask[None, :], other=0.0)
             score = tl.abs(xv.to(tl.float32))
             if HAS_SCALE:
-                score = score * tl.load(scale_ptr + seg * K + ks, mask=k_mask, other=0.0)[None, :]
+                score = score * tl.load(seg_scale + ks, mask=k_mask, other=0.0)[None, :]
             keep = score > thr
             any_keep = tl.max(keep.to(tl.int32), axis=0) > 0
             w = tl.load(col_ptrs[None, :] + ks[:, None] * ld, mask=any_keep[:, None] & n_mask[None, :], other=0.0)
@@ -91,11 +91,10 @@ def _sparse_gemv_kernel(
         tl.store(out_ptr + pid_k * B * N + rb[:, None] * N + out_cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=b_mask[:, None] & (out_cols < N)[None, :])
     elif WINDOWS > 0:
-        acc = _stream_windows(x_ptr, col_ptrs, ld, n_mask, k_lo, K, thr, scale_ptr + seg * K, HAS_SCALE, WINDOWS,
-                              BLOCK_K, BLOCK_N)
+        acc = _stream_windows(x_ptr, col_ptrs, ld, n_mask, k_lo, K, thr, seg_scale, HAS_SCALE, WINDOWS, BLOCK_K,
+                              BLOCK_N)
         tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=out_cols < N)
     else:
-        seg_scale = scale_ptr + seg * K  # this segment's column norms (weighted scores)
         if LISTED:
             # Batch 1 with the channels listed by the kernel that made x (sparse_ops.norm's format): those that
             # any segment keeps, so this segment's own threshold still applies to them
