@@ -7,9 +7,6 @@
     decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
                                                                 one new token: qkv's partials summed, RoPE, cache
                                                                 write and attention over the filled cache
-    sparse_mlp(x, wt_gate, wt_up, wt_down, thresholds, out, scale=None, down_scale=None, kept=None)
-                                                                out += down(silu(gate) * up), the whole MLP of one
-                                                                row in one kernel
     add_rmsnorm(x, parts, weight, eps, thresholds=None, scale=None)
                                                                 residual add of a GEMV's partials and RMSNorm,
                                                                 listing the channels the next GEMV needs
@@ -21,18 +18,17 @@ thresholds and scale (the GEMV then skips listing them itself). On CPU without T
 """
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import _decode_attention_op, check_decode_attention, decode_attention_ref
-from .gemv import (MAX_BATCH, _check, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, _sparse_mlp_op,
-                   pick_config, sum_partials, use_triton)
+from .gemv import (MAX_BATCH, _check, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, pick_config,
+                   sum_partials, use_triton)
 from .norm import _add_rmsnorm_op, add_rmsnorm_ref, check_add_rmsnorm
-from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref, sparse_glu_ref, sparse_mlp_ref
+from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref, sparse_glu_ref
 
 __all__ = ["MAX_BATCH", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "sparse_gemv_pair_ref", "sparse_glu",
-           "sparse_glu_ref", "sparse_mlp", "sparse_mlp_ref", "keep_mask", "pick_config", "decode_attention", "decode_attention_ref", "rope",
+           "sparse_glu_ref", "keep_mask", "pick_config", "decode_attention", "decode_attention_ref", "rope",
            "add_rmsnorm", "add_rmsnorm_ref"]
 
 
@@ -74,33 +70,6 @@ def sparse_glu(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, sc
         return _sparse_glu_op(x, wt_gate, wt_up, thresholds, scale, kept)
     g, u = sum_partials(_sparse_gemv_pair_op(x, wt_gate, wt_up, thresholds, scale, None), x.dtype).chunk(2, dim=-1)
     return F.silu(g) * u
-
-
-def sparse_mlp(x: Tensor, wt_gate: Tensor, wt_up: Tensor, wt_down: Tensor, thresholds: Tensor, out: Tensor,
-               scale: Optional[Tensor] = None, down_scale: Optional[Tensor] = None,
-               kept: Optional[Tensor] = None) -> None:
-    """out += the MLP of one row, down(silu(gate) * up), each of the three a sparse GEMV with its own threshold
-    (thresholds: gate, up, down); out: fp32 (1, D), the caller rounds it to the model dtype.
-
-    With `kept` (add_rmsnorm's list for gate and up) one kernel does it all: each program holds whole values of its
-    hidden channels, so it applies down's threshold to them and adds their kept rows of down's weight into out
-    (atomic adds, in no fixed order: the sum is the same up to fp32 rounding). The down GEMV's own launch, listing
-    and split-K partials go away."""
-    _check(x, [wt_gate, wt_up], thresholds[:2], 2, scale, kept)
-    D = wt_down.shape[1]
-    if wt_gate.shape != wt_up.shape or wt_down.shape[0] != wt_gate.shape[1]:
-        raise ValueError(f"MLP weights do not chain: gate {tuple(wt_gate.shape)}, up {tuple(wt_up.shape)}, "
-                         f"down {tuple(wt_down.shape)} (all transposed, (in, out))")
-    _check(x.new_empty(1, wt_down.shape[0]), [wt_down], thresholds[2:], 1, down_scale)
-    if thresholds.shape != (3,) or x.shape[0] != 1 or tuple(out.shape) != (1, D) or out.dtype != torch.float32 \
-            or not out.is_contiguous() or out.device != x.device:
-        raise ValueError(f"sparse_mlp takes one row, 3 thresholds and a contiguous fp32 out (1, {D}) on {x.device}; "
-                         f"got x {tuple(x.shape)}, thresholds {tuple(thresholds.shape)}, out {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")
-    if use_triton(x) and kept is not None:
-        _sparse_mlp_op(x, wt_gate, wt_up, wt_down, thresholds, scale, down_scale, kept, out)
-    else:
-        out += sparse_mlp_ref(x, wt_gate, wt_up, wt_down, thresholds, scale, down_scale)
 
 
 def decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,

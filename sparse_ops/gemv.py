@@ -23,18 +23,15 @@ from torch.library import triton_op, wrap_triton
 from .reference import summed_partials
 
 MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked reference (prefill)
-SLOTS = 1
-DMODE = 0
-BLOCK_D = 256  # sparse_mlp: output columns of the down weight per step and atomic add
 
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, idx_ptr, out_ptr, wd_ptr, dscale_ptr,
-    B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT, D,
+    x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, idx_ptr, out_ptr,
+    B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, LISTED: tl.constexpr,
-    GLU: tl.constexpr, DOWN: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, SLOTS: tl.constexpr, DMODE: tl.constexpr,
+    GLU: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -135,45 +132,9 @@ def _sparse_gemv_kernel(
             # silu(gate) * up from the fp32 sums, rounded once
             g, u = tl.split(tl.permute(tl.reshape(y, (2, H)), (1, 0)))
             hc = pid_n * H + tl.arange(0, H)
-            hv = (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty)
-            if DOWN:
-                _down_rows(hv.to(tl.float32), hc, hc < N_A, wd_ptr, dscale_ptr, tl.load(thr_ptr + 2),
-                           out_ptr + (pid_n % SLOTS) * D, D, HAS_SCALE, BLOCK_D, SLOTS < 1000, DMODE)
-            else:
-                tl.store(out_ptr + hc, hv, mask=hc < N_A)
+            tl.store(out_ptr + hc, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=hc < N_A)
         else:
             tl.store(out_ptr + pid_k * N + out_cols, y.to(out_ptr.dtype.element_ty), mask=out_cols < N)
-
-
-@triton.jit
-def _down_rows(hv, hc, hm, wd_ptr, scale_ptr, thr, out_ptr, D, HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
-               ATOMIC: tl.constexpr, MODE: tl.constexpr):
-    """The MLP's down GEMV for the program's own hidden channels hc: out[:D] += sum over the kept ones of hv_c *
-    Wd_t[c, :], added atomically (every program adds into all D outputs). A program holds its channels' whole values,
-    so it needs no list and no other program's data, and the down GEMV's own launch, listing and tail go away."""
-    xv = _masked_x(hv, hc, hm, thr, scale_ptr, HAS_SCALE)
-    keep = (xv != 0.0) & hm
-    if tl.max(keep.to(tl.int32), axis=0) > 0:  # at high sparsity many programs keep none: no adds of zeros
-        rd = tl.arange(0, BLOCK_D)
-        if MODE == 0:
-            for d0 in range(0, D, BLOCK_D):
-                _down_step(d0, rd, hc, keep, xv, wd_ptr, out_ptr, D, ATOMIC)
-        elif MODE == 1:
-            for i in tl.static_range(4096 // BLOCK_D):
-                _down_step(i * BLOCK_D, rd, hc, keep, xv, wd_ptr, out_ptr, D, ATOMIC)
-        else:
-            for d0 in tl.range(0, D, BLOCK_D, num_stages=3):
-                _down_step(d0, rd, hc, keep, xv, wd_ptr, out_ptr, D, ATOMIC)
-
-
-@triton.jit
-def _down_step(d0, rd, hc, keep, xv, wd_ptr, out_ptr, D, ATOMIC: tl.constexpr):
-    cols = d0 + rd
-    w = tl.load(wd_ptr + hc[:, None] * D + cols[None, :], mask=keep[:, None] & (cols < D)[None, :], other=0.0)
-    if ATOMIC:
-        tl.atomic_add(out_ptr + cols, tl.sum(w.to(tl.float32) * xv[:, None], axis=0), mask=cols < D, sem="relaxed")
-    else:
-        tl.store(out_ptr + cols, tl.sum(w.to(tl.float32) * xv[:, None], axis=0), mask=cols < D)
 
 
 @triton.jit
@@ -369,24 +330,18 @@ def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, listed: b
 
 def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Tensor, seg1: int, seg2: int,
             scale: Optional[Tensor], kept: Optional[Tensor], config: Optional[dict] = None,
-            glu: bool = False, down: Optional[tuple] = None) -> Tensor:
-    """down: (wt_down, its scale or None, out) for the GLU: out += the down GEMV of silu(gate) * up (sparse_mlp)."""
+            glu: bool = False) -> Tensor:
     batch, K = x.shape
     out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, kept is not None, config, glu)
-    wd, dscale, d = wa, thresholds, 0
-    if down is not None:
-        wd, dscale, out = down
-        dscale = dscale if dscale is not None else thresholds
-        d = wd.shape[1]
     # a GLU program holds BLOCK_N // 2 columns of each weight
     grid = (triton.cdiv(n_a, cfg["BLOCK_N"] // 2), 1) if glu else (triton.cdiv(n, cfg["BLOCK_N"]), out.shape[0])
     # kept-channel lists: given (sparse_ops.norm's), or the kernel's scratch, every read slot written first
     idx = kept if kept is not None else torch.empty((3, K), device=x.device, dtype=torch.int32)
     wrap_triton(_sparse_gemv_kernel)[grid](
-        x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out, wd, dscale,
-        batch, K, n, n_a, seg1, seg2, k_per_split, d,
+        x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
+        batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
-        LISTED=kept is not None, GLU=glu, DOWN=down is not None, BLOCK_D=BLOCK_D if x.is_cuda else 64, SLOTS=SLOTS, DMODE=DMODE, **cfg)
+        LISTED=kept is not None, GLU=glu, **cfg)
     return out
 
 
@@ -428,14 +383,6 @@ def _sparse_glu_op(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor
     return _launch(x.contiguous(), wt_gate, wt_up, n_a, 2 * n_a, thresholds, n_a, 2 * n_a, scale, kept, glu=True)
 
 
-@triton_op("tealfast::sparse_mlp", mutates_args={"out"})
-def _sparse_mlp_op(x: Tensor, wt_gate: Tensor, wt_up: Tensor, wt_down: Tensor, thresholds: Tensor,
-                   scale: Optional[Tensor], down_scale: Optional[Tensor], kept: Tensor, out: Tensor) -> None:
-    n_a = wt_gate.shape[1]
-    _launch(x.contiguous(), wt_gate, wt_up, n_a, 2 * n_a, thresholds, n_a, 2 * n_a, scale, kept, glu=True,
-            down=(wt_down, down_scale, out))
-
-
 # Explicit shape functions: the body cannot run on fake tensors under Triton's CPU interpreter.
 @_sparse_gemv_op.register_fake
 def _(x, wt, thresholds, seg_ends, scale, kept):
@@ -454,11 +401,6 @@ def _(x, wt_a, wt_b, thresholds, scale, kept):
 def _(x, wt_gate, wt_up, thresholds, scale, kept):
     n_a = wt_gate.shape[1]
     return _empty_partials(x, 2 * n_a, n_a, n_a, 2 * n_a, True, glu=True)[0]
-
-
-@_sparse_mlp_op.register_fake
-def _(x, wt_gate, wt_up, wt_down, thresholds, scale, down_scale, kept, out):
-    return None
 
 
 def use_triton(x: Tensor) -> bool:

@@ -47,15 +47,6 @@ def sparse_glu_ref(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor
     return F.silu(g) * u
 
 
-def sparse_mlp_ref(x: Tensor, wt_gate: Tensor, wt_up: Tensor, wt_down: Tensor, thresholds: Tensor,
-                   scale: Optional[Tensor] = None, down_scale: Optional[Tensor] = None) -> Tensor:
-    """The MLP's down GEMV of silu(gate) * up (from sparse_glu_ref), thresholds (gate, up, down); returned in fp32
-    before the cast to the model dtype (sparse_mlp adds it into an fp32 buffer)."""
-    h = sparse_glu_ref(x, wt_gate, wt_up, thresholds[0:2], scale)
-    keep = keep_mask(h, thresholds[2], None if down_scale is None else down_scale[0])
-    return torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device)).float() @ wt_down.float()
-
-
 def rope(x: Tensor, freqs: Tensor) -> Tensor:
     """RoPE on interleaved pairs (x0, x1), (x2, x3), ... of the last dim, in fp32, returned in x's dtype.
     freqs (..., D/2, 2): cos and sin, broadcast against x viewed as (..., D/2, 2). The converters permute
