@@ -2,7 +2,7 @@
 linear's input scores, and write per layer and per projection the threshold for each sparsity level.
 
     python calibrate.py --checkpoint checkpoints/smollm2-135m/model.pth            # -> thresholds.json beside it
-    python calibrate.py --checkpoint ... --score weighted --greedy                 # issue #5 modes
+    python calibrate.py --checkpoint ... --score weighted --greedy                 # weighted scores, per-projection levels
 
 The four distinct inputs of a block are the attention input (q, k, v), the attention output (o), the MLP input
 (gate, up) and the down-projection input. Scores are |x| ("magnitude", TEAL) or |x_i| * ||W[:, i]||_2
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 import textdata
 import thresholds as thr_file
 from model import DTYPES, PROJECTIONS, CheckpointError, Transformer, column_norms, load_model
@@ -185,7 +186,7 @@ def plot(rec: InputRecorder, path: Path, title: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", type=Path, help="calibrate on this UTF-8 text file "
@@ -194,37 +195,36 @@ def parse_args(argv=None):
     p.add_argument("--dataset_file", default="wikitext-2-raw-v1/train-00000-of-00001.parquet",
                    help="file inside --dataset: .parquet, .jsonl, .json or .txt")
     p.add_argument("--text_column", default="text", help="column holding the text in --dataset_file")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
-    p.add_argument("--seq_len", type=int, default=512, help="tokens per forward pass")
-    p.add_argument("--samples", type=int, default=500_000,
+    p.add_argument("--tokens", type=cli.at_least(1), default=16384,
+                   help="calibration tokens (rounded down to whole --seq_len windows)")
+    p.add_argument("--seq_len", type=cli.at_least(1), default=512, help="tokens per forward pass")
+    p.add_argument("--samples", type=cli.at_least(1000), default=500_000,
                    help="scores sampled per layer and projection for the quantiles")
     p.add_argument("--score", choices=thr_file.SCORES, default="magnitude",
                    help="magnitude: |x| (TEAL); weighted: |x_i| * ||W[:, i]||_2 per projection")
     p.add_argument("--greedy", action="store_true",
                    help="also search per-projection sparsities per block (greedy allocation, see README)")
-    p.add_argument("--greedy_tokens", type=int, default=2048, help="calibration tokens used by the greedy search")
+    p.add_argument("--greedy_tokens", type=cli.at_least(1), default=2048,
+                   help="calibration tokens used by the greedy search (at least --seq_len)")
     p.add_argument("--sparse_aware", action="store_true",
                    help="also correct the uniform thresholds so each projection hits its level on the sparse "
                         "model's own activations (each layer sees the sparse layers before it); generate.py uses "
                         "them for --sparsity within --sparse_aware_levels")
-    p.add_argument("--sparse_aware_levels", default=",".join(f"{i / 20:g}" for i in range(1, 19)),
-                   help="comma-separated sparsity levels for --sparse_aware (default 0.05, 0.1, ..., 0.9)")
-    p.add_argument("--sparse_aware_tokens", type=int, default=4096, help="calibration tokens used by --sparse_aware")
-    p.add_argument("--out", type=Path, help="output JSON (default: thresholds.json beside the checkpoint, "
+    p.add_argument("--sparse_aware_levels", type=cli.sparsities, default=",".join(f"{i / 20:g}" for i in range(1, 19)),
+                   help="comma-separated, increasing sparsity levels in (0, 1) for --sparse_aware (default 0.05, 0.1, ..., 0.9)")
+    p.add_argument("--sparse_aware_tokens", type=cli.at_least(1), default=4096,
+                   help="calibration tokens used by --sparse_aware (at least --seq_len)")
+    p.add_argument("--out", type=cli.out_file, help="output JSON (default: thresholds.json beside the checkpoint, "
                                             "thresholds_weighted.json for --score weighted)")
-    p.add_argument("--plot", type=Path, help="also write a PNG of the score distributions here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype to run the model in")
+    p.add_argument("--plot", type=cli.out_file, help="also write a PNG of the score distributions here")
+    p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the score sampling and the greedy search")
     args = p.parse_args(argv)
-    if args.tokens < 1 or args.seq_len < 1 or args.samples < 1000:
-        p.error("--tokens and --seq_len must be >= 1 and --samples >= 1000")
-    if args.tokens < args.seq_len:
-        p.error("--tokens must be at least --seq_len")
-    try:
-        args.sparse_aware_levels = [float(x) for x in args.sparse_aware_levels.split(",")]
-    except ValueError:
-        p.error("--sparse_aware_levels must be comma-separated numbers")
+    args.dtype = args.dtype or cli.default_dtype(args.device)
+    for flag, used in (("tokens", True), ("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
+        if used and getattr(args, flag) < args.seq_len:
+            p.error(f"--{flag} must be at least --seq_len ({args.seq_len})")
     lv = args.sparse_aware_levels
     if not all(a < b for a, b in zip([0.0] + lv, lv)) or lv[-1] >= 1:
         p.error("--sparse_aware_levels must increase within (0, 1)")

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import cli
+import sparse_ops
 import thresholds as thr_file
 from model import DTYPES, PROJECTIONS, CheckpointError, Transformer, load_model
 from tokenizer import TokenizerError, get_tokenizer
@@ -120,10 +122,16 @@ def model_bytes(model: Transformer) -> tuple:
 
 
 def setup_sparsity(model: Transformer, args) -> Optional[dict]:
-    if args.sparsity == 0 and not args.sparse_prefill:
+    """The calibration in use, or None for the dense path (--sparsity 0 without --sparse_prefill). A thresholds
+    file or greedy allocation named at --sparsity 0 is still checked, so a sweep that starts dense fails early."""
+    dense = args.sparsity == 0 and not args.sparse_prefill
+    if dense and not (args.thresholds or args.greedy):
         return None
     path = args.thresholds or thr_file.default_path(args.checkpoint, args.score)
     cal = thr_file.load(path, model.config)
+    if dense:
+        thr_file.thresholds_for(cal, 0.0, args.greedy)
+        return None
     model.set_scores(cal["score"] == "weighted")
     model.set_sparse(decode=True, prefill=args.sparse_prefill)
     model.set_thresholds(thr_file.thresholds_for(cal, args.sparsity, args.greedy).to(model.output.weight.device))
@@ -131,18 +139,20 @@ def setup_sparsity(model: Transformer, args) -> Optional[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth (config.json beside it)")
-    p.add_argument("--prompt", default="Hello, my name is", help="input text")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
-    p.add_argument("--num_samples", type=int, default=1, help="how many times to generate (timed separately)")
-    p.add_argument("--batch_size", type=int, default=1, help="rows decoded together (the prompt repeated)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 means greedy")
-    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens")
+    p.add_argument("--prompt", default="Hello, my name is",
+                   help="input text (an empty one starts from the BOS token, where the model has one)")
+    p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
+    p.add_argument("--num_samples", type=cli.at_least(1), default=1, help="how many times to generate (timed separately)")
+    p.add_argument("--batch_size", type=cli.at_least(1), default=1,
+                   help="rows decoded together (the prompt repeated); sparse decode takes up to 8")
+    p.add_argument("--temperature", type=cli.non_negative_float, default=0.8, help="sampling temperature; 0 means greedy")
+    p.add_argument("--top_k", type=cli.at_least(1), default=200, help="sample from the k most likely tokens")
     p.add_argument("--compile", action="store_true", help="compile decode (fullgraph; CUDA graphs on a GPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight and activation dtype")
-    p.add_argument("--sparsity", type=float, default=0.0,
+    p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP)
+    p.add_argument("--sparsity", type=cli.sparsity, default=0.0,
                    help="TEAL sparsity in [0, 1): fraction of each linear's inputs zeroed during decode")
     p.add_argument("--thresholds", type=Path, default=None,
                    help="thresholds JSON from calibrate.py (default: thresholds.json beside the checkpoint)")
@@ -156,20 +166,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
     p.add_argument("--no_stream", action="store_true", help="print each sample at the end, not token by token")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error("--max_new_tokens must be >= 1")
-    if args.num_samples < 1:
-        p.error("--num_samples must be >= 1")
-    if args.batch_size < 1:
-        p.error("--batch_size must be >= 1")
-    if not args.temperature >= 0:
-        p.error("--temperature must be >= 0")
-    if args.top_k < 1:
-        p.error("--top_k must be >= 1")
-    if not 0 <= args.sparsity < 1:
-        p.error("--sparsity must be in [0, 1)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
+    args.dtype = args.dtype or cli.default_dtype(args.device)
+    if (args.sparsity > 0 or args.sparse_prefill) and args.batch_size > sparse_ops.MAX_BATCH:
+        p.error(f"sparse decode takes --batch_size up to {sparse_ops.MAX_BATCH}")
     return args
 
 
@@ -188,8 +187,6 @@ def main(argv=None) -> None:
     if T + args.max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({T} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds the model's "
                          f"context of {model.config.block_size} tokens")
-    if cal is not None and args.batch_size > 8:
-        raise ValueError("sparse decode takes --batch_size up to 8")
     model.setup_caches(args.batch_size, T + args.max_new_tokens)
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s"
           + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores"

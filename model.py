@@ -55,6 +55,15 @@ class ModelArgs:
         # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here.
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise CheckpointError("unsupported attention_bias/mlp_bias in config.json (only qwen2's q/k/v biases)")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
+                    "rms_norm_eps", "rope_theta"):
+            v, real = cfg.get(key), key in ("rms_norm_eps", "rope_theta")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float) if real else int) or v <= 0):
+                raise CheckpointError(f"config.json: {key} must be a positive {'number' if real else 'integer'}, "
+                                      f"got {v!r}")
+        if cfg.get("num_attention_heads", 1) % (cfg.get("num_key_value_heads") or 1):
+            raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
         try:
             n_head = cfg["num_attention_heads"]
             dim = cfg["hidden_size"]
@@ -384,15 +393,24 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
 def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
     """Load checkpoints/<name>/model.pth with the config.json beside it; fail loudly on any mismatch."""
     path = Path(checkpoint_path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: give its model.pth")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
     cfg = read_config(path.parent / "config.json")
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_hf_config(cfg))
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises several kinds for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch raises several kinds, with long messages, for empty, truncated or foreign files
+        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]  # torch's messages run long
+        raise CheckpointError(f"cannot read checkpoint {path} (empty, truncated or not a torch.save file): "
+                              f"{type(e).__name__}: {why}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in state.items()):
+        raise CheckpointError(f"{path} holds no state dict (a mapping from weight names to tensors)")
     check_state_dict(model, state)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
     if model.config.tie_embeddings:
@@ -409,9 +427,12 @@ def read_config(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"config.json not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt config.json ({path}): {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"corrupt config.json ({path}): a JSON object expected, got {type(cfg).__name__}")
+    return cfg
 
 
 def check_state_dict(model: Transformer, state: dict) -> None:

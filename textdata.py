@@ -23,6 +23,8 @@ def heldout_text() -> str:
 
 def read_text_file(path) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"text file {p} is a folder")
     if not p.is_file():
         raise ValueError(f"text file not found: {p}")
     try:

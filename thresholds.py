@@ -61,6 +61,8 @@ def save(path, config: ModelArgs, levels: list, table: torch.Tensor, source: str
 def load(path, config: ModelArgs) -> dict:
     """Read and validate a thresholds file against the model; CheckpointError with one line on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"thresholds file {path} is a folder")
     if not path.is_file():
         raise CheckpointError(f"thresholds file not found: {path} (run calibrate.py first)")
     try:
@@ -78,6 +80,8 @@ def load(path, config: ModelArgs) -> dict:
         score = data["calibration"]["score"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"malformed thresholds file {path}: {type(e).__name__} {e}") from None
+    if not isinstance(levels, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels):
+        raise CheckpointError(f"{path}: levels must be a list of numbers")
     n = len(levels)
     if n < 2 or levels[0] != 0 or any(b <= a for a, b in zip(levels, levels[1:])) or levels[-1] >= 1:
         raise CheckpointError(f"{path}: levels must increase from 0 and stay below 1")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import sparse_ops  # noqa: E402
 from bench_kernels import copies_for, time_us  # noqa: E402
 
@@ -58,24 +59,15 @@ def run(args) -> list:
     return rows
 
 
-def parse_ints(s: str, lo: int, hi: int, flag: str) -> list:
-    try:
-        vals = [int(v) for v in s.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: {flag} takes comma-separated integers, got {s!r}") from None
-    if not all(lo <= v <= hi for v in vals):
-        raise SystemExit(f"error: {flag} values must lie in [{lo}, {hi}], got {s!r}")
-    return vals
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--context", default="256,1024,4096,8192", help=f"comma-separated filled positions, 1-{MAX_SEQ}")
-    p.add_argument("--batch", default="1,4", help="comma-separated batch sizes (decode rows), 1-8")
-    p.add_argument("--json", type=Path, help="write the rows as JSON here")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
+    p.add_argument("--context", type=cli.positive_ints, default="256,1024,4096,8192",
+                   help=f"comma-separated filled positions, 1-{MAX_SEQ}")
+    p.add_argument("--batch", type=cli.positive_ints, default="1,4", help="comma-separated batch sizes (decode rows), 1-8")
+    p.add_argument("--json", type=cli.out_file, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    args.context = parse_ints(args.context, 1, MAX_SEQ, "--context")
-    args.batch = parse_ints(args.batch, 1, 8, "--batch")
+    if max(args.context) > MAX_SEQ or max(args.batch) > 8:
+        p.error(f"--context values must be at most {MAX_SEQ}, --batch values at most 8")
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import calibrate  # noqa: E402
+import cli  # noqa: E402
 import thresholds as thr_file  # noqa: E402
 from generate import achieved_sparsity, decode_one_token, model_bytes  # noqa: E402
 from model import PROJECTIONS, ModelArgs, Transformer, to_column_major  # noqa: E402
@@ -119,33 +120,30 @@ def per_projection_sparsities(model: Transformer, s: float, linear_bytes: torch.
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="llama-3-8b", help="model shapes")
-    p.add_argument("--sparsity", default="0,0.25,0.4,0.5", help="comma-separated levels in [0, 1)")
+    p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5", help="comma-separated levels in [0, 1)")
     p.add_argument("--variants", default="uniform",
                    help=f"comma-separated from {', '.join(VARIANTS)}: per_projection = unequal levels per "
                         f"projection with the same parameter-weighted sparsity; weighted = |x|*||W col|| scores")
     p.add_argument("--batch_size", type=int, default=1, help="rows decoded together (1-8)")
-    p.add_argument("--tokens", type=int, default=200, help="timed decode steps")
-    p.add_argument("--prompt_len", type=int, default=16, help="random prompt tokens before decoding")
-    p.add_argument("--calib_tokens", type=int, default=2048, help="tokens for the on-the-fly calibration")
+    p.add_argument("--tokens", type=cli.at_least(1), default=200, help="timed decode steps")
+    p.add_argument("--prompt_len", type=cli.at_least(1), default=16, help="random prompt tokens before decoding")
+    p.add_argument("--calib_tokens", type=cli.at_least(2), default=2048, help="tokens for the on-the-fly calibration")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="weight and activation dtype")
     p.add_argument("--profile", action="store_true",
                    help="after each row, profile 20 decode steps and print device time by kernel kind")
-    p.add_argument("--json", type=Path, help="write results here")
-    p.add_argument("--device", default="cuda", help="cuda (cpu only for smoke tests: no CUDA graphs, no speed)")
+    p.add_argument("--json", type=cli.out_file, help="write results here")
+    p.add_argument("--device", type=cli.device, default="cuda",
+                   help="cuda[:N] (cpu only for smoke tests: no CUDA graphs, no speed)")
     args = p.parse_args(argv)
-    levels = [float(s) for s in args.sparsity.split(",")]
+    levels = args.sparsity
     variants = args.variants.split(",")
-    if not all(0 <= s < 1 for s in levels):
-        p.error("--sparsity values must be in [0, 1)")
     if any(v not in VARIANTS for v in variants):
         p.error(f"--variants must be from {', '.join(VARIANTS)}")
     if not 1 <= args.batch_size <= 8:
         p.error("--batch_size must be 1-8")
     dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     compile_mode = "reduce-overhead" if dev.type == "cuda" else None
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import sparse_ops  # noqa: E402
 from sparse_ops.gemv import _launch, num_sms, pick_config  # noqa: E402
 from sparse_ops.norm import kept_list  # noqa: E402
@@ -206,21 +207,19 @@ def sweep(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", default="1,2,4,8", help="comma-separated batch sizes (decode rows), each 1-8")
-    p.add_argument("--sparsity", default="0,0.25,0.4,0.5,0.65,0.9", help="comma-separated input sparsities in [0, 1)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--batch", type=cli.positive_ints, default="1,2,4,8",
+                   help="comma-separated batch sizes (decode rows), each 1-8")
+    p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5,0.65,0.9",
+                   help="comma-separated input sparsities in [0, 1)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="weight and activation dtype")
     p.add_argument("--compiled_baseline", action="store_true",
                    help="also time torch.compile(max-autotune) dense GEMV at batch 1 (slow to compile)")
     p.add_argument("--sweep", action="store_true", help="search tile configs instead of the standard table")
-    p.add_argument("--json", type=Path, help="write all rows as JSON here")
+    p.add_argument("--json", type=cli.out_file, help="write all rows as JSON here")
     args = p.parse_args(argv)
-    args.batch = [int(b) for b in args.batch.split(",")]
-    args.sparsity = [float(s) for s in args.sparsity.split(",")]
-    if not all(1 <= b <= sparse_ops.MAX_BATCH for b in args.batch):
+    if max(args.batch) > sparse_ops.MAX_BATCH:
         p.error(f"--batch values must be in 1..{sparse_ops.MAX_BATCH}")
-    if not all(0 <= s < 1 for s in args.sparsity):
-        p.error("--sparsity values must be in [0, 1)")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     rows = sweep(args) if args.sweep else run(args)

@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 from checkpoint_io import save_checkpoint  # noqa: E402
 from model import DTYPES  # noqa: E402
 
@@ -172,6 +173,8 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
 
 def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     path = Path(gguf_path)
+    if path.is_dir():
+        raise ConversionError(f"{path} is a folder: give the .gguf file")
     if not path.is_file():
         raise ConversionError(f"GGUF file not found: {path}")
     try:
@@ -195,15 +198,18 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--gguf", required=True, type=Path, help="input .gguf file (llama architecture)")
-    ap.add_argument("--out", required=True, type=Path, help="output checkpoint folder (created if missing)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype in model.pth (default bf16)")
+    ap.add_argument("--out", required=True, type=cli.out_folder, help="output checkpoint folder (created if missing)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype in model.pth")
     args = ap.parse_args(argv)
     try:
         out = convert(args.gguf, args.out, DTYPES[args.dtype])
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+import cli  # noqa: E402
 from checkpoint_io import permute_qk, save_checkpoint  # noqa: E402
 from model import (DTYPES, CheckpointError, ModelArgs, Transformer, check_state_dict, check_weights,  # noqa: E402
                    read_config)
@@ -133,6 +134,9 @@ def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
 
 
 def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"--checkpoint_dir {checkpoint_dir} is not a folder"
+                              + ("" if checkpoint_dir.exists() else " (it does not exist)"))
     config = read_config(checkpoint_dir / "config.json")
     args = ModelArgs.from_hf_config(config)
     kind, tok_files = find_tokenizer(checkpoint_dir)
@@ -154,14 +158,14 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Convert a Hugging Face Llama/Mistral/Qwen2 checkpoint folder "
-                                                 "to tealfast's model.pth format.")
+                                                 "to tealfast's model.pth format.", formatter_class=cli.HelpFormatter)
     parser.add_argument("--checkpoint_dir", type=Path, required=True,
                         help="HF model folder with config.json, weights (safetensors or pytorch_model.bin) "
                              "and tokenizer files")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=cli.out_folder, default=None,
                         help="output folder (default: the checkpoint folder itself)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                        help="dtype of the stored weights (default: bf16)")
+                        help="dtype of the stored weights")
     opts = parser.parse_args(argv)
     try:
         path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, DTYPES[opts.dtype])

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import textdata  # noqa: E402
 import thresholds as thr_file  # noqa: E402
 from generate import model_bytes  # noqa: E402
@@ -70,38 +71,28 @@ def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> N
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
-    p.add_argument("--sparsity", default="0,0.25,0.4,0.5,0.65", help="comma-separated levels in [0, 1)")
+    p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5,0.65", help="comma-separated levels in [0, 1)")
     p.add_argument("--method", default="uniform", help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: --corpus)")
     p.add_argument("--corpus", choices=["pydoc-heldout", "stdlib-docstrings"], default="pydoc-heldout",
                    help="built-in text when no --text: the held-out part of pydoc_data.topics, or docstrings of "
                         "stdlib modules (a second text the calibration never saw)")
-    p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--seq_len", type=int, default=512, help="window length")
+    p.add_argument("--max_tokens", type=cli.at_least(2), default=None, help="evaluate only the first N tokens")
+    p.add_argument("--seq_len", type=cli.at_least(2), default=512, help="window length")
     p.add_argument("--thresholds", type=Path, help="magnitude thresholds JSON (default: beside the checkpoint)")
     p.add_argument("--weighted_thresholds", type=Path,
                    help="weighted-score thresholds JSON (default: thresholds_weighted.json beside the checkpoint)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype to evaluate in")
-    p.add_argument("--json", type=Path, help="write results here")
-    p.add_argument("--plot", type=Path, help="write a PNG of perplexity against sparsity here")
+    p.add_argument("--json", type=cli.out_file, help="write results here")
+    p.add_argument("--plot", type=cli.out_file, help="write a PNG of perplexity against sparsity here")
     args = p.parse_args(argv)
-    try:
-        args.sparsity = [float(s) for s in args.sparsity.split(",")]
-    except ValueError:
-        p.error("--sparsity must be comma-separated numbers")
-    if not all(0 <= s < 1 for s in args.sparsity):
-        p.error("--sparsity values must be in [0, 1)")
     args.method = args.method.split(",")
     bad = [m for m in args.method if m not in METHODS]
     if bad:
         p.error(f"unknown --method {bad[0]!r} (choose from {', '.join(METHODS)})")
-    if args.max_tokens is not None and args.max_tokens < 2:
-        p.error("--max_tokens must be >= 2")
-    if args.seq_len < 2:
-        p.error("--seq_len must be >= 2")
     return args
 
 
@@ -115,8 +106,12 @@ def main(argv=None) -> list:
         text = textdata.heldout_text() if args.corpus == "pydoc-heldout" else textdata.docstring_text()
         source = args.corpus
     ids = tokenizer.encode(text)[:args.max_tokens]
-    cals = {"magnitude": thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), model.config)}
-    if any("weighted" in m for m in args.method):
+    if len(ids) < 2:
+        raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
+    cals = {}
+    if any(s > 0 for s in args.sparsity):  # the dense model needs no thresholds
+        cals["magnitude"] = thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), model.config)
+    if cals and any("weighted" in m for m in args.method):
         cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
                                          model.config)
     _, linear_bytes = model_bytes(model)

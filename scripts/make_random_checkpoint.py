@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 from bench_decode import PRESETS, build  # noqa: E402
 from checkpoint_io import save_checkpoint  # noqa: E402
 from model import DTYPES, ModelArgs  # noqa: E402
@@ -52,18 +53,17 @@ def tokenizer_json(vocab_size: int) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), required=True, help="model shapes (scripts/bench_decode.py)")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    p.add_argument("--out", type=cli.out_folder, required=True, help="checkpoint folder to write")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype in model.pth")
-    p.add_argument("--n_layer", type=int, default=None, help="fewer layers than the preset (tests, smoke runs)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where to draw the random weights (a GPU is much faster for 7B/8B)")
+    p.add_argument("--n_layer", type=cli.at_least(1), default=None,
+                   help="fewer layers than the preset (tests, smoke runs)")
+    p.add_argument("--device", type=cli.device, default=cli.default_device(),
+                   help="where to draw the random weights, cpu or cuda[:N] (a GPU is much faster for 7B/8B)")
     args = p.parse_args(argv)
-    if args.n_layer is not None and args.n_layer < 1:
-        p.error("--n_layer must be >= 1")
-    if args.out.exists() and not args.out.is_dir():
-        p.error(f"--out {args.out} exists and is not a folder")
+    if args.n_layer is not None and args.n_layer > PRESETS[args.preset]["n_layer"]:
+        p.error(f"--n_layer {args.n_layer}: the preset has {PRESETS[args.preset]['n_layer']} layers")
     cfg = hf_config(args.preset, args.n_layer)
     model = build(ModelArgs.from_hf_config(cfg), DTYPES[args.dtype], torch.device(args.device))
     state = {k: v.cpu() for k, v in model.state_dict().items()

@@ -15,11 +15,8 @@ fi
 python -m pip install -q -r requirements.txt
 bash scripts/prepare.sh smollm2-135m
 ckpt=checkpoints/smollm2-135m/model.pth
-if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    calib=(); extra=(--compile)
-else
-    calib=(--dtype fp32); extra=(--dtype fp32)  # CPU: fp32 matmuls are much faster than bf16 here
-fi
-[ -f checkpoints/smollm2-135m/thresholds.json ] || python calibrate.py --checkpoint "$ckpt" "${calib[@]}"
+extra=()  # the dtype defaults to bf16 on a GPU, fp32 on a CPU
+if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then extra=(--compile); fi
+[ -f checkpoints/smollm2-135m/thresholds.json ] || python calibrate.py --checkpoint "$ckpt"
 python generate.py --checkpoint "$ckpt" --sparsity 0.4 --temperature 0 --max_new_tokens 64 \
     --prompt "Python's list comprehensions are" "${extra[@]}" "$@"

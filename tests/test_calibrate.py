@@ -191,11 +191,21 @@ def test_deterministic(tiny, tmp_path):
     assert json.loads(outs[0])["calibration"]["source"] == str(text)
 
 
-@pytest.mark.parametrize("case", ["missing_text", "tokens_0", "text_too_short", "nan"])
+@pytest.mark.parametrize("case", ["missing_text", "tokens_0", "text_too_short", "nan", "sparse_aware_tokens",
+                                  "greedy_tokens", "plot_in_missing_folder", "out_is_a_folder", "device"])
 def test_errors(tiny, tmp_path, case):
     ckpt, text = tiny
     args, exit_code = ["--tokens", "256", "--seq_len", "64"], 1
-    if case == "missing_text":
+    if case in ("sparse_aware_tokens", "greedy_tokens"):  # fewer than one window: refused before the work
+        flag = case.split("_tokens")[0]
+        args, exit_code = args + ["--text", text, f"--{flag}", f"--{case}", "10"], 2
+    elif case == "plot_in_missing_folder":
+        args, exit_code = args + ["--text", text, "--plot", tmp_path / "no" / "p.png"], 2
+    elif case == "out_is_a_folder":
+        args, exit_code = args + ["--text", text, "--out", tmp_path], 2
+    elif case == "device":
+        args, exit_code = args + ["--text", text, "--device", "bogus"], 2
+    elif case == "missing_text":
         args += ["--text", tmp_path / "nope.txt"]
     elif case == "tokens_0":
         args, exit_code = ["--tokens", "0", "--seq_len", "64", "--text", text], 2

@@ -272,6 +272,14 @@ def test_errors_are_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "out" / "model.pth").exists()
 
 
+def test_output_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "not a folder" in err.strip().splitlines()[-1], err
+
+
 def test_prepare_usage():
     for args in ([], ["no-such-model"]):
         r = subprocess.run(["bash", str(REPO / "scripts" / "prepare.sh"), *args], capture_output=True, text=True)

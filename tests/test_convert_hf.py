@@ -172,7 +172,13 @@ BAD_INPUTS = {
     "truncated safetensors": (_truncate, "weights"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
     "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer"),
+    "folder missing": (lambda d: shutil.rmtree(d), "does not exist"),
 }
+
+
+def test_checkpoint_dir_that_is_a_file(hf_dir, tmp_path, capsys):
+    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir / "config.json", "--out", tmp_path / "o")
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and "is not a folder" in err, err
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -117,7 +117,8 @@ def run_main(argv) -> tuple:
 
 
 @pytest.mark.parametrize("argv", [["--method", "bogus"], ["--method", "uniform,nope"], ["--sparsity", "0,1.0"],
-                                  ["--sparsity", "a,b"], ["--seq_len", "1"]])
+                                  ["--sparsity", "a,b"], ["--seq_len", "1"], ["--device", "bogus"],
+                                  ["--json", "."], ["--plot", "no/such/folder/p.png"]])
 def test_bad_args(tmp_path, argv):
     code, err = run_main(["--checkpoint", tmp_path / "model.pth", *argv])
     assert code == 2
@@ -127,3 +128,18 @@ def test_bad_args(tmp_path, argv):
 def test_missing_checkpoint(tmp_path):
     code, err = run_main(["--checkpoint", tmp_path / "model.pth"])
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_tiny_model_dense_needs_no_thresholds_and_short_text_is_refused(tmp_path):
+    from test_generate import write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")  # no thresholds.json beside it
+    (tmp_path / "one.txt").write_text("a")
+    code, err = run_main(["--checkpoint", ckpt, "--sparsity", "0", "--text", tmp_path / "one.txt", "--device", "cpu"])
+    assert code == 1 and err.startswith("error: ") and "at least 2" in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    code, err = run_main(["--checkpoint", ckpt, "--sparsity", "0", "--text", tmp_path / "some.txt", "--seq_len", "8",
+                          "--device", "cpu"])
+    assert code == 0, err
+    code, err = run_main(["--checkpoint", ckpt, "--sparsity", "0,0.4", "--text", tmp_path / "some.txt", "--device",
+                          "cpu"])
+    assert code == 1 and "thresholds file not found" in err, err

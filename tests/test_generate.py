@@ -351,7 +351,8 @@ def test_tiny_cli_runs(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "sparsity_1", "sparsity_negative", "past_block_size",
                                   "thresholds_other_model", "thresholds_corrupt", "thresholds_missing", "nan",
-                                  "temperature", "top_k", "max_new_tokens_0"])
+                                  "temperature", "top_k", "max_new_tokens_0", "device", "batch_size_9",
+                                  "checkpoint_folder", "thresholds_checked_when_dense", "greedy_without_table"])
 def test_bad_input(case, tiny_ckpt, tmp_path):
     ckpt, extra, exit_code = tiny_ckpt, [], 1
     if case == "missing_checkpoint":
@@ -377,12 +378,25 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
         extra, exit_code = ["--top_k", "0"], 2
     elif case == "max_new_tokens_0":
         extra, exit_code = ["--max_new_tokens", "0"], 2
+    elif case == "device":
+        extra, exit_code = ["--device", "mps"], 2
+    elif case == "batch_size_9":  # refused before the model loads
+        ckpt, extra, exit_code = tmp_path / "none" / "model.pth", ["--batch_size", "9", "--sparsity", "0.4"], 2
+    elif case == "checkpoint_folder":
+        ckpt = tiny_ckpt.parent
+    elif case == "thresholds_checked_when_dense":  # a sweep that starts at 0% fails at once on a bad file
+        (tmp_path / "t.json").write_text('{"schema_version": 1, "model": {')
+        extra = ["--sparsity", "0", "--thresholds", tmp_path / "t.json"]
+    elif case == "greedy_without_table":
+        extra = ["--greedy", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json")]
     code, out, err = run_main(["--checkpoint", ckpt, *BASE, *extra])
     line = assert_one_error(code, err, exit_code)
     expect = {"missing_checkpoint": "not found", "sparsity_1": "--sparsity", "sparsity_negative": "--sparsity",
               "past_block_size": "exceeds", "thresholds_other_model": "another model",
               "thresholds_corrupt": "corrupt", "thresholds_missing": "calibrate.py", "nan": "NaN",
-              "temperature": "--temperature", "top_k": "--top_k", "max_new_tokens_0": "--max_new_tokens"}[case]
+              "temperature": "--temperature", "top_k": "--top_k", "max_new_tokens_0": "--max_new_tokens",
+              "device": "--device", "batch_size_9": "--batch_size", "checkpoint_folder": "is a folder",
+              "thresholds_checked_when_dense": "corrupt", "greedy_without_table": "greedy"}[case]
     assert expect in line, line
 
 

@@ -34,3 +34,10 @@ def test_bad_output_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         make_random_checkpoint.main(["--preset", "smollm2-135m", "--out", str(f), "--n_layer", "1", "--device", "cpu"])
     assert e.value.code == 2 and "not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [(["--n_layer", "31"], "30 layers"), (["--device", "bogus"], "--device")])
+def test_bad_values(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        make_random_checkpoint.main(["--preset", "smollm2-135m", "--out", str(tmp_path / "o"), *argv])
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -192,14 +192,33 @@ BAD_CHECKPOINTS = {
     "truncated model.pth": dict(pth_bytes=lambda b: b[: len(b) // 2]),
     "garbage model.pth": dict(pth_bytes=lambda b: b"not a checkpoint" * 10),
     "config lacks key": dict(cfg_edit=lambda c: c.pop("hidden_size")),
+    "config size as text": dict(cfg_edit=lambda c: _set(c, "hidden_size", "64")),
+    "config zero layers": dict(cfg_edit=lambda c: _set(c, "num_hidden_layers", 0)),
+    "config bool size": dict(cfg_edit=lambda c: _set(c, "intermediate_size", True)),
+    "config heads not a multiple": dict(cfg_edit=lambda c: _set(c, "num_key_value_heads", 3)),
+    "config eps as text": dict(cfg_edit=lambda c: _set(c, "rms_norm_eps", "1e-6")),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
 def test_load_model_rejects_bad_checkpoint(good_ckpt, tmp_path, case):
     path = broken_copy(good_ckpt, tmp_path, **BAD_CHECKPOINTS[case])
-    with pytest.raises(model.CheckpointError):
+    with pytest.raises(model.CheckpointError) as e:
         model.load_model(path, dtype=torch.float32)
+    assert "\n" not in str(e.value) and len(str(e.value).replace(str(path), "")) < 220, str(e.value)  # one line
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), [torch.zeros(3)], {0: torch.zeros(3)}, {"w": 3}])
+def test_load_model_rejects_a_file_that_is_no_state_dict(good_ckpt, tmp_path, content):
+    path = broken_copy(good_ckpt, tmp_path)
+    torch.save(content, path)
+    with pytest.raises(model.CheckpointError, match="no state dict"):
+        model.load_model(path)
+
+
+def test_load_model_rejects_a_folder(good_ckpt):
+    with pytest.raises(model.CheckpointError, match="is a folder"):
+        model.load_model(good_ckpt)
 
 
 def test_load_model_rejects_missing_config(good_ckpt, tmp_path):
@@ -209,9 +228,10 @@ def test_load_model_rejects_missing_config(good_ckpt, tmp_path):
         model.load_model(path)
 
 
-def test_load_model_rejects_corrupt_config(good_ckpt, tmp_path):
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null", b"\xff\xfe{}"])
+def test_load_model_rejects_corrupt_config(good_ckpt, tmp_path, content):
     path = broken_copy(good_ckpt, tmp_path)
-    (path.parent / "config.json").write_text("{not json")
+    (path.parent / "config.json").write_bytes(content)
     with pytest.raises(model.CheckpointError, match="config.json"):
         model.load_model(path)
 

@@ -48,7 +48,7 @@ def test_read_text_file(tmp_path):
     assert textdata.read_text_file(str(f)) == "bom"
 
 
-@pytest.mark.parametrize("case, message", [("missing", "not found"), ("dir", "not found"), ("empty", "empty"),
+@pytest.mark.parametrize("case, message", [("missing", "not found"), ("dir", "is a folder"), ("empty", "empty"),
                                            ("blank", "empty"), ("latin1", "not valid UTF-8")])
 def test_read_text_file_errors(tmp_path, case, message):
     f = tmp_path / "t.txt"

@@ -124,6 +124,7 @@ def test_other_model(saved, other):
 def test_missing_file(tmp_path):
     msg = load_error(tmp_path / "nope.json")
     assert "not found" in msg and "calibrate.py" in msg
+    assert "is a folder" in load_error(tmp_path)
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe\x00garbage", b'{"schema_version": 1, "mod'])
@@ -169,7 +170,8 @@ def test_wrong_table_shape(saved):
 
 
 @pytest.mark.parametrize("levels", [[0.1, 0.5, 0.9, 0.95, 0.96, 0.97, 0.98], [0.0, 0.5, 0.4, 0.6, 0.7, 0.8, 0.9],
-                                    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0]])
+                                    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0], 5, "0.1", None,
+                                    [0.0, "a", 0.2, 0.3, 0.4, 0.5, 0.6], [0.0, True, 0.2, 0.3, 0.4, 0.5, 0.6]])
 def test_bad_levels(saved, levels):
     path, _ = saved
     rewrite(path, levels=levels)

@@ -1,0 +1,115 @@
+"""Argument types shared by the command lines (generate.py, calibrate.py, scripts/).
+
+Each turns a bad value into argparse's one-line usage error (exit status 2) while the arguments are parsed, so
+nothing is loaded, computed or half-written before the user hears about it.
+"""
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default after its help."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in h:
+            h += " (default: %(default)s)"
+        return h
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device(s: str) -> str:
+    """--device: cpu, or cuda / cuda:N where that GPU exists."""
+    try:
+        d = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {s!r} (cpu or cuda)") from None
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {s!r} is not supported (cpu or cuda)")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s} asked for, but no CUDA GPU is available (use --device cpu)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{s}: there are {torch.cuda.device_count()} CUDA GPUs")
+    return s
+
+
+def default_dtype(device_name: str) -> str:
+    """bf16 on a GPU; fp32 on a CPU, where bf16 matrix products run many times slower."""
+    return "bf16" if torch.device(device_name).type == "cuda" else "fp32"
+
+
+DTYPE_HELP = "weight and activation dtype (default: bf16 on a GPU, fp32 on a CPU, where bf16 is many times slower)"
+
+
+def sparsity(s: str) -> float:
+    """One sparsity level in [0, 1)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0 <= v < 1:  # also NaN
+        raise argparse.ArgumentTypeError(f"{s} is not in [0, 1)")
+    return v
+
+
+def sparsities(s: str) -> list:
+    """Comma-separated sparsity levels, each in [0, 1)."""
+    return [sparsity(x) for x in s.split(",")]
+
+
+def positive_ints(s: str) -> list:
+    """Comma-separated integers >= 1."""
+    try:
+        vals = [int(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
+    if min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{s}: every value must be >= 1")
+    return vals
+
+
+def at_least(n: int):
+    """An integer type that must be >= n."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < n:
+            raise argparse.ArgumentTypeError(f"{s} is below {n}")
+        return v
+    return parse
+
+
+def non_negative_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{s} must be a finite number >= 0")
+    return v
+
+
+def out_file(s: str) -> Path:
+    """A file to write: not a folder, and its folder must exist (checked before any work is done)."""
+    p = Path(s)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{p} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {p.parent} does not exist")
+    return p
+
+
+def out_folder(s: str) -> Path:
+    """A folder to write into: an existing folder, or a path to create."""
+    p = Path(s)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{p} exists and is not a folder")
+    return p

@@ -1,0 +1,70 @@
+"""cli.py: the argument types turn bad values into argparse's one-line usage error (exit status 2)."""
+import argparse
+
+import pytest
+import torch
+
+import cli
+
+
+def parse(type_fn, value, default=None):
+    p = argparse.ArgumentParser(prog="x")
+    p.add_argument("--v", type=type_fn, default=default)
+    return p.parse_args(["--v", value]).v
+
+
+def usage_error(type_fn, value, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse(type_fn, value)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len([l for l in err.splitlines() if "error:" in l]) == 1, err
+    return err.splitlines()[-1]
+
+
+def test_device(capsys):
+    assert parse(cli.device, "cpu") == "cpu"
+    for bad in ("bogus", "mps", "cuda:x"):
+        assert "--v" in usage_error(cli.device, bad, capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in usage_error(cli.device, "cuda", capsys)
+    else:
+        assert parse(cli.device, "cuda:0") == "cuda:0"
+        assert "CUDA GPUs" in usage_error(cli.device, f"cuda:{torch.cuda.device_count()}", capsys)
+
+
+def test_default_dtype():
+    assert cli.default_dtype("cpu") == "fp32"
+    assert cli.default_dtype("cuda:1") == "bf16"
+
+
+def test_sparsities(capsys):
+    assert parse(cli.sparsities, "0,0.25,0.999") == [0.0, 0.25, 0.999]
+    assert parse(cli.sparsity, "0.5") == 0.5
+    for bad in ("abc", "0,1", "1.0", "-0.1", "nan", "inf", "0.2,"):
+        usage_error(cli.sparsities, bad, capsys)
+
+
+def test_integers(capsys):
+    assert parse(cli.positive_ints, "1,2,8") == [1, 2, 8]
+    assert parse(cli.at_least(2), "2") == 2
+    for fn, bad in ((cli.positive_ints, "abc"), (cli.positive_ints, "1,0"), (cli.at_least(2), "1"),
+                    (cli.at_least(1), "1.5"), (cli.non_negative_float, "-1"), (cli.non_negative_float, "nan")):
+        usage_error(fn, bad, capsys)
+
+
+def test_output_paths(tmp_path, capsys):
+    assert parse(cli.out_file, str(tmp_path / "r.json")) == tmp_path / "r.json"
+    assert "is a folder" in usage_error(cli.out_file, str(tmp_path), capsys)
+    assert "does not exist" in usage_error(cli.out_file, str(tmp_path / "no" / "r.json"), capsys)
+    (tmp_path / "f").write_text("x")
+    assert parse(cli.out_folder, str(tmp_path / "new")) == tmp_path / "new"
+    assert "not a folder" in usage_error(cli.out_folder, str(tmp_path / "f"), capsys)
+
+
+def test_help_shows_defaults():
+    p = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
+    p.add_argument("--n", type=int, default=7, help="a count")
+    p.add_argument("--name", default=None, help="a name")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    text = p.format_help()
+    assert "a count (default: 7)" in text and "(default: None)" not in text and "(default: False)" not in text
