@@ -2,7 +2,7 @@
 linear's input scores, and write per layer and per projection the threshold for each sparsity level.
 
     python calibrate.py --checkpoint checkpoints/smollm2-135m/model.pth            # -> thresholds.json beside it
-    python calibrate.py --checkpoint ... --score weighted --greedy                 # weighted scores, per-projection levels
+    python calibrate.py --checkpoint ... --score weighted --greedy     # weighted scores, per-projection levels
 
 The four distinct inputs of a block are the attention input (q, k, v), the attention output (o), the MLP input
 (gate, up) and the down-projection input. Scores are |x| ("magnitude", TEAL) or |x_i| * ||W[:, i]||_2
@@ -211,7 +211,8 @@ def parse_args(argv=None):
                         "model's own activations (each layer sees the sparse layers before it); generate.py uses "
                         "them for --sparsity within --sparse_aware_levels")
     p.add_argument("--sparse_aware_levels", type=cli.sparsities, default=",".join(f"{i / 20:g}" for i in range(1, 19)),
-                   help="comma-separated, increasing sparsity levels in (0, 1) for --sparse_aware (default 0.05, 0.1, ..., 0.9)")
+                   help="comma-separated, increasing sparsity levels in (0, 1) for --sparse_aware "
+                        "(default 0.05, 0.1, ..., 0.9)")
     p.add_argument("--sparse_aware_tokens", type=cli.at_least(1), default=4096,
                    help="calibration tokens used by --sparse_aware (at least --seq_len)")
     p.add_argument("--out", type=cli.out_file, help="output JSON (default: thresholds.json beside the checkpoint, "

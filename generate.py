@@ -144,10 +144,12 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="Hello, my name is",
                    help="input text (an empty one starts from the BOS token, where the model has one)")
     p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
-    p.add_argument("--num_samples", type=cli.at_least(1), default=1, help="how many times to generate (timed separately)")
+    p.add_argument("--num_samples", type=cli.at_least(1), default=1,
+                   help="how many times to generate (timed separately)")
     p.add_argument("--batch_size", type=cli.at_least(1), default=1,
                    help="rows decoded together (the prompt repeated); sparse decode takes up to 8")
-    p.add_argument("--temperature", type=cli.non_negative_float, default=0.8, help="sampling temperature; 0 means greedy")
+    p.add_argument("--temperature", type=cli.non_negative_float, default=0.8,
+                   help="sampling temperature; 0 means greedy")
     p.add_argument("--top_k", type=cli.at_least(1), default=200, help="sample from the k most likely tokens")
     p.add_argument("--compile", action="store_true", help="compile decode (fullgraph; CUDA graphs on a GPU)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")

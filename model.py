@@ -404,10 +404,10 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
         model = Transformer(ModelArgs.from_hf_config(cfg))
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises several kinds, with long messages, for empty, truncated or foreign files
+    except Exception as e:  # torch raises several kinds, with long messages, for truncated or foreign files
         why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]  # torch's messages run long
-        raise CheckpointError(f"cannot read checkpoint {path} (empty, truncated or not a torch.save file): "
-                              f"{type(e).__name__}: {why}") from None
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only torch.save "
+                              f"file): {type(e).__name__}: {why}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                for k, v in state.items()):
         raise CheckpointError(f"{path} holds no state dict (a mapping from weight names to tensors)")

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--context", type=cli.positive_ints, default="256,1024,4096,8192",
                    help=f"comma-separated filled positions, 1-{MAX_SEQ}")
-    p.add_argument("--batch", type=cli.positive_ints, default="1,4", help="comma-separated batch sizes (decode rows), 1-8")
+    p.add_argument("--batch", type=cli.positive_ints, default="1,4",
+                   help="comma-separated batch sizes (decode rows), 1-8")
     p.add_argument("--json", type=cli.out_file, help="write the rows as JSON here")
     args = p.parse_args(argv)
     if max(args.context) > MAX_SEQ or max(args.batch) > 8:

@@ -73,7 +73,8 @@ def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> N
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
-    p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5,0.65", help="comma-separated levels in [0, 1)")
+    p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5,0.65",
+                   help="comma-separated levels in [0, 1)")
     p.add_argument("--method", default="uniform", help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--text", type=Path, help="UTF-8 text file (default: --corpus)")
     p.add_argument("--corpus", choices=["pydoc-heldout", "stdlib-docstrings"], default="pydoc-heldout",
