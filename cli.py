@@ -47,12 +47,16 @@ def default_dtype(device_name: str) -> str:
 DTYPE_HELP = "weight and activation dtype (default: bf16 on a GPU, fp32 on a CPU, where bf16 is many times slower)"
 
 
-def sparsity(s: str) -> float:
-    """One sparsity level in [0, 1)."""
+def _number(s: str) -> float:
     try:
-        v = float(s)
+        return float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+
+
+def sparsity(s: str) -> float:
+    """One sparsity level in [0, 1)."""
+    v = _number(s)
     if not 0 <= v < 1:  # also NaN
         raise argparse.ArgumentTypeError(f"{s} is not in [0, 1)")
     return v
@@ -63,15 +67,11 @@ def sparsities(s: str) -> list:
     return [sparsity(x) for x in s.split(",")]
 
 
-def positive_ints(s: str) -> list:
-    """Comma-separated integers >= 1."""
-    try:
-        vals = [int(x) for x in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers") from None
-    if min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"{s}: every value must be >= 1")
-    return vals
+def non_negative_float(s: str) -> float:
+    v = _number(s)
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{s} must be a finite number >= 0")
+    return v
 
 
 def at_least(n: int):
@@ -87,14 +87,9 @@ def at_least(n: int):
     return parse
 
 
-def non_negative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{s} must be a finite number >= 0")
-    return v
+def positive_ints(s: str) -> list:
+    """Comma-separated integers >= 1."""
+    return [at_least(1)(x) for x in s.split(",")]
 
 
 def out_file(s: str) -> Path:
