@@ -31,24 +31,26 @@ METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")
 
 @torch.no_grad()
 def perplexity(model: Transformer, ids: list, seq_len: int, batch: int = 4) -> tuple:
-    """(perplexity, (n_layer, 7, 2) dropped/total counts) over non-overlapping windows of ids."""
+    """(perplexity, (n_layer, 7, 2) dropped/total counts, tokens predicted) over non-overlapping windows of ids;
+    every token but each window's first is predicted."""
     device = model.output.weight.device
     windows = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
-    windows = [w for w in windows if len(w) > 1]
+    full = [w for w in windows if len(w) == seq_len]
+    groups = [full[i:i + batch] for i in range(0, len(full), batch)]
+    groups += [[w] for w in windows if 1 < len(w) < seq_len]  # the shorter last window runs alone, uncut
     model.setup_caches(batch, seq_len)
     model.start_stats()
     nll, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        group = windows[i:i + batch]
-        L = min(len(w) for w in group)  # only the last window can be shorter
-        x = torch.tensor([w[:L] for w in group], device=device)
+    for group in groups:
+        L = len(group[0])
+        x = torch.tensor(group, device=device)
         logits = model(x, torch.arange(L, device=device))
         if not torch.isfinite(logits).all():
             raise FloatingPointError("non-finite logits")
         nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
                                reduction="sum").item()
         count += x[:, 1:].numel()
-    return math.exp(nll / count), model.pop_stats()
+    return math.exp(nll / count), model.pop_stats(), count
 
 
 def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> None:
@@ -115,6 +117,9 @@ def main(argv=None) -> list:
     if cals and any("weighted" in m for m in args.method):
         cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
                                          model.config)
+    for method in args.method:  # every method and level set up once first: a bad one fails before any work
+        for s in args.sparsity:
+            configure(model, method, s, cals)
     _, linear_bytes = model_bytes(model)
     results = []
     dense = None
@@ -125,7 +130,7 @@ def main(argv=None) -> list:
                 ppl, ach, per = dense
             else:
                 configure(model, method, s, cals)
-                ppl, stats = perplexity(model, ids, args.seq_len)
+                ppl, stats, predicted = perplexity(model, ids, args.seq_len)
                 tot = stats[..., 1].sum(0)
                 per = (stats[..., 0].sum(0) / tot.clamp_min(1)).tolist()
                 ach = float((torch.tensor(per, dtype=torch.float64) * linear_bytes).sum() / linear_bytes.sum())
@@ -138,7 +143,8 @@ def main(argv=None) -> list:
     configure(model, "uniform", 0, cals)
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "text": source, "python": sys.version.split()[0],
-                                         "tokens": len(ids), "seq_len": args.seq_len, "dtype": args.dtype,
+                                         "tokens": len(ids), "predicted": predicted, "seq_len": args.seq_len,
+                                         "dtype": args.dtype,
                                          "results": results}, indent=1))
     if args.plot:
         plot(results, args.plot, f"{args.checkpoint.parent.name}, {len(ids)} tokens of {source}")

@@ -1,4 +1,4 @@
-"""scripts/eval_ppl.py on the real SmolLM2 (1024 held-out tokens), thresholds from test_calibrate's calibration."""
+"""scripts/eval_ppl.py on the real SmolLM2 (900 held-out tokens), thresholds from test_calibrate's calibration."""
 import io
 import json
 import math
@@ -19,7 +19,7 @@ from test_calibrate import real_calibration
 from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_TOKENS, SEQ_LEN = 1024, 256
+MAX_TOKENS, SEQ_LEN = 900, 256  # 3 full windows and a shorter one, scored in one batch of 4
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_sparsity_raises_perplexity(results):
 def test_json_schema(results):
     _, res, data = results
     assert data["tokens"] == MAX_TOKENS and data["seq_len"] == SEQ_LEN
+    assert data["predicted"] == MAX_TOKENS - 4  # every token but each of the 4 windows' first
     rows = data["results"]
     assert [(r["method"], r["sparsity"]) for r in rows] == [(m, s) for m in ("uniform", "cats") for s in (0.0, 0.25, 0.5)]
     for r in rows:
@@ -143,3 +144,37 @@ def test_tiny_model_dense_needs_no_thresholds_and_short_text_is_refused(tmp_path
     code, err = run_main(["--checkpoint", ckpt, "--sparsity", "0,0.4", "--text", tmp_path / "some.txt", "--device",
                           "cpu"])
     assert code == 1 and "thresholds file not found" in err, err
+
+
+@pytest.mark.parametrize("n_ids", [30, 33, 17, 9, 2])
+def test_perplexity_scores_every_window_whole(tmp_path, n_ids):
+    """Against the model run on each window alone: the shorter last window must not cut the others in its batch
+    (it used to, and 30 ids in windows of 8 then scored 4 * 5 predictions instead of 26)."""
+    from test_generate import write_tiny_checkpoint
+    m = load_model(write_tiny_checkpoint(tmp_path / "tiny"), "cpu", torch.float32)
+    ids = torch.randint(0, m.config.vocab_size, (n_ids,)).tolist()
+    seq_len = 8
+    nll, n = 0.0, 0
+    m.setup_caches(1, seq_len)
+    with torch.no_grad():
+        for i in range(0, n_ids - 1, seq_len):
+            w = torch.tensor([ids[i:i + seq_len]])
+            logits = m(w, torch.arange(w.shape[1]))
+            nll += F.cross_entropy(logits[0, :-1], w[0, 1:], reduction="sum").item()
+            n += w.shape[1] - 1
+    ppl, stats, predicted = eval_ppl.perplexity(m, ids, seq_len)
+    assert predicted == n
+    assert ppl == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert stats.shape == (m.config.n_layer, len(PROJECTIONS), 4)
+
+
+def test_method_without_its_table_fails_before_any_work(tmp_path):
+    from test_generate import tiny_thresholds, write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    tiny_thresholds(ckpt, ckpt.parent / "thresholds.json")  # magnitude levels only, no greedy allocation
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    out = io.StringIO()
+    with pytest.raises(ValueError, match="greedy"), redirect_stdout(out):
+        eval_ppl.main(["--checkpoint", str(ckpt), "--sparsity", "0,0.4", "--method", "uniform,greedy", "--text",
+                       str(tmp_path / "some.txt"), "--device", "cpu"])
+    assert out.getvalue() == ""  # not even the table's header: uniform did not run first
