@@ -92,11 +92,12 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
 
 @torch.no_grad()
 def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor) -> Tensor:
-    """Fraction of inputs dropped per projection (7,) on the decode steps of `seq`, measured by replaying them:
-    the prompt dense (as prefill ran), then the generated tokens with their per-token masks, as decode ran."""
+    """(2, 7) per projection on the decode steps of `seq`: the fraction of inputs dropped, then the fraction of
+    weight rows skipped (those no batch row keeps; the same for one row). Measured by replaying the steps: the
+    prompt dense (as prefill ran), then the generated tokens with their per-token masks, as decode ran."""
     B, L = seq.shape
     if L <= prompt_len + 1:
-        return torch.zeros(len(PROJECTIONS))
+        return torch.zeros(2, len(PROJECTIONS))
     dev = seq.device
     prefill_sparse = model.layers[0].sparse_prefill
     model(seq[:, :prompt_len], torch.arange(prompt_len, device=dev))
@@ -105,7 +106,8 @@ def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor) -> Tenso
     model(seq[:, prompt_len:L - 1], torch.arange(prompt_len, L - 1, device=dev))
     stats = model.pop_stats()
     model.set_sparse(decode=True, prefill=prefill_sparse)
-    return (stats[..., 0].sum(0) / stats[..., 1].sum(0)).float()
+    c = stats.sum(0)
+    return torch.stack([c[:, 0] / c[:, 1], c[:, 2] / c[:, 3]]).float()
 
 
 def model_bytes(model: Transformer) -> tuple:
@@ -142,7 +144,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth (config.json beside it)")
     p.add_argument("--prompt", default="Hello, my name is",
-                   help="input text (an empty one starts from the BOS token, where the model has one)")
+                   help="input text, after BOS where the tokenizer adds one (Llama-2/3, Mistral; not SmolLM2, "
+                        "Qwen2); an empty one starts from BOS, where the model has one")
     p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
     p.add_argument("--num_samples", type=cli.at_least(1), default=1,
                    help="how many times to generate (timed separately)")
@@ -182,7 +185,7 @@ def main(argv=None) -> None:
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     tokenizer = get_tokenizer(args.checkpoint.parent)
     cal = setup_sparsity(model, args)
-    ids = tokenizer.encode(args.prompt, bos=tokenizer.bos_id is not None and model.config.bos_id is not None)
+    ids = tokenizer.encode(args.prompt, bos=tokenizer.add_bos or not args.prompt)
     T = len(ids)
     if T == 0:
         raise ValueError("the prompt encodes to no tokens")
@@ -237,11 +240,15 @@ def main(argv=None) -> None:
               f"{dt:.2f}s: {tok_s:.1f} tokens/s (prefill included)")
         line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
         if cal is not None:
-            s = achieved_sparsity(model, T, seq)
-            read = total_bytes - float((linear_bytes * s.double()).sum())
-            line += f", {read * n_new / dt / 1e9:.1f} GB/s on the bytes read"
+            s, skipped = achieved_sparsity(model, T, seq).double()
+            weighted = float((linear_bytes * s).sum() / linear_bytes.sum())
+            rows = float((linear_bytes * skipped).sum() / linear_bytes.sum())
             print("achieved sparsity (decode): " + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))
-                  + f"; parameter-weighted {float((linear_bytes * s.double()).sum() / linear_bytes.sum()):.1%}")
+                  + f"; parameter-weighted {weighted:.1%}"
+                  + (f"; weight rows skipped (kept by no batch row) {rows:.1%}" if args.batch_size > 1 else ""))
+            if sparse_ops.use_triton(prompt):  # without the kernels the reference masks and reads every weight
+                read = total_bytes - float((linear_bytes * skipped).sum())
+                line += f", {read * n_new / dt / 1e9:.1f} GB/s on the bytes read"
         print(line)
         if device.type == "cuda":
             print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")

@@ -105,10 +105,9 @@ def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list,
     """y = W (x * 1[score(x) > t_s]) for each output segment s; the plain nn.Linear when `sparse` is False.
 
     One token per row (decode) runs the sparse GEMV op, which skips the weight columns it does not need;
-    more tokens (prefill) mask the input and use a dense matmul. `stats` (segments, 2), when given, gathers
-    (dropped, total) input entries per segment: eager measurement only. `partials`: return the decode GEMV's
-    split-K partial sums, (split, rows, N) without the bias, for a consumer that sums them (decode attention,
-    add_norm). `kept`: for the decode op, the channels listed by add_norm under these thresholds and scale (or a
+    more tokens (prefill) mask the input and use a dense matmul. `stats` (segments, 4), when given, gathers
+    drop_counts per segment: eager measurement only. `partials`: return the decode GEMV's split-K partial sums,
+    (split, rows, N) without the bias, for a consumer that sums them (decode attention, add_norm). `kept`: for the decode op, the channels listed by add_norm under these thresholds and scale (or a
     superset of them: each segment still applies its own threshold).
     """
     shape = x.shape
@@ -123,12 +122,20 @@ def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list,
     if stats is not None:
         for s in range(len(seg_ends)):
             keep = sparse_ops.keep_mask(x2, thresholds[s], None if scale is None else scale[s])
-            stats[s] += torch.tensor([keep.numel() - keep.sum().item(), keep.numel()], dtype=stats.dtype)
+            stats[s] += drop_counts(keep.view(shape), stats.dtype)
     if partials:
         return y
     if lin.bias is not None:
         y = y + lin.bias
     return y.view(*shape[:-1], -1)
+
+
+def drop_counts(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """keep (B, T, K): (entries dropped, entries, channels no row keeps, channels) summed over the T positions.
+    The last pair is what a batched decode step skips: it reads a weight row wherever any batch row keeps it."""
+    any_row = keep.any(0)
+    return torch.tensor([keep.numel() - keep.sum().item(), keep.numel(), any_row.numel() - any_row.sum().item(),
+                         any_row.numel()], dtype=dtype)
 
 
 class Transformer(nn.Module):
@@ -191,10 +198,11 @@ class Transformer(nn.Module):
     def start_stats(self) -> None:
         """Count dropped inputs per projection in the following eager forwards (see sparse_linear)."""
         for b in self.layers:
-            b.stats = torch.zeros(len(PROJECTIONS), 2, dtype=torch.float64)
+            b.stats = torch.zeros(len(PROJECTIONS), 4, dtype=torch.float64)
 
     def pop_stats(self) -> Tensor:
-        """(n_layer, 7, 2) dropped and total input entries since start_stats; stops counting."""
+        """(n_layer, 7, 4) counts since start_stats (drop_counts: dropped and total input entries, then channels
+        that no batch row keeps and their total); stops counting."""
         out = torch.stack([b.stats for b in self.layers])
         for b in self.layers:
             b.stats = None
@@ -213,7 +221,7 @@ class TransformerBlock(nn.Module):
         self.register_buffer("thresholds", torch.zeros(len(PROJECTIONS), dtype=torch.float32), persistent=False)
         self.sparse_decode = False
         self.sparse_prefill = False
-        self.stats: Optional[Tensor] = None  # (7, 2) dropped/total counts while measuring, on the CPU
+        self.stats: Optional[Tensor] = None  # (7, 4) drop counts while measuring, on the CPU
 
     def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
         sparse = self.sparse_prefill if x.shape[1] > 1 else self.sparse_decode
@@ -325,7 +333,7 @@ class FeedForward(nn.Module):
             a = F.silu(self.w1(x))
             keep = a.abs() > self.cats_threshold
             if stats is not None:
-                stats[5:7] += torch.tensor([keep.numel() - keep.sum().item(), keep.numel()], dtype=stats.dtype)
+                stats[5:7] += drop_counts(keep, stats.dtype)
             return self.w2(torch.where(keep, a * self.w3(x), 0))
         sc = self.w13_scale
         if sparse and x.shape[-2] == 1 and x.shape[0] <= sparse_ops.MAX_BATCH and stats is None:

@@ -54,10 +54,11 @@ def modules(m: model.Transformer, l: int) -> dict:
 class MaskedReference:
     """Forward hooks on the dense model's nn.Linear modules that replace each output by W (x * keep_s) + b per output
     segment s, keep_s = score(x) > t_s; score = |x| or |x_i| * ||W[s rows, i]||. Rows at positions < `from_pos`
-    (the dense prefill) stay unmasked. Also counts dropped / total inputs per projection on the masked rows."""
+    (the dense prefill) stay unmasked. Also counts per projection on the masked rows: dropped / total inputs, then
+    channels that no batch row keeps / channels."""
 
     def __init__(self, m: model.Transformer, thr: torch.Tensor, weighted: bool, from_pos: int):
-        self.counts = torch.zeros(len(PROJECTIONS), 2, dtype=torch.float64)
+        self.counts = torch.zeros(len(PROJECTIONS), 4, dtype=torch.float64)
         self.handles = []
         for l in range(m.config.n_layer):
             for name, lin in modules(m, l).items():
@@ -81,7 +82,9 @@ class MaskedReference:
                     y = y + lin.bias[rows]
                 ys.append(y)
                 k = keep[:, from_pos:]
-                self.counts[p] += torch.tensor([k.numel() - k.sum().item(), k.numel()], dtype=torch.float64)
+                u = k.any(0)  # per position: kept by some batch row
+                self.counts[p] += torch.tensor([k.numel() - k.sum().item(), k.numel(), u.numel() - u.sum().item(),
+                                                u.numel()], dtype=torch.float64)
             return torch.cat(ys, dim=-1)
         return fn
 
@@ -234,8 +237,10 @@ def test_generate_greedy_matches_naive_loop(sparse, monkeypatch):
         m.setup_caches(2, PROMPT + n)
         with torch.no_grad():
             ach = generate.achieved_sparsity(m, PROMPT, got)
-        assert torch.allclose(ach.double(), counts[:, 0] / counts[:, 1], atol=1e-6)
-        assert (ach > 0).all()
+        assert torch.allclose(ach[0].double(), counts[:, 0] / counts[:, 1], atol=1e-6)
+        assert torch.allclose(ach[1].double(), counts[:, 2] / counts[:, 3], atol=1e-6)
+        # two rows: a weight row is skipped only where both rows drop its channel
+        assert (ach[0] > 0).all() and (ach[1] > 0).all() and (ach[1] < ach[0]).all()
     m.set_sparse(decode=False, prefill=False)
 
 
@@ -346,7 +351,12 @@ def test_tiny_cli_runs(tiny_ckpt, tmp_path):
     thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
     code, out, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--sparsity", "0.4", "--thresholds", thr])
     assert code == 0, err
-    assert "achieved sparsity" in out
+    assert "achieved sparsity" in out and "weight rows skipped" not in out
+    assert "on the bytes read" in out  # the kernels ran (Triton's interpreter here)
+    code, out, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--sparsity", "0.4", "--thresholds", thr,
+                               "--batch_size", "2"])
+    assert code == 0, err
+    assert "weight rows skipped (kept by no batch row)" in out
 
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "sparsity_1", "sparsity_negative", "past_block_size",
