@@ -15,7 +15,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in h:
+        # by identity: a default of 0 or 0.0 is shown (it equals False, so `not in` would hide it)
+        if action.option_strings and all(action.default is not v for v in (None, False, argparse.SUPPRESS)) \
+                and "default" not in h:
             h += " (default: %(default)s)"
         return h
 

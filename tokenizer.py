@@ -41,6 +41,7 @@ class Tokenizer:
 
     file_name: str
     bos_id: int | None = None
+    add_bos: bool = True  # whether a prompt starts with BOS (Llama-2/3, Mistral); HF tokenizers say it themselves
     eos_ids: list[int]
     vocab_size: int
 
@@ -49,6 +50,11 @@ class Tokenizer:
         return [self.bos_id] + ids if bos and self.bos_id is not None else ids
 
     def decode(self, ids: list[int]) -> str:
+        # Ids past the tokenizer's vocab (a model's padded rows, Qwen2's say) decode to nothing, as the HF
+        # tokenizers library does; sentencepiece and tiktoken would raise.
+        return self._decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def _decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
     def _encode(self, text: str) -> list[int]:
@@ -72,6 +78,9 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"cannot load {path}: {_one_line(e)}") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.eos_ids = []
+        # BOS where the post-processor prepends one (Llama-3's tokenizer.json), none where it does not (SmolLM2,
+        # Qwen2), as transformers encodes prompts
+        self.add_bos = self.tok.encode("a").ids[:1] != self.tok.encode("a", add_special_tokens=False).ids[:1]
 
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -80,8 +89,8 @@ class HFTokenizer(Tokenizer):
         # The tokenizer.json post-processor may add BOS itself; we never want that, BOS is our flag.
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -108,8 +117,8 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(list(ids))
+    def _decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -138,8 +147,8 @@ class TiktokenTokenizer(Tokenizer):
         # so chat prompts give the same ids whichever way the checkpoint was converted.
         return self.enc.encode(text, allowed_special="all")
 
-    def decode(self, ids: list[int]) -> str:
-        return self.enc.decode(list(ids))
+    def _decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
 
 
 TOKENIZER_CLASSES = {"hf": HFTokenizer, "sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer}

@@ -66,5 +66,8 @@ def test_help_shows_defaults():
     p.add_argument("--n", type=int, default=7, help="a count")
     p.add_argument("--name", default=None, help="a name")
     p.add_argument("--flag", action="store_true", help="a switch")
+    p.add_argument("--level", type=float, default=0.0, help="a level")  # 0.0 == False, still a default to show
+    p.add_argument("--k", type=int, default=0, help="a k")
     text = p.format_help()
     assert "a count (default: 7)" in text and "(default: None)" not in text and "(default: False)" not in text
+    assert "a level (default: 0.0)" in text and "a k (default: 0)" in text

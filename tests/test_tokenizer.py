@@ -87,6 +87,17 @@ def test_hf_matches_transformers(tmp_path, hf_json):
     assert tok.encode("a<|im_end|>b")[1] == 2
 
 
+def test_hf_add_bos_follows_the_post_processor(tmp_path, hf_json):
+    """generate.py prepends BOS where transformers' encode would: this tokenizer.json's post-processor adds one."""
+    from tokenizers import Tokenizer as HFTok, processors
+    assert get_tokenizer(hf_checkpoint(tmp_path / "a", hf_json, {"bos_token_id": 1})).add_bos
+    plain = HFTok.from_file(str(hf_json))
+    plain.post_processor = processors.ByteLevel(trim_offsets=False)  # SmolLM2's (from its GGUF): adds nothing
+    plain.save(str(tmp_path / "tokenizer.json"))
+    tok = get_tokenizer(hf_checkpoint(tmp_path / "b", tmp_path / "tokenizer.json", {"bos_token_id": 1}))
+    assert not tok.add_bos and tok.bos_id == 1
+
+
 def test_hf_bos_eos_from_config(tmp_path, hf_json):
     tok = get_tokenizer(hf_checkpoint(tmp_path, hf_json, {"bos_token_id": 0, "eos_token_id": [0, 2]}))
     assert tok.bos_id == 0
@@ -129,7 +140,7 @@ def test_sentencepiece_matches_transformers(tmp_path, sp_model):
     ref = LlamaTokenizer(vocab=vocab, merges=merges)
     tok = get_tokenizer(ckpt)
     assert tok.vocab_size == 800 == len(vocab)
-    assert tok.bos_id == 1 and tok.eos_ids == [2]
+    assert tok.bos_id == 1 and tok.eos_ids == [2] and tok.add_bos  # Llama-2 and Mistral prompts start with BOS
     for text in PARAGRAPHS:
         ids = tok.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False)
@@ -208,7 +219,7 @@ def test_tiktoken_matches_reference(tmp_path, tiktoken_ranks):
                             {"tokenizer.model": ranks_file(tiktoken_ranks)})
     tok = get_tokenizer(ckpt)
     assert tok.vocab_size == n + 256 == ref.n_vocab
-    assert tok.bos_id == n
+    assert tok.bos_id == n and tok.add_bos
     assert tok.eos_ids == [n + 9, n + 1, n + 8]  # config, then <|end_of_text|>, <|eom_id|>
     for text in PARAGRAPHS:
         ids = tok.encode(text)
@@ -241,6 +252,16 @@ def test_kind_from_tealfast_json_not_path(tmp_path, sp_model, tiktoken_ranks):
                             {"tokenizer.model": ranks_file(tiktoken_ranks)})
     with pytest.raises(TokenizerError):
         get_tokenizer(ckpt)
+
+
+def test_ids_past_the_vocab_decode_to_nothing(tmp_path, hf_json, sp_model, tiktoken_ranks):
+    """A model with padded vocab rows (Qwen2's) can emit ids its tokenizer lacks: every kind skips them, as the
+    HF tokenizers library does, instead of raising mid-generation."""
+    for kind, name, data in [("hf", "tokenizer.json", hf_json.read_bytes()), ("sentencepiece", "tokenizer.model",
+                             sp_model), ("tiktoken", "tokenizer.model", ranks_file(tiktoken_ranks))]:
+        tok = get_tokenizer(write_checkpoint(tmp_path / kind, kind, {}, {name: data}))
+        ids = tok.encode("hello world")
+        assert tok.decode(ids[:1] + [tok.vocab_size, tok.vocab_size + 7] + ids[1:]) == tok.decode(ids) != "", kind
 
 
 # ---------------------------------------------------------------- errors
