@@ -107,8 +107,9 @@ def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list,
     One token per row (decode) runs the sparse GEMV op, which skips the weight columns it does not need;
     more tokens (prefill) mask the input and use a dense matmul. `stats` (segments, 4), when given, gathers
     drop_counts per segment: eager measurement only. `partials`: return the decode GEMV's split-K partial sums,
-    (split, rows, N) without the bias, for a consumer that sums them (decode attention, add_norm). `kept`: for the decode op, the channels listed by add_norm under these thresholds and scale (or a
-    superset of them: each segment still applies its own threshold).
+    (split, rows, N) without the bias, for a consumer that sums them (decode attention, add_norm). `kept`: for the
+    decode op, the channels listed by add_norm under these thresholds and scale (or a superset of them: each
+    segment still applies its own threshold).
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])

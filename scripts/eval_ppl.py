@@ -31,8 +31,8 @@ METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")
 
 @torch.no_grad()
 def perplexity(model: Transformer, ids: list, seq_len: int, batch: int = 4) -> tuple:
-    """(perplexity, (n_layer, 7, 2) dropped/total counts, tokens predicted) over non-overlapping windows of ids;
-    every token but each window's first is predicted."""
+    """(perplexity, (n_layer, 7, 4) drop counts (model.drop_counts), tokens predicted) over non-overlapping windows
+    of ids; every token but each window's first is predicted."""
     device = model.output.weight.device
     windows = [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
     full = [w for w in windows if len(w) == seq_len]
