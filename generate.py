@@ -241,14 +241,13 @@ def main(argv=None) -> None:
         line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
         if cal is not None:
             s, skipped = achieved_sparsity(model, T, seq).double()
-            weighted = float((linear_bytes * s).sum() / linear_bytes.sum())
-            rows = float((linear_bytes * skipped).sum() / linear_bytes.sum())
+            skipped_bytes = float((linear_bytes * skipped).sum())
             print("achieved sparsity (decode): " + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))
-                  + f"; parameter-weighted {weighted:.1%}"
-                  + (f"; weight rows skipped (kept by no batch row) {rows:.1%}" if args.batch_size > 1 else ""))
+                  + f"; parameter-weighted {float((linear_bytes * s).sum() / linear_bytes.sum()):.1%}"
+                  + (f"; weight rows skipped (kept by no batch row) {skipped_bytes / float(linear_bytes.sum()):.1%}"
+                     if args.batch_size > 1 else ""))
             if sparse_ops.use_triton(prompt):  # without the kernels the reference masks and reads every weight
-                read = total_bytes - float((linear_bytes * skipped).sum())
-                line += f", {read * n_new / dt / 1e9:.1f} GB/s on the bytes read"
+                line += f", {(total_bytes - skipped_bytes) * n_new / dt / 1e9:.1f} GB/s on the bytes read"
         print(line)
         if device.type == "cuda":
             print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")

@@ -159,9 +159,10 @@ def main(argv=None):
                         else torch.zeros(2, len(PROJECTIONS))).double()
         w = float((linear_bytes * ach).sum() / linear_bytes.sum())
         base = rows[0]["tokens_per_s"] if rows else tok_s
-        read = total_bytes - float((linear_bytes * skipped).sum())  # per step, for all its rows
+        skipped_bytes = float((linear_bytes * skipped).sum())
+        read = total_bytes - skipped_bytes  # per step, for all its rows
         rows.append(dict(variant=name, sparsity=s, achieved=round(w, 4),
-                         rows_skipped=round(float((linear_bytes * skipped).sum() / linear_bytes.sum()), 4),
+                         rows_skipped=round(skipped_bytes / float(linear_bytes.sum()), 4),
                          tokens_per_s=round(tok_s, 2), speedup=round(tok_s / base, 3),
                          gb_s_read=round(read * tok_s / 1e9, 1),
                          achieved_per_projection=dict(zip(PROJECTIONS, [round(v, 4) for v in ach.tolist()]))))
