@@ -20,8 +20,8 @@ from tqdm import tqdm
 import cli
 import textdata
 import thresholds as thr_file
-from model import DTYPES, PROJECTIONS, CheckpointError, Transformer, column_norms, load_model
-from tokenizer import TokenizerError, get_tokenizer
+from model import DTYPES, PROJECTIONS, Transformer, load_model, restored
+from tokenizer import get_tokenizer
 
 LEVELS = [i / 200 for i in range(200)] + [0.999]  # sparsity grid: 0, 0.005, ..., 0.995, 0.999
 
@@ -29,11 +29,12 @@ LEVELS = [i / 200 for i in range(200)] + [0.999]  # sparsity grid: 0, 0.005, ...
 class InputRecorder:
     """Forward pre-hooks on the block linears: keep a seeded random sample of each projection's input scores.
 
-    The dense path calls the nn.Linear modules themselves (model.sparse_linear), so their hooks see the
-    exact inputs the sparse kernels will threshold.
+    The model must run dense prefill (two or more tokens per row): that path calls the nn.Linear modules
+    themselves (model.sparse_linear), so their hooks see the exact inputs the sparse kernels will threshold.
+    Weighted scores use the model's own column norms (model.set_scores).
     """
 
-    def __init__(self, model: Transformer, score: str, per_call: int, seed: int = 0):
+    def __init__(self, model: Transformer, per_call: int, seed: int = 0):
         self.samples = [[[] for _ in PROJECTIONS] for _ in model.layers]
         self.cats = [[] for _ in model.layers]  # |silu(gate)|, for the CATS baseline
         self.per_call = per_call
@@ -41,14 +42,10 @@ class InputRecorder:
         self.handles = []
         for l, b in enumerate(model.layers):
             a, f = b.attention, b.feed_forward
-            qkv_norm = column_norms(a.wqkv.weight, a.qkv_ends) if score == "weighted" else None
-            for lin, projs, norms in [
-                (a.wqkv, (0, 1, 2), qkv_norm),
-                (a.wo, (3,), column_norms(a.wo.weight, [a.wo.out_features]) if score == "weighted" else None),
-                (f.w1, (4,), column_norms(f.w1.weight, [f.w1.out_features]) if score == "weighted" else None),
-                (f.w3, (5,), column_norms(f.w3.weight, [f.w3.out_features]) if score == "weighted" else None),
-                (f.w2, (6,), column_norms(f.w2.weight, [f.w2.out_features]) if score == "weighted" else None),
-            ]:
+            sc = f.w13_scale
+            for lin, projs, norms in [(a.wqkv, (0, 1, 2), a.qkv_scale), (a.wo, (3,), a.o_scale),
+                                      (f.w1, (4,), None if sc is None else sc[0:1]),
+                                      (f.w3, (5,), None if sc is None else sc[1:2]), (f.w2, (6,), f.w2_scale)]:
                 self.handles.append(lin.register_forward_pre_hook(self._hook(l, projs, norms)))
             self.handles.append(f.w1.register_forward_hook(self._cats_hook(l)))
 
@@ -112,18 +109,29 @@ def calibration_tokens(args, tokenizer) -> tuple:
     return ids[:args.tokens], source
 
 
+def windows(ids: list, seq_len: int) -> list:
+    """Consecutive seq_len-token windows of ids; the remainder is dropped."""
+    return [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
 @torch.no_grad()
 def record(model: Transformer, ids: list, seq_len: int, score: str, samples: int, device, progress=True,
-           seed: int = 0):
-    """Run the dense model over ids in seq_len windows; return the (n_layer, 7, levels) threshold table."""
-    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    rec = InputRecorder(model, score, per_call=-(-samples // len(chunks)), seed=seed)
-    model.setup_caches(1, seq_len)
-    try:
-        for c in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress, file=sys.stderr):
-            model(torch.tensor([c], device=device), torch.arange(len(c), device=device))
-    finally:
-        rec.remove()
+           seed: int = 0) -> tuple:
+    """Run the dense model over ids in seq_len windows. Returns (the (n_layer, 7, levels) threshold table, tokens
+    used, the InputRecorder with its samples)."""
+    if seq_len < 2:
+        raise ValueError(f"calibration windows need at least 2 tokens, got {seq_len}")
+    chunks = windows(ids, seq_len)
+    with restored(model):
+        model.set_sparse(False, False)
+        model.set_scores(score == "weighted")
+        rec = InputRecorder(model, per_call=-(-samples // len(chunks)), seed=seed)
+        model.setup_caches(1, seq_len)
+        try:
+            for c in tqdm(chunks, desc="calibrating", unit="chunk", disable=not progress, file=sys.stderr):
+                model(torch.tensor([c], device=device), torch.arange(len(c), device=device))
+        finally:
+            rec.remove()
     return rec.table(), len(chunks) * seq_len, rec
 
 
@@ -139,28 +147,22 @@ def sparse_aware(model: Transformer, ids: list, seq_len: int, table: torch.Tenso
     """
     levels = torch.tensor(LEVELS, dtype=torch.float64)
     n_layer = table.shape[0]
-    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    state = ([(b.sparse_decode, b.sparse_prefill) for b in model.layers], [b.thresholds.clone() for b in model.layers])
-    model.set_scores(score == "weighted")
-    model.set_sparse(decode=True, prefill=True)
-    model.setup_caches(1, seq_len)
+    chunks = windows(ids, seq_len)
     out = []
-    try:
+    with restored(model):
+        model.set_scores(score == "weighted")
+        model.set_sparse(decode=True, prefill=True)
+        model.setup_caches(1, seq_len)
         for s in tqdm(anchors, desc="sparse-aware levels", disable=not progress, file=sys.stderr):
             lev = torch.full((n_layer, len(PROJECTIONS)), float(s), dtype=torch.float64)
             for _ in range(iters):
-                model.set_thresholds(thr_file._interp(levels, table, lev).float().to(device))
+                model.set_thresholds(thr_file.interp(levels, table, lev).float().to(device))
                 model.start_stats()
                 for c in chunks:
                     model(torch.tensor([c], device=device), torch.arange(len(c), device=device))
                 stats = model.pop_stats()
                 lev = (lev + s - stats[..., 0] / stats[..., 1]).clamp(0.0, LEVELS[-1])
-            out.append(thr_file._interp(levels, table, lev))
-    finally:
-        for b, (dec, pre), t in zip(model.layers, *state):
-            b.sparse_decode, b.sparse_prefill = dec, pre
-            b.thresholds.copy_(t)
-        model.set_scores(False)
+            out.append(thr_file.interp(levels, table, lev))
     return torch.stack(out, dim=-1)
 
 
@@ -197,7 +199,7 @@ def parse_args(argv=None):
     p.add_argument("--text_column", default="text", help="column holding the text in --dataset_file")
     p.add_argument("--tokens", type=cli.at_least(1), default=16384,
                    help="calibration tokens (rounded down to whole --seq_len windows)")
-    p.add_argument("--seq_len", type=cli.at_least(1), default=512, help="tokens per forward pass")
+    p.add_argument("--seq_len", type=cli.at_least(2), default=512, help="tokens per forward pass")
     p.add_argument("--samples", type=cli.at_least(1000), default=500_000,
                    help="scores sampled per layer and projection for the quantiles")
     p.add_argument("--score", choices=thr_file.SCORES, default="magnitude",
@@ -260,8 +262,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, TokenizerError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)

@@ -5,6 +5,7 @@ nothing is loaded, computed or half-written before the user hears about it.
 """
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +21,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 and "default" not in h:
             h += " (default: %(default)s)"
         return h
+
+
+def run(main) -> None:
+    """Run a command line's main(). A bad file or value (the loaders' errors are ValueErrors: CheckpointError,
+    TokenizerError) or non-finite activations end it with a one-line error and exit status 1."""
+    try:
+        main()
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def default_device() -> str:

@@ -19,8 +19,8 @@ from torch import Tensor
 import cli
 import sparse_ops
 import thresholds as thr_file
-from model import DTYPES, PROJECTIONS, CheckpointError, Transformer, load_model
-from tokenizer import TokenizerError, get_tokenizer
+from model import DTYPES, PROJECTIONS, Transformer, load_model, projection_sizes, restored
+from tokenizer import get_tokenizer
 
 
 def argmax(x: Tensor, chunk: int = 1024) -> Tensor:
@@ -47,14 +47,10 @@ def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
     return argmax(probs / torch.empty_like(probs).exponential_(1))
 
 
-def prefill(model: Transformer, idx: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int]):
-    logits = model(idx, input_pos)[:, -1]
-    return sample(logits, temperature, top_k), torch.isfinite(logits).all()
-
-
 def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, temperature: float,
                      top_k: Optional[int]):
-    """cur (B, 1) at position input_pos (1,) -> next token (B, 1) and whether all logits were finite."""
+    """cur (B, T) at positions input_pos (T,) -> the token after the last one (B, 1), and whether all logits were
+    finite. Decode calls it with T = 1 (compiled with --compile); prefill calls it once over the prompt, eagerly."""
     logits = model(cur, input_pos)[:, -1]
     return sample(logits, temperature, top_k), torch.isfinite(logits).all()
 
@@ -67,7 +63,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
     device = prompt.device
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     seq[:, :T] = prompt
-    tok, finite = prefill(model, prompt, torch.arange(T, device=device), temperature, top_k)
+    tok, finite = decode_one_token(model, prompt, torch.arange(T, device=device), temperature, top_k)  # prefill
     seq[:, T:T + 1] = tok
     all_finite = finite
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
@@ -94,32 +90,24 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
 def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor) -> Tensor:
     """(2, 7) per projection on the decode steps of `seq`: the fraction of inputs dropped, then the fraction of
     weight rows skipped (those no batch row keeps; the same for one row). Measured by replaying the steps: the
-    prompt dense (as prefill ran), then the generated tokens with their per-token masks, as decode ran."""
+    prompt as prefill ran it, then the generated tokens with their per-token masks, as decode ran them."""
     B, L = seq.shape
     if L <= prompt_len + 1:
         return torch.zeros(2, len(PROJECTIONS))
     dev = seq.device
-    prefill_sparse = model.layers[0].sparse_prefill
-    model(seq[:, :prompt_len], torch.arange(prompt_len, device=dev))
-    model.set_sparse(decode=True, prefill=True)
-    model.start_stats()
-    model(seq[:, prompt_len:L - 1], torch.arange(prompt_len, L - 1, device=dev))
-    stats = model.pop_stats()
-    model.set_sparse(decode=True, prefill=prefill_sparse)
-    c = stats.sum(0)
+    with restored(model):
+        model(seq[:, :prompt_len], torch.arange(prompt_len, device=dev))
+        model.set_sparse(decode=True, prefill=True)
+        model.start_stats()
+        model(seq[:, prompt_len:L - 1], torch.arange(prompt_len, L - 1, device=dev))
+        c = model.pop_stats().sum(0)
     return torch.stack([c[:, 0] / c[:, 1], c[:, 2] / c[:, 3]]).float()
 
 
 def model_bytes(model: Transformer) -> tuple:
     """(all parameter bytes, bytes of the block linears per projection type, in PROJECTIONS order)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    per = torch.zeros(len(PROJECTIONS), dtype=torch.float64)
-    for b in model.layers:
-        a, f = b.attention, b.feed_forward
-        row = a.wqkv.in_features * a.wqkv.weight.element_size()
-        per += torch.tensor([a.q_size * row, a.kv_size * row, a.kv_size * row] +
-                            [lin.weight.numel() * lin.weight.element_size() for lin in (a.wo, f.w1, f.w3, f.w2)],
-                            dtype=torch.float64)
+    per = sum(projection_sizes(b) for b in model.layers) * model.output.weight.element_size()
     return total, per
 
 
@@ -254,8 +242,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, TokenizerError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)

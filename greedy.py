@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import thresholds as thr_file
-from model import PROJECTIONS, Transformer, TransformerBlock
+from model import PROJECTIONS, Transformer, projection_sizes, restored
 
 # Parameter-weighted block sparsity added by one step. On SmolLM2-135M (held-out block error), 0.02 was clearly
 # worse and 0.005 only a little better, at twice the time.
@@ -29,45 +29,20 @@ EVAL_TOKENS = 64
 DEFAULT_GRID = [round(i * 0.05, 2) for i in range(19)]  # 0.0, 0.05, ..., 0.9
 
 
-def param_counts(block: TransformerBlock) -> torch.Tensor:
-    """(7,) float64 weight count of each projection, PROJECTIONS order."""
-    a, f = block.attention, block.feed_forward
-    dim = a.wqkv.in_features
-    counts = [a.q_size * dim, a.kv_size * dim, a.kv_size * dim, a.wo.weight.numel(),
-              f.w1.weight.numel(), f.w3.weight.numel(), f.w2.weight.numel()]
-    return torch.tensor(counts, dtype=torch.float64)
-
-
 @contextmanager
 def search_mode(model: Transformer, score: str):
-    """Weighted scores on (if asked) for the duration; sparse flags, thresholds, scores and caches restored after.
-
-    The CATS baseline and drop counting (start_stats) are switched off meanwhile: either would change or slow
-    down the blocks being measured.
-    """
-    flags = [(b.sparse_decode, b.sparse_prefill) for b in model.layers]
-    thresholds = [b.thresholds.clone() for b in model.layers]
-    extras = [(b.stats, b.feed_forward.cats_threshold) for b in model.layers]
-    weighted = model.layers[0].attention.qkv_scale is not None
-    caches = (model.max_batch_size, model.max_seq_length)
-    try:
+    """Weighted scores on (if asked) and drop counting off for the duration; the model's state restored after."""
+    with restored(model):
         for b in model.layers:
-            b.stats, b.feed_forward.cats_threshold = None, None
+            b.stats = None  # counting would slow down the blocks being measured
         model.set_scores(score == "weighted")
         yield
-    finally:
-        for b, (dec, pre), t, (stats, cats) in zip(model.layers, flags, thresholds, extras):
-            b.sparse_decode, b.sparse_prefill = dec, pre
-            b.thresholds.copy_(t)
-            b.stats, b.feed_forward.cats_threshold = stats, cats
-        model.set_scores(weighted)
-        if caches[0] > 0:  # our setup_caches replaced the caller's (possibly of another shape)
-            model.setup_caches(*caches)
 
 
 @torch.no_grad()
 def block_inputs(model: Transformer, chunks: torch.Tensor) -> list:
-    """Dense pass over chunks (B, T): each block's input hidden states, a (B, T, dim) tensor per block."""
+    """Dense pass over chunks (B, T): each block's input hidden states, a (B, T, dim) tensor per block. Run it
+    inside search_mode, which restores the sparse flags and caches it changes."""
     inputs = [[] for _ in model.layers]
 
     def hook(layer):
@@ -76,7 +51,6 @@ def block_inputs(model: Transformer, chunks: torch.Tensor) -> list:
         return fn
 
     handles = [b.register_forward_pre_hook(hook(l)) for l, b in enumerate(model.layers)]
-    flags = [(b.sparse_decode, b.sparse_prefill) for b in model.layers]
     model.set_sparse(False, False)
     model.setup_caches(1, chunks.shape[1])
     try:
@@ -86,8 +60,6 @@ def block_inputs(model: Transformer, chunks: torch.Tensor) -> list:
     finally:
         for h in handles:
             h.remove()
-        for b, (dec, pre) in zip(model.layers, flags):
-            b.sparse_decode, b.sparse_prefill = dec, pre
     return [torch.cat(x) for x in inputs]
 
 
@@ -128,7 +100,7 @@ class BlockError:
     def thresholds(self, sparsities) -> torch.Tensor:
         """(7,) fp32 thresholds: the table lookup thresholds.thresholds_for does, per projection."""
         s = torch.as_tensor(sparsities, dtype=torch.float64)
-        return thr_file._interp(self.levels, self.table, s).float()
+        return thr_file.interp(self.levels, self.table, s).float()
 
     @torch.no_grad()
     def __call__(self, sparsities) -> float:
@@ -213,7 +185,7 @@ def search(model: Transformer, ids: list, seq_len: int, table: torch.Tensor, lev
         positions = query_positions(seq_len, batch, seed, device)
         for l in tqdm(range(n_layer), desc="greedy search", unit="layer", disable=not progress, file=sys.stderr):
             error = BlockError(model, l, xs[l], table, levels, positions)
-            alloc = search_block(error, param_counts(model.layers[l]), grid)
+            alloc = search_block(error, projection_sizes(model.layers[l]), grid)
             layers.append({p: [round(float(v), 6) for v in alloc[:, j]] for j, p in enumerate(PROJECTIONS)})
             xs[l] = None  # free as we go
     return {"levels": [round(g, 6) for g in grid], "layers": layers}

@@ -1,11 +1,14 @@
 """A minimal Llama-family decoder (Llama-2/3, Mistral, SmolLM2, Qwen2) with TEAL activation sparsity.
 
-Names follow gpt-fast. The one visible change for TEAL: every block linear goes through `sparse_linear`,
-which zeroes the input entries whose magnitude is at or below a per-projection threshold. During decode
-(one token per row) that is a sparse GEMV custom op that reads only the weight columns it needs.
+Names follow gpt-fast. TEAL zeroes the input entries of every block linear whose magnitude is at or below a
+per-projection threshold. `sparse_linear` does it for prefill and for the decode GEMVs of q|k|v, o and down:
+with one token per row it is a sparse GEMV custom op that reads only the weight columns it needs. Decode also
+runs gate|up as one op (`sparse_ops.sparse_glu`, silu(gate) * up in its kernel), at batch 1 on the channels that
+the norm before it listed (`add_norm`), and attention as one kernel (`sparse_ops.decode_attention`).
 """
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,8 +45,6 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None
     qkv_bias: bool = False
     tie_embeddings: bool = False
-    bos_id: Optional[int] = None
-    eos_ids: tuple = ()
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -67,7 +68,6 @@ class ModelArgs:
         try:
             n_head = cfg["num_attention_heads"]
             dim = cfg["hidden_size"]
-            eos = cfg.get("eos_token_id")
             rs = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
             rs = rs if rs.get("rope_type", rs.get("type", "default")) not in ("default", None) else None
             if rs is not None and rs.get("rope_type", rs.get("type")) != "llama3":
@@ -92,31 +92,26 @@ class ModelArgs:
                 rope_scaling=rs,
                 qkv_bias=mt == "qwen2",
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                bos_id=cfg.get("bos_token_id"),
-                eos_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
             )
         except KeyError as e:
             raise CheckpointError(f"config.json lacks {e.args[0]!r}") from None
 
 
 def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list, sparse: bool,
-                  scale: Optional[Tensor] = None, stats: Optional[Tensor] = None, partials: bool = False,
-                  kept: Optional[Tensor] = None) -> Tensor:
+                  scale: Optional[Tensor] = None, stats: Optional[Tensor] = None, partials: bool = False) -> Tensor:
     """y = W (x * 1[score(x) > t_s]) for each output segment s; the plain nn.Linear when `sparse` is False.
 
     One token per row (decode) runs the sparse GEMV op, which skips the weight columns it does not need;
     more tokens (prefill) mask the input and use a dense matmul. `stats` (segments, 4), when given, gathers
     drop_counts per segment: eager measurement only. `partials`: return the decode GEMV's split-K partial sums,
-    (split, rows, N) without the bias, for a consumer that sums them (decode attention, add_norm). `kept`: for the
-    decode op, the channels listed by add_norm under these thresholds and scale (or a superset of them: each
-    segment still applies its own threshold).
+    (split, rows, N) without the bias, for a consumer that sums them (decode attention, add_norm).
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if not sparse:
         return F.linear(x2, lin.weight)[None] if partials else lin(x)
     if shape[-2] == 1 and x2.shape[0] <= sparse_ops.MAX_BATCH:
-        y = sparse_ops.sparse_gemv(x2, lin.weight.t(), thresholds, seg_ends, scale, reduce=not partials, kept=kept)
+        y = sparse_ops.sparse_gemv(x2, lin.weight.t(), thresholds, seg_ends, scale, reduce=not partials)
     else:
         y = sparse_ops.sparse_gemv_ref(x2, lin.weight.t(), thresholds, seg_ends, scale)
         y = y[None] if partials else y
@@ -144,7 +139,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layer))
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -210,10 +205,36 @@ class Transformer(nn.Module):
         return out
 
 
+@contextmanager
+def restored(model: Transformer):
+    """Sparse flags, thresholds, scores, drop counting and cache shape as they were, after the block: for the
+    calibration and measurement passes that switch them."""
+    saved = [(b.sparse_decode, b.sparse_prefill, b.stats, b.thresholds.clone()) for b in model.layers]
+    weighted = model.layers[0].attention.qkv_scale is not None
+    caches = (model.max_batch_size, model.max_seq_length)
+    try:
+        yield
+    finally:
+        for b, (dec, pre, stats, t) in zip(model.layers, saved):
+            b.sparse_decode, b.sparse_prefill, b.stats = dec, pre, stats
+            b.thresholds.copy_(t)
+        if (model.layers[0].attention.qkv_scale is not None) != weighted:
+            model.set_scores(weighted)
+        if caches[0] > 0 and (model.max_batch_size, model.max_seq_length) != caches:
+            model.setup_caches(*caches)
+
+
+def projection_sizes(block: "TransformerBlock") -> Tensor:
+    """(7,) float64 weight count of each projection of a block, PROJECTIONS order (q, k, v are rows of wqkv)."""
+    a, f = block.attention, block.feed_forward
+    dim = a.wqkv.in_features
+    return torch.tensor([a.q_size * dim, a.kv_size * dim, a.kv_size * dim] +
+                        [lin.weight.numel() for lin in (a.wo, f.w1, f.w3, f.w2)], dtype=torch.float64)
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelArgs, layer_id: int) -> None:
+    def __init__(self, config: ModelArgs) -> None:
         super().__init__()
-        self.layer_id = layer_id
         self.attention = Attention(config)
         self.feed_forward = FeedForward(config)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
@@ -228,7 +249,7 @@ class TransformerBlock(nn.Module):
         sparse = self.sparse_prefill if x.shape[1] > 1 else self.sparse_decode
         # Sparse decode at batch 1: the MLP norm's kernel also lists the channels that gate or up keep. Listing
         # them in the GEMV costs more, as each of its programs scans the whole input (qkv's scan a fraction).
-        lists = sparse and fused_decode(x) and x.shape[0] == 1 and x.shape[-1] % 16 == 0
+        lists = sparse and fused_decode(x) and x.shape[0] == 1 and x.shape[-1] % 16 == 0 and self.stats is None
         a = self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse, self.stats,
                            partials=lists)
         f = self.feed_forward
@@ -319,7 +340,6 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
         self.w13_scale: Optional[Tensor] = None
         self.w2_scale: Optional[Tensor] = None
-        self.cats_threshold: Optional[Tensor] = None  # CATS baseline (eval only), see forward
 
     def set_scores(self, weighted: bool) -> None:
         self.w13_scale = torch.cat([column_norms(self.w1.weight, [self.w1.out_features]),
@@ -328,14 +348,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, thr: Tensor, sparse: bool, stats: Optional[Tensor] = None,
                 kept: Optional[Tensor] = None) -> Tensor:
-        """kept: the channels that gate or up keep, listed by add_norm (decode, batch 1)."""
-        if self.cats_threshold is not None:
-            # CATS (Lee et al. 2024), a baseline: only silu(gate) is thresholded; up and down skip its dropped rows.
-            a = F.silu(self.w1(x))
-            keep = a.abs() > self.cats_threshold
-            if stats is not None:
-                stats[5:7] += drop_counts(keep, stats.dtype)
-            return self.w2(torch.where(keep, a * self.w3(x), 0))
+        """kept: the channels that gate or up keep, listed by add_norm (decode at batch 1, not measuring)."""
         sc = self.w13_scale
         if sparse and x.shape[-2] == 1 and x.shape[0] <= sparse_ops.MAX_BATCH and stats is None:
             # gate and up share their input: one fused op, a threshold each (with kept, silu * up in its kernel)
@@ -343,9 +356,9 @@ class FeedForward(nn.Module):
                                       kept).view(x.shape[0], 1, -1)
         else:
             g = sparse_linear(x, self.w1, thr[4:5], [self.w1.out_features], sparse, None if sc is None else sc[0:1],
-                              None if stats is None else stats[4:5], kept=kept)
+                              None if stats is None else stats[4:5])
             u = sparse_linear(x, self.w3, thr[5:6], [self.w3.out_features], sparse, None if sc is None else sc[1:2],
-                              None if stats is None else stats[5:6], kept=kept)
+                              None if stats is None else stats[5:6])
             h = F.silu(g) * u
         return sparse_linear(h, self.w2, thr[6:7], [self.w2.out_features], sparse, self.w2_scale,
                              None if stats is None else stats[6:7])

@@ -39,7 +39,7 @@ def read_text_file(path) -> str:
 def load_hub_text(repo_id: str, filename: str, column: str = "text", max_chars: int = 10_000_000) -> str:
     """Text of one file of a Hugging Face dataset repo (downloaded with huggingface_hub; needs network).
 
-    .parquet (needs pyarrow), .jsonl / .json (records holding `column`) or .txt; rows joined by blank lines.
+    .parquet, .jsonl / .json (records holding `column`) or .txt; rows joined by blank lines.
     """
     from huggingface_hub import hf_hub_download
     try:
@@ -60,11 +60,17 @@ def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError("reading .parquet datasets needs pyarrow (pip install pyarrow)") from None
-        table = pq.read_table(path, columns=[column])
-        rows = table.column(column).to_pylist()
+        try:
+            rows = pq.read_table(path, columns=[column]).column(column).to_pylist()
+        except Exception as e:  # pyarrow's errors for a missing column or a corrupt file, with long messages
+            raise ValueError(f"{path.name}: cannot read column {column!r}: {(str(e).splitlines() or [''])[0]}") from None
     elif suffix in (".jsonl", ".json"):
-        raw = path.read_text(encoding="utf-8")
-        records = [json.loads(line) for line in raw.splitlines() if line.strip()] if suffix == ".jsonl" else json.loads(raw)
+        try:
+            raw = path.read_text(encoding="utf-8")
+            records = ([json.loads(line) for line in raw.splitlines() if line.strip()] if suffix == ".jsonl"
+                       else json.loads(raw))
+        except ValueError as e:  # not UTF-8, not JSON
+            raise ValueError(f"{path.name}: not a {suffix} file: {e}") from None
         try:
             rows = [r[column] for r in records]
         except (KeyError, TypeError):

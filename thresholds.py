@@ -58,6 +58,12 @@ def save(path, config: ModelArgs, levels: list, table: torch.Tensor, source: str
     Path(path).write_text(json.dumps(data))
 
 
+def _require(ok) -> None:
+    """A section's consistency check: raises inside load's try blocks (an assert would vanish under python -O)."""
+    if not ok:
+        raise ValueError
+
+
 def load(path, config: ModelArgs) -> dict:
     """Read and validate a thresholds file against the model; CheckpointError with one line on any problem."""
     path = Path(path)
@@ -94,8 +100,8 @@ def load(path, config: ModelArgs) -> dict:
     if greedy is not None:
         try:
             g = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in greedy["layers"]], dtype=torch.float64)
-            assert g.shape == (config.n_layer, len(PROJECTIONS), len(greedy["levels"]))
-            assert ((g >= 0) & (g < 1)).all()
+            _require(g.shape == (config.n_layer, len(PROJECTIONS), len(greedy["levels"])))
+            _require(((g >= 0) & (g < 1)).all())
         except Exception:
             raise CheckpointError(f"{path}: malformed greedy section") from None
         greedy = {"levels": greedy["levels"], "table": g}
@@ -103,7 +109,7 @@ def load(path, config: ModelArgs) -> dict:
     if cats is not None:
         try:
             cats = torch.tensor(cats, dtype=torch.float64)
-            assert cats.shape == (config.n_layer, n) and torch.isfinite(cats).all()
+            _require(cats.shape == (config.n_layer, n) and torch.isfinite(cats).all())
         except Exception:
             raise CheckpointError(f"{path}: malformed cats section") from None
     sa = data.get("sparse_aware")
@@ -111,9 +117,9 @@ def load(path, config: ModelArgs) -> dict:
         try:
             sa_levels = torch.tensor(sa["levels"], dtype=torch.float64)
             sa_table = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in sa["layers"]], dtype=torch.float64)
-            assert sa_table.shape == (config.n_layer, len(PROJECTIONS), len(sa_levels)) and len(sa_levels) > 0
-            assert torch.isfinite(sa_table).all() and (sa_table >= 0).all()
-            assert (sa_levels > 0).all() and (sa_levels < 1).all() and (sa_levels[1:] > sa_levels[:-1]).all()
+            _require(sa_table.shape == (config.n_layer, len(PROJECTIONS), len(sa_levels)) and len(sa_levels) > 0)
+            _require(torch.isfinite(sa_table).all() and (sa_table >= 0).all())
+            _require((sa_levels > 0).all() and (sa_levels < 1).all() and (sa_levels[1:] > sa_levels[:-1]).all())
         except Exception:
             raise CheckpointError(f"{path}: malformed sparse_aware section") from None
         # level 0 keeps everything: threshold 0
@@ -123,7 +129,7 @@ def load(path, config: ModelArgs) -> dict:
             "cats": cats, "sparse_aware": sa, "path": str(path)}
 
 
-def _interp(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def interp(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear ys(x) along the last dim of ys; x broadcast against ys[..., 0]."""
     i = torch.searchsorted(xs, x.contiguous(), right=True).clamp(1, len(xs) - 1)
     x0, x1 = xs[i - 1], xs[i]
@@ -146,7 +152,7 @@ def projection_sparsities(cal: dict, sparsity: float, greedy: bool) -> torch.Ten
     if sparsity > glev[-1]:
         raise CheckpointError(f"greedy allocation covers sparsity up to {glev[-1].item():.2f}, asked {sparsity}")
     x = torch.full(g["table"].shape[:2], float(sparsity), dtype=torch.float64)
-    return _interp(glev, g["table"], x)
+    return interp(glev, g["table"], x)
 
 
 def thresholds_for(cal: dict, sparsity: float, greedy: bool = False) -> torch.Tensor:
@@ -155,8 +161,8 @@ def thresholds_for(cal: dict, sparsity: float, greedy: bool = False) -> torch.Te
     s = projection_sparsities(cal, sparsity, greedy)
     sa = cal.get("sparse_aware")
     if not greedy and sa is not None and sparsity <= sa["levels"][-1]:
-        return _interp(sa["levels"], sa["table"], s).float()
-    return _interp(cal["levels"], cal["table"], s).float()
+        return interp(sa["levels"], sa["table"], s).float()
+    return interp(cal["levels"], cal["table"], s).float()
 
 
 def cats_thresholds_for(cal: dict, sparsity: float) -> torch.Tensor:
@@ -165,7 +171,7 @@ def cats_thresholds_for(cal: dict, sparsity: float) -> torch.Tensor:
     if cal["cats"] is None:
         raise CheckpointError(f"{cal['path']} has no CATS table (re-run calibrate.py)")
     x = torch.full((cal["cats"].shape[0],), float(sparsity), dtype=torch.float64)
-    return _interp(cal["levels"], cal["cats"], x).float()
+    return interp(cal["levels"], cal["cats"], x).float()
 
 
 def check_sparsity(sparsity: float) -> None:

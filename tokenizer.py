@@ -7,8 +7,7 @@ import base64
 import json
 from pathlib import Path
 
-# Same value as scripts/checkpoint_io.META_SCHEMA_VERSION; kept local so the runtime does not import scripts/.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of tealfast.json (written by scripts/checkpoint_io.py)
 
 # End-of-turn tokens that chat models emit instead of (or as well as) config.json's eos_token_id.
 EXTRA_STOP_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")

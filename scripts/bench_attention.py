@@ -3,7 +3,7 @@
     python scripts/bench_attention.py [--context 256,1024,4096,8192] [--batch 1,4] [--json OUT]
 
 One layer's attention for one new token per row against a KV cache of max_seq_length = 8192 positions filled up
-to `context`. SDPA (what model.py ran before, and still runs for prefill) gets q (B, H, 128) and the boolean
+to `context`. SDPA (gpt-fast's decode attention; model.py runs it for prefill) gets q (B, H, 128) and the boolean
 mask row of the causal mask, so it reads the whole cache; decode_attention reads the filled positions only. Each
 is captured 20 times in a CUDA graph over cache copies that L2 cannot hold; median replay per call. Both
 times are whole ops. decode_attention (its kernel and the chunk merge) does more: it takes the qkv projection
@@ -64,11 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=cli.positive_ints, default="256,1024,4096,8192",
                    help=f"comma-separated filled positions, 1-{MAX_SEQ}")
     p.add_argument("--batch", type=cli.positive_ints, default="1,4",
-                   help="comma-separated batch sizes (decode rows), 1-8")
+                   help=f"comma-separated batch sizes (decode rows), 1-{sparse_ops.MAX_BATCH}")
     p.add_argument("--json", type=cli.out_file, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    if max(args.context) > MAX_SEQ or max(args.batch) > 8:
-        p.error(f"--context values must be at most {MAX_SEQ}, --batch values at most 8")
+    if max(args.context) > MAX_SEQ or max(args.batch) > sparse_ops.MAX_BATCH:
+        p.error(f"--context values must be at most {MAX_SEQ}, --batch values at most {sparse_ops.MAX_BATCH}")
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
         return 1

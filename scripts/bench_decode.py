@@ -3,8 +3,8 @@
     python scripts/bench_decode.py --preset llama-3-8b --sparsity 0,0.25,0.4,0.5
     python scripts/bench_decode.py --preset llama-3-8b --sparsity 0.5 --variants uniform,per_projection,weighted
 
-The dense baseline is the same model with row-major weights and plain F.linear (cuBLAS), measured in the same
-run. Sparse rows use column-major weights and the sparse GEMV ops, with thresholds calibrated on the fly on the
+The dense baseline is the same model with row-major weights and plain F.linear (cuBLAS) for every linear, and the
+same decode attention kernel (sparse_ops.decode_attention), measured in the same run. Sparse rows use column-major weights and the sparse GEMV ops, with thresholds calibrated on the fly on the
 model's own activations (calibrate.record). Decode is compiled with fullgraph=True and CUDA graphs; one compile
 serves every sparsity level (thresholds are tensors). Timed: --tokens decode steps after a warm-up, no prefill.
 """
@@ -21,9 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import calibrate  # noqa: E402
 import cli  # noqa: E402
+import sparse_ops  # noqa: E402
 import thresholds as thr_file  # noqa: E402
 from generate import achieved_sparsity, decode_one_token, model_bytes  # noqa: E402
-from model import PROJECTIONS, ModelArgs, Transformer, to_column_major  # noqa: E402
+from model import DTYPES, PROJECTIONS, ModelArgs, Transformer, to_column_major  # noqa: E402
 
 PRESETS = {
     "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layer=32, n_head=32, n_local_heads=8, head_dim=128,
@@ -126,8 +127,8 @@ def main(argv=None):
     p.add_argument("--variants", default="uniform",
                    help=f"comma-separated from {', '.join(VARIANTS)}: per_projection = unequal levels per "
                         f"projection with the same parameter-weighted sparsity; weighted = |x|*||W col|| scores")
-    p.add_argument("--batch_size", type=int, default=1,
-                   help="rows decoded together (1-8); tokens/s counts decode steps, i.e. per row")
+    p.add_argument("--batch_size", type=cli.at_least(1), default=1,
+                   help=f"rows decoded together (1-{sparse_ops.MAX_BATCH}); tokens/s counts decode steps, i.e. per row")
     p.add_argument("--tokens", type=cli.at_least(1), default=200, help="timed decode steps")
     p.add_argument("--prompt_len", type=cli.at_least(1), default=16, help="random prompt tokens before decoding")
     p.add_argument("--calib_tokens", type=cli.at_least(2), default=2048, help="tokens for the on-the-fly calibration")
@@ -142,10 +143,10 @@ def main(argv=None):
     variants = args.variants.split(",")
     if any(v not in VARIANTS for v in variants):
         p.error(f"--variants must be from {', '.join(VARIANTS)}")
-    if not 1 <= args.batch_size <= 8:
-        p.error("--batch_size must be 1-8")
+    if args.batch_size > sparse_ops.MAX_BATCH:
+        p.error(f"--batch_size must be at most {sparse_ops.MAX_BATCH}")
     dev = torch.device(args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    dtype = DTYPES[args.dtype]
     compile_mode = "reduce-overhead" if dev.type == "cuda" else None
     t0 = time.perf_counter()
     model = build(ModelArgs(**PRESETS[args.preset]), dtype, dev)
@@ -173,7 +174,7 @@ def main(argv=None):
         if args.profile and dev.type == "cuda":
             r["kernel_breakdown"] = kernel_breakdown(model, decode_fn, args)
 
-    # Dense baseline: row-major weights, F.linear -> cuBLAS, as gpt-fast runs it.
+    # Dense baseline: row-major weights, F.linear -> cuBLAS, as gpt-fast runs its linears.
     dense_fn = torch.compile(decode_one_token, mode=compile_mode, fullgraph=True)
     tok_s, seq = time_decode(model, dense_fn, args.batch_size, args.prompt_len, args.tokens)
     report("dense (cuBLAS)", 0.0, tok_s, seq, False, dense_fn)
@@ -197,7 +198,7 @@ def main(argv=None):
         for s in levels:
             c = cal_w if variant == "weighted" else cal
             if variant == "per_projection":
-                t = thr_file._interp(c["levels"], c["table"], per_projection_sparsities(model, s, linear_bytes)).float()
+                t = thr_file.interp(c["levels"], c["table"], per_projection_sparsities(model, s, linear_bytes)).float()
             else:
                 t = thr_file.thresholds_for(c, s)
             model.set_thresholds(t.to(dev))  # in place: no recompile, no re-capture

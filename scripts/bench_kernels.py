@@ -23,6 +23,7 @@ import cli  # noqa: E402
 import sparse_ops  # noqa: E402
 from sparse_ops.gemv import _launch, num_sms, pick_config  # noqa: E402
 from sparse_ops.norm import kept_list  # noqa: E402
+from model import DTYPES  # noqa: E402
 
 # (name, K = input features, N = output features); "fused" is gate and up (two N/2-wide weights) on one input, as
 # the pair op (listing in the kernel) and, at batch 1, as decode runs it: the GLU op streaming the list that the
@@ -96,7 +97,7 @@ def kernel_us(fn, n_copies: int, name: str) -> float:
 
 
 def run(args):
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    dtype = DTYPES[args.dtype]
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name, K, N in SHAPES:

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import torch
 
-META_SCHEMA_VERSION = 1
-TOKENIZER_KINDS = ("hf", "sentencepiece", "tiktoken")
+from tokenizer import SCHEMA_VERSION, TOKENIZER_CLASSES  # tealfast.json as the runtime reads it
 
 
 def permute_qk(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -22,7 +21,7 @@ def permute_qk(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
 def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str, tokenizer_files: dict,
                     source: str) -> Path:
     """tokenizer_files maps a file name in out_dir to a pathlib.Path (copied) or to bytes/str (written)."""
-    if tokenizer_kind not in TOKENIZER_KINDS:
+    if tokenizer_kind not in TOKENIZER_CLASSES:
         raise ValueError(f"unknown tokenizer kind {tokenizer_kind!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,6 +32,6 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
             shutil.copyfile(src, out / name)
         else:
             (out / name).write_bytes(src.encode() if isinstance(src, str) else src)
-    meta = {"schema_version": META_SCHEMA_VERSION, "tokenizer": tokenizer_kind, "source": source}
+    meta = {"schema_version": SCHEMA_VERSION, "tokenizer": tokenizer_kind, "source": source}
     (out / "tealfast.json").write_text(json.dumps(meta, indent=2))
     return out / "model.pth"

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 from checkpoint_io import save_checkpoint  # noqa: E402
-from model import DTYPES  # noqa: E402
+from model import DTYPES, CheckpointError, ModelArgs, Transformer, check_state_dict  # noqa: E402
+from tokenizer import LLAMA3_PAT_STR  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
@@ -39,8 +40,6 @@ TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "o
 GPT2_PRE = ("default", "gpt-2", "gpt2", "mpt", "olmo", "jais")
 DIGITS_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3")
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -150,7 +149,7 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in LLAMA3_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         raise ConversionError(f"unsupported tokenizer.ggml.pre {pre!r}")
@@ -194,6 +193,11 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     tokenizer = build_tokenizer(reader)
     state = read_weights(reader, cfg, dtype)
     cfg["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+    try:
+        with torch.device("meta"):  # last check against the model itself, so the output always loads
+            check_state_dict(Transformer(ModelArgs.from_hf_config(cfg)), state)
+    except CheckpointError as e:
+        raise ConversionError(f"{path.name}: {e}") from None
     return save_checkpoint(out_dir, state, cfg, "hf", {"tokenizer.json": tokenizer.to_str()}, f"gguf:{path.name}")
 
 

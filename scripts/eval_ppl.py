@@ -10,6 +10,7 @@ calibrate.py --greedy; the level is the parameter-weighted block sparsity), weig
 thresholds_weighted.json), greedy+weighted, cats (only the MLP's silu(gate) output is thresholded).
 """
 import argparse
+import functools
 import json
 import math
 import sys
@@ -17,14 +18,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import textdata  # noqa: E402
 import thresholds as thr_file  # noqa: E402
 from generate import model_bytes  # noqa: E402
-from model import DTYPES, PROJECTIONS, CheckpointError, Transformer, load_model  # noqa: E402
-from tokenizer import TokenizerError, get_tokenizer  # noqa: E402
+from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, load_model  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
 
 METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")
 
@@ -53,10 +55,20 @@ def perplexity(model: Transformer, ids: list, seq_len: int, batch: int = 4) -> t
     return math.exp(nll / count), model.pop_stats(), count
 
 
+def cats_forward(ff: FeedForward, threshold: Tensor, x: Tensor, thr: Tensor, sparse: bool, stats=None, kept=None):
+    """FeedForward.forward for CATS (Lee et al. 2024), a baseline: only silu(gate) is thresholded; up and down
+    skip its dropped rows."""
+    a = F.silu(ff.w1(x))
+    keep = a.abs() > threshold
+    if stats is not None:
+        stats[5:7] += drop_counts(keep, stats.dtype)
+    return ff.w2(torch.where(keep, a * ff.w3(x), 0))
+
+
 def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> None:
     """Dense for sparsity 0; otherwise masks per the method, applied to every token (sparse prefill)."""
     for b in model.layers:
-        b.feed_forward.cats_threshold = None
+        b.feed_forward.__dict__.pop("forward", None)  # back to FeedForward.forward
     model.set_scores(False)
     model.set_sparse(decode=False, prefill=False)
     if sparsity == 0:
@@ -64,7 +76,7 @@ def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> N
     if method == "cats":
         t = thr_file.cats_thresholds_for(cals["magnitude"], sparsity).to(model.output.weight.device)
         for b, tl in zip(model.layers, t):
-            b.feed_forward.cats_threshold = tl
+            b.feed_forward.forward = functools.partial(cats_forward, b.feed_forward, tl)
         return
     cal = cals["weighted" if "weighted" in method else "magnitude"]
     model.set_scores(cal["score"] == "weighted")
@@ -169,8 +181,4 @@ def plot(results: list, path: Path, title: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, TokenizerError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)

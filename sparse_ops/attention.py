@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .gemv import num_sms, partials_sum
-from .reference import rope, summed_partials
+from .reference import rope, sum_partials
 
 MAX_SPLIT = 64  # chunks per head: enough to fill an H100 at batch 1 with 8 key/value heads; the merge's tile
 
@@ -198,7 +198,7 @@ def decode_attention_ref(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v
     _, B, _ = qkv.shape
     HKV, S, D = k_cache.shape[1:]
     dtype = k_cache.dtype
-    y = summed_partials(qkv, dtype)
+    y = sum_partials(qkv, dtype)
     if bias is not None:
         y = y + bias
     q, k, v = y.split([n_head * D, HKV * D, HKV * D], dim=-1)

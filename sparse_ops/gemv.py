@@ -20,8 +20,6 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .reference import summed_partials
-
 MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked reference (prefill)
 
 
@@ -302,8 +300,8 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
                          f"for x {tuple(x.shape)}")
 
 
-def _empty_partials(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, listed: bool, config: Optional[dict] = None,
-                    glu: bool = False) -> tuple:
+def _plan(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, listed: bool, config: Optional[dict] = None,
+          glu: bool = False) -> tuple:
     """The launch plan of an op and its output buffer, which the fake ops share: (out, kernel settings, inputs per
     split); out holds the (split, batch, n) split-K partial sums, fp32 when there are several, else x's dtype.
     Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes. listed: a kept list is given.
@@ -332,7 +330,7 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
             scale: Optional[Tensor], kept: Optional[Tensor], config: Optional[dict] = None,
             glu: bool = False) -> Tensor:
     batch, K = x.shape
-    out, cfg, k_per_split = _empty_partials(x, n, n_a, seg1, seg2, kept is not None, config, glu)
+    out, cfg, k_per_split = _plan(x, n, n_a, seg1, seg2, kept is not None, config, glu)
     # a GLU program holds BLOCK_N // 2 columns of each weight
     grid = (triton.cdiv(n_a, cfg["BLOCK_N"] // 2), 1) if glu else (triton.cdiv(n, cfg["BLOCK_N"]), out.shape[0])
     # kept-channel lists: given (sparse_ops.norm's), or the kernel's scratch, every read slot written first
@@ -343,18 +341,6 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
         LISTED=kept is not None, GLU=glu, **cfg)
     return out
-
-
-def sum_partials(parts: Tensor, dtype: torch.dtype) -> Tensor:
-    """(split, batch, n) partials -> (batch, n) in dtype."""
-    if parts.shape[0] > 1 and torch.compiler.is_compiling():
-        # Pointwise adds, which inductor fuses into the consumer (the next norm, say). It fuses a sum(0) only
-        # below 8 partials (unroll_reductions_threshold) and would otherwise launch a kernel of its own.
-        y = parts[0]
-        for i in range(1, parts.shape[0]):
-            y = y + parts[i]
-        return y.to(dtype)
-    return summed_partials(parts, dtype)  # eager: one kernel
 
 
 def _segments(seg_ends: list, n: int) -> tuple:
@@ -387,20 +373,20 @@ def _sparse_glu_op(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor
 @_sparse_gemv_op.register_fake
 def _(x, wt, thresholds, seg_ends, scale, kept):
     n = wt.shape[1]
-    return _empty_partials(x, n, n, *_segments(seg_ends, n), kept is not None)[0]
+    return _plan(x, n, n, *_segments(seg_ends, n), kept is not None)[0]
 
 
 @_sparse_gemv_pair_op.register_fake
 def _(x, wt_a, wt_b, thresholds, scale, kept):
     n_a = wt_a.shape[1]
     n = n_a + wt_b.shape[1]
-    return _empty_partials(x, n, n_a, n_a, n, kept is not None)[0]
+    return _plan(x, n, n_a, n_a, n, kept is not None)[0]
 
 
 @_sparse_glu_op.register_fake
 def _(x, wt_gate, wt_up, thresholds, scale, kept):
     n_a = wt_gate.shape[1]
-    return _empty_partials(x, 2 * n_a, n_a, n_a, 2 * n_a, True, glu=True)[0]
+    return _plan(x, 2 * n_a, n_a, n_a, 2 * n_a, True, glu=True)[0]
 
 
 def use_triton(x: Tensor) -> bool:

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .gemv import partials_sum
-from .reference import keep_mask, summed_partials
+from .reference import keep_mask, sum_partials
 
 GROUP = 16  # channels per prefix count
 
@@ -144,7 +144,7 @@ def add_rmsnorm_ref(x: Tensor, parts: Optional[Tensor], weight: Tensor, eps: flo
                     thresholds: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> tuple:
     """Plain-torch reference, the op's contract: h = x + (sum of parts, in x's dtype), y = RMSNorm(h) * weight,
     and with thresholds the list above of the channels of y that any segment keeps."""
-    h = x if parts is None else x + summed_partials(parts, x.dtype)
+    h = x if parts is None else x + sum_partials(parts, x.dtype)
     hf = h.float()
     y = (weight.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
     kept = kept_list(y, thresholds, scale) if thresholds is not None else _empty_outputs(x, None)[2]

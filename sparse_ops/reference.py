@@ -1,4 +1,5 @@
-"""Plain-torch references for the ops: the CPU path, the prefill path and the tests' oracle."""
+"""Plain-torch references for the GEMV ops and the pieces every op shares (the keep rule, the split-K sum, RoPE):
+the CPU path, the prefill path and the tests' oracle. The attention and norm references sit beside their kernels."""
 from typing import Optional
 
 import torch
@@ -14,9 +15,16 @@ def keep_mask(x: Tensor, threshold: Tensor, scale: Optional[Tensor] = None) -> T
     return score > threshold
 
 
-def summed_partials(parts: Tensor, dtype: torch.dtype) -> Tensor:
+def sum_partials(parts: Tensor, dtype: torch.dtype) -> Tensor:
     """(split, rows, N) split-K partial sums -> (rows, N): summed in fp32, then rounded to dtype (the GEMV's output)."""
-    return (parts[0] if parts.shape[0] == 1 else parts.float().sum(0)).to(dtype)
+    if parts.shape[0] > 1 and torch.compiler.is_compiling():
+        # Pointwise adds, which inductor fuses into the consumer (the next norm, say). It fuses a sum(0) only
+        # below 8 partials (unroll_reductions_threshold) and would otherwise launch a kernel of its own.
+        y = parts[0]  # fp32: several partials are
+        for i in range(1, parts.shape[0]):
+            y = y + parts[i]
+        return y.to(dtype)
+    return (parts[0] if parts.shape[0] == 1 else parts.float().sum(0)).to(dtype)  # eager: one kernel
 
 
 def sparse_gemv_ref(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list,

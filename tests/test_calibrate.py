@@ -106,7 +106,7 @@ def test_achieved_sparsity_heldout_dense_activations(smollm2):
     m, tok, cal = smollm2
     ids = tok.encode(textdata.heldout_text())[:HELDOUT_TOKENS]
     targets = [torch.tensor(a, dtype=torch.float64).expand(m.config.n_layer, 7) for _, a, _ in ALLOCATIONS]
-    thr = [thresholds._interp(cal["levels"], cal["table"], t.contiguous()).float() for t in targets]
+    thr = [thresholds.interp(cal["levels"], cal["table"], t.contiguous()).float() for t in targets]
     counts = torch.zeros(len(ALLOCATIONS), m.config.n_layer, len(PROJECTIONS), 2, dtype=torch.float64)
     handles = []
     for l, b in enumerate(m.layers):

@@ -180,7 +180,9 @@ def byte_alphabet() -> list:
     return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
-def test_tiny_gguf_all_types(tmp_path):
+def write_tiny_gguf(path: Path, ffn_length: int = None) -> tuple:
+    """A one-layer llama GGUF with every supported tensor type; ffn_length: the metadata's feed_forward_length
+    (default: the tensors' own). Returns (tokens, specs, the unquantized weights)."""
     Q = gguf.GGMLQuantizationType
     dim, n_head, n_kv, head_dim, ffn = 64, 2, 1, 32, 96
     tokens = byte_alphabet() + ["\u0120t", "<|end|>"]
@@ -198,9 +200,9 @@ def test_tiny_gguf_all_types(tmp_path):
              ("blk.0.ffn_gate", "layers.0.feed_forward.w1", (ffn, dim), Q.Q4_0),
              ("blk.0.ffn_up", "layers.0.feed_forward.w3", (ffn, dim), Q.Q4_1),
              ("blk.0.ffn_down", "layers.0.feed_forward.w2", (dim, ffn), Q.F16)]
-    w = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    w = gguf.GGUFWriter(str(path), "llama")
     for key, value in [("block_count", 1), ("context_length", 64), ("embedding_length", dim),
-                       ("feed_forward_length", ffn), ("head_count", n_head), ("head_count_kv", n_kv),
+                       ("feed_forward_length", ffn_length or ffn), ("head_count", n_head), ("head_count_kv", n_kv),
                        ("layer_norm_rms_eps", 1e-6), ("rope_freq_base", 5000.0)]:
         getattr(w, f"add_{key}")(value)
     w.add_tokenizer_model("gpt2")
@@ -218,12 +220,16 @@ def test_tiny_gguf_all_types(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return tokens, specs, expected
 
+
+def test_tiny_gguf_all_types(tmp_path):
+    tokens, specs, expected = write_tiny_gguf(tmp_path / "tiny.gguf")
     out = tmp_path / "ckpt"
     assert convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(out),
                                          "--dtype", "fp32"]) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["tie_word_embeddings"] is False and cfg["vocab_size"] == len(tokens) and cfg["head_dim"] == head_dim
+    assert cfg["tie_word_embeddings"] is False and cfg["vocab_size"] == len(tokens) and cfg["head_dim"] == 32
     assert cfg["eos_token_id"] == len(tokens) - 1 and "bos_token_id" not in cfg
     state = torch.load(out / "model.pth", weights_only=True)
     state["qkv"] = state.pop("layers.0.attention.wqkv.weight")
@@ -254,6 +260,14 @@ def write_gguf(path: Path, arch: str, tensor_type=None) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_metadata_that_contradicts_the_tensors(tmp_path, capsys):
+    write_tiny_gguf(tmp_path / "tiny.gguf", ffn_length=128)  # the tensors are 96 wide
+    assert convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: tiny.gguf: weight ") and "config.json implies" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "model.pth").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "not_gguf", "arch", "qtype"])

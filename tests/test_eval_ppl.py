@@ -149,7 +149,7 @@ def test_tiny_model_dense_needs_no_thresholds_and_short_text_is_refused(tmp_path
 @pytest.mark.parametrize("n_ids", [30, 33, 17, 9, 2])
 def test_perplexity_scores_every_window_whole(tmp_path, n_ids):
     """Against the model run on each window alone: the shorter last window must not cut the others in its batch
-    (it used to, and 30 ids in windows of 8 then scored 4 * 5 predictions instead of 26)."""
+    (cut to it, 30 ids in windows of 8 would score 4 * 5 predictions instead of 26)."""
     from test_generate import write_tiny_checkpoint
     m = load_model(write_tiny_checkpoint(tmp_path / "tiny"), "cpu", torch.float32)
     ids = torch.randint(0, m.config.vocab_size, (n_ids,)).tolist()

@@ -30,7 +30,7 @@ def setup():
 
 
 def param_counts(c: model.ModelArgs) -> torch.Tensor:
-    """Written out from the config, independently of greedy.param_counts."""
+    """Written out from the config, independently of model.projection_sizes."""
     q, kv = c.n_head * c.head_dim, c.n_local_heads * c.head_dim
     ff = c.dim * c.intermediate_size
     return torch.tensor([q * c.dim, kv * c.dim, kv * c.dim, c.dim * q, ff, ff, ff], dtype=torch.float64)
@@ -114,14 +114,14 @@ def test_weighted_scores_and_state_restored(setup, monkeypatch):
     before = torch.rand(m.config.n_layer, len(model.PROJECTIONS))
     m.set_thresholds(before)
     m.setup_caches(1, 64)
-    cats = torch.tensor(0.1)
-    m.layers[0].feed_forward.cats_threshold = cats  # the CATS baseline must be off while searching
+    m.start_stats()  # drop counting must be off while searching, and back on after
+    stats = m.layers[0].stats
     seen = []
     call = greedy.BlockError.__call__
 
     def spy(self, sparsities):
         ff = self.block.feed_forward
-        seen.append(self.block.attention.qkv_scale is not None and ff.w2_scale is not None and ff.cats_threshold is None)
+        seen.append(self.block.attention.qkv_scale is not None and ff.w2_scale is not None and self.block.stats is None)
         return call(self, sparsities)
 
     monkeypatch.setattr(greedy.BlockError, "__call__", spy)
@@ -133,8 +133,8 @@ def test_weighted_scores_and_state_restored(setup, monkeypatch):
     assert torch.equal(torch.stack([b.thresholds for b in m.layers]), before)
     assert m.layers[0].attention.qkv_scale is None and m.layers[0].feed_forward.w2_scale is None
     assert (m.max_batch_size, m.max_seq_length) == (1, 64)
-    assert m.layers[0].feed_forward.cats_threshold is cats
-    m.layers[0].feed_forward.cats_threshold = None
+    assert m.layers[0].stats is stats
+    m.pop_stats()
     m.set_sparse(decode=False, prefill=False)
     m.set_thresholds(torch.zeros_like(before))
 

@@ -13,6 +13,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import convert_hf_checkpoint  # noqa: E402
 import model  # noqa: E402
+from conftest import rel_err  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,10 +79,6 @@ def make_hf_model(name: str, d: Path, seed: int = 0):
 
 def convert(src: Path, out: Path, *extra) -> None:
     assert convert_hf_checkpoint.main(["--checkpoint_dir", str(src), "--out", str(out), "--dtype", "fp32", *extra]) == 0
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).norm() / ref.norm()).item()
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -63,3 +63,74 @@ def test_read_text_file_errors(tmp_path, case, message):
     with pytest.raises(ValueError, match=message) as e:
         textdata.read_text_file(f)
     assert "\n" not in str(e.value)
+
+
+# ---- --dataset files (calibrate.py --dataset: one file of a Hugging Face dataset repo) ------------------------
+ROWS = ["first row", "", "  second row  ", "third"]
+
+
+def write_dataset(path: Path, rows=ROWS, column="text"):
+    import json
+    if path.suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({column: rows, "id": list(range(len(rows)))}), path)
+    elif path.suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps({column: r, "id": i}) for i, r in enumerate(rows)) + "\n")
+    elif path.suffix == ".json":
+        path.write_text(json.dumps([{column: r} for r in rows]))
+    else:
+        path.write_text("\n".join(rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".json"])
+def test_dataset_files(tmp_path, suffix):
+    f = write_dataset(tmp_path / f"d{suffix}")
+    assert textdata.text_from_file(f) == "first row\n\nsecond row\n\nthird"  # blank rows dropped, rows stripped
+    assert textdata.text_from_file(f, max_chars=12) == "first row\n\nsecond row"  # stops once max_chars is reached
+    g = write_dataset(tmp_path / f"e{suffix}", column="content")
+    assert textdata.text_from_file(g, column="content").startswith("first row")
+    with pytest.raises(ValueError, match="'text'") as e:
+        textdata.text_from_file(g)  # no such column
+    assert "\n" not in str(e.value)
+
+
+def test_dataset_txt(tmp_path):
+    assert textdata.text_from_file(write_dataset(tmp_path / "d.txt")) == "first row\n\n  second row  \nthird"
+
+
+@pytest.mark.parametrize("name, content, message", [("d.csv", "a,b", "unsupported dataset file type"),
+                                                    ("d.jsonl", "{not json", "not a .jsonl file"),
+                                                    ("d.json", '[{"text": 3}]', "no text"),
+                                                    ("d.parquet", "not parquet", "cannot read column")])
+def test_dataset_file_errors(tmp_path, name, content, message):
+    if name.endswith(".parquet"):
+        pytest.importorskip("pyarrow")
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(ValueError, match=message) as e:
+        textdata.text_from_file(f)
+    assert "\n" not in str(e.value)
+
+
+def test_load_hub_text(tmp_path, monkeypatch):
+    """The download goes through huggingface_hub (stood in for here: no network), the file is then read."""
+    import huggingface_hub
+    calls = []
+
+    def download(repo_id, filename, repo_type=None):
+        calls.append((repo_id, filename, repo_type))
+        return str(write_dataset(tmp_path / Path(filename).name))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    text = textdata.load_hub_text("org/data", "sub/train.jsonl")
+    assert text.startswith("first row") and calls == [("org/data", "sub/train.jsonl", "dataset")]
+
+    def offline(*args, **kwargs):
+        raise OSError("offline mode is enabled\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(ValueError, match="cannot download sub/train.jsonl from dataset org/data: OSError: offline") as e:
+        textdata.load_hub_text("org/data", "sub/train.jsonl")
+    assert "\n" not in str(e.value)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Device runs (session 16; sessions 14-15 ran the same stages as gpu_session14.sh and gpu_session15.sh), one
-# stage per call (each fits the 10-minute limit):
+# The GPU machine's runs (docs/benchmarks.md names the stage behind each figure), one stage per call (each fits
+# the device's 10-minute limit per command):
 #   tests:   GPU tests of the norm, attention and GEMV ops and of the compiled model
-#   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%)
+#   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%, batch 1)
 #   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included
 #   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%)
 # Timing stages clear inductor's cache first: the cache keys the graph that calls a triton_op, not the op's
@@ -18,8 +18,10 @@ tests)
 decode)
   preset=${2:-llama-3-8b}
   rm -rf /tmp/torchinductor_$(whoami)
+  batch=${5:-1}
   timeout ${4:-560} python3 scripts/bench_decode.py --preset $preset --sparsity ${3:-0,0.25,0.4,0.5,0.65} --profile \
-    --json $OUT/decode_$preset.json 2>&1 | grep -v -i warn | tee $OUT/decode_$preset.txt | grep -v "^      "
+    --batch_size $batch --json $OUT/decode_${preset}_b$batch.json 2>&1 | grep -v -i warn \
+    | tee $OUT/decode_${preset}_b$batch.txt | grep -v "^      "
   ;;
 generate)
   # the user's path on a random-weight Llama-3-8B folder: make it, calibrate, generate dense and at 50%
@@ -40,6 +42,6 @@ kernels)
     | tee $OUT/bench_kernels_b1.txt
   ;;
 *)
-  echo "usage: gpu_session16.sh tests | decode [preset] [levels] [timeout_s] | kernels [timeout_s] | generate" >&2; exit 2
+  echo "usage: gpu_stages.sh tests | decode [preset] [levels] [timeout_s] [batch] | kernels [timeout_s] | generate" >&2; exit 2
   ;;
 esac
