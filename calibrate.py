@@ -207,7 +207,7 @@ def parse_args(argv=None):
     p.add_argument("--greedy", action="store_true",
                    help="also search per-projection sparsities per block (greedy allocation, see README)")
     p.add_argument("--greedy_tokens", type=cli.at_least(1), default=2048,
-                   help="calibration tokens used by the greedy search (at least --seq_len)")
+                   help="calibration tokens used by the greedy search: the first of the --tokens (at least --seq_len)")
     p.add_argument("--sparse_aware", action="store_true",
                    help="also correct the uniform thresholds so each projection hits its level on the sparse "
                         "model's own activations (each layer sees the sparse layers before it); generate.py uses "
@@ -216,7 +216,7 @@ def parse_args(argv=None):
                    help="comma-separated, increasing sparsity levels in (0, 1) for --sparse_aware "
                         "(default 0.05, 0.1, ..., 0.9)")
     p.add_argument("--sparse_aware_tokens", type=cli.at_least(1), default=4096,
-                   help="calibration tokens used by --sparse_aware (at least --seq_len)")
+                   help="calibration tokens used by --sparse_aware: the first of the --tokens (at least --seq_len)")
     p.add_argument("--out", type=cli.out_file, help="output JSON (default: thresholds.json beside the checkpoint, "
                                             "thresholds_weighted.json for --score weighted)")
     p.add_argument("--plot", type=cli.out_file, help="also write a PNG of the score distributions here")

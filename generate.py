@@ -36,7 +36,7 @@ def argmax(x: Tensor, chunk: int = 1024) -> Tensor:
 
 def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
     """logits (B, V) -> next token (B, 1). temperature 0 is greedy."""
-    if temperature == 0:
+    if temperature < 1e-6:  # greedy is the limit; dividing by a tinier one overflows the logits to inf
         return argmax(logits)
     logits = logits / temperature
     if top_k is not None:
@@ -140,7 +140,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=cli.at_least(1), default=1,
                    help="rows decoded together (the prompt repeated); sparse decode takes up to 8")
     p.add_argument("--temperature", type=cli.non_negative_float, default=0.8,
-                   help="sampling temperature; 0 means greedy")
+                   help="sampling temperature; 0 (or below 1e-6) means greedy")
     p.add_argument("--top_k", type=cli.at_least(1), default=200, help="sample from the k most likely tokens")
     p.add_argument("--compile", action="store_true", help="compile decode (fullgraph; CUDA graphs on a GPU)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
@@ -200,8 +200,10 @@ def main(argv=None) -> None:
         warmup = args.compile and i == 0  # the first run compiles and captures; not timed
         shown = [0]
 
-        def stream(seq):
+        def stream(seq, final=False):
             text = tokenizer.decode(until_stop(seq[0, T:].tolist()))
+            if not final:  # a character whose bytes span tokens decodes to U+FFFD until its last byte comes
+                text = text.rstrip("\ufffd")
             print(text[shown[0]:], end="", flush=True)
             shown[0] = len(text)
 
@@ -221,13 +223,16 @@ def main(argv=None) -> None:
         if on_token is None:
             print(tokenizer.decode(until_stop(seq[0, T:].tolist())), end="")
         else:
-            stream(seq)
+            stream(seq, final=True)
         n_new = seq.shape[1] - T
         tok_s = n_new * args.batch_size / dt
         print(f"\n\nsample {i + 1 - (1 if args.compile else 0)}: {n_new} tokens x {args.batch_size} rows in "
-              f"{dt:.2f}s: {tok_s:.1f} tokens/s (prefill included)")
+              f"{dt:.2f}s: {tok_s:.1f} tokens/s (prefill included)"
+              + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else ""))
         line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
-        if cal is not None:
+        if cal is not None and n_new < 2:
+            print("achieved sparsity (decode): no decode steps (the prefill made the only token)")
+        elif cal is not None:
             s, skipped = achieved_sparsity(model, T, seq).double()
             skipped_bytes = float((linear_bytes * skipped).sum())
             print("achieved sparsity (decode): " + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))

@@ -67,8 +67,12 @@ def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000
     elif suffix in (".jsonl", ".json"):
         try:
             raw = path.read_text(encoding="utf-8")
-            records = ([json.loads(line) for line in raw.splitlines() if line.strip()] if suffix == ".jsonl"
-                       else json.loads(raw))
+            records = json.loads(raw) if suffix == ".json" else []
+            for i, line in enumerate(raw.splitlines() if suffix == ".jsonl" else []):
+                try:
+                    records += [json.loads(line)] if line.strip() else []
+                except ValueError as e:
+                    raise ValueError(f"line {i + 1}: {e}") from None
         except ValueError as e:  # not UTF-8, not JSON
             raise ValueError(f"{path.name}: not a {suffix} file: {e}") from None
         try:

@@ -129,6 +129,10 @@ def main(argv=None) -> list:
     if cals and any("weighted" in m for m in args.method):
         cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
                                          model.config)
+    for score, cal in cals.items():  # each file must hold the scores its flag names
+        if cal["score"] != score:
+            raise ValueError(f"{cal['path']} holds {cal['score']} scores; --{'weighted_' if score == 'weighted' else ''}"
+                             f"thresholds takes {score} ones")
     for method in args.method:  # every method and level set up once first: a bad one fails before any work
         for s in args.sparsity:
             configure(model, method, s, cals)

@@ -31,7 +31,7 @@ def hf_config(preset: str, n_layer: int | None = None) -> dict:
         num_attention_heads=a["n_head"], num_key_value_heads=a["n_local_heads"], head_dim=a["head_dim"],
         intermediate_size=a["intermediate_size"], max_position_embeddings=a["block_size"],
         rms_norm_eps=a["norm_eps"], rope_theta=a["rope_base"], tie_word_embeddings=a["tie_embeddings"],
-        hidden_act="silu", bos_token_id=256, eos_token_id=257, torch_dtype="bfloat16",
+        hidden_act="silu", bos_token_id=256, eos_token_id=257,
     )
     if mistral:
         cfg["sliding_window"] = a["block_size"]
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     if args.n_layer is not None and args.n_layer > PRESETS[args.preset]["n_layer"]:
         p.error(f"--n_layer {args.n_layer}: the preset has {PRESETS[args.preset]['n_layer']} layers")
     cfg = hf_config(args.preset, args.n_layer)
+    cfg["torch_dtype"] = str(DTYPES[args.dtype]).removeprefix("torch.")  # as transformers writes it
     model = build(ModelArgs.from_hf_config(cfg), DTYPES[args.dtype], torch.device(args.device))
     state = {k: v.cpu() for k, v in model.state_dict().items()
              if not (k == "output.weight" and model.config.tie_embeddings)}

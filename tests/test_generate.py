@@ -14,6 +14,7 @@ import torch
 
 import generate
 import model
+import sparse_ops
 import sparse_ops.gemv as gemv
 from conftest import needs_gguf
 from model import PROJECTIONS
@@ -196,6 +197,49 @@ def test_sparse_decode_weighted_scores():
     # the scores matter: magnitude-only masks with the same thresholds give other logits
     plain, _ = reference_logits(m, idx, thr, False, PROMPT)
     assert max_rel_err(plain[:, PROMPT - 1:TOTAL - 1], want[:, PROMPT - 1:TOTAL - 1]) > 100 * TOL
+    # the drop counts behind the achieved-sparsity report apply the same weighted scores
+    _, counts = reference_logits(m, idx[:, :-1], thr, True, PROMPT)
+    m.set_thresholds(thr)
+    m.set_scores(True)
+    m.set_sparse(decode=True, prefill=False)
+    ach = generate.achieved_sparsity(m, PROMPT, idx)
+    assert torch.allclose(ach[0].double(), counts[:, 0] / counts[:, 1], atol=1e-6)
+    assert torch.allclose(ach[1].double(), counts[:, 2] / counts[:, 3], atol=1e-6)
+    m.set_scores(False)
+    m.set_sparse(decode=False, prefill=False)
+
+
+def test_mlp_norm_lists_what_gate_and_up_keep(monkeypatch):
+    """Batch-1 decode with the kernels: the norm before the MLP lists exactly the channels that gate's or up's
+    threshold (and scale) keeps. The decode test above cannot see a superset: each segment re-applies its own."""
+    from sparse_ops.norm import kept_list
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    m = tiny_model(seed=4)
+    idx = torch.randint(0, TINY["vocab_size"], (1, TOTAL), generator=torch.Generator().manual_seed(8))
+    seen = []
+    glu = sparse_ops.sparse_glu
+
+    def spy(x, wt_gate, wt_up, thresholds, scale=None, kept=None):
+        seen.append(kept is not None and torch.equal(kept, kept_list(x, thresholds, scale)))
+        return glu(x, wt_gate, wt_up, thresholds, scale, kept)
+
+    monkeypatch.setattr(sparse_ops, "sparse_glu", spy)
+    for weighted in (False, True):
+        thr = random_thresholds(m, idx, weighted=weighted, seed=9)
+        thr[:, 5] = thr[:, 4] * 3  # gate and up far apart: a list from one of them, or from down's, differs
+        sparse_decode_logits(m, idx, thr, weighted)
+    assert seen and all(seen), seen
+    m.set_scores(False)
+    m.set_sparse(decode=False, prefill=False)
+
+
+def test_model_bytes():
+    m = tiny_model()  # fp32; 4 query heads, 2 key/value heads
+    c = m.config
+    q, kv, ff = c.n_head * c.head_dim, c.n_local_heads * c.head_dim, c.dim * c.intermediate_size
+    want = torch.tensor([q * c.dim, kv * c.dim, kv * c.dim, c.dim * q, ff, ff, ff], dtype=torch.float64) * 4 * c.n_layer
+    total, per = generate.model_bytes(m)
+    assert torch.equal(per, want) and total == 4 * sum(p.numel() for p in m.parameters())
 
 
 def naive_greedy(m, prompt, n, thr=None):
@@ -359,6 +403,19 @@ def test_tiny_cli_runs(tiny_ckpt, tmp_path):
                                "--batch_size", "2"])
     assert code == 0, err
     assert "weight rows skipped (kept by no batch row)" in out
+
+
+def test_empty_prompt_starts_from_bos(tmp_path, capsys):
+    ckpt = write_tiny_checkpoint(tmp_path / "bos")
+    cfg = json.loads((ckpt.parent / "config.json").read_text())
+    (ckpt.parent / "config.json").write_text(json.dumps({**cfg, "bos_token_id": 1}))
+    seqs = []
+    real = generate.generate
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(generate, "generate", lambda model, prompt, *a, **k: seqs.append(prompt) or real(model, prompt, *a, **k))
+        generate.main(["--checkpoint", str(ckpt), "--prompt", "", "--max_new_tokens", "2", "--device", "cpu",
+                       "--temperature", "0", "--no_stream"])
+    assert seqs and seqs[0].tolist() == [[1]] and "tokens/s" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing_checkpoint", "sparsity_1", "sparsity_negative", "past_block_size",

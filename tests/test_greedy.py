@@ -96,6 +96,30 @@ def test_beats_uniform(setup):
             assert 0 < best <= uniform
 
 
+def test_query_positions():
+    pos = greedy.query_positions(32, 3, seed=0)
+    assert (pos >= 8).all() and (pos[1:] > pos[:-1]).all()  # the first quarter skipped; sorted, distinct
+    assert len(pos) == min(24, -(-greedy.EVAL_TOKENS // 3))
+    assert greedy.query_positions(2, 1, seed=0).tolist() == [0, 1]  # too short to skip anything
+
+
+def test_block_error_reuses_keys_and_values_only_when_k_and_v_match(setup):
+    m, ids, table, _, _ = setup
+    chunks = torch.tensor(ids).view(-1, SEQ_LEN)
+    with greedy.search_mode(m, "magnitude"):
+        xs = greedy.block_inputs(m, chunks)
+        m.setup_caches(*chunks.shape)
+        pos = greedy.query_positions(SEQ_LEN, chunks.shape[0], seed=0)
+        a = torch.full((len(model.PROJECTIONS),), 0.3, dtype=torch.float64)
+        b = a.clone()
+        b[2] = 0.7  # only v differs
+        error = greedy.BlockError(m, 0, xs[0], table, calibrate.LEVELS, pos)
+        first = error(a)
+        again = error(b)
+        fresh = greedy.BlockError(m, 0, xs[0], table, calibrate.LEVELS, pos)(b)
+        assert again == fresh and again != first
+
+
 def test_projection_sparsities(setup, tmp_path):
     m, _, table, n_tokens, result = setup
     path = tmp_path / "thr.json"

@@ -258,6 +258,15 @@ def test_from_hf_config_rejects_unsupported(overrides):
         model.ModelArgs.from_hf_config(hf_config(**overrides))
 
 
+def test_from_hf_config_defaults():
+    # HF's defaults where config.json leaves a key out
+    a = model.ModelArgs.from_hf_config(hf_config())
+    assert not a.tie_embeddings and not a.qkv_bias and a.head_dim == 16 and a.n_local_heads == 2
+    assert a.norm_eps == 1e-5 and a.rope_base == 10000.0 and a.rope_scaling is None and a.block_size == 8192
+    b = model.ModelArgs.from_hf_config(hf_config(num_key_value_heads=None))
+    assert b.n_local_heads == 4
+
+
 def test_from_hf_config_rope_formats():
     # transformers 4 style (top-level rope_theta / rope_scaling) and 5 style (rope_parameters) agree
     scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}

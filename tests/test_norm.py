@@ -61,8 +61,17 @@ def test_add_and_norm(B, D, n_parts, dtype):
         assert torch.equal(h, h_ref)
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
+def test_norm_of_a_small_residual(eps):
+    # activations as small as eps: where eps enters the normalisation shows
+    x, parts, w = inputs(1, 576, 3, torch.float32, seed=11)
+    x, parts = x * 1e-3, parts * 1e-3
+    h, y, _ = add_rmsnorm(x, parts, w, eps)
+    assert rel_err(y, oracle(x, parts, w, eps)[1]) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("D", [576, 64, 16])
+@pytest.mark.parametrize("D", [576, 512, 256, 64, 16])  # 256 and 512: whole slices, as every 4096-wide model
 @pytest.mark.parametrize("scaled", [False, True])
 def test_kept_lists(D, dtype, scaled):
     x, parts, w = inputs(1, D, 3, dtype, seed=D)

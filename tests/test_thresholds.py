@@ -112,7 +112,8 @@ def test_interpolation_monotone(saved):
 
 
 @pytest.mark.parametrize("other", [
-    dict(n_layer=3), dict(dim=128), dict(intermediate_size=256), dict(n_local_heads=4), dict(head_dim=32),
+    dict(n_layer=3), dict(dim=128), dict(intermediate_size=256), dict(n_head=8), dict(n_local_heads=4),
+    dict(head_dim=32),
 ])
 def test_other_model(saved, other):
     path, _ = saved
