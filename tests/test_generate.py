@@ -214,8 +214,9 @@ def test_mlp_norm_lists_what_gate_and_up_keep(monkeypatch):
     threshold (and scale) keeps. The decode test above cannot see a superset: each segment re-applies its own."""
     from sparse_ops.norm import kept_list
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    m = tiny_model(seed=4)
-    idx = torch.randint(0, TINY["vocab_size"], (1, TOTAL), generator=torch.Generator().manual_seed(8))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # as above: on a GPU the kernels take CUDA tensors
+    m = tiny_model(seed=4).to(dev)
+    idx = torch.randint(0, TINY["vocab_size"], (1, TOTAL), generator=torch.Generator().manual_seed(8)).to(dev)
     seen = []
     glu = sparse_ops.sparse_glu
 
