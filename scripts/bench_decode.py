@@ -4,9 +4,10 @@
     python scripts/bench_decode.py --preset llama-3-8b --sparsity 0.5 --variants uniform,per_projection,weighted
 
 The dense baseline is the same model with row-major weights and plain F.linear (cuBLAS) for every linear, and the
-same decode attention kernel (sparse_ops.decode_attention), measured in the same run. Sparse rows use column-major weights and the sparse GEMV ops, with thresholds calibrated on the fly on the
-model's own activations (calibrate.record). Decode is compiled with fullgraph=True and CUDA graphs; one compile
-serves every sparsity level (thresholds are tensors). Timed: --tokens decode steps after a warm-up, no prefill.
+same decode attention kernel (sparse_ops.decode_attention), measured in the same run. Sparse rows use column-major
+weights and the sparse GEMV ops, with thresholds calibrated on the fly on the model's own activations
+(calibrate.record). Decode is compiled with fullgraph=True and CUDA graphs; one compile serves every sparsity level
+(thresholds are tensors). Timed: --tokens decode steps after a warm-up, no prefill.
 """
 import argparse
 import contextlib

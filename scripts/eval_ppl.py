@@ -131,8 +131,8 @@ def main(argv=None) -> list:
                                          model.config)
     for score, cal in cals.items():  # each file must hold the scores its flag names
         if cal["score"] != score:
-            raise ValueError(f"{cal['path']} holds {cal['score']} scores; --{'weighted_' if score == 'weighted' else ''}"
-                             f"thresholds takes {score} ones")
+            flag = "--weighted_thresholds" if score == "weighted" else "--thresholds"
+            raise ValueError(f"{cal['path']} holds {cal['score']} scores; {flag} takes {score} ones")
     for method in args.method:  # every method and level set up once first: a bad one fails before any work
         for s in args.sparsity:
             configure(model, method, s, cals)
