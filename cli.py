@@ -18,18 +18,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         h = action.help or ""
         # by identity: a default of 0 or 0.0 is shown (it equals False, so `not in` would hide it)
         if action.option_strings and all(action.default is not v for v in (None, False, argparse.SUPPRESS)) \
-                and "default" not in h:
+                and "(default" not in h:  # a help that states its default itself
             h += " (default: %(default)s)"
         return h
 
 
 def run(main) -> None:
     """Run a command line's main(). A bad file or value (the loaders' errors are ValueErrors: CheckpointError,
-    TokenizerError) or non-finite activations end it with a one-line error and exit status 1."""
+    TokenizerError, ...), a file that cannot be read or written (OSError) or non-finite activations end it with a
+    one-line error and exit status 1."""
     try:
         main()
-    except (ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
 
 

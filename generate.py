@@ -19,7 +19,7 @@ from torch import Tensor
 import cli
 import sparse_ops
 import thresholds as thr_file
-from model import DTYPES, PROJECTIONS, Transformer, load_model, projection_sizes, restored
+from model import DTYPES, PROJECTIONS, Transformer, load_model, model_bytes, restored
 from tokenizer import get_tokenizer
 
 
@@ -102,13 +102,6 @@ def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor) -> Tenso
         model(seq[:, prompt_len:L - 1], torch.arange(prompt_len, L - 1, device=dev))
         c = model.pop_stats().sum(0)
     return torch.stack([c[:, 0] / c[:, 1], c[:, 2] / c[:, 3]]).float()
-
-
-def model_bytes(model: Transformer) -> tuple:
-    """(all parameter bytes, bytes of the block linears per projection type, in PROJECTIONS order)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    per = sum(projection_sizes(b) for b in model.layers) * model.output.weight.element_size()
-    return total, per
 
 
 def setup_sparsity(model: Transformer, args) -> Optional[dict]:

@@ -68,15 +68,10 @@ class ModelArgs:
         try:
             n_head = cfg["num_attention_heads"]
             dim = cfg["hidden_size"]
-            rs = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
-            rs = rs if rs.get("rope_type", rs.get("type", "default")) not in ("default", None) else None
-            if rs is not None and rs.get("rope_type", rs.get("type")) != "llama3":
-                raise CheckpointError(f"unsupported rope_scaling {rs!r} (only llama3)")
-            if rs is not None:  # HF falls back to max_position_embeddings when this is absent
-                rs = {"original_max_position_embeddings": cfg.get("max_position_embeddings"), **rs}
+            rs = rope_scaling(cfg)
             # No sliding-window attention here: cap the context where it equals full attention.
             window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
-            block_size = min(cfg.get("max_position_embeddings", 2048), window or float("inf"))
+            block_size = min(cfg.get("max_position_embeddings") or 2048, window or float("inf"))
             rope_base = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
             return cls(
                 vocab_size=cfg["vocab_size"],
@@ -95,6 +90,28 @@ class ModelArgs:
             )
         except KeyError as e:
             raise CheckpointError(f"config.json lacks {e.args[0]!r}") from None
+
+
+def rope_scaling(cfg: dict) -> Optional[dict]:
+    """The config's llama3 RoPE scaling (Llama-3.1 and later), checked, or None for plain RoPE."""
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rs, dict):
+        raise CheckpointError(f"config.json: rope_scaling must be an object, got {rs!r}")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind in ("default", None):
+        return None
+    if kind != "llama3":
+        raise CheckpointError(f"unsupported rope_scaling {rs!r} (only llama3)")
+    # HF falls back to max_position_embeddings when original_max_position_embeddings is absent
+    rs = {"original_max_position_embeddings": cfg.get("max_position_embeddings"), "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, **rs}
+    for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
+        v = rs.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise CheckpointError(f"config.json: llama3 rope_scaling needs a positive {key}, got {v!r}")
+    if rs["high_freq_factor"] <= rs["low_freq_factor"]:
+        raise CheckpointError("config.json: llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+    return rs
 
 
 def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list, sparse: bool,
@@ -230,6 +247,17 @@ def projection_sizes(block: "TransformerBlock") -> Tensor:
     dim = a.wqkv.in_features
     return torch.tensor([a.q_size * dim, a.kv_size * dim, a.kv_size * dim] +
                         [lin.weight.numel() for lin in (a.wo, f.w1, f.w3, f.w2)], dtype=torch.float64)
+
+
+def model_bytes(model: Transformer) -> tuple:
+    """(bytes a dense decode step reads, bytes of the block linears per projection type in PROJECTIONS order).
+    A step reads every parameter except the embedding table, of which it gathers one row per token (as gpt-fast
+    counts); tied to the output layer, the table is read there."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_embeddings:
+        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    per = sum(projection_sizes(b) for b in model.layers) * model.output.weight.element_size()
+    return total, per
 
 
 class TransformerBlock(nn.Module):
@@ -394,7 +422,7 @@ def precompute_freqs_cis(seq_len: int, n_elem: int, base: float, rope_scaling: O
     freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.float64)[: n_elem // 2] / n_elem))
     if rope_scaling is not None:  # Llama-3.1: stretch the low frequencies, keep the high ones
         factor = rope_scaling["factor"]
-        lo, hi = rope_scaling.get("low_freq_factor", 1.0), rope_scaling.get("high_freq_factor", 4.0)
+        lo, hi = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
         old_len = rope_scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / freqs
         smooth = ((old_len / wavelen) - lo) / (hi - lo)

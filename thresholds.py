@@ -97,14 +97,11 @@ def load(path, config: ModelArgs) -> dict:
     if score not in SCORES:
         raise CheckpointError(f"{path}: unknown score {score!r}")
     greedy = data.get("greedy")
-    if greedy is not None:
-        try:
-            g = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in greedy["layers"]], dtype=torch.float64)
-            _require(g.shape == (config.n_layer, len(PROJECTIONS), len(greedy["levels"])))
-            _require(((g >= 0) & (g < 1)).all())
-        except Exception:
-            raise CheckpointError(f"{path}: malformed greedy section") from None
-        greedy = {"levels": greedy["levels"], "table": g}
+    if greedy is not None:  # levels from 0; each projection's own sparsity at each
+        g_levels, g = _section(greedy, config, path, "greedy", lowest=0.0)
+        if not ((g >= 0) & (g < 1)).all():
+            raise CheckpointError(f"{path}: malformed greedy section: sparsities outside [0, 1)")
+        greedy = {"levels": g_levels, "table": g}
     cats = data.get("cats")
     if cats is not None:
         try:
@@ -113,20 +110,33 @@ def load(path, config: ModelArgs) -> dict:
         except Exception:
             raise CheckpointError(f"{path}: malformed cats section") from None
     sa = data.get("sparse_aware")
-    if sa is not None:
-        try:
-            sa_levels = torch.tensor(sa["levels"], dtype=torch.float64)
-            sa_table = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in sa["layers"]], dtype=torch.float64)
-            _require(sa_table.shape == (config.n_layer, len(PROJECTIONS), len(sa_levels)) and len(sa_levels) > 0)
-            _require(torch.isfinite(sa_table).all() and (sa_table >= 0).all())
-            _require((sa_levels > 0).all() and (sa_levels < 1).all() and (sa_levels[1:] > sa_levels[:-1]).all())
-        except Exception:
-            raise CheckpointError(f"{path}: malformed sparse_aware section") from None
+    if sa is not None:  # levels above 0; a threshold at each
+        sa_levels, sa_table = _section(sa, config, path, "sparse_aware", lowest=None)
+        if not (torch.isfinite(sa_table).all() and (sa_table >= 0).all()):
+            raise CheckpointError(f"{path}: malformed sparse_aware section: thresholds not finite and >= 0")
         # level 0 keeps everything: threshold 0
         sa = {"levels": torch.cat([torch.zeros(1, dtype=torch.float64), sa_levels]),
               "table": torch.cat([torch.zeros(config.n_layer, len(PROJECTIONS), 1, dtype=torch.float64), sa_table], -1)}
     return {"levels": torch.tensor(levels, dtype=torch.float64), "table": table, "score": score, "greedy": greedy,
             "cats": cats, "sparse_aware": sa, "path": str(path)}
+
+
+def _section(sec, config: ModelArgs, path: Path, name: str, lowest) -> tuple:
+    """An optional section {"levels": [...], "layers": [{projection: [value at each level]}, ...]} as (levels,
+    table) tensors. Its levels increase and stay below 1, starting at `lowest` (or above 0 where None)."""
+    try:
+        levels = torch.tensor(sec["levels"], dtype=torch.float64)
+        table = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in sec["layers"]], dtype=torch.float64)
+    except Exception:
+        raise CheckpointError(f"{path}: malformed {name} section (levels and layers must hold numbers)") from None
+    if levels.dim() != 1 or len(levels) == 0 or (levels[1:] <= levels[:-1]).any() or levels[-1] >= 1 \
+            or (levels[0] != lowest if lowest is not None else levels[0] <= 0):
+        start = f"from {lowest}" if lowest is not None else "above 0"
+        raise CheckpointError(f"{path}: malformed {name} section: levels must increase {start} and stay below 1")
+    if table.shape != (config.n_layer, len(PROJECTIONS), len(levels)):
+        raise CheckpointError(f"{path}: malformed {name} section: table of shape {tuple(table.shape)}, expected "
+                              f"({config.n_layer}, {len(PROJECTIONS)}, {len(levels)})")
+    return levels, table
 
 
 def interp(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +158,7 @@ def projection_sparsities(cal: dict, sparsity: float, greedy: bool) -> torch.Ten
     if cal["greedy"] is None:
         raise CheckpointError(f"{cal['path']} has no greedy allocation (run calibrate.py --greedy)")
     g = cal["greedy"]
-    glev = torch.tensor(g["levels"], dtype=torch.float64)
+    glev = g["levels"]
     if sparsity > glev[-1]:
         raise CheckpointError(f"greedy allocation covers sparsity up to {glev[-1].item():.2f}, asked {sparsity}")
     x = torch.full(g["table"].shape[:2], float(sparsity), dtype=torch.float64)

@@ -59,7 +59,7 @@ def run(args) -> list:
     return rows
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--context", type=cli.positive_ints, default="256,1024,4096,8192",
                    help=f"comma-separated filled positions, 1-{MAX_SEQ}")
@@ -70,8 +70,7 @@ def main(argv=None) -> int:
     if max(args.context) > MAX_SEQ or max(args.batch) > sparse_ops.MAX_BATCH:
         p.error(f"--context values must be at most {MAX_SEQ}, --batch values at most {sparse_ops.MAX_BATCH}")
     if not torch.cuda.is_available():
-        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
-        return 1
+        raise SystemExit("error: the benchmark needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, cache of {MAX_SEQ} positions")
     print("| model | batch | context | SDPA + mask (us) | decode_attention (us) | speed-up | TB/s on filled k/v |")
     print("|---|---|---|---|---|---|---|")
@@ -79,8 +78,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                                              max_seq=MAX_SEQ, rows=rows), indent=1))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

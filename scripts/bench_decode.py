@@ -24,8 +24,8 @@ import calibrate  # noqa: E402
 import cli  # noqa: E402
 import sparse_ops  # noqa: E402
 import thresholds as thr_file  # noqa: E402
-from generate import achieved_sparsity, decode_one_token, model_bytes  # noqa: E402
-from model import DTYPES, PROJECTIONS, ModelArgs, Transformer, to_column_major  # noqa: E402
+from generate import achieved_sparsity, decode_one_token  # noqa: E402
+from model import DTYPES, PROJECTIONS, ModelArgs, Transformer, model_bytes, to_column_major  # noqa: E402
 
 PRESETS = {
     "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layer=32, n_head=32, n_local_heads=8, head_dim=128,
@@ -212,4 +212,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

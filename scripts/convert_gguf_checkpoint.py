@@ -201,23 +201,15 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     return save_checkpoint(out_dir, state, cfg, "hf", {"tokenizer.json": tokenizer.to_str()}, f"gguf:{path.name}")
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--gguf", required=True, type=Path, help="input .gguf file (llama architecture)")
     ap.add_argument("--out", required=True, type=cli.out_folder, help="output checkpoint folder (created if missing)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype in model.pth")
     args = ap.parse_args(argv)
-    try:
-        out = convert(args.gguf, args.out, DTYPES[args.dtype])
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+    out = convert(args.gguf, args.out, DTYPES[args.dtype])
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

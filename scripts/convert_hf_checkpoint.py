@@ -156,7 +156,7 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
     return save_checkpoint(out_dir, state, config, kind, tok_files, source=str(checkpoint_dir.resolve()))
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Convert a Hugging Face Llama/Mistral/Qwen2 checkpoint folder "
                                                  "to tealfast's model.pth format.", formatter_class=cli.HelpFormatter)
     parser.add_argument("--checkpoint_dir", type=Path, required=True,
@@ -167,15 +167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                         help="dtype of the stored weights")
     opts = parser.parse_args(argv)
-    try:
-        path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, DTYPES[opts.dtype])
-    except (CheckpointError, OSError) as e:
-        msg = str(e).strip()
-        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
-        return 1
+    path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, DTYPES[opts.dtype])
     print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import textdata  # noqa: E402
 import thresholds as thr_file  # noqa: E402
-from generate import model_bytes  # noqa: E402
-from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, load_model  # noqa: E402
+from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, load_model, model_bytes  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")

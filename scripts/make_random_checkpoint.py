@@ -52,7 +52,7 @@ def tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), required=True, help="model shapes (scripts/bench_decode.py)")
     p.add_argument("--out", type=cli.out_folder, required=True, help="checkpoint folder to write")
@@ -69,15 +69,10 @@ def main(argv=None) -> int:
     model = build(ModelArgs.from_hf_config(cfg), DTYPES[args.dtype], torch.device(args.device))
     state = {k: v.cpu() for k, v in model.state_dict().items()
              if not (k == "output.weight" and model.config.tie_embeddings)}
-    try:
-        out = save_checkpoint(args.out, state, cfg, "hf", {"tokenizer.json": tokenizer_json(cfg["vocab_size"])},
-                              source=f"random weights, preset {args.preset}")
-    except OSError as e:
-        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
-        return 1
+    out = save_checkpoint(args.out, state, cfg, "hf", {"tokenizer.json": tokenizer_json(cfg["vocab_size"])},
+                          source=f"random weights, preset {args.preset}")
     print(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e9:.2f} B parameters)")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

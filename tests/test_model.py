@@ -252,6 +252,9 @@ def hf_config(**overrides) -> dict:
     dict(mlp_bias=True),
     dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
     dict(rope_scaling={"type": "linear", "factor": 2.0}),
+    dict(rope_scaling="llama3"),  # not an object
+    dict(rope_scaling={"rope_type": "llama3"}),  # no factor
+    dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
 ])
 def test_from_hf_config_rejects_unsupported(overrides):
     with pytest.raises(model.CheckpointError):
@@ -263,8 +266,8 @@ def test_from_hf_config_defaults():
     a = model.ModelArgs.from_hf_config(hf_config())
     assert not a.tie_embeddings and not a.qkv_bias and a.head_dim == 16 and a.n_local_heads == 2
     assert a.norm_eps == 1e-5 and a.rope_base == 10000.0 and a.rope_scaling is None and a.block_size == 8192
-    b = model.ModelArgs.from_hf_config(hf_config(num_key_value_heads=None))
-    assert b.n_local_heads == 4
+    b = model.ModelArgs.from_hf_config(hf_config(num_key_value_heads=None, max_position_embeddings=None))
+    assert b.n_local_heads == 4 and b.block_size == 2048
 
 
 def test_from_hf_config_rope_formats():
@@ -291,3 +294,16 @@ def test_from_hf_config_sliding_window_caps_context():
     assert model.ModelArgs.from_hf_config(hf_config(model_type="mistral", sliding_window=None)).block_size == 8192
     qwen = hf_config(model_type="qwen2", sliding_window=4096, use_sliding_window=False)
     assert model.ModelArgs.from_hf_config(qwen).block_size == 8192
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_bytes(tied):
+    c = model.ModelArgs(vocab_size=300, dim=64, n_layer=2, n_head=4, n_local_heads=2, head_dim=16,
+                        intermediate_size=128, tie_embeddings=tied)
+    m = model.Transformer(c)  # fp32
+    q, kv, ff = c.n_head * c.head_dim, c.n_local_heads * c.head_dim, c.dim * c.intermediate_size
+    want = torch.tensor([q * c.dim, kv * c.dim, kv * c.dim, c.dim * q, ff, ff, ff], dtype=torch.float64) * 4 * c.n_layer
+    total, per = model.model_bytes(m)
+    # a step gathers one row of the embedding table, unless the output layer reads all of it (tied)
+    emb = 0 if tied else 4 * c.vocab_size * c.dim
+    assert torch.equal(per, want) and total == 4 * sum(p.numel() for p in m.parameters()) - emb

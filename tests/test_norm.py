@@ -61,6 +61,33 @@ def test_add_and_norm(B, D, n_parts, dtype):
         assert torch.equal(h, h_ref)
 
 
+def test_residual_rounds_the_linear_output_first():
+    # h = x + round(sum of fp32 partials): the unfused model rounds the linear's output to the model dtype before
+    # the add. Emulated exactly here (fp32 sum in partial order, then fp16): adding the fp32 sum would differ.
+    x, parts, w = inputs(1, 576, 3, torch.float16, seed=21)
+    h = add_rmsnorm(x, parts, w, 1e-5)[0]
+    s = parts[0].float()
+    for p in parts[1:]:
+        s = s + p.float()
+    want = (x.float() + s.to(torch.float16).float()).to(torch.float16)
+    assert torch.equal(h, want)
+    assert torch.equal(add_rmsnorm_ref(x, parts, w, 1e-5)[0], want)  # the reference, the same contract
+
+
+def test_kept_lists_break_ties_as_the_keep_rule():
+    # TEAL keeps |y| > t, strictly: a channel exactly at its threshold, or a zero at threshold 0, is not listed
+    x, parts, w = inputs(1, 256, 2, torch.float32, seed=9)
+    w[::5] = 0  # channels whose output is exactly 0
+    y = add_rmsnorm(x, parts, w, 1e-5)[1]
+    assert (y[0, ::5] == 0).all()
+    thr = torch.stack([y[0, 7].abs(), y[0, 130].abs(), torch.tensor(0.0, device=DEV)]).float()
+    for t in (thr[:2], thr[2:]):
+        kept = add_rmsnorm(x, parts, w, 1e-5, t)[2]
+        check_lists(kept, y, t, None)
+    kept = add_rmsnorm(x, parts, w, 1e-5, thr[:1])[2]
+    assert 7 not in kept[0, :256].tolist()
+
+
 @pytest.mark.parametrize("eps", [1e-5, 1e-2])
 def test_norm_of_a_small_residual(eps):
     # activations as small as eps: where eps enters the normalisation shows

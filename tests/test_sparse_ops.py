@@ -144,6 +144,43 @@ def test_pair(B, scaled):
         assert rel_err(y, ref) < TOL[dtype]
 
 
+def masked_matmul(x, wt, thr, scale=None):
+    """(x * 1[score > thr]) @ wt in fp64, written out (independent of sparse_ops.reference)."""
+    score = x.abs().float() * (1 if scale is None else scale)
+    return torch.where(score > thr, x.double(), 0) @ wt.double()
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_pair_of_different_widths(B):
+    # a pair's second weight has its own row length (N_b != N_a): windows (batch 1, no list), the list, a batch
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, 96, generator=g).to(DEV)
+    wa, wb = torch.randn(96, 48, generator=g).to(DEV), torch.randn(96, 80, generator=g).to(DEV)
+    thr = torch.tensor([0.5, 0.9], device=DEV)
+    want = torch.cat([masked_matmul(x, wa, thr[0]), masked_matmul(x, wb, thr[1])], dim=-1)
+    assert rel_err(sparse_gemv_pair(x, wa, wb, thr), want) < TOL[torch.float32]
+    if B == 1:
+        y = sparse_gemv_pair(x, wa, wb, thr, None, kept_list(x, thr, None))
+        assert rel_err(y, want) < TOL[torch.float32]
+
+
+def test_listed_shares_past_k():
+    # K = 80 splits into listed shares of 48 channels: the last runs past K, and its end in the list's prefix
+    # counts must be clamped to K's (the slots after the list hold anything: here zeros)
+    from sparse_ops.gemv import pick_config
+    g = torch.Generator().manual_seed(3)
+    K, N = 80, 32
+    assert pick_config(1, K, N, (), torch.device(DEV), listed=True)["SPLIT_K"] > 1 or DEV == "cuda"
+    x = torch.randn(1, K, generator=g).to(DEV)
+    wt = torch.randn(K, N, generator=g).to(DEV)
+    thr = torch.tensor([0.6], device=DEV)
+    buf = torch.zeros(1, K + K // 16 + 1 + 16, dtype=torch.int32, device=DEV)
+    kept = buf[:, :K + K // 16 + 1]
+    kept.copy_(kept_list(x, thr, None))
+    assert kept.is_contiguous()
+    assert rel_err(sparse_gemv(x, wt, thr, [N], kept=kept), masked_matmul(x, wt, thr)) < TOL[torch.float32]
+
+
 def glu_oracle(x, wa, wb, thr, scale):
     """silu(gate) * up in fp64, written out from the masks (independent of the references' composition)."""
     xd = x.double()

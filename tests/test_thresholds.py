@@ -171,7 +171,8 @@ def test_wrong_table_shape(saved):
 
 
 @pytest.mark.parametrize("levels", [[0.1, 0.5, 0.9, 0.95, 0.96, 0.97, 0.98], [0.0, 0.5, 0.4, 0.6, 0.7, 0.8, 0.9],
-                                    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0], 5, "0.1", None,
+                                    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0], [0.0, 0.1, 0.1, 0.5, 0.75, 0.9, 0.999],
+                                    5, "0.1", None,
                                     [0.0, "a", 0.2, 0.3, 0.4, 0.5, 0.6], [0.0, True, 0.2, 0.3, 0.4, 0.5, 0.6]])
 def test_bad_levels(saved, levels):
     path, _ = saved
@@ -200,6 +201,15 @@ def test_malformed_optional_sections(saved):
     rewrite(path, cats=[[0.0] * len(LEVELS)])  # one layer only
     assert "cats" in load_error(path)
     rewrite(path, cats=None, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 1.5] for p in PROJECTIONS}] * 2})
+    assert "greedy" in load_error(path)
+    # levels that are not numbers, not increasing or not from 0: each a one-line error naming the section
+    for levels in (["a", "b"], [0.0, 0.5, 0.25], [0.1, 0.5], [0.0, 1.0]):
+        rewrite(path, greedy={"levels": levels, "layers": [{p: [0.0] * len(levels) for p in PROJECTIONS}] * 2})
+        assert "greedy" in load_error(path), levels
+    rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 0.5] for p in PROJECTIONS}]})  # one layer
+    assert "greedy" in load_error(path)
+    # a projection at sparsity 1 (everything dropped) is no allocation either
+    rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 1.0] for p in PROJECTIONS}] * 2})
     assert "greedy" in load_error(path)
 
 
@@ -256,3 +266,26 @@ def test_sparse_aware_section(tmp_path):
     data["sparse_aware"]["levels"] = [0.5, 0.25]
     path.write_text(json.dumps(data))
     assert "sparse_aware" in load_error(path)
+
+
+def test_sparse_aware_levels_start_above_zero(tmp_path):
+    # load prepends level 0 itself: a stored level 0 would repeat it (and divide by zero when interpolating)
+    path = tmp_path / "t.json"
+    thresholds.save(path, ARGS, LEVELS, random_table(), "x", 1, "magnitude",
+                    sparse_aware={"levels": [0.0, 0.5], "table": random_table(levels=[0.1, 0.2], seed=3)})
+    assert "sparse_aware" in load_error(path)
+
+
+def test_greedy_ignores_the_sparse_aware_table(tmp_path):
+    """Greedy allocations interpolate the dense table at each projection's own level, even where a sparse-aware
+    table covers the block sparsity asked for."""
+    table = random_table()
+    greedy = {"levels": [0.0, 0.5], "layers": [{p: [0.0, LEVELS[2 + i % 2]] for i, p in enumerate(PROJECTIONS)}
+                                               for _ in range(ARGS.n_layer)]}
+    path = tmp_path / "t.json"
+    thresholds.save(path, ARGS, LEVELS, table, "x", 1, "magnitude", greedy=greedy,
+                    sparse_aware={"levels": [0.25, 0.5], "table": random_table(levels=[0.1, 0.2], seed=3)})
+    cal = thresholds.load(path, ARGS)
+    got = thresholds.thresholds_for(cal, 0.5, greedy=True).double()
+    want = torch.stack([table[:, i, 2 + i % 2] for i in range(len(PROJECTIONS))], dim=1)  # grid levels: stored
+    assert torch.allclose(got, want, rtol=1e-5)
