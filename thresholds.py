@@ -89,7 +89,7 @@ def load(path, config: ModelArgs) -> dict:
     if not isinstance(levels, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels):
         raise CheckpointError(f"{path}: levels must be a list of numbers")
     n = len(levels)
-    if n < 2 or levels[0] != 0 or any(b <= a for a, b in zip(levels, levels[1:])) or levels[-1] >= 1:
+    if n < 2 or levels[0] != 0 or not all(b > a for a, b in zip(levels, levels[1:])) or not levels[-1] < 1:
         raise CheckpointError(f"{path}: levels must increase from 0 and stay below 1")
     if table.shape != (config.n_layer, len(PROJECTIONS), n) or not torch.isfinite(table).all() or (table < 0).any():
         raise CheckpointError(f"{path}: threshold table has shape {tuple(table.shape)} or bad values; "
@@ -129,8 +129,8 @@ def _section(sec, config: ModelArgs, path: Path, name: str, lowest) -> tuple:
         table = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in sec["layers"]], dtype=torch.float64)
     except Exception:
         raise CheckpointError(f"{path}: malformed {name} section (levels and layers must hold numbers)") from None
-    if levels.dim() != 1 or len(levels) == 0 or (levels[1:] <= levels[:-1]).any() or levels[-1] >= 1 \
-            or (levels[0] != lowest if lowest is not None else levels[0] <= 0):
+    if levels.dim() != 1 or len(levels) == 0 or not (levels[1:] > levels[:-1]).all() or not levels[-1] < 1 \
+            or not (levels[0] == lowest if lowest is not None else levels[0] > 0):  # NaN fails each
         start = f"from {lowest}" if lowest is not None else "above 0"
         raise CheckpointError(f"{path}: malformed {name} section: levels must increase {start} and stay below 1")
     if table.shape != (config.n_layer, len(PROJECTIONS), len(levels)):
