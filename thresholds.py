@@ -89,7 +89,7 @@ def load(path, config: ModelArgs) -> dict:
     if not isinstance(levels, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels):
         raise CheckpointError(f"{path}: levels must be a list of numbers")
     n = len(levels)
-    if n < 2 or levels[0] != 0 or not all(b > a for a, b in zip(levels, levels[1:])) or not levels[-1] < 1:
+    if n < 2 or not _increasing(torch.tensor(levels, dtype=torch.float64), 0.0):
         raise CheckpointError(f"{path}: levels must increase from 0 and stay below 1")
     if table.shape != (config.n_layer, len(PROJECTIONS), n) or not torch.isfinite(table).all() or (table < 0).any():
         raise CheckpointError(f"{path}: threshold table has shape {tuple(table.shape)} or bad values; "
@@ -129,14 +129,21 @@ def _section(sec, config: ModelArgs, path: Path, name: str, lowest) -> tuple:
         table = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in sec["layers"]], dtype=torch.float64)
     except Exception:
         raise CheckpointError(f"{path}: malformed {name} section (levels and layers must hold numbers)") from None
-    if levels.dim() != 1 or len(levels) == 0 or not (levels[1:] > levels[:-1]).all() or not levels[-1] < 1 \
-            or not (levels[0] == lowest if lowest is not None else levels[0] > 0):  # NaN fails each
+    if not _increasing(levels, lowest):
         start = f"from {lowest}" if lowest is not None else "above 0"
         raise CheckpointError(f"{path}: malformed {name} section: levels must increase {start} and stay below 1")
     if table.shape != (config.n_layer, len(PROJECTIONS), len(levels)):
         raise CheckpointError(f"{path}: malformed {name} section: table of shape {tuple(table.shape)}, expected "
                               f"({config.n_layer}, {len(PROJECTIONS)}, {len(levels)})")
     return levels, table
+
+
+def _increasing(levels: torch.Tensor, lowest) -> bool:
+    """A sparsity grid: 1-D, increasing, below 1, starting at `lowest` (above 0 where None). NaN fails each test."""
+    if levels.dim() != 1 or len(levels) == 0:
+        return False
+    first = levels[0] == lowest if lowest is not None else levels[0] > 0
+    return bool(first and (levels[1:] > levels[:-1]).all() and levels[-1] < 1)
 
 
 def interp(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

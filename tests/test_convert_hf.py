@@ -40,7 +40,7 @@ def hf_dir(hf_src, tmp_path):
     return d
 
 
-def run_main(capsys, *argv):
+def run_main(*argv):
     """(exit code, stderr) of the command line."""
     code, _, err = run_script("scripts/convert_hf_checkpoint.py", argv)
     return code, err
@@ -61,7 +61,7 @@ def edit_config(d: Path, fn) -> None:
 # ---- good inputs ---------------------------------------------------------------------------------
 def test_output_folder(hf_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", out)
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", out)
     assert rc == 0, err
     assert json.loads((out / "config.json").read_text()) == json.loads((hf_dir / "config.json").read_text())
     assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
@@ -76,7 +76,7 @@ def test_output_folder(hf_dir, tmp_path, capsys):
 
 def test_in_place_and_dtypes(hf_dir, capsys):
     for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
-        rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--dtype", name)  # default out: the folder
+        rc, err = run_main("--checkpoint_dir", hf_dir, "--dtype", name)  # default out: the folder
         assert rc == 0, err
         state = torch.load(hf_dir / "model.pth", weights_only=True)
         assert {v.dtype for v in state.values()} == {dtype}
@@ -85,7 +85,7 @@ def test_in_place_and_dtypes(hf_dir, capsys):
 
 def test_qk_permutation_and_fusion(hf_dir, tmp_path, capsys):
     hf = load_file(hf_dir / "model.safetensors")
-    assert run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o", "--dtype", "fp32")[0] == 0
+    assert run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o", "--dtype", "fp32")[0] == 0
     wqkv = torch.load(tmp_path / "o" / "model.pth", weights_only=True)["layers.1.attention.wqkv.weight"]
     q, k, v = wqkv.split([128, 64, 64])
     # interleaved order: row 2i of a head is HF row i, row 2i+1 is HF row i + head_dim/2
@@ -100,13 +100,13 @@ def test_qk_permutation_and_fusion(hf_dir, tmp_path, capsys):
 def test_tied_lm_head_equal_is_dropped(hf_dir, tmp_path, capsys):
     edit_config(hf_dir, lambda c: c.update(tie_word_embeddings=True))
     edit_weights(hf_dir, lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
-    assert run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o")[0] == 0
+    assert run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")[0] == 0
     assert "output.weight" not in torch.load(tmp_path / "o" / "model.pth", weights_only=True)
 
 
 def test_tied_lm_head_different_is_an_error(hf_dir, tmp_path, capsys):
     edit_config(hf_dir, lambda c: c.update(tie_word_embeddings=True))
-    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
     assert rc != 0 and "lm_head" in err
 
 
@@ -115,7 +115,7 @@ def test_pytorch_model_bin_and_inv_freq(hf_dir, tmp_path, capsys):
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)  # old exporters keep it
     (hf_dir / "model.safetensors").unlink()
     torch.save(state, hf_dir / "pytorch_model.bin")
-    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o", "--dtype", "fp32")
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o", "--dtype", "fp32")
     assert rc == 0, err
     ours = torch.load(tmp_path / "o" / "model.pth", weights_only=True)
     assert torch.equal(ours["norm.weight"], state["model.norm.weight"])
@@ -124,10 +124,10 @@ def test_pytorch_model_bin_and_inv_freq(hf_dir, tmp_path, capsys):
 def test_sharded_safetensors(tmp_path, capsys):
     make_hf_model("mistral", tmp_path / "hf")  # saved with a small max_shard_size
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    rc, err = run_main(capsys, "--checkpoint_dir", tmp_path / "hf", "--out", tmp_path / "o")
+    rc, err = run_main("--checkpoint_dir", tmp_path / "hf", "--out", tmp_path / "o")
     assert rc == 0, err
     (next(tmp_path.glob("hf/model-0000[2-9]-of-*.safetensors"))).unlink()
-    rc, err = run_main(capsys, "--checkpoint_dir", tmp_path / "hf", "--out", tmp_path / "o")
+    rc, err = run_main("--checkpoint_dir", tmp_path / "hf", "--out", tmp_path / "o")
     assert rc != 0 and "shard" in err
 
 
@@ -141,7 +141,7 @@ def test_tokenizer_model_detection(hf_dir, tmp_path, capsys, where, content, kin
     (hf_dir / "tokenizer.json").unlink()
     (hf_dir / where).parent.mkdir(exist_ok=True)
     (hf_dir / where).write_bytes(content)
-    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
     assert rc == 0, err
     assert json.loads((tmp_path / "o" / "tealfast.json").read_text())["tokenizer"] == kind
     assert (tmp_path / "o" / "tokenizer.model").read_bytes() == content
@@ -175,7 +175,7 @@ BAD_INPUTS = {
 
 
 def test_checkpoint_dir_that_is_a_file(hf_dir, tmp_path, capsys):
-    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir / "config.json", "--out", tmp_path / "o")
+    rc, err = run_main("--checkpoint_dir", hf_dir / "config.json", "--out", tmp_path / "o")
     assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and "is not a folder" in err, err
 
 
@@ -183,7 +183,7 @@ def test_checkpoint_dir_that_is_a_file(hf_dir, tmp_path, capsys):
 def test_bad_input_is_one_error_line(hf_dir, tmp_path, capsys, case):
     breaker, needle = BAD_INPUTS[case]
     breaker(hf_dir)
-    rc, err = run_main(capsys, "--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
     assert rc != 0
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert needle in err
@@ -206,5 +206,5 @@ def test_cli_flags(hf_dir, capsys):
     assert e.value.code == 0
     help_text = capsys.readouterr().out
     assert all(f in help_text for f in ("--checkpoint_dir", "--out", "--dtype"))
-    rc, _ = run_main(capsys, "--checkpoint_dir", hf_dir, "--dtype", "int8")
+    rc, _ = run_main("--checkpoint_dir", hf_dir, "--dtype", "int8")
     assert rc != 0
