@@ -7,14 +7,14 @@
     decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
                                                                 one new token: qkv's partials summed, RoPE, cache
                                                                 write and attention over the filled cache
-    add_rmsnorm(x, parts, weight, eps, thresholds=None, scale=None)
+    add_rmsnorm(x, parts, weight, eps, thresholds, scale=None)
                                                                 residual add of a GEMV's partials and RMSNorm,
-                                                                listing the channels the next GEMV needs
+                                                                listing the channels that gate or up keeps
 
 x: (batch <= MAX_BATCH, K); wt: the weight transposed, (K, N) contiguous; thresholds: fp32 tensor, so changing
 the sparsity never recompiles; scale: optional (segments, K) fp32 column norms for weight-informed scores;
-kept: optional list of the channels of a one-row x that the GEMV may need, made by add_rmsnorm with the same
-thresholds and scale (the GEMV then skips listing them itself). On CPU without TRITON_INTERPRET=1 the references run.
+kept: sparse_glu's list of the channels of a one-row x that gate or up keeps, made by add_rmsnorm with the same
+thresholds and scale (the kernel then streams them without listing them itself). On CPU without TRITON_INTERPRET=1 the references run.
 """
 from typing import Optional
 
@@ -32,25 +32,25 @@ __all__ = ["MAX_BATCH", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "s
 
 
 def sparse_gemv(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list, scale: Optional[Tensor] = None,
-                reduce: bool = True, kept: Optional[Tensor] = None) -> Tensor:
+                reduce: bool = True) -> Tensor:
     """reduce=False returns the kernel's split-K partial sums, (split, batch, N), for a consumer that sums them
     itself (decode_attention, add_rmsnorm); fp32 when split > 1."""
     if not 1 <= len(seg_ends) <= 3 or seg_ends[-1] != wt.shape[-1] or list(seg_ends) != sorted(seg_ends):
         raise ValueError(f"seg_ends {list(seg_ends)} must be 1-3 increasing offsets ending at N={wt.shape[-1]}")
-    _check(x, [wt], thresholds, len(seg_ends), scale, kept)
+    _check(x, [wt], thresholds, len(seg_ends), scale)
     if use_triton(x):
-        parts = _sparse_gemv_op(x, wt, thresholds, list(seg_ends), scale, kept)
+        parts = _sparse_gemv_op(x, wt, thresholds, list(seg_ends), scale)
         return sum_partials(parts, x.dtype) if reduce else parts
     y = sparse_gemv_ref(x, wt, thresholds, seg_ends, scale)
     return y if reduce else y[None]
 
 
 def sparse_gemv_pair(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
-                     scale: Optional[Tensor] = None, kept: Optional[Tensor] = None) -> Tensor:
+                     scale: Optional[Tensor] = None) -> Tensor:
     """Returns cat([y_a, y_b], dim=-1)."""
-    _check(x, [wt_a, wt_b], thresholds, 2, scale, kept)
+    _check(x, [wt_a, wt_b], thresholds, 2, scale)
     if use_triton(x):
-        return sum_partials(_sparse_gemv_pair_op(x, wt_a, wt_b, thresholds, scale, kept), x.dtype)
+        return sum_partials(_sparse_gemv_pair_op(x, wt_a, wt_b, thresholds, scale), x.dtype)
     return sparse_gemv_pair_ref(x, wt_a, wt_b, thresholds, scale)
 
 
@@ -67,7 +67,7 @@ def sparse_glu(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, sc
         return sparse_glu_ref(x, wt_gate, wt_up, thresholds, scale)
     if kept is not None:
         return _sparse_glu_op(x, wt_gate, wt_up, thresholds, scale, kept)
-    g, u = sum_partials(_sparse_gemv_pair_op(x, wt_gate, wt_up, thresholds, scale, None), x.dtype).chunk(2, dim=-1)
+    g, u = sum_partials(_sparse_gemv_pair_op(x, wt_gate, wt_up, thresholds, scale), x.dtype).chunk(2, dim=-1)
     return F.silu(g) * u
 
 
@@ -86,14 +86,14 @@ def decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cac
     return decode_attention_ref(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
 
 
-def add_rmsnorm(x: Tensor, parts: Optional[Tensor], weight: Tensor, eps: float, thresholds: Optional[Tensor] = None,
+def add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresholds: Tensor,
                 scale: Optional[Tensor] = None) -> tuple:
-    """Decode's residual add and RMSNorm: h = x + (sum of parts in x's dtype), y = RMSNorm(h) * weight.
+    """Decode's residual add and RMSNorm before the MLP at batch 1: h = x + (sum of parts in x's dtype),
+    y = RMSNorm(h) * weight, and the list of the channels of y that gate or up keeps (sparse_glu's `kept`).
 
-    x: (rows, D) the residual stream; parts: (parts, rows, D), the last GEMV's split-K partial sums (None: h = x).
-    With thresholds (the next GEMV's, one per output segment; scale likewise) and one row, also lists the
-    channels of y that any segment keeps (pass it as the GEMV's `kept`). Returns (h, y, kept): kept is
-    (1, D + D // 16 + 1) int32 (format in sparse_ops/norm.py), with no rows without thresholds."""
+    x: (1, D) the residual stream; parts: (parts, 1, D), the o GEMV's split-K partial sums; thresholds: one per
+    segment of the next GEMV (gate, up; scale likewise). Returns (h, y, kept): kept is (1, D + D // 16 + 1)
+    int32 (format in sparse_ops/norm.py)."""
     check_add_rmsnorm(x, parts, weight, thresholds, scale)
     if use_triton(x):
         return _add_rmsnorm_op(x, parts, weight, eps, thresholds, scale)

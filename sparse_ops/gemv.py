@@ -2,8 +2,8 @@
 
 The weight is passed transposed, Wt (K, N) contiguous, so one kept input channel k is one contiguous row
 Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs. With one decode row it first
-lists its kept channels (or takes them listed by the kernel that made x, sparse_ops/norm.py), then streams only
-their rows; or, where the weight is small and each program's share short (o), it loads its share's rows in
+lists its kept channels (the gate|up GLU takes them listed by the norm that made x, sparse_ops/norm.py), then
+streams only their rows; or, where the weight is small and each program's share short (o), it loads its share's rows in
 windows, masked by the keep mask, with no list. With a batch it streams tiles and loads a row where any batch row
 keeps the channel. The ops return the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum and cast
 are plain torch ops that inductor fuses into the consumer (or a consumer kernel sums them itself with
@@ -27,8 +27,7 @@ MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked re
 def _sparse_gemv_kernel(
     x_ptr, wa_ptr, wb_ptr, scale_ptr, thr_ptr, idx_ptr, out_ptr,
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
-    HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, LISTED: tl.constexpr,
-    GLU: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, GLU: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -93,12 +92,11 @@ def _sparse_gemv_kernel(
                               BLOCK_N)
         tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=out_cols < N)
     else:
-        if LISTED:
-            # Batch 1 with the channels listed by the kernel that made x (sparse_ops.norm's format): those that
-            # any segment keeps, so this segment's own threshold still applies to them
-            start = tl.load(idx_ptr + K + k_lo // 16)
-            count = tl.load(idx_ptr + K + tl.minimum(k_lo + K_PER_SPLIT, K) // 16) - start
-            idx_base = idx_ptr + start
+        if GLU:
+            # The channels listed by the norm that made x (sparse_ops.norm's format, one K range: the whole list):
+            # those that gate or up keeps, so each half of the tile still applies its own threshold
+            idx_base = idx_ptr
+            count = tl.load(idx_ptr + K + K // 16)
         else:
             # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
             # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
@@ -120,11 +118,11 @@ def _sparse_gemv_kernel(
         # lists and the partials there: 1-3% faster on long streams (25-65%); on short ones (90%) it costs up to
         # 42% (docs/benchmarks.md, session 15)
         if count > 4 * BLOCK_K:
-            acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
-                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "evict_first")
+            acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, thr, seg_scale,
+                                 HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "evict_first")
         else:
-            acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, LISTED, thr,
-                                 seg_scale, HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "")
+            acc = _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K, BLOCK_N, thr, seg_scale,
+                                 HAS_SCALE, GLU, thr_ptr, scale_ptr + K, "")
         y = tl.sum(acc, axis=0)
         if GLU:
             # silu(gate) * up from the fp32 sums, rounded once
@@ -165,12 +163,12 @@ def _stream_windows(x_ptr, col_ptrs, ld, n_mask, k_lo, K, thr, scale_ptr, HAS_SC
 
 @triton.jit
 def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK_X: tl.constexpr, thr, scale_ptr, HAS_SCALE: tl.constexpr, GLU: tl.constexpr,
+                   thr, scale_ptr, HAS_SCALE: tl.constexpr, GLU: tl.constexpr,
                    thr_ptr, scale_b_ptr, EVICTION: tl.constexpr):
     """Batch 1, phase 2: stream only the listed rows of Wt, BLOCK_K at a time. Every load moves needed bytes and
     the loop is count / BLOCK_K steps long, not K_PER_SPLIT / BLOCK_K: what makes high sparsity pay.
-    MASK_X: the list may hold channels this segment drops (a union over segments); zero their inputs.
-    GLU: the tile's right half is a second segment (up, threshold thr_ptr[1], scores scale_b_ptr).
+    GLU: the list is a union over gate and up, the tile's right half up's (threshold thr_ptr[1], scores
+    scale_b_ptr): each half zeroes the inputs its own threshold drops. Otherwise the list is the segment's own.
     EVICTION: the weight loads' eviction policy ("evict_first", or "" for the default)."""
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced once at the end, not every step
@@ -193,8 +191,6 @@ def _stream_listed(x_ptr, col_ptrs, ld, n_mask, idx_base, count, BLOCK_K: tl.con
             xb = _masked_x(xv, rows, jm, thr_b, scale_b_ptr, HAS_SCALE)
             acc += w.to(tl.float32) * tl.where(left, xa[:, None], xb[:, None])
         else:
-            if MASK_X:
-                xv = _masked_x(xv, rows, jm, thr, scale_ptr, HAS_SCALE)
             acc += w.to(tl.float32) * xv[:, None]
     return acc
 
@@ -271,6 +267,7 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
 
 def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Optional[Tensor],
            kept: Optional[Tensor] = None) -> None:
+    """kept: sparse_glu's list of the channels gate or up keeps (sparse_ops.add_rmsnorm's)."""
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
         raise ValueError(f"x must be (batch<= {MAX_BATCH}, K), got {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -300,15 +297,15 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
                          f"for x {tuple(x.shape)}")
 
 
-def _plan(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, listed: bool, config: Optional[dict] = None,
+def _plan(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[dict] = None,
           glu: bool = False) -> tuple:
     """The launch plan of an op and its output buffer, which the fake ops share: (out, kernel settings, inputs per
     split); out holds the (split, batch, n) split-K partial sums, fp32 when there are several, else x's dtype.
-    Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes. listed: a kept list is given.
-    glu: one K range (the epilogue needs whole sums) and out = silu(gate) * up, (1, n_a) in x's dtype."""
+    Inner boundaries: where the threshold (seg1, seg2) or the weight (n_a) changes. glu: the kept channels come
+    listed, one K range (the epilogue needs whole sums) and out = silu(gate) * up, (1, n_a) in x's dtype."""
     batch, K = x.shape
     inner = () if glu else tuple(int(b) for b in (n_a, seg1, seg2) if 0 < b < n)  # a GLU tile holds both weights
-    cfg = dict(config or pick_config(batch, K, n, inner, x.device, listed or glu))
+    cfg = dict(config or pick_config(batch, K, n, inner, x.device, listed=glu))
     split = 1 if glu else cfg["SPLIT_K"]
     del cfg["SPLIT_K"]
     if cfg["WINDOWS"]:
@@ -327,19 +324,20 @@ def _plan(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, listed: bool, confi
 
 
 def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Tensor, seg1: int, seg2: int,
-            scale: Optional[Tensor], kept: Optional[Tensor], config: Optional[dict] = None,
-            glu: bool = False) -> Tensor:
+            scale: Optional[Tensor], kept: Optional[Tensor] = None, config: Optional[dict] = None) -> Tensor:
+    """kept: the GLU's list (sparse_glu); without it the GEMV lists its own channels."""
     batch, K = x.shape
-    out, cfg, k_per_split = _plan(x, n, n_a, seg1, seg2, kept is not None, config, glu)
+    glu = kept is not None
+    out, cfg, k_per_split = _plan(x, n, n_a, seg1, seg2, config, glu)
     # a GLU program holds BLOCK_N // 2 columns of each weight
     grid = (triton.cdiv(n_a, cfg["BLOCK_N"] // 2), 1) if glu else (triton.cdiv(n, cfg["BLOCK_N"]), out.shape[0])
     # kept-channel lists: given (sparse_ops.norm's), or the kernel's scratch, every read slot written first
-    idx = kept if kept is not None else torch.empty((3, K), device=x.device, dtype=torch.int32)
+    idx = kept if glu else torch.empty((3, K), device=x.device, dtype=torch.int32)
     wrap_triton(_sparse_gemv_kernel)[grid](
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
         batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
-        LISTED=kept is not None, GLU=glu, **cfg)
+        GLU=glu, **cfg)
     return out
 
 
@@ -349,44 +347,44 @@ def _segments(seg_ends: list, n: int) -> tuple:
 
 @triton_op("tealfast::sparse_gemv", mutates_args={})
 def _sparse_gemv_op(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list[int],
-                    scale: Optional[Tensor], kept: Optional[Tensor]) -> Tensor:
+                    scale: Optional[Tensor]) -> Tensor:
     n = wt.shape[1]
-    return _launch(x.contiguous(), wt, wt, n, n, thresholds, *_segments(seg_ends, n), scale, kept)
+    return _launch(x.contiguous(), wt, wt, n, n, thresholds, *_segments(seg_ends, n), scale)
 
 
 @triton_op("tealfast::sparse_gemv_pair", mutates_args={})
 def _sparse_gemv_pair_op(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
-                         scale: Optional[Tensor], kept: Optional[Tensor]) -> Tensor:
+                         scale: Optional[Tensor]) -> Tensor:
     n_a = wt_a.shape[1]
     n = n_a + wt_b.shape[1]
-    return _launch(x.contiguous(), wt_a, wt_b, n_a, n, thresholds, n_a, n, scale, kept)
+    return _launch(x.contiguous(), wt_a, wt_b, n_a, n, thresholds, n_a, n, scale)
 
 
 @triton_op("tealfast::sparse_glu", mutates_args={})
 def _sparse_glu_op(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, scale: Optional[Tensor],
                    kept: Tensor) -> Tensor:
     n_a = wt_gate.shape[1]
-    return _launch(x.contiguous(), wt_gate, wt_up, n_a, 2 * n_a, thresholds, n_a, 2 * n_a, scale, kept, glu=True)
+    return _launch(x.contiguous(), wt_gate, wt_up, n_a, 2 * n_a, thresholds, n_a, 2 * n_a, scale, kept)
 
 
 # Explicit shape functions: the body cannot run on fake tensors under Triton's CPU interpreter.
 @_sparse_gemv_op.register_fake
-def _(x, wt, thresholds, seg_ends, scale, kept):
+def _(x, wt, thresholds, seg_ends, scale):
     n = wt.shape[1]
-    return _plan(x, n, n, *_segments(seg_ends, n), kept is not None)[0]
+    return _plan(x, n, n, *_segments(seg_ends, n))[0]
 
 
 @_sparse_gemv_pair_op.register_fake
-def _(x, wt_a, wt_b, thresholds, scale, kept):
+def _(x, wt_a, wt_b, thresholds, scale):
     n_a = wt_a.shape[1]
     n = n_a + wt_b.shape[1]
-    return _plan(x, n, n_a, n_a, n, kept is not None)[0]
+    return _plan(x, n, n_a, n_a, n)[0]
 
 
 @_sparse_glu_op.register_fake
 def _(x, wt_gate, wt_up, thresholds, scale, kept):
     n_a = wt_gate.shape[1]
-    return _plan(x, 2 * n_a, n_a, n_a, 2 * n_a, True, glu=True)[0]
+    return _plan(x, 2 * n_a, n_a, n_a, 2 * n_a, glu=True)[0]
 
 
 def use_triton(x: Tensor) -> bool:

@@ -1,13 +1,13 @@
-"""Decode's residual add and RMSNorm in one kernel, which can also list the channels the next sparse GEMV keeps.
+"""Decode's residual add and RMSNorm before the MLP in one kernel, which also lists the channels gate or up keeps.
 
 Between two block linears a decode step adds the last GEMV's output (split-K partial sums) to the residual
 stream and normalises it. Inductor fuses that into one kernel of its own, and this one is no faster (H100, 8 fp32
 partials of 4096: 3.5 us against 2.9): what it adds is the list. Given the next GEMV's thresholds, it lists the
 channels that any of its output segments keeps, and the GEMV streams their rows at once instead of listing them
-itself. That pays where the GEMV's listing is slow: each of its programs scans its whole K range, which for the
+itself. Decode uses it at batch 1 before the gate|up GEMV (sparse_glu) only. That pays where the GEMV's listing is slow: each of its programs scans its whole K range, which for the
 fused gate|up GEMV (one K range of 4096 channels) costs about 5 us, the list here about 1 us (docs/benchmarks.md).
 The list's scattered 4-byte stores are slow from one SM (about 7 us for 3 x 4096 channels), so several programs
-per row each compute the whole row (its sum of squares and every position in the list) and store one slice.
+each compute the whole row (its sum of squares and every position in the list) and store one slice.
 
 The list (`kept`, one row of K + K // 16 + 1 int32):
     kept[0, :n]            the n channels kept by any segment, in increasing order (then -1 up to K)
@@ -33,94 +33,86 @@ GROUP = 16  # channels per prefix count
 def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_ptr, kept_ptr, STRIDE_P, D, eps,
                         SLICE, N_PARTS: tl.constexpr, N_SEG: tl.constexpr, HAS_SCALE: tl.constexpr,
                         BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
-    row = tl.program_id(0)
-    lo = tl.program_id(1) * SLICE  # this program stores channels lo .. lo + SLICE - 1 (a multiple of GROUP)
+    lo = tl.program_id(0) * SLICE  # this program stores channels lo .. lo + SLICE - 1 (a multiple of GROUP)
     rd = tl.arange(0, BLOCK_D)
     m = rd < D
     mine = m & (rd >= lo) & (rd < lo + SLICE)
     dt = h_ptr.dtype.element_ty
-    h = tl.load(res_ptr + row * D + rd, mask=m, other=0.0)
-    if N_PARTS > 0:
-        # The linear's output (partials summed, rounded to the model dtype), then the add, rounded too: what the
-        # unfused model computes
-        y = partials_sum(parts_ptr + row * D, parts_ptr, rd, m, STRIDE_P, N_PARTS, False, dt)
-        h = (h.to(tl.float32) + y.to(tl.float32)).to(dt)
-    tl.store(h_ptr + row * D + rd, h, mask=mine)
+    # The linear's output (partials summed, rounded to the model dtype), then the add, rounded too: what the
+    # unfused model computes
+    y = partials_sum(parts_ptr, parts_ptr, rd, m, STRIDE_P, N_PARTS, False, dt)
+    h = (tl.load(res_ptr + rd, mask=m, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
+    tl.store(h_ptr + rd, h, mask=mine)
     hf = h.to(tl.float32)
     normed = hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
     out = (tl.load(w_ptr + rd, mask=m, other=0.0).to(tl.float32) * normed).to(dt)
-    tl.store(y_ptr + row * D + rd, out, mask=mine)
-    if N_SEG > 0:
-        # The channels any segment keeps (batch 1 only): per group of 16 channels a count, their prefix sums,
-        # and each kept channel's place inside its group; short scans instead of one over all D channels.
-        absy = tl.abs(out.to(tl.float32))
-        keep = rd < 0
-        for s in tl.static_range(N_SEG):
-            score = absy
-            if HAS_SCALE:
-                score = score * tl.load(scale_ptr + s * D + rd, mask=m, other=0.0)
-            keep = keep | (score > tl.load(thr_ptr + s))
-        keep = tl.reshape((keep & m).to(tl.int32), (BLOCK_D // GROUP, GROUP))
-        ch = tl.reshape(rd, (BLOCK_D // GROUP, GROUP))
-        rg = tl.arange(0, BLOCK_D // GROUP)
-        mine_g = (rg < D // GROUP) & (rg * GROUP >= lo) & (rg * GROUP < lo + SLICE)
-        per_group = tl.sum(keep, axis=1)
-        before = tl.cumsum(per_group, axis=0) - per_group
-        n = tl.sum(per_group, axis=0)
-        tl.store(kept_ptr + before[:, None] + tl.cumsum(keep, axis=1) - 1, ch, mask=(keep > 0) & mine_g[:, None])
-        tl.store(kept_ptr + rd, tl.full((BLOCK_D,), -1, tl.int32), mask=mine & (rd >= n))  # slots past the list
-        tl.store(kept_ptr + D + rg, before, mask=mine_g)
-        if lo + SLICE >= D:
-            tl.store(kept_ptr + D + D // GROUP, n)
+    tl.store(y_ptr + rd, out, mask=mine)
+    # The channels any segment keeps: per group of 16 channels a count, their prefix sums, and each kept
+    # channel's place inside its group; short scans instead of one over all D channels.
+    absy = tl.abs(out.to(tl.float32))
+    keep = rd < 0
+    for s in tl.static_range(N_SEG):
+        score = absy
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + s * D + rd, mask=m, other=0.0)
+        keep = keep | (score > tl.load(thr_ptr + s))
+    keep = tl.reshape((keep & m).to(tl.int32), (BLOCK_D // GROUP, GROUP))
+    ch = tl.reshape(rd, (BLOCK_D // GROUP, GROUP))
+    rg = tl.arange(0, BLOCK_D // GROUP)
+    mine_g = (rg < D // GROUP) & (rg * GROUP >= lo) & (rg * GROUP < lo + SLICE)
+    per_group = tl.sum(keep, axis=1)
+    before = tl.cumsum(per_group, axis=0) - per_group
+    n = tl.sum(per_group, axis=0)
+    tl.store(kept_ptr + before[:, None] + tl.cumsum(keep, axis=1) - 1, ch, mask=(keep > 0) & mine_g[:, None])
+    tl.store(kept_ptr + rd, tl.full((BLOCK_D,), -1, tl.int32), mask=mine & (rd >= n))  # slots past the list
+    tl.store(kept_ptr + D + rg, before, mask=mine_g)
+    if lo + SLICE >= D:
+        tl.store(kept_ptr + D + D // GROUP, n)
 
 
 @triton_op("tealfast::add_rmsnorm", mutates_args={})
-def _add_rmsnorm_op(x: Tensor, parts: Optional[Tensor], weight: Tensor, eps: float, thresholds: Optional[Tensor],
+def _add_rmsnorm_op(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresholds: Tensor,
                     scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    B, D = x.shape
-    h, y, kept = _empty_outputs(x, thresholds)
-    n_seg = thresholds.shape[0] if thresholds is not None else 0
+    D = x.shape[1]
+    h, y, kept = _empty_outputs(x)
     block_d = triton.next_power_of_2(max(D, GROUP))
     # 256 channels per program; a multiple of GROUP, so that each group's list entries have one writer
     slice_d = max(256, triton.cdiv(triton.cdiv(D, 16), GROUP) * GROUP)
-    wrap_triton(_add_rmsnorm_kernel)[(B, triton.cdiv(D, slice_d))](
-        parts if parts is not None else x, x, weight, h, y, thresholds if n_seg else weight,
-        scale if scale is not None else weight, kept, parts.stride(0) if parts is not None else 0, D, eps, slice_d,
-        N_PARTS=parts.shape[0] if parts is not None else 0, N_SEG=n_seg, HAS_SCALE=scale is not None,
+    wrap_triton(_add_rmsnorm_kernel)[(triton.cdiv(D, slice_d),)](
+        parts, x, weight, h, y, thresholds, scale if scale is not None else weight, kept, parts.stride(0), D, eps,
+        slice_d, N_PARTS=parts.shape[0], N_SEG=thresholds.shape[0], HAS_SCALE=scale is not None,
         BLOCK_D=block_d, GROUP=GROUP, num_warps=max(4, min(32, block_d // 256)))
     return h, y, kept
 
 
-def _empty_outputs(x: Tensor, thresholds: Optional[Tensor]) -> tuple:
+def _empty_outputs(x: Tensor) -> tuple:
     D = x.shape[1]
     return (torch.empty_like(x), torch.empty_like(x),
-            torch.empty((1 if thresholds is not None else 0, D + D // GROUP + 1), device=x.device, dtype=torch.int32))
+            torch.empty((1, D + D // GROUP + 1), device=x.device, dtype=torch.int32))
 
 
 @_add_rmsnorm_op.register_fake
 def _(x, parts, weight, eps, thresholds, scale):
-    return _empty_outputs(x, thresholds)
+    return _empty_outputs(x)
 
 
-def check_add_rmsnorm(x: Tensor, parts: Optional[Tensor], weight: Tensor, thresholds: Optional[Tensor],
-                      scale: Optional[Tensor]) -> None:
+def check_add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, thresholds: Tensor, scale: Optional[Tensor]) -> None:
     if x.dim() != 2 or not x.is_contiguous() or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be a contiguous (rows, D) bf16/fp16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
     B, D = x.shape
-    if parts is not None and (parts.dim() != 3 or tuple(parts.shape[1:]) != (B, D) or not parts.is_contiguous()
-                              or parts.dtype not in (x.dtype, torch.float32)):
+    if B != 1 or D % GROUP:
+        raise ValueError(f"kept-channel lists need one row and D a multiple of {GROUP}, got {tuple(x.shape)}")
+    if parts.dim() != 3 or tuple(parts.shape[1:]) != (B, D) or not parts.is_contiguous() \
+            or parts.dtype not in (x.dtype, torch.float32):
         raise ValueError(f"parts must be contiguous (parts, {B}, {D}) in {x.dtype} or fp32, got {parts.dtype} "
                          f"{tuple(parts.shape)}")
     if tuple(weight.shape) != (D,) or weight.dtype != x.dtype:
         raise ValueError(f"weight must be ({D},) {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")
-    if thresholds is not None:
-        n_seg = thresholds.shape[0] if thresholds.dim() == 1 else -1
-        if not 1 <= n_seg <= 3 or thresholds.dtype != torch.float32:
-            raise ValueError(f"thresholds must be fp32 (1-3,), got {thresholds.dtype} {tuple(thresholds.shape)}")
-        if B != 1 or D % GROUP:
-            raise ValueError(f"kept-channel lists need one row and D a multiple of {GROUP}, got {tuple(x.shape)}")
-        if scale is not None and (tuple(scale.shape) != (n_seg, D) or scale.dtype != torch.float32):
-            raise ValueError(f"scale must be fp32 ({n_seg}, {D}), got {scale.dtype} {tuple(scale.shape)}")
+    n_seg = thresholds.shape[0] if thresholds.dim() == 1 else -1
+    if not 1 <= n_seg <= 3 or thresholds.dtype != torch.float32:
+        raise ValueError(f"thresholds must be fp32 (1-3,), got {thresholds.dtype} {tuple(thresholds.shape)}")
+    if scale is not None and (tuple(scale.shape) != (n_seg, D) or scale.dtype != torch.float32):
+        raise ValueError(f"scale must be fp32 ({n_seg}, {D}), got {scale.dtype} {tuple(scale.shape)}")
     devices = {t.device for t in (x, parts, weight, thresholds, scale) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, parts, weight, thresholds and scale must be on one device, got "
@@ -140,12 +132,11 @@ def kept_list(y: Tensor, thresholds: Tensor, scale: Optional[Tensor]) -> Tensor:
     return row
 
 
-def add_rmsnorm_ref(x: Tensor, parts: Optional[Tensor], weight: Tensor, eps: float,
-                    thresholds: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> tuple:
+def add_rmsnorm_ref(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresholds: Tensor,
+                    scale: Optional[Tensor] = None) -> tuple:
     """Plain-torch reference, the op's contract: h = x + (sum of parts, in x's dtype), y = RMSNorm(h) * weight,
-    and with thresholds the list above of the channels of y that any segment keeps."""
-    h = x if parts is None else x + sum_partials(parts, x.dtype)
+    and the list above of the channels of y that any segment keeps."""
+    h = x + sum_partials(parts, x.dtype)
     hf = h.float()
     y = (weight.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
-    kept = kept_list(y, thresholds, scale) if thresholds is not None else _empty_outputs(x, None)[2]
-    return h, y, kept
+    return h, y, kept_list(y, thresholds, scale)

@@ -3,25 +3,24 @@ import pytest
 import torch
 
 from conftest import rel_err
-from sparse_ops import (add_rmsnorm, add_rmsnorm_ref, sparse_gemv, sparse_gemv_pair, sparse_gemv_pair_ref,
-                        sparse_gemv_ref)
+from sparse_ops import add_rmsnorm, add_rmsnorm_ref, sparse_glu, sparse_glu_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
 
-def inputs(B, D, n_parts, dtype, seed):
+def inputs(D, n_parts, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(B, D, generator=g) * 3).to(dtype).to(DEV)
+    x = (torch.randn(1, D, generator=g) * 3).to(dtype).to(DEV)
     pdt = torch.float32 if n_parts > 1 else dtype  # several partials are fp32, one is the linear's output
-    parts = torch.randn(n_parts, B, D, generator=g).to(pdt).to(DEV) if n_parts else None
+    parts = torch.randn(n_parts, 1, D, generator=g).to(pdt).to(DEV)
     w = (torch.rand(D, generator=g) + 0.5).to(dtype).to(DEV)
     return x, parts, w
 
 
 def oracle(x, parts, w, eps):
     """fp64 from the rounded sum, as the unfused model: h = x + round(sum(parts)); y = round(w * h / rms(h))."""
-    h = x if parts is None else (x.double() + parts.double().sum(0).to(x.dtype).double()).to(x.dtype)
+    h = (x.double() + parts.double().sum(0).to(x.dtype).double()).to(x.dtype)
     hd = h.double()
     return h, (w.double() * hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -48,41 +47,45 @@ def check_lists(kept, y, thr, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n_parts", [0, 1, 3, 8])
-@pytest.mark.parametrize("B,D", [(1, 576), (3, 576), (1, 200), (2, 64), (1, 16)])
-def test_add_and_norm(B, D, n_parts, dtype):
-    x, parts, w = inputs(B, D, n_parts, dtype, seed=B * D + n_parts)
-    h, y, kept = add_rmsnorm(x, parts, w, 1e-5)
+@pytest.mark.parametrize("n_parts", [1, 3, 8])
+@pytest.mark.parametrize("D", [576, 208, 64, 16])
+def test_add_and_norm(D, n_parts, dtype):
+    x, parts, w = inputs(D, n_parts, dtype, seed=D + n_parts)
+    thr = torch.tensor([0.5, 1.0], device=DEV)
+    h, y, kept = add_rmsnorm(x, parts, w, 1e-5, thr)
     h_ref, y_ref = oracle(x, parts, w, 1e-5)
-    assert h.shape == y.shape == x.shape and h.dtype == y.dtype == dtype and kept.shape[0] == 0
+    assert h.shape == y.shape == x.shape and h.dtype == y.dtype == dtype
     assert rel_err(h, h_ref) < TOL[dtype] and rel_err(y, y_ref) < TOL[dtype]
-    if n_parts <= 1 and (dtype != torch.bfloat16 or DEV == "cuda"):
-        # one partial or none: no summation order to differ in (Triton's interpreter truncates to bf16)
+    if n_parts == 1 and (dtype != torch.bfloat16 or DEV == "cuda"):
+        # one partial: no summation order to differ in (Triton's interpreter truncates to bf16)
         assert torch.equal(h, h_ref)
+    check_lists(kept, y, thr, None)
 
 
 def test_residual_rounds_the_linear_output_first():
     # h = x + round(sum of fp32 partials): the unfused model rounds the linear's output to the model dtype before
     # the add. Emulated exactly here (fp32 sum in partial order, then fp16): adding the fp32 sum would differ.
-    x, parts, w = inputs(1, 576, 3, torch.float16, seed=21)
-    h = add_rmsnorm(x, parts, w, 1e-5)[0]
+    x, parts, w = inputs(576, 3, torch.float16, seed=21)
+    thr = torch.tensor([0.5], device=DEV)
+    h = add_rmsnorm(x, parts, w, 1e-5, thr)[0]
     s = parts[0].float()
     for p in parts[1:]:
         s = s + p.float()
     want = (x.float() + s.to(torch.float16).float()).to(torch.float16)
     assert torch.equal(h, want)
-    assert torch.equal(add_rmsnorm_ref(x, parts, w, 1e-5)[0], want)  # the reference, the same contract
+    assert torch.equal(add_rmsnorm_ref(x, parts, w, 1e-5, thr)[0], want)  # the reference, the same contract
 
 
 def test_kept_lists_break_ties_as_the_keep_rule():
     # TEAL keeps |y| > t, strictly: a channel exactly at its threshold, or a zero at threshold 0, is not listed
-    x, parts, w = inputs(1, 256, 2, torch.float32, seed=9)
+    x, parts, w = inputs(256, 2, torch.float32, seed=9)
     w[::5] = 0  # channels whose output is exactly 0
-    y = add_rmsnorm(x, parts, w, 1e-5)[1]
+    y = add_rmsnorm(x, parts, w, 1e-5, torch.zeros(1, device=DEV))[1]
     assert (y[0, ::5] == 0).all()
     thr = torch.stack([y[0, 7].abs(), y[0, 130].abs(), torch.tensor(0.0, device=DEV)]).float()
     for t in (thr[:2], thr[2:]):
-        kept = add_rmsnorm(x, parts, w, 1e-5, t)[2]
+        _, y_op, kept = add_rmsnorm(x, parts, w, 1e-5, t)
+        assert torch.equal(y_op, y)
         check_lists(kept, y, t, None)
     kept = add_rmsnorm(x, parts, w, 1e-5, thr[:1])[2]
     assert 7 not in kept[0, :256].tolist()
@@ -91,9 +94,9 @@ def test_kept_lists_break_ties_as_the_keep_rule():
 @pytest.mark.parametrize("eps", [1e-5, 1e-2])
 def test_norm_of_a_small_residual(eps):
     # activations as small as eps: where eps enters the normalisation shows
-    x, parts, w = inputs(1, 576, 3, torch.float32, seed=11)
+    x, parts, w = inputs(576, 3, torch.float32, seed=11)
     x, parts = x * 1e-3, parts * 1e-3
-    h, y, _ = add_rmsnorm(x, parts, w, eps)
+    h, y, _ = add_rmsnorm(x, parts, w, eps, torch.zeros(1, device=DEV))
     assert rel_err(y, oracle(x, parts, w, eps)[1]) < 1e-5
 
 
@@ -101,12 +104,12 @@ def test_norm_of_a_small_residual(eps):
 @pytest.mark.parametrize("D", [576, 512, 256, 64, 16])  # 256 and 512: whole slices, as every 4096-wide model
 @pytest.mark.parametrize("scaled", [False, True])
 def test_kept_lists(D, dtype, scaled):
-    x, parts, w = inputs(1, D, 3, dtype, seed=D)
+    x, parts, w = inputs(D, 3, dtype, seed=D)
     g = torch.Generator().manual_seed(D + 1)
+    y = add_rmsnorm(x, parts, w, 1e-5, torch.zeros(1, device=DEV))[1]
     for levels in ([0.5], [0.25, 0.5, 0.65], [0.0, 0.9]):
         n = len(levels)
         scale = (torch.rand(n, D, generator=g) + 0.5).to(DEV) if scaled else None
-        y = add_rmsnorm(x, parts, w, 1e-5)[1]
         score = y.abs().float() * (scale if scaled else 1)
         thr = torch.stack([torch.quantile(score[s if scaled else 0].cpu(), q) if q else torch.tensor(0.0)
                            for s, q in enumerate(levels)]).float().to(DEV)
@@ -116,7 +119,7 @@ def test_kept_lists(D, dtype, scaled):
 
 
 def test_nothing_kept_and_everything_kept():
-    x, parts, w = inputs(1, 576, 2, torch.bfloat16, seed=5)
+    x, parts, w = inputs(576, 2, torch.bfloat16, seed=5)
     thr = torch.tensor([1e9, 0.0], device=DEV)
     _, y, kept = add_rmsnorm(x, parts, w, 1e-5, thr)
     check_lists(kept, y, thr, None)
@@ -126,31 +129,22 @@ def test_nothing_kept_and_everything_kept():
 
 
 @pytest.mark.parametrize("scaled", [False, True])
-def test_gemv_with_kept_lists(scaled):
-    # the GEMV reading add_rmsnorm's list (a union over segments, each applying its own threshold) gives what
-    # it gives listing the channels itself, and the reference
+def test_glu_with_kept_lists(scaled):
+    # the GLU kernel reading add_rmsnorm's list (a union over gate and up, each applying its own threshold) gives
+    # what the reference gives
     K, dtype = 576, torch.bfloat16
-    x, parts, w = inputs(1, K, 4, dtype, seed=11)
+    x, parts, w = inputs(K, 4, dtype, seed=11)
     g = torch.Generator().manual_seed(12)
-    wt = (torch.randn(K, 960, generator=g) / 24).to(dtype).to(DEV)
     wa, wb = ((torch.randn(K, 1536, generator=g) / 24).to(dtype).to(DEV) for _ in range(2))
-    thr = torch.tensor([0.4, 0.8, 1.2], device=DEV)
-    scale = (torch.rand(3, K, generator=g) + 0.5).to(DEV) if scaled else None
+    thr = torch.tensor([0.4, 1.2], device=DEV)
+    scale = (torch.rand(2, K, generator=g) + 0.5).to(DEV) if scaled else None
     _, y, kept = add_rmsnorm(x, parts, w, 1e-5, thr, scale)
-    ends = [576, 768, 960]
-    a = sparse_gemv(y, wt, thr, ends, scale, kept=kept)
-    assert torch.equal(a, sparse_gemv(y, wt, thr, ends, scale))
-    assert rel_err(a, sparse_gemv_ref(y.double(), wt.double(), thr, ends, scale)) < TOL[dtype]
-    parts_kept = sparse_gemv(y, wt, thr, ends, scale, reduce=False, kept=kept)
-    assert rel_err(parts_kept.sum(0), a) < TOL[dtype]
-    sc2 = None if scale is None else scale[:2].contiguous()
-    kept2 = add_rmsnorm(x, parts, w, 1e-5, thr[:2], sc2)[2]
-    p = sparse_gemv_pair(y, wa, wb, thr[:2], sc2, kept2)
-    assert rel_err(p, sparse_gemv_pair_ref(y.double(), wa.double(), wb.double(), thr[:2], sc2)) < TOL[dtype]
+    got = sparse_glu(y, wa, wb, thr, scale, kept)
+    assert rel_err(got, sparse_glu_ref(y.double(), wa.double(), wb.double(), thr, scale)) < TOL[dtype]
 
 
 def test_reference_matches_the_op():
-    x, parts, w = inputs(1, 576, 3, torch.bfloat16, seed=3)
+    x, parts, w = inputs(576, 3, torch.bfloat16, seed=3)
     thr = torch.tensor([0.5, 1.0], device=DEV)
     h, y, kept = add_rmsnorm(x, parts, w, 1e-5, thr)
     h_r, y_r, kept_r = add_rmsnorm_ref(x, parts, w, 1e-5, thr)
@@ -159,43 +153,43 @@ def test_reference_matches_the_op():
 
 
 def test_opcheck():
-    x, parts, w = inputs(1, 96, 3, torch.bfloat16, seed=0)
+    x, parts, w = inputs(96, 3, torch.bfloat16, seed=0)
     thr = torch.tensor([0.2, 0.5], device=DEV)
     utils = "ALL" if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
     op = torch.ops.tealfast.add_rmsnorm.default
     torch.library.opcheck(op, (x, parts, w, 1e-5, thr, None), test_utils=utils)
-    torch.library.opcheck(op, (x, None, w, 1e-5, None, None), test_utils=utils)
+    torch.library.opcheck(op, (x, parts, w, 1e-5, thr[:1], torch.rand(1, 96, device=DEV)), test_utils=utils)
 
 
 def test_bad_input():
-    x, parts, w = inputs(1, 64, 2, torch.bfloat16, seed=0)
+    x, parts, w = inputs(64, 2, torch.bfloat16, seed=0)
     thr = torch.zeros(2, device=DEV)
     with pytest.raises(ValueError, match="parts"):
-        add_rmsnorm(x, parts[:, :, :32], w, 1e-5)
+        add_rmsnorm(x, parts[:, :, :32], w, 1e-5, thr)
     with pytest.raises(ValueError, match="parts"):
-        add_rmsnorm(x, parts.double(), w, 1e-5)
+        add_rmsnorm(x, parts.double(), w, 1e-5, thr)
     with pytest.raises(ValueError, match="weight"):
-        add_rmsnorm(x, parts, w.float(), 1e-5)
+        add_rmsnorm(x, parts, w.float(), 1e-5, thr)
     with pytest.raises(ValueError, match="thresholds"):
         add_rmsnorm(x, parts, w, 1e-5, torch.zeros(4, device=DEV))
     with pytest.raises(ValueError, match="one row"):
-        add_rmsnorm(torch.cat([x, x]), None, w, 1e-5, thr)
+        add_rmsnorm(torch.cat([x, x]), torch.cat([parts, parts], 1), w, 1e-5, thr)
     with pytest.raises(ValueError, match="multiple of 16"):
-        add_rmsnorm(x[:, :40].contiguous(), None, w[:40], 1e-5, thr)
+        add_rmsnorm(x[:, :40].contiguous(), parts[:, :, :40].contiguous(), w[:40], 1e-5, thr)
     with pytest.raises(ValueError, match="scale"):
         add_rmsnorm(x, parts, w, 1e-5, thr, torch.ones(1, 64, device=DEV))
     with pytest.raises(ValueError, match="contiguous"):
-        add_rmsnorm(torch.randn(64, 2, device=DEV, dtype=torch.bfloat16).t(), None, w, 1e-5)
+        add_rmsnorm(torch.randn(64, 2, device=DEV, dtype=torch.bfloat16).t(), parts, w, 1e-5, thr)
     kept = add_rmsnorm(x, parts, w, 1e-5, thr)[2]
     wt = torch.randn(64, 32, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="kept"):
-        sparse_gemv(x, wt, thr[:1], [32], kept=torch.cat([kept, kept]))  # one list, not one per segment
+        sparse_glu(x, wt, wt, thr, None, torch.cat([kept, kept]))  # one list, not one per segment
     with pytest.raises(ValueError, match="kept"):
-        sparse_gemv(x, wt, thr[:1], [32], kept=kept[:, :-1].contiguous())
+        sparse_glu(x, wt, wt, thr, None, kept[:, :-1].contiguous())
     with pytest.raises(ValueError, match="kept"):
-        sparse_gemv(torch.cat([x, x]), wt, thr[:1], [32], kept=kept)  # the list is for one row
+        sparse_glu(torch.cat([x, x]), wt, wt, thr, None, kept)  # the list is for one row
     with pytest.raises(ValueError, match="kept"):
-        sparse_gemv(x, wt, thr[:1], [32], kept=kept.long())
+        sparse_glu(x, wt, wt, thr, None, kept.long())
 
 
 # ---- GPU only ------------------------------------------------------------------------------------------
@@ -203,7 +197,7 @@ def test_bad_input():
 @pytest.mark.parametrize("n_parts", [1, 5, 8])
 @pytest.mark.parametrize("D", [4096, 5120])
 def test_llama_sizes_gpu(D, n_parts):
-    x, parts, w = inputs(1, D, n_parts, torch.bfloat16, seed=D + n_parts)
+    x, parts, w = inputs(D, n_parts, torch.bfloat16, seed=D + n_parts)
     thr = torch.tensor([0.3, 0.6, 0.9], device=DEV)
     h, y, kept = add_rmsnorm(x, parts, w, 1e-5, thr)
     h_ref, y_ref = oracle(x, parts, w, 1e-5)
@@ -213,15 +207,14 @@ def test_llama_sizes_gpu(D, n_parts):
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_follows_threshold_changes():
-    # norm lists -> GEMV, compiled with CUDA graphs: new thresholds change the lists and the output, no recompile
-    x, parts, w = inputs(1, 4096, 8, torch.bfloat16, seed=1)
-    wt = torch.randn(4096, 6144, device="cuda", dtype=torch.bfloat16) / 64
-    thr = torch.zeros(3, device="cuda")
-    ends = [4096, 5120, 6144]
+    # norm lists -> GLU, compiled with CUDA graphs: new thresholds change the lists and the output, no recompile
+    x, parts, w = inputs(4096, 8, torch.bfloat16, seed=1)
+    wa, wb = (torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(2))
+    thr = torch.zeros(2, device="cuda")
 
     def f(x, parts):
         _, y, kept = add_rmsnorm(x, parts, w, 1e-5, thr)
-        return sparse_gemv(y, wt, thr, ends, kept=kept)
+        return sparse_glu(y, wa, wb, thr, None, kept)
 
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(f, fullgraph=True, mode="reduce-overhead")
@@ -229,9 +222,9 @@ def test_cuda_graph_replay_follows_threshold_changes():
         compiled(x, parts)
     outs = []
     for level in (0.3, 0.6, 1.0):
-        thr.fill_(level)
+        thr.copy_(torch.tensor([level, level / 2]))
         outs.append(compiled(x, parts).clone())
-        y = add_rmsnorm(x, parts, w, 1e-5)[1]
-        assert rel_err(outs[-1], sparse_gemv_ref(y.double(), wt.double(), thr, ends)) < 1e-2
+        y = oracle(x, parts, w, 1e-5)[1]
+        assert rel_err(outs[-1], sparse_glu_ref(y.double(), wa.double(), wb.double(), thr)) < 1e-2
     assert (outs[0] - outs[2]).abs().max() > 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1

@@ -152,33 +152,13 @@ def masked_matmul(x, wt, thr, scale=None):
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_pair_of_different_widths(B):
-    # a pair's second weight has its own row length (N_b != N_a): windows (batch 1, no list), the list, a batch
+    # a pair's second weight has its own row length (N_b != N_a): windows (batch 1), a batch
     g = torch.Generator().manual_seed(B)
     x = torch.randn(B, 96, generator=g).to(DEV)
     wa, wb = torch.randn(96, 48, generator=g).to(DEV), torch.randn(96, 80, generator=g).to(DEV)
     thr = torch.tensor([0.5, 0.9], device=DEV)
     want = torch.cat([masked_matmul(x, wa, thr[0]), masked_matmul(x, wb, thr[1])], dim=-1)
     assert rel_err(sparse_gemv_pair(x, wa, wb, thr), want) < TOL[torch.float32]
-    if B == 1:
-        y = sparse_gemv_pair(x, wa, wb, thr, None, kept_list(x, thr, None))
-        assert rel_err(y, want) < TOL[torch.float32]
-
-
-def test_listed_shares_past_k():
-    # K = 80 splits into listed shares of 48 channels: the last runs past K, and its end in the list's prefix
-    # counts must be clamped to K's (the slots after the list hold anything: here zeros)
-    from sparse_ops.gemv import pick_config
-    g = torch.Generator().manual_seed(3)
-    K, N = 80, 32
-    assert pick_config(1, K, N, (), torch.device(DEV), listed=True)["SPLIT_K"] > 1 or DEV == "cuda"
-    x = torch.randn(1, K, generator=g).to(DEV)
-    wt = torch.randn(K, N, generator=g).to(DEV)
-    thr = torch.tensor([0.6], device=DEV)
-    buf = torch.zeros(1, K + K // 16 + 1 + 16, dtype=torch.int32, device=DEV)
-    kept = buf[:, :K + K // 16 + 1]
-    kept.copy_(kept_list(x, thr, None))
-    assert kept.is_contiguous()
-    assert rel_err(sparse_gemv(x, wt, thr, [N], kept=kept), masked_matmul(x, wt, thr)) < TOL[torch.float32]
 
 
 def glu_oracle(x, wa, wb, thr, scale):
@@ -264,14 +244,11 @@ def test_opcheck():
     wb = torch.randn(96, 48, device=DEV, dtype=torch.bfloat16)
     # AOT tracing runs the op's body on fake tensors, which Triton's CPU interpreter cannot; GPU runs them all.
     utils = "ALL" if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x, wt, thr, [64, 80], None, None), test_utils=utils)
-    torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x, wt, wb, thr, None, None), test_utils=utils)
-    # one row with kept-channel lists from add_rmsnorm
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x, wt, thr, [64, 80], None), test_utils=utils)
+    torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x, wt, wb, thr, None), test_utils=utils)
+    # one row with the kept-channel list from add_rmsnorm
     x1 = x[:1].contiguous()
-    kept = sparse_ops.add_rmsnorm(x1, None, torch.ones(96, device=DEV, dtype=torch.bfloat16), 1e-5, thr)[2]
-    torch.library.opcheck(torch.ops.tealfast.sparse_gemv.default, (x1, wt, thr, [64, 80], None, kept),
-                          test_utils=utils)
-    torch.library.opcheck(torch.ops.tealfast.sparse_gemv_pair.default, (x1, wt, wb, thr, None, kept), test_utils=utils)
+    kept = kept_list(x1, thr, None)
     torch.library.opcheck(torch.ops.tealfast.sparse_glu.default, (x1, wb, wb, thr, None, kept), test_utils=utils)
 
 
@@ -364,13 +341,14 @@ def test_compiled_mlp_runs_only_its_kernels():
     from torch.profiler import ProfilerActivity, profile
     D, N = 4096, 14336
     x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+    parts = torch.randn(4, 1, D, device="cuda") / 8  # the o GEMV's split-K partials
     w = torch.ones(D, device="cuda", dtype=torch.bfloat16)
     w1, w3 = (torch.randn(D, N, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(2))
     w2 = torch.randn(N, D, device="cuda", dtype=torch.bfloat16) / 128
     thr = torch.tensor([0.5, 0.5, 0.02], device="cuda")
 
     def f(x):
-        h, y, kept = sparse_ops.add_rmsnorm(x, None, w, 1e-5, thr[:2])
+        h, y, kept = sparse_ops.add_rmsnorm(x, parts, w, 1e-5, thr[:2])
         return h + sparse_gemv(sparse_glu(y, w1, w3, thr[:2], None, kept), w2, thr[2:], [D])
 
     compiled = torch.compile(f, fullgraph=True)
