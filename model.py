@@ -277,7 +277,8 @@ class TransformerBlock(nn.Module):
         sparse = self.sparse_prefill if x.shape[1] > 1 else self.sparse_decode
         # Sparse decode at batch 1: the MLP norm's kernel also lists the channels that gate or up keep. Listing
         # them in the GEMV costs more, as each of its programs scans the whole input (qkv's scan a fraction).
-        lists = sparse and fused_decode(x) and x.shape[0] == 1 and x.shape[-1] % 16 == 0 and self.stats is None
+        lists = sparse and fused_decode(x) and x.shape[0] == 1 and x.shape[-1] % sparse_ops.LIST_GROUP == 0 \
+            and self.stats is None
         a = self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse, self.stats,
                            partials=lists)
         f = self.feed_forward

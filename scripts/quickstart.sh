@@ -9,8 +9,10 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
-    # No GPU: the CPU build of torch (a CUDA build is several GB). With a GPU, pip picks the CUDA build.
-    if command -v nvidia-smi >/dev/null 2>&1; then python -m pip install -q torch; else python -m pip install -q torch==2.13.0; fi
+    # No GPU: the CPU build of torch from PyTorch's CPU index (PyPI's Linux wheel is the CUDA build, several GB;
+    # pip prefers the index's 2.13.0+cpu). With a GPU, pip picks the CUDA build.
+    if command -v nvidia-smi >/dev/null 2>&1; then python -m pip install -q torch
+    else python -m pip install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu; fi
 fi
 python -m pip install -q -r requirements.txt
 bash scripts/prepare.sh smollm2-135m

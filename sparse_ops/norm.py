@@ -23,10 +23,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .gemv import partials_sum
+from .gemv import LIST_GROUP as GROUP, partials_sum
 from .reference import keep_mask, sum_partials
-
-GROUP = 16  # channels per prefix count
 
 
 @triton.jit
