@@ -1,7 +1,8 @@
 """Tokenizers for tealfast checkpoints: one small class per kind, same interface.
 
 The kind comes only from the checkpoint's tealfast.json ("hf", "sentencepiece" or "tiktoken");
-BOS/EOS ids come from its config.json where present.
+BOS/EOS ids come from its config.json where present; a tokenizer with more ids than config.json's vocab_size (the
+model's embedding rows) is refused.
 """
 import base64
 import json
@@ -36,7 +37,8 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """Shared interface; subclasses set vocab_size and default bos_id/eos_ids, get_tokenizer applies config.json."""
+    """Shared interface; subclasses set vocab_size (every id they produce is below it) and default bos_id/eos_ids,
+    load_tokenizer applies config.json."""
 
     file_name: str
     bos_id: int | None = None
@@ -75,7 +77,8 @@ class HFTokenizer(Tokenizer):
             self.tok = _Tok.from_file(str(path))
         except Exception as e:
             raise TokenizerError(f"cannot load {path}: {_one_line(e)}") from None
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # One past the largest id, not get_vocab_size(), which counts tokens: a vocab may skip ids
+        self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.eos_ids = []
         # BOS where the post-processor prepends one (Llama-3's tokenizer.json), none where it does not (SmolLM2,
         # Qwen2), as transformers encodes prompts
@@ -154,6 +157,7 @@ TOKENIZER_CLASSES = {"hf": HFTokenizer, "sentencepiece": SentencePieceTokenizer,
 
 
 def get_tokenizer(checkpoint_dir) -> Tokenizer:
+    """The tokenizer of a checkpoint folder: the kind its tealfast.json names, checked against its config.json."""
     ckpt = Path(checkpoint_dir)
     if not ckpt.is_dir():
         raise TokenizerError(f"checkpoint folder not found: {ckpt}")
@@ -166,11 +170,22 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
         raise TokenizerError(f"{ckpt / 'tealfast.json'}: unknown tokenizer kind {kind!r}, "
                              f"expected one of {sorted(TOKENIZER_CLASSES)}")
     config = _read_json(ckpt / "config.json", required=False)
-    cls = TOKENIZER_CLASSES[kind]
-    path = ckpt / cls.file_name
+    path = ckpt / TOKENIZER_CLASSES[kind].file_name
     if not path.is_file():
         raise TokenizerError(f"tokenizer file missing for kind {kind!r}: {path}")
-    tok = cls(path)
+    return load_tokenizer(kind, path, config)
+
+
+def load_tokenizer(kind: str, path: Path, config: dict) -> Tokenizer:
+    """The tokenizer file of this kind with config.json's BOS/EOS ids. Refused where it does not fit config.json,
+    before anything runs (convert_hf_checkpoint.py checks its input with it too)."""
+    tok = TOKENIZER_CLASSES[kind](path)
+    # The model's vocab_size is its embedding's rows. It may exceed the tokenizer's (padding rows), never the other
+    # way round: the embedding would fail on the first id past its rows, mid-run.
+    rows = config.get("vocab_size")
+    if rows is not None and tok.vocab_size > rows:
+        raise TokenizerError(f"{path}: the {kind} tokenizer has {tok.vocab_size} token ids, more than the model's "
+                             f"vocab_size {rows} (config.json)")
 
     bos = config.get("bos_token_id")
     if bos is not None:
@@ -180,10 +195,11 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
     eos_ids = ([] if eos is None else eos if isinstance(eos, list) else [eos]) + tok.eos_ids
     eos_ids += [i for i in (tok.token_id(t) for t in EXTRA_STOP_TOKENS) if i is not None]
 
-    # A config that does not match the tokenizer would otherwise fail much later, mid-generation.
+    # A config that does not match the tokenizer would otherwise fail much later, mid-generation. Ids below the
+    # tokenizer's vocab_size are below the model's too (checked above).
     for name, i in [("bos_token_id", tok.bos_id)] + [("eos_token_id", i) for i in eos_ids]:
         if i is not None and not (type(i) is int and 0 <= i < tok.vocab_size):
-            raise TokenizerError(f"{ckpt}: {name} {i!r} is not a token id of this {kind} tokenizer "
+            raise TokenizerError(f"{path.parent}: {name} {i!r} is not a token id of this {kind} tokenizer "
                                  f"(vocab_size {tok.vocab_size})")
     tok.eos_ids = list(dict.fromkeys(eos_ids))
     return tok

@@ -138,6 +138,10 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     if not tokens or not merges:
         raise ConversionError("GGUF tokenizer lacks tokens or merges")
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    for key in ("bos", "eos", "eot"):  # ids of this list (the runtime refuses any other)
+        i = field(reader, f"tokenizer.ggml.{key}_token_id")
+        if i is not None and not 0 <= i < len(tokens):
+            raise ConversionError(f"tokenizer.ggml.{key}_token_id {i} is not a token id ({len(tokens)} tokens)")
 
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
                                merges=[tuple(m.split(" ")) for m in merges]))
@@ -193,6 +197,11 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     tokenizer = build_tokenizer(reader)
     state = read_weights(reader, cfg, dtype)
     cfg["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+    # Token ids are list positions; the embedding may have more rows (padding), not fewer
+    n_tokens = len(field(reader, "tokenizer.ggml.tokens"))
+    if n_tokens > cfg["vocab_size"]:
+        raise ConversionError(f"{path.name}: the tokenizer has {n_tokens} tokens, more than the model's vocab_size "
+                              f"{cfg['vocab_size']} (rows of token_embd.weight)")
     try:
         with torch.device("meta"):  # last check against the model itself, so the output always loads
             check_state_dict(Transformer(ModelArgs.from_hf_config(cfg)), state)

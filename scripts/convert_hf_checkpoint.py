@@ -22,6 +22,7 @@ import cli  # noqa: E402
 from checkpoint_io import permute_qk, save_checkpoint  # noqa: E402
 from model import (DTYPES, CheckpointError, ModelArgs, Transformer, check_state_dict, check_weights,  # noqa: E402
                    read_config)
+from tokenizer import TOKENIZER_CLASSES, load_tokenizer  # noqa: E402
 
 # Buffers older exporters saved; RoPE frequencies come from config.json instead.
 HARMLESS = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -140,6 +141,9 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
     config = read_config(checkpoint_dir / "config.json")
     args = ModelArgs.from_hf_config(config)
     kind, tok_files = find_tokenizer(checkpoint_dir)
+    # Loaded as the runtime will load it: a tokenizer with more ids than the model's vocab_size, or BOS/EOS ids it
+    # lacks, is refused now rather than by every later run
+    load_tokenizer(kind, tok_files[TOKENIZER_CLASSES[kind].file_name], config)
     try:
         hf = load_hf_weights(checkpoint_dir)
     except (CheckpointError, OSError):

@@ -201,6 +201,16 @@ def test_deterministic(tiny, tmp_path):
     assert json.loads(outs[0])["calibration"]["source"] == str(text)
 
 
+def test_tokenizer_past_the_embedding_is_refused(tmp_path):
+    from make_random_checkpoint import tokenizer_json
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", max_pos=64)  # 258 embedding rows
+    (ckpt.parent / "tokenizer.json").write_text(tokenizer_json(300))
+    code, _, err = run_main(["--checkpoint", ckpt, "--tokens", "64", "--seq_len", "64", "--device", "cpu", "--out",
+                             tmp_path / "t.json"])
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "has 300 token ids" in err and "vocab_size 258" in err, err
+
+
 @pytest.mark.parametrize("case", ["missing_text", "tokens_0", "text_too_short", "nan", "sparse_aware_tokens",
                                   "greedy_tokens", "plot_in_missing_folder", "out_is_a_folder", "device"])
 def test_errors(tiny, tmp_path, case):

@@ -19,6 +19,7 @@ import model  # noqa: E402
 import textdata  # noqa: E402
 from checkpoint_io import permute_qk  # noqa: E402
 from conftest import GGUF_PATH, needs_gguf, run_script  # noqa: E402
+from tokenizer import get_tokenizer  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")
@@ -180,19 +181,27 @@ def byte_alphabet() -> list:
     return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bool = False, extra=()) -> tuple:
+def tiny_tokens() -> list:
+    """write_tiny_gguf's token list: the bytes, one merge, an end token."""
+    return byte_alphabet() + ["\u0120t", "<|end|>"]
+
+
+def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bool = False, extra=(),
+                    rows: int = None, bos: int = None, eos: int = None) -> tuple:
     """A one-layer llama GGUF with every supported tensor type; ffn_length: the metadata's feed_forward_length
     (default: the tensors' own); n_head heads of 32 (with 4, head_dim != dim / n_head, stated in the metadata);
-    eot: an end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors.
-    Returns (tokens, specs, the unquantized weights)."""
+    eot: an end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors; rows: of the embedding and
+    output (default: one per token); bos: a BOS id, added to every prompt; eos (default: the end token). Returns
+    (tokens, specs, the unquantized weights)."""
     Q = gguf.GGMLQuantizationType
     dim, n_kv, head_dim, ffn = 64, 1, 32, 96
-    tokens = byte_alphabet() + ["\u0120t", "<|end|>"]
+    tokens = tiny_tokens()
+    rows = rows or len(tokens)
     rng = np.random.default_rng(0)
     # (GGUF name, our key, torch shape, type); quantized rows are multiples of 32 wide
-    specs = [("token_embd", "tok_embeddings", (len(tokens), dim), Q.Q8_0),
+    specs = [("token_embd", "tok_embeddings", (rows, dim), Q.Q8_0),
              ("output_norm", "norm", (dim,), Q.F32),
-             ("output", "output", (len(tokens), dim), Q.F16),
+             ("output", "output", (rows, dim), Q.F16),
              ("blk.0.attn_norm", "layers.0.attention_norm", (dim,), Q.F32),
              ("blk.0.ffn_norm", "layers.0.ffn_norm", (dim,), Q.F32),
              ("blk.0.attn_q", None, (n_head * head_dim, dim), Q.Q4_0),
@@ -212,9 +221,12 @@ def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bo
     w.add_token_list(tokens)
     w.add_token_types([1] * (len(tokens) - 1) + [3])
     w.add_token_merges(["\u0120 t"])
-    w.add_eos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1 if eos is None else eos)
     if eot:
         w.add_eot_token_id(len(tokens) - 2)
+    if bos is not None:
+        w.add_bos_token_id(bos)
+        w.add_add_bos_token(True)
     if n_head * head_dim != dim:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -268,6 +280,36 @@ def test_tiny_gguf_head_dim_and_end_of_turn(tmp_path):
     assert m.config.head_dim == 32 and m.layers[0].attention.wqkv.weight.shape == (4 * 32 + 2 * 32, 64)
     m.setup_caches(1, 8)
     assert torch.isfinite(m(torch.tensor([[1, 2, 3]]), torch.arange(3))).all()
+
+
+def test_tokenizer_against_the_embedding_rows(tmp_path):
+    """Padding rows past the tokens convert and run; fewer rows than tokens are refused, naming both sizes."""
+    n = len(tiny_tokens())
+    write_tiny_gguf(tmp_path / "padded.gguf", rows=n + 6)
+    out = tmp_path / "padded"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "padded.gguf"), "--out", str(out), "--dtype", "fp32"])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == n + 6
+    assert get_tokenizer(out).vocab_size == n
+    m = model.load_model(out / "model.pth", dtype=torch.float32)
+    m.setup_caches(1, 8)
+    assert torch.isfinite(m(torch.tensor([[1, n + 5]]), torch.arange(2))).all()
+
+    write_tiny_gguf(tmp_path / "short.gguf", rows=n - 2)
+    code, _, err = run_script("scripts/convert_gguf_checkpoint.py", ["--gguf", tmp_path / "short.gguf", "--out",
+                                                                     tmp_path / "short"])
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert f"has {n} tokens" in err and f"vocab_size {n - 2}" in err, err
+    assert not (tmp_path / "short").exists()
+
+
+@pytest.mark.parametrize("key", ["bos", "eos"])
+def test_special_token_past_the_tokens_is_refused(tmp_path, key):
+    # (the BOS template once indexed the token list with the id: an IndexError traceback)
+    write_tiny_gguf(tmp_path / "m.gguf", **{key: len(tiny_tokens()) + 3})
+    code, _, err = run_script("scripts/convert_gguf_checkpoint.py", ["--gguf", tmp_path / "m.gguf", "--out",
+                                                                     tmp_path / "out"])
+    assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert f"tokenizer.ggml.{key}_token_id" in err, err
 
 
 # ---- errors ------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """scripts/convert_hf_checkpoint.py: output folder layout, tokenizer detection, weight formats, and one clear
 `error:` line (non-zero exit, no traceback) for every bad input."""
+import base64
+import io
 import json
 import shutil
 import subprocess
@@ -18,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convert_hf_checkpoint  # noqa: E402
 import model  # noqa: E402
 from conftest import run_script  # noqa: E402
+from make_random_checkpoint import tokenizer_json  # noqa: E402
 from test_model import make_hf_model  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "convert_hf_checkpoint.py"
-SP_BYTES = b"\x0a\x0b\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02\x0a\x09\x0a\x03\xe2\x96\x81\x15\x00\x00\x80\xbf"
 TIKTOKEN_TEXT = "".join(f"{t} {i}\n" for i, t in enumerate(["IQ==", "Ig==", "Iw==", "JA==", "aGVsbG8=", "IHdvcmxk"]))
 
 
@@ -31,6 +33,22 @@ def hf_src(tmp_path_factory):
     d = tmp_path_factory.mktemp("src") / "hf"
     make_hf_model("llama", d)
     return d
+
+
+@pytest.fixture(scope="module")
+def sp_bytes() -> bytes:
+    """A small sentencepiece model (the converter loads the tokenizer it copies)."""
+    import sentencepiece as spm
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([f"the cat sat on mat {i}" for i in range(100)]),
+                                   model_writer=out, vocab_size=40, model_type="bpe",
+                                   normalization_rule_name="identity", minloglevel=2)
+    return out.getvalue()
+
+
+def tiktoken_file(n_ranks: int) -> bytes:
+    """Single-byte tokens ranked 0..n_ranks-1: with Meta's 256 special tokens, n_ranks + 256 ids."""
+    return b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(n_ranks))
 
 
 @pytest.fixture
@@ -131,13 +149,11 @@ def test_sharded_safetensors(tmp_path, capsys):
     assert rc != 0 and "shard" in err
 
 
-@pytest.mark.parametrize("where,content,kind", [
-    ("tokenizer.model", SP_BYTES, "sentencepiece"),
-    ("tokenizer.model", TIKTOKEN_TEXT.encode(), "tiktoken"),
-    ("original/tokenizer.model", TIKTOKEN_TEXT.encode(), "tiktoken"),
-    ("original/tokenizer.model", SP_BYTES, "sentencepiece"),
-])
-def test_tokenizer_model_detection(hf_dir, tmp_path, capsys, where, content, kind):
+@pytest.mark.parametrize("where,kind", [("tokenizer.model", "sentencepiece"), ("tokenizer.model", "tiktoken"),
+                                        ("original/tokenizer.model", "tiktoken"),
+                                        ("original/tokenizer.model", "sentencepiece")])
+def test_tokenizer_model_detection(hf_dir, tmp_path, capsys, sp_bytes, where, kind):
+    content = sp_bytes if kind == "sentencepiece" else TIKTOKEN_TEXT.encode()
     (hf_dir / "tokenizer.json").unlink()
     (hf_dir / where).parent.mkdir(exist_ok=True)
     (hf_dir / where).write_bytes(content)
@@ -145,6 +161,27 @@ def test_tokenizer_model_detection(hf_dir, tmp_path, capsys, where, content, kin
     assert rc == 0, err
     assert json.loads((tmp_path / "o" / "tealfast.json").read_text())["tokenizer"] == kind
     assert (tmp_path / "o" / "tokenizer.model").read_bytes() == content
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer.model"])
+def test_tokenizer_past_the_vocab_is_refused(hf_dir, tmp_path, name):
+    """The model has 300 embedding rows: a tokenizer of 300 ids converts (one of 258, with padding rows, is the
+    fixture's), one of 301 is refused before anything is written, naming both sizes."""
+    def write_tokenizer(n_ids):
+        (hf_dir / "tokenizer.json").unlink(missing_ok=True)
+        if name == "tokenizer.json":
+            (hf_dir / name).write_text(tokenizer_json(n_ids))
+        else:  # Llama-3's tiktoken file
+            (hf_dir / name).write_bytes(tiktoken_file(n_ids - 256))
+
+    write_tokenizer(300)
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "fits")
+    assert rc == 0, err
+    write_tokenizer(301)
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "has 301 token ids" in err and "vocab_size 300" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------
@@ -170,6 +207,8 @@ BAD_INPUTS = {
     "truncated safetensors": (_truncate, "weights"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
     "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer"),
+    # a padding row of the model's 300, but not one of the tokenizer's 258 ids
+    "eos past the tokenizer": (lambda d: edit_config(d, lambda c: c.update(eos_token_id=280)), "eos_token_id 280"),
     "folder missing": (lambda d: shutil.rmtree(d), "does not exist"),
 }
 

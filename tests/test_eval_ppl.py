@@ -135,6 +135,16 @@ def test_tiny_model_dense_needs_no_thresholds_and_short_text_is_refused(tmp_path
     assert code == 1 and "thresholds file not found" in err, err
 
 
+def test_tokenizer_past_the_embedding_is_refused(tmp_path):
+    from make_random_checkpoint import tokenizer_json
+    from test_generate import write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")  # 258 embedding rows
+    (ckpt.parent / "tokenizer.json").write_text(tokenizer_json(300))
+    code, err = run_main(["--checkpoint", ckpt, "--sparsity", "0", "--device", "cpu"])
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "has 300 token ids" in err and "vocab_size 258" in err, err
+
+
 @pytest.mark.parametrize("n_ids", [30, 33, 17, 9, 2])
 def test_perplexity_scores_every_window_whole(tmp_path, n_ids):
     """Against the model run on each window alone: the shorter last window must not cut the others in its batch

@@ -513,6 +513,17 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
     assert expect in line, line
 
 
+def test_tokenizer_past_the_embedding_is_refused(tmp_path):
+    """A hand-assembled folder: a tokenizer of 300 ids beside a model of 258 embedding rows would crash the
+    embedding at the first id past them; refused at load, naming both sizes."""
+    from make_random_checkpoint import tokenizer_json
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    (ckpt.parent / "tokenizer.json").write_text(tokenizer_json(300))
+    code, _, err = run_main(["--checkpoint", ckpt, *BASE])
+    line = assert_one_error(code, err)
+    assert "has 300 token ids" in line and "vocab_size 258" in line, line
+
+
 def test_bad_input_subprocess(tmp_path):
     """The same through a real interpreter: exit status 1, one `error:` line, no traceback."""
     ckpt = write_tiny_checkpoint(tmp_path / "nan", nan=True)

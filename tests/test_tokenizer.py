@@ -264,6 +264,32 @@ def test_ids_past_the_vocab_decode_to_nothing(tmp_path, hf_json, sp_model, tikto
         assert tok.decode(ids[:1] + [tok.vocab_size, tok.vocab_size + 7] + ids[1:]) == tok.decode(ids) != "", kind
 
 
+# ---------------------------------------------------------------- the tokenizer against the model's vocab_size
+
+@pytest.mark.parametrize("kind", ["hf", "sentencepiece", "tiktoken"])
+def test_vocab_past_the_model_is_refused(tmp_path, hf_json, sp_model, tiktoken_ranks, kind):
+    """config.json's vocab_size is the model's embedding rows: padding rows past the tokenizer are fine, a token id
+    past the rows is refused at load, naming both sizes. Sizes as the trainers made them (1000, 800) and as
+    Meta's layout has it (ranks, then 256 special tokens)."""
+    name, data, n = {"hf": ("tokenizer.json", hf_json.read_bytes(), 1000),
+                     "sentencepiece": ("tokenizer.model", sp_model, 800),
+                     "tiktoken": ("tokenizer.model", ranks_file(tiktoken_ranks), len(tiktoken_ranks) + 256)}[kind]
+    for rows in (n, n + 64):
+        assert get_tokenizer(write_checkpoint(tmp_path / str(rows), kind, {"vocab_size": rows}, {name: data}))
+    msg = error_message(write_checkpoint(tmp_path / "short", kind, {"vocab_size": n - 1}, {name: data}))
+    assert f"has {n} token ids" in msg and f"vocab_size {n - 1}" in msg, msg
+
+
+def test_hf_vocab_size_is_one_past_the_largest_id(tmp_path):
+    """A tokenizer.json whose vocab skips ids encodes past its token count: its size is the largest id + 1."""
+    from tokenizers import Tokenizer as HFTok, models
+    HFTok(models.BPE(vocab={"a": 0, "b": 1, "c": 5}, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    data = {"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()}
+    tok = get_tokenizer(write_checkpoint(tmp_path / "fits", "hf", {"vocab_size": 6}, data))
+    assert tok.encode("c") == [5] and tok.vocab_size == 6
+    assert "has 6 token ids" in error_message(write_checkpoint(tmp_path / "short", "hf", {"vocab_size": 5}, data))
+
+
 # ---------------------------------------------------------------- errors
 
 def error_message(ckpt) -> str:
