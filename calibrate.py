@@ -199,7 +199,8 @@ def parse_args(argv=None):
     p.add_argument("--text_column", default="text", help="column holding the text in --dataset_file")
     p.add_argument("--tokens", type=cli.at_least(1), default=16384,
                    help="calibration tokens (rounded down to whole --seq_len windows)")
-    p.add_argument("--seq_len", type=cli.at_least(2), default=512, help="tokens per forward pass")
+    p.add_argument("--seq_len", type=cli.at_least(2), default=None,
+                   help=f"tokens per forward pass {cli.SEQ_LEN_DEFAULT}")
     p.add_argument("--samples", type=cli.at_least(1000), default=500_000,
                    help="scores sampled per layer and projection for the quantiles")
     p.add_argument("--score", choices=thr_file.SCORES, default="magnitude",
@@ -225,13 +226,18 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the score sampling and the greedy search")
     args = p.parse_args(argv)
     args.dtype = args.dtype or cli.default_dtype(args.device)
-    for flag, used in (("tokens", True), ("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
-        if used and getattr(args, flag) < args.seq_len:
-            p.error(f"--{flag} must be at least --seq_len ({args.seq_len})")
     lv = args.sparse_aware_levels
     if not all(a < b for a, b in zip([0.0] + lv, lv)) or lv[-1] >= 1:
         p.error("--sparse_aware_levels must increase within (0, 1)")
     return args
+
+
+def set_seq_len(args, context: int) -> None:
+    """args.seq_len for a model of this context (cli.seq_len); each token budget must hold one window of it."""
+    args.seq_len = cli.seq_len(args.seq_len, context)
+    for flag, used in (("tokens", True), ("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
+        if used and getattr(args, flag) < args.seq_len:
+            raise ValueError(f"--{flag} must be at least --seq_len ({args.seq_len})")
 
 
 def main(argv=None) -> None:
@@ -239,6 +245,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    set_seq_len(args, model.config.block_size)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     ids, source = calibration_tokens(args, tokenizer)
     t = time.perf_counter()

@@ -1,7 +1,8 @@
 """Argument types shared by the command lines (generate.py, calibrate.py, scripts/).
 
 Each turns a bad value into argparse's one-line usage error (exit status 2) while the arguments are parsed, so
-nothing is loaded, computed or half-written before the user hears about it.
+nothing is loaded, computed or half-written before the user hears about it. --seq_len, bounded by the model's
+context, is settled once the model is loaded (seq_len).
 """
 import argparse
 import math
@@ -59,6 +60,20 @@ def default_dtype(device_name: str) -> str:
 
 
 DTYPE_HELP = "weight and activation dtype (default: bf16 on a GPU, fp32 on a CPU, where bf16 is many times slower)"
+
+
+SEQ_LEN = 512  # default --seq_len of calibrate.py and eval_ppl.py, where the model's context is as long
+SEQ_LEN_DEFAULT = f"(default: {SEQ_LEN}, or the model's context where shorter)"
+
+
+def seq_len(requested, context: int) -> int:
+    """--seq_len once the model is loaded: SEQ_LEN cut to the model's context when not given (None); as given when
+    the context holds it."""
+    if requested is None:
+        return min(SEQ_LEN, context)
+    if requested > context:
+        raise ValueError(f"--seq_len {requested} exceeds the model's context of {context} tokens")
+    return requested
 
 
 def _number(s: str) -> float:

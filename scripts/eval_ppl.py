@@ -94,7 +94,7 @@ def parse_args(argv=None):
                    help="built-in text when no --text: the held-out part of pydoc_data.topics, or docstrings of "
                         "stdlib modules (a second text the calibration never saw)")
     p.add_argument("--max_tokens", type=cli.at_least(2), default=None, help="evaluate only the first N tokens")
-    p.add_argument("--seq_len", type=cli.at_least(2), default=512, help="window length")
+    p.add_argument("--seq_len", type=cli.at_least(2), default=None, help=f"window length {cli.SEQ_LEN_DEFAULT}")
     p.add_argument("--thresholds", type=Path, help="magnitude thresholds JSON (default: beside the checkpoint)")
     p.add_argument("--weighted_thresholds", type=Path,
                    help="weighted-score thresholds JSON (default: thresholds_weighted.json beside the checkpoint)")
@@ -113,6 +113,7 @@ def parse_args(argv=None):
 def main(argv=None) -> list:
     args = parse_args(argv)
     model = load_model(args.checkpoint, device=torch.device(args.device), dtype=DTYPES[args.dtype])
+    args.seq_len = cli.seq_len(args.seq_len, model.config.block_size)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     if args.text:
         text, source = textdata.read_text_file(args.text), str(args.text)

@@ -201,6 +201,24 @@ def test_deterministic(tiny, tmp_path):
     assert json.loads(outs[0])["calibration"]["source"] == str(text)
 
 
+def test_seq_len_follows_the_model_context(tiny, tmp_path):
+    """Without --seq_len, windows of 512 tokens cut to the tiny model's context of 64: --tokens 200 calibrates on
+    three of them. A --seq_len past the context is refused, naming the flag and the context."""
+    ckpt, text = tiny
+    base = ["--checkpoint", ckpt, "--text", text, "--tokens", "200", "--samples", "2000", "--dtype", "fp32",
+            "--device", "cpu"]
+    code, _, err = run_main([*base, "--out", tmp_path / "t.json"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "t.json").read_text())["calibration"]["tokens"] == 3 * 64
+    code, _, err = run_main([*base, "--seq_len", "65", "--out", tmp_path / "u.json"])
+    assert code == 1 and err.strip().splitlines() == [err.strip()], err
+    assert "--seq_len 65" in err and "context of 64" in err, err
+    assert not (tmp_path / "u.json").exists()
+    code, out, _ = run_main(["--help"])
+    assert code == 0 and "tokens per forward pass (default: 512, or the model's context where shorter)" in \
+        " ".join(out.split())
+
+
 def test_tokenizer_past_the_embedding_is_refused(tmp_path):
     from make_random_checkpoint import tokenizer_json
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt", max_pos=64)  # 258 embedding rows
@@ -216,9 +234,9 @@ def test_tokenizer_past_the_embedding_is_refused(tmp_path):
 def test_errors(tiny, tmp_path, case):
     ckpt, text = tiny
     args, exit_code = ["--tokens", "256", "--seq_len", "64"], 1
-    if case in ("sparse_aware_tokens", "greedy_tokens"):  # fewer than one window: refused before the work
+    if case in ("sparse_aware_tokens", "greedy_tokens"):  # fewer than one window: refused on load, before the work
         flag = case.split("_tokens")[0]
-        args, exit_code = args + ["--text", text, f"--{flag}", f"--{case}", "10"], 2
+        args += ["--text", text, f"--{flag}", f"--{case}", "10"]
     elif case == "plot_in_missing_folder":
         args, exit_code = args + ["--text", text, "--plot", tmp_path / "no" / "p.png"], 2
     elif case == "out_is_a_folder":

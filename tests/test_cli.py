@@ -1,4 +1,5 @@
-"""cli.py: the argument types turn bad values into argparse's one-line usage error (exit status 2)."""
+"""cli.py: the argument types turn bad values into argparse's one-line usage error (exit status 2); --seq_len
+against the model's context."""
 import argparse
 
 import pytest
@@ -85,3 +86,11 @@ def test_run_ends_with_one_line(exc, capsys):
         cli.run(main)
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_seq_len():
+    """--seq_len of calibrate.py and eval_ppl.py: 512, or the whole context where shorter; never past the context."""
+    assert cli.seq_len(None, 8192) == 512 and cli.seq_len(None, 64) == 64
+    assert cli.seq_len(2048, 8192) == 2048 and cli.seq_len(64, 64) == 64
+    with pytest.raises(ValueError, match=r"--seq_len 65 exceeds the model's context of 64 tokens"):
+        cli.seq_len(65, 64)

@@ -135,6 +135,26 @@ def test_tiny_model_dense_needs_no_thresholds_and_short_text_is_refused(tmp_path
     assert code == 1 and "thresholds file not found" in err, err
 
 
+def test_seq_len_follows_the_model_context(tmp_path):
+    """Without --seq_len, windows of 512 tokens cut to the tiny model's context of 32; a --seq_len past the context
+    is refused, naming the flag and the context."""
+    from test_generate import write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")  # context 32
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    base = ["--checkpoint", ckpt, "--sparsity", "0", "--text", tmp_path / "some.txt", "--device", "cpu"]
+    code, err = run_main([*base, "--json", tmp_path / "r.json"])
+    assert code == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    n = data["tokens"]
+    assert n > 64 and data["seq_len"] == 32
+    assert data["predicted"] == n - math.ceil(n / 32)  # every token but each 32-token window's first
+    code, err = run_main([*base, "--seq_len", "33"])
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "--seq_len 33" in err and "context of 32" in err, err
+    code, out, _ = run_script("scripts/eval_ppl.py", ["--help"])
+    assert code == 0 and "window length (default: 512, or the model's context where shorter)" in " ".join(out.split())
+
+
 def test_tokenizer_past_the_embedding_is_refused(tmp_path):
     from make_random_checkpoint import tokenizer_json
     from test_generate import write_tiny_checkpoint
