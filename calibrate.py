@@ -143,7 +143,9 @@ def sparse_aware(model: Transformer, ids: list, seq_len: int, table: torch.Tenso
     The table holds quantiles of dense activations; under sparse decode each layer sees the sparse layers before it,
     and the o and down inputs drift above the requested level. Per anchor: run the model sparse (every token masked
     as decode masks it), measure each projection's dropped fraction, and move that projection's quantile level by
-    the miss; `iters` rounds.
+    the miss; `iters` rounds. Each anchor is corrected on its own sparse model, so anchors closer than the
+    correction's noise could cross: a projection's threshold at an anchor is raised to its threshold at the anchor
+    before (thresholds.load refuses thresholds that fall as the sparsity rises).
     """
     levels = torch.tensor(LEVELS, dtype=torch.float64)
     n_layer = table.shape[0]
@@ -163,7 +165,7 @@ def sparse_aware(model: Transformer, ids: list, seq_len: int, table: torch.Tenso
                 stats = model.pop_stats()
                 lev = (lev + s - stats[..., 0] / stats[..., 1]).clamp(0.0, LEVELS[-1])
             out.append(thr_file.interp(levels, table, lev))
-    return torch.stack(out, dim=-1)
+    return torch.stack(out, dim=-1).cummax(dim=-1).values
 
 
 def plot(rec: InputRecorder, path: Path, title: str) -> None:

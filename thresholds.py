@@ -1,7 +1,8 @@
-"""The thresholds JSON written by calibrate.py and read by generate.py / eval_ppl.py (schema version 1).
+"""The thresholds JSON written by calibrate.py and read by generate.py / eval_ppl.py (schema version 2).
 
-    {"schema_version": 1,
-     "model": {"n_layer", "dim", "intermediate_size", "n_head", "n_local_heads", "head_dim"},
+    {"schema_version": 2,
+     "model": {"n_layer", "dim", "intermediate_size", "n_head", "n_local_heads", "head_dim", "vocab_size",
+               "rope_base"},                       # the fingerprint: a file loads only for a model that matches it
      "calibration": {"source": str, "tokens": int, "score": "magnitude" | "weighted"},
      "levels": [0.0, 0.005, ..., 0.999],                # sparsity grid
      "layers": [{"q": [t at each level], "k": [...], "v", "o", "gate", "up", "down"}, ...],
@@ -11,10 +12,13 @@
     }
 
 layers[l][p][i] is the levels[i]-quantile of projection p's input score in layer l on the calibration text:
-zeroing entries at or below it drops that fraction of them. Any sparsity in [0, 1) is interpolated.
+zeroing entries at or below it drops that fraction of them, so it never decreases along the levels (the cats and
+sparse_aware thresholds and the greedy sparsities neither). Any sparsity in [0, 1) is interpolated.
 "greedy" (calibrate.py --greedy) holds, for each parameter-weighted block sparsity, each projection's own level.
 "sparse_aware" (calibrate.py --sparse_aware) holds uniform thresholds corrected on the sparse model's own
 activations; uniform sparsities up to its last level use it.
+Version 1 had no vocab_size or rope_base in the fingerprint (Mistral-7B and Llama-3-8B share all the shapes); its
+files are refused: re-run calibrate.py.
 """
 import json
 from pathlib import Path
@@ -23,13 +27,14 @@ import torch
 
 from model import PROJECTIONS, CheckpointError, ModelArgs
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCORES = ("magnitude", "weighted")
 
 
 def model_fingerprint(c: ModelArgs) -> dict:
     return dict(n_layer=c.n_layer, dim=c.dim, intermediate_size=c.intermediate_size, n_head=c.n_head,
-                n_local_heads=c.n_local_heads, head_dim=c.head_dim)
+                n_local_heads=c.n_local_heads, head_dim=c.head_dim, vocab_size=c.vocab_size,
+                rope_base=float(c.rope_base))
 
 
 def default_path(checkpoint_path, score: str = "magnitude") -> Path:
@@ -58,12 +63,6 @@ def save(path, config: ModelArgs, levels: list, table: torch.Tensor, source: str
     Path(path).write_text(json.dumps(data))
 
 
-def _require(ok) -> None:
-    """A section's consistency check: raises inside load's try blocks (an assert would vanish under python -O)."""
-    if not ok:
-        raise ValueError
-
-
 def load(path, config: ModelArgs) -> dict:
     """Read and validate a thresholds file against the model; CheckpointError with one line on any problem."""
     path = Path(path)
@@ -75,25 +74,28 @@ def load(path, config: ModelArgs) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt thresholds file {path}: {e}") from None
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(f"{path}: unsupported schema_version {data.get('schema_version') if isinstance(data, dict) else None!r}"
-                              f" (expected {SCHEMA_VERSION})")
-    if data.get("model") != model_fingerprint(config):
-        raise CheckpointError(f"{path} was calibrated for another model: {data.get('model')} != {model_fingerprint(config)}")
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if type(version) is int and 1 <= version < SCHEMA_VERSION:  # type: a JSON true equals 1 but is no version
+        raise CheckpointError(f"{path} has an older schema (version {version}, this runtime reads {SCHEMA_VERSION}): "
+                              f"re-run calibrate.py")
+    if version != SCHEMA_VERSION:
+        raise CheckpointError(f"{path}: unsupported schema_version {version!r} (expected {SCHEMA_VERSION})")
+    _check_fingerprint(data.get("model"), model_fingerprint(config), path)
     try:
         levels = data["levels"]
-        table = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in data["layers"]], dtype=torch.float64)
+        rows = [[layer[p] for p in PROJECTIONS] for layer in data["layers"]]
         score = data["calibration"]["score"]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"malformed thresholds file {path}: {type(e).__name__} {e}") from None
-    if not isinstance(levels, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels):
-        raise CheckpointError(f"{path}: levels must be a list of numbers")
-    n = len(levels)
-    if n < 2 or not _increasing(torch.tensor(levels, dtype=torch.float64), 0.0):
+    levels = _numbers(levels, path, "levels")
+    if not _increasing(levels, 0.0) or len(levels) < 2:
         raise CheckpointError(f"{path}: levels must increase from 0 and stay below 1")
+    n = len(levels)
+    table = _numbers(rows, path, "threshold table")
     if table.shape != (config.n_layer, len(PROJECTIONS), n) or not torch.isfinite(table).all() or (table < 0).any():
         raise CheckpointError(f"{path}: threshold table has shape {tuple(table.shape)} or bad values; "
                               f"expected ({config.n_layer}, {len(PROJECTIONS)}, {n}) finite and >= 0")
+    _check_non_decreasing(table, levels, path, "thresholds")
     if score not in SCORES:
         raise CheckpointError(f"{path}: unknown score {score!r}")
     greedy = data.get("greedy")
@@ -101,34 +103,75 @@ def load(path, config: ModelArgs) -> dict:
         g_levels, g = _section(greedy, config, path, "greedy", lowest=0.0)
         if not ((g >= 0) & (g < 1)).all():
             raise CheckpointError(f"{path}: malformed greedy section: sparsities outside [0, 1)")
+        # greedy.search only ever raises a projection's sparsity as the block sparsity grows
+        _check_non_decreasing(g, g_levels, path, "greedy sparsities")
         greedy = {"levels": g_levels, "table": g}
     cats = data.get("cats")
     if cats is not None:
-        try:
-            cats = torch.tensor(cats, dtype=torch.float64)
-            _require(cats.shape == (config.n_layer, n) and torch.isfinite(cats).all())
-        except Exception:
-            raise CheckpointError(f"{path}: malformed cats section") from None
+        cats = _numbers(cats, path, "cats section")
+        if cats.shape != (config.n_layer, n) or not torch.isfinite(cats).all():
+            raise CheckpointError(f"{path}: malformed cats section: shape {tuple(cats.shape)} or non-finite values; "
+                                  f"expected ({config.n_layer}, {n})")
+        _check_non_decreasing(cats, levels, path, "cats thresholds")
     sa = data.get("sparse_aware")
     if sa is not None:  # levels above 0; a threshold at each
         sa_levels, sa_table = _section(sa, config, path, "sparse_aware", lowest=None)
         if not (torch.isfinite(sa_table).all() and (sa_table >= 0).all()):
             raise CheckpointError(f"{path}: malformed sparse_aware section: thresholds not finite and >= 0")
-        # level 0 keeps everything: threshold 0
+        # level 0 keeps everything: threshold 0, at most every stored one
         sa = {"levels": torch.cat([torch.zeros(1, dtype=torch.float64), sa_levels]),
               "table": torch.cat([torch.zeros(config.n_layer, len(PROJECTIONS), 1, dtype=torch.float64), sa_table], -1)}
-    return {"levels": torch.tensor(levels, dtype=torch.float64), "table": table, "score": score, "greedy": greedy,
-            "cats": cats, "sparse_aware": sa, "path": str(path)}
+        _check_non_decreasing(sa["table"], sa["levels"], path, "sparse_aware thresholds")
+    return {"levels": levels, "table": table, "score": score, "greedy": greedy, "cats": cats, "sparse_aware": sa,
+            "path": str(path)}
+
+
+def _check_fingerprint(got, want: dict, path: Path) -> None:
+    """The file's model fingerprint against the model's; the error names each field that differs."""
+    if not isinstance(got, dict):
+        raise CheckpointError(f"malformed thresholds file {path}: no model fingerprint")
+    keys = list(want) + [k for k in got if k not in want]
+    diff = [f"{k} {got.get(k, '(absent)')} != {want.get(k, '(absent)')}" for k in keys
+            if k not in got or k not in want or got[k] != want[k]]
+    if diff:
+        raise CheckpointError(f"{path} was calibrated for another model (its value, then this model's): "
+                              f"{', '.join(diff)}")
+
+
+def _numbers(x, path: Path, what: str) -> torch.Tensor:
+    """Nested JSON lists of numbers as a float64 tensor. true/false are refused: torch.tensor would read 1 and 0."""
+    def leaves(v):
+        return [u for w in v for u in leaves(w)] if isinstance(v, list) else [v]
+    error = CheckpointError(f"{path}: {what} must hold numbers only (no strings, true/false or ragged lists)")
+    if any(isinstance(v, bool) for v in leaves(x)):
+        raise error
+    try:
+        return torch.tensor(x, dtype=torch.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise error from None
+
+
+def _check_non_decreasing(values: torch.Tensor, levels: torch.Tensor, path: Path, what: str) -> None:
+    """values (n_layer, [7,] len(levels)) may stay level from one level to the next (quantiles tie) but never fall;
+    the error names the first place where they do."""
+    falls = (values[..., 1:] < values[..., :-1]).nonzero()
+    if len(falls):
+        where = falls[0].tolist()
+        name = f"layer {where[0]}" + (f" {PROJECTIONS[where[1]]}" if len(where) == 3 else "")
+        raise CheckpointError(f"{path}: {what} fall from level {levels[where[-1]]:g} to {levels[where[-1] + 1]:g} "
+                              f"({name}); they must not decrease as the sparsity rises")
 
 
 def _section(sec, config: ModelArgs, path: Path, name: str, lowest) -> tuple:
     """An optional section {"levels": [...], "layers": [{projection: [value at each level]}, ...]} as (levels,
     table) tensors. Its levels increase and stay below 1, starting at `lowest` (or above 0 where None)."""
     try:
-        levels = torch.tensor(sec["levels"], dtype=torch.float64)
-        table = torch.tensor([[layer[p] for p in PROJECTIONS] for layer in sec["layers"]], dtype=torch.float64)
-    except Exception:
-        raise CheckpointError(f"{path}: malformed {name} section (levels and layers must hold numbers)") from None
+        levels = sec["levels"]
+        rows = [[layer[p] for p in PROJECTIONS] for layer in sec["layers"]]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path}: malformed {name} section (it needs levels and layers)") from None
+    levels = _numbers(levels, path, f"{name} section's levels")
+    table = _numbers(rows, path, f"{name} section's table")
     if not _increasing(levels, lowest):
         start = f"from {lowest}" if lowest is not None else "above 0"
         raise CheckpointError(f"{path}: malformed {name} section: levels must increase {start} and stay below 1")

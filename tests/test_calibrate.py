@@ -184,6 +184,24 @@ def test_record_against_quantiles_of_the_inputs(score):
                 assert err < 0.03, (l, PROJECTIONS[p], err)
 
 
+def test_sparse_aware_thresholds_never_fall():
+    """Anchors closer than the correction's noise: each anchor corrected on its own (one call per anchor) crosses
+    its neighbours somewhere; together, each threshold is the running maximum of those, so none falls."""
+    from test_generate import TINY, tiny_model
+    m = tiny_model(seed=3)
+    ids = torch.randint(0, TINY["vocab_size"], (128,), generator=torch.Generator().manual_seed(5)).tolist()
+    table, _, _ = calibrate.record(m, ids, 32, "magnitude", 200_000, "cpu", progress=False)
+    anchors = [0.3, 0.301, 0.302, 0.303]
+    alone = torch.cat([calibrate.sparse_aware(m, ids, 32, table, [a], "magnitude", "cpu", progress=False)
+                       for a in anchors], dim=-1)
+    assert (alone[..., 1:] < alone[..., :-1]).any()  # the case this test is about
+    want = alone.clone()
+    for i in range(1, len(anchors)):
+        want[..., i] = torch.maximum(want[..., i], want[..., i - 1])
+    together = calibrate.sparse_aware(m, ids, 32, table, anchors, "magnitude", "cpu", progress=False)
+    assert torch.equal(together, want)
+
+
 def test_deterministic(tiny, tmp_path):
     ckpt, text = tiny
     outs = []

@@ -62,6 +62,21 @@ def test_round_trip(saved):
     assert data["schema_version"] == thresholds.SCHEMA_VERSION
     assert data["calibration"] == {"source": "unit test", "tokens": 1234, "score": "magnitude"}
     assert [list(layer) for layer in data["layers"]] == [list(PROJECTIONS)] * ARGS.n_layer
+    assert data["model"] == {"n_layer": 2, "dim": 64, "intermediate_size": 128, "n_head": 4, "n_local_heads": 2,
+                             "head_dim": 16, "vocab_size": 256, "rope_base": 10000.0}
+
+
+def test_fingerprint_is_plain_json(tmp_path):
+    """A Llama-3 rope_base is written as a JSON number (no NaN/Infinity extensions) and read back exactly."""
+    config = ModelArgs(**{**ARGS.__dict__, "rope_base": 500000.0, "vocab_size": 128256})
+    path = tmp_path / "t.json"
+    thresholds.save(path, config, LEVELS, random_table(), "x", 1, "magnitude")
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+    model = json.loads(path.read_text(), parse_constant=no_constants)["model"]
+    assert model["rope_base"] == 500000.0 and type(model["rope_base"]) is float and model["vocab_size"] == 128256
+    thresholds.load(path, config)
 
 
 def test_round_trip_cats_and_weighted(tmp_path):
@@ -113,13 +128,31 @@ def test_interpolation_monotone(saved):
 
 @pytest.mark.parametrize("other", [
     dict(n_layer=3), dict(dim=128), dict(intermediate_size=256), dict(n_head=8), dict(n_local_heads=4),
-    dict(head_dim=32),
+    dict(head_dim=32), dict(vocab_size=32000), dict(rope_base=500000.0),
+    dict(vocab_size=32000, rope_base=1000000.0),  # Mistral-7B against Llama-3-8B: the same shapes
 ])
 def test_other_model(saved, other):
     path, _ = saved
     config = ModelArgs(**{**ARGS.__dict__, **other})
     msg = load_error(path, config)
     assert "another model" in msg
+    # each differing field named with the file's value and the model's, and no other field
+    for key, value in other.items():
+        assert f"{key} {getattr(ARGS, key)} != {value}" in msg, msg
+    assert msg.count("!=") == len(other), msg
+
+
+def test_fingerprint_field_missing_or_extra(saved):
+    path, _ = saved
+    data = json.loads(path.read_text())
+    fingerprint = dict(data["model"])
+    del fingerprint["rope_base"]
+    rewrite(path, model=fingerprint)
+    assert "rope_base (absent) != 10000.0" in load_error(path)
+    rewrite(path, model={**data["model"], "sliding_window": 4096})
+    assert "sliding_window 4096 != (absent)" in load_error(path)
+    rewrite(path, model=None)
+    assert "fingerprint" in load_error(path)
 
 
 def test_missing_file(tmp_path):
@@ -135,11 +168,21 @@ def test_corrupt_json(tmp_path, content):
     assert "corrupt" in load_error(path)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "2", None, True])
 def test_wrong_schema_version(saved, version):
     path, _ = saved
     rewrite(path, schema_version=version)
-    assert "schema_version" in load_error(path)
+    assert "unsupported schema_version" in load_error(path)
+
+
+def test_older_schema_asks_to_recalibrate(saved):
+    """A version-1 file (its fingerprint without vocab_size and rope_base) is refused, and says what to do."""
+    path, _ = saved
+    data = json.loads(path.read_text())
+    old = {k: v for k, v in data["model"].items() if k not in ("vocab_size", "rope_base")}
+    rewrite(path, schema_version=1, model=old)
+    msg = load_error(path)
+    assert "older schema" in msg and "version 1" in msg and "re-run calibrate.py" in msg, msg
 
 
 @pytest.mark.parametrize("content", ["[]", "3", '"text"', "null"])
@@ -187,6 +230,93 @@ def test_bad_threshold_values(saved, bad):
     data["layers"][1]["o"][3] = bad
     path.write_text(json.dumps(data))  # json writes NaN / Infinity, which json.loads reads back
     assert "finite" in load_error(path)
+
+
+def falling_entry(shape, seed) -> tuple:
+    """A random index into a (..., levels) table where a value is made to fall below the one before: at level 2 or
+    above, since the tables hold 0 at level 0 and nothing can fall below a 0 at level 1."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(int(torch.randint(lo, n, (1,), generator=g)) for lo, n in zip([0] * (len(shape) - 1) + [2], shape))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_thresholds_falling_along_the_levels(tmp_path, seed):
+    """Each threshold is a quantile of one distribution: a file where one falls below the level before is refused,
+    naming where; an equal neighbour (a tie between quantiles) loads."""
+    table = random_table(seed=seed + 10)
+    l, p, i = falling_entry(table.shape, seed)
+    path = tmp_path / "t.json"
+    tied = table.clone()
+    tied[l, p, i] = tied[l, p, i - 1]
+    thresholds.save(path, ARGS, LEVELS, tied, "x", 1, "magnitude")
+    loaded = thresholds.load(path, ARGS)["table"]
+    assert loaded[l, p, i] == loaded[l, p, i - 1] > 0
+    fallen = table.clone()
+    fallen[l, p, i] = fallen[l, p, i - 1] * 0.9
+    thresholds.save(path, ARGS, LEVELS, fallen, "x", 1, "magnitude")
+    msg = load_error(path)
+    assert f"fall from level {LEVELS[i - 1]:g} to {LEVELS[i]:g} (layer {l} {PROJECTIONS[p]})" in msg, msg
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sections_falling_along_the_levels(tmp_path, seed):
+    """cats and sparse_aware thresholds and greedy sparsities never fall along their levels either."""
+    path = tmp_path / "t.json"
+    cats = random_table(seed=seed)[:, 0]
+    l, i = falling_entry(cats.shape, seed)
+    cats[l, i] = cats[l, i - 1] / 2
+    thresholds.save(path, ARGS, LEVELS, random_table(), "x", 1, "magnitude", cats=cats)
+    assert f"cats thresholds fall from level {LEVELS[i - 1]:g} to {LEVELS[i]:g} (layer {l})" in load_error(path)
+
+    sa_levels = [0.25, 0.5, 0.75]
+    sa = random_table(levels=sa_levels, seed=seed)
+    l, p, i = falling_entry(sa.shape, seed)
+    sa[l, p, i] = sa[l, p, i - 1] / 2
+    thresholds.save(path, ARGS, LEVELS, random_table(), "x", 1, "magnitude",
+                    sparse_aware={"levels": sa_levels, "table": sa})
+    msg = load_error(path)
+    assert f"sparse_aware thresholds fall from level {sa_levels[i - 1]:g} to {sa_levels[i]:g} " \
+           f"(layer {l} {PROJECTIONS[p]})" in msg, msg
+
+    g_levels = [0.0, 0.3, 0.6]
+    g = random_table(levels=g_levels, seed=seed) / 10  # sparsities from 0, below 1
+    l, p, i = falling_entry(g.shape, seed)
+    g[l, p, i] = g[l, p, i - 1] / 2
+    greedy = {"levels": g_levels, "layers": [{q: g[layer, j].tolist() for j, q in enumerate(PROJECTIONS)}
+                                             for layer in range(ARGS.n_layer)]}
+    thresholds.save(path, ARGS, LEVELS, random_table(), "x", 1, "magnitude", greedy=greedy)
+    msg = load_error(path)
+    assert f"greedy sparsities fall from level {g_levels[i - 1]:g} to {g_levels[i]:g} " \
+           f"(layer {l} {PROJECTIONS[p]})" in msg, msg
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("where, named", [
+    ("layers", "threshold table"), ("cats", "cats section"), ("greedy", "greedy section's table"),
+    ("greedy levels", "greedy section's levels"), ("sparse_aware", "sparse_aware section's table")])
+def test_booleans_are_not_numbers(tmp_path, value, where, named):
+    """JSON true/false inside a table (torch.tensor would read 1 and 0) is refused, in every section."""
+    g = torch.Generator().manual_seed(len(where) + value)
+    l, p = int(torch.randint(ARGS.n_layer, (1,), generator=g)), PROJECTIONS[int(torch.randint(7, (1,), generator=g))]
+    path = tmp_path / "t.json"
+    greedy = {"levels": [0.0, 0.5], "layers": [{q: [0.0, 0.5] for q in PROJECTIONS} for _ in range(ARGS.n_layer)]}
+    thresholds.save(path, ARGS, LEVELS, random_table(), "x", 1, "magnitude", greedy=greedy, cats=random_table()[:, 0],
+                    sparse_aware={"levels": [0.25, 0.5], "table": random_table(levels=[0.1, 0.2], seed=3)})
+    thresholds.load(path, ARGS)  # as saved: valid
+    data = json.loads(path.read_text())
+    if where == "layers":
+        data["layers"][l][p][-1] = value
+    elif where == "cats":
+        data["cats"][l][-1] = value
+    elif where == "greedy":
+        data["greedy"]["layers"][l][p][0] = value  # false here equals the 0.0 it replaces
+    elif where == "greedy levels":
+        data["greedy"]["levels"][0] = value
+    else:
+        data["sparse_aware"]["layers"][l][p][-1] = value
+    path.write_text(json.dumps(data))
+    msg = load_error(path)
+    assert "numbers only" in msg and named in msg, msg
 
 
 def test_unknown_score(saved):
