@@ -20,7 +20,7 @@ from tqdm import tqdm
 import cli
 import textdata
 import thresholds as thr_file
-from model import DTYPES, PROJECTIONS, Transformer, load_model, restored
+from model import DTYPES, PROJECTIONS, Transformer, load_config, load_model, restored
 from tokenizer import get_tokenizer
 
 LEVELS = [i / 200 for i in range(200)] + [0.999]  # sparsity grid: 0, 0.005, ..., 0.995, 0.999
@@ -246,10 +246,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
-    set_seq_len(args, model.config.block_size)
+    config = load_config(args.checkpoint)  # flags and text checked against it before the weights load
+    set_seq_len(args, config.block_size)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     ids, source = calibration_tokens(args, tokenizer)
+    model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     t = time.perf_counter()
     table, n_tokens, rec = record(model, ids, args.seq_len, args.score, args.samples, device, seed=args.seed)
     greedy = None

@@ -19,7 +19,7 @@ from torch import Tensor
 import cli
 import sparse_ops
 import thresholds as thr_file
-from model import DTYPES, PROJECTIONS, Transformer, load_model, model_bytes, restored
+from model import DTYPES, PROJECTIONS, ModelArgs, Transformer, load_config, load_model, model_bytes, restored
 from tokenizer import get_tokenizer
 
 
@@ -104,21 +104,16 @@ def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor) -> Tenso
     return torch.stack([c[:, 0] / c[:, 1], c[:, 2] / c[:, 3]]).float()
 
 
-def setup_sparsity(model: Transformer, args) -> Optional[dict]:
+def load_calibration(config: ModelArgs, args) -> Optional[dict]:
     """The calibration in use, or None for the dense path (--sparsity 0 without --sparse_prefill). A thresholds
     file or greedy allocation named at --sparsity 0 is still checked, so a sweep that starts dense fails early."""
     dense = args.sparsity == 0 and not args.sparse_prefill
     if dense and not (args.thresholds or args.greedy):
         return None
     path = args.thresholds or thr_file.default_path(args.checkpoint, args.score)
-    cal = thr_file.load(path, model.config)
-    if dense:
-        thr_file.thresholds_for(cal, 0.0, args.greedy)
-        return None
-    model.set_scores(cal["score"] == "weighted")
-    model.set_sparse(decode=True, prefill=args.sparse_prefill)
-    model.set_thresholds(thr_file.thresholds_for(cal, args.sparsity, args.greedy).to(model.output.weight.device))
-    return cal
+    cal = thr_file.load(path, config)
+    thr_file.thresholds_for(cal, args.sparsity, args.greedy)  # the level is in the file's range
+    return None if dense else cal
 
 
 def parse_args(argv=None):
@@ -163,16 +158,20 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     t0 = time.perf_counter()
-    model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    # Every input checked against config.json before the weights load (seconds to minutes for a large model)
+    config = load_config(args.checkpoint)
     tokenizer = get_tokenizer(args.checkpoint.parent)
-    cal = setup_sparsity(model, args)
+    cal = load_calibration(config, args)
     ids = tokenizer.encode(args.prompt, bos=tokenizer.add_bos or not args.prompt)
     T = len(ids)
     if T == 0:
         raise ValueError("the prompt encodes to no tokens")
-    if T + args.max_new_tokens > model.config.block_size:
+    if T + args.max_new_tokens > config.block_size:
         raise ValueError(f"prompt ({T} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds the model's "
-                         f"context of {model.config.block_size} tokens")
+                         f"context of {config.block_size} tokens")
+    model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+    if cal is not None:
+        thr_file.apply(model, cal, args.sparsity, args.greedy, prefill=args.sparse_prefill)
     model.setup_caches(args.batch_size, T + args.max_new_tokens)
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s"
           + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores"

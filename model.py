@@ -441,8 +441,9 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
 
 
 # ---- loading ----------------------------------------------------------------------------------------
-def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
-    """Load checkpoints/<name>/model.pth with the config.json beside it; fail loudly on any mismatch."""
+def load_config(checkpoint_path) -> ModelArgs:
+    """The architecture of checkpoints/<name>/model.pth from the config.json beside it, without reading the weights:
+    the command lines check their other inputs against it before the (slow) load."""
     path = Path(checkpoint_path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder: give its model.pth")
@@ -450,9 +451,15 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty")
-    cfg = read_config(path.parent / "config.json")
+    return ModelArgs.from_hf_config(read_config(path.parent / "config.json"))
+
+
+def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
+    """Load checkpoints/<name>/model.pth with the config.json beside it; fail loudly on any mismatch."""
+    path = Path(checkpoint_path)
+    config = load_config(path)
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf_config(cfg))
+        model = Transformer(config)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises several kinds, with long messages, for truncated or foreign files

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model import PROJECTIONS, CheckpointError, ModelArgs
+from model import PROJECTIONS, CheckpointError, ModelArgs, Transformer
 
 SCHEMA_VERSION = 2
 SCORES = ("magnitude", "weighted")
@@ -223,6 +223,13 @@ def thresholds_for(cal: dict, sparsity: float, greedy: bool = False) -> torch.Te
     if not greedy and sa is not None and sparsity <= sa["levels"][-1]:
         return interp(sa["levels"], sa["table"], s).float()
     return interp(cal["levels"], cal["table"], s).float()
+
+
+def apply(model: Transformer, cal: dict, sparsity: float, greedy: bool = False, prefill: bool = False) -> None:
+    """Sparse decode (and prefill where asked) at this sparsity, with the calibration's scores and thresholds."""
+    model.set_scores(cal["score"] == "weighted")
+    model.set_sparse(decode=True, prefill=prefill)
+    model.set_thresholds(thresholds_for(cal, sparsity, greedy).to(model.output.weight.device))
 
 
 def cats_thresholds_for(cal: dict, sparsity: float) -> torch.Tensor:

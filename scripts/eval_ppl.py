@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import textdata  # noqa: E402
 import thresholds as thr_file  # noqa: E402
-from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, load_model, model_bytes  # noqa: E402
+from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, load_config, load_model, model_bytes  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")
@@ -77,10 +77,8 @@ def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> N
         for b, tl in zip(model.layers, t):
             b.feed_forward.forward = functools.partial(cats_forward, b.feed_forward, tl)
         return
-    cal = cals["weighted" if "weighted" in method else "magnitude"]
-    model.set_scores(cal["score"] == "weighted")
-    model.set_sparse(decode=True, prefill=True)
-    model.set_thresholds(thr_file.thresholds_for(cal, sparsity, greedy="greedy" in method).to(model.output.weight.device))
+    thr_file.apply(model, cals["weighted" if "weighted" in method else "magnitude"], sparsity, greedy="greedy" in method,
+                   prefill=True)
 
 
 def parse_args(argv=None):
@@ -112,8 +110,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list:
     args = parse_args(argv)
-    model = load_model(args.checkpoint, device=torch.device(args.device), dtype=DTYPES[args.dtype])
-    args.seq_len = cli.seq_len(args.seq_len, model.config.block_size)
+    config = load_config(args.checkpoint)  # inputs checked against it before the weights load
+    args.seq_len = cli.seq_len(args.seq_len, config.block_size)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     if args.text:
         text, source = textdata.read_text_file(args.text), str(args.text)
@@ -125,14 +123,15 @@ def main(argv=None) -> list:
         raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
     cals = {}
     if any(s > 0 for s in args.sparsity):  # the dense model needs no thresholds
-        cals["magnitude"] = thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), model.config)
+        cals["magnitude"] = thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), config)
     if cals and any("weighted" in m for m in args.method):
         cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
-                                         model.config)
+                                         config)
     for score, cal in cals.items():  # each file must hold the scores its flag names
         if cal["score"] != score:
             flag = "--weighted_thresholds" if score == "weighted" else "--thresholds"
             raise ValueError(f"{cal['path']} holds {cal['score']} scores; {flag} takes {score} ones")
+    model = load_model(args.checkpoint, device=torch.device(args.device), dtype=DTYPES[args.dtype])
     for method in args.method:  # every method and level set up once first: a bad one fails before any work
         for s in args.sparsity:
             configure(model, method, s, cals)

@@ -20,19 +20,9 @@ ckpt=checkpoints/smollm2-135m/model.pth
 extra=()  # the dtype defaults to bf16 on a GPU, fp32 on a CPU
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then extra=(--compile); fi
 # Calibrate once, and again where the file left by an earlier run does not load (an older schema, say).
-if ! python - "$ckpt" <<'PY'
-import sys
-from pathlib import Path
-import thresholds
-from model import CheckpointError, ModelArgs, read_config
-ckpt = Path(sys.argv[1])
-path = thresholds.default_path(ckpt)
-try:
-    thresholds.load(path, ModelArgs.from_hf_config(read_config(ckpt.parent / "config.json")))
-except CheckpointError as e:
-    sys.exit(f"{e}; calibrating again" if path.exists() else 1)
-PY
-then
+if ! python -c "import sys, model, thresholds as t
+try: t.load(t.default_path(sys.argv[1]), model.load_config(sys.argv[1]))
+except ValueError as e: sys.exit(f'quickstart: {e}; calibrating')" "$ckpt"; then
     python calibrate.py --checkpoint "$ckpt"
 fi
 python generate.py --checkpoint "$ckpt" --sparsity 0.4 --temperature 0 --max_new_tokens 64 \

@@ -237,6 +237,23 @@ def test_seq_len_follows_the_model_context(tiny, tmp_path):
         " ".join(out.split())
 
 
+def test_flags_and_text_checked_before_the_weights_load(tiny, tmp_path, monkeypatch):
+    """--seq_len against the context, --tokens against --seq_len and the text's length come from config.json and
+    the tokenizer alone: refused before the weights load."""
+    import model
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights loaded before the flags were checked")
+    monkeypatch.setattr(model, "load_model", no_load)
+    ckpt, text = tiny
+    (tmp_path / "short.txt").write_text("a few words")
+    for extra, want in ((["--seq_len", "65"], "--seq_len 65"), (["--tokens", "32", "--seq_len", "64"], "--tokens"),
+                        (["--text", tmp_path / "short.txt"], "fewer than --seq_len")):
+        code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--device", "cpu", "--out", tmp_path / "t.json",
+                                 *extra])
+        assert code == 1 and want in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_tokenizer_past_the_embedding_is_refused(tmp_path):
     from make_random_checkpoint import tokenizer_json
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt", max_pos=64)  # 258 embedding rows

@@ -155,6 +155,24 @@ def test_seq_len_follows_the_model_context(tmp_path):
     assert code == 0 and "window length (default: 512, or the model's context where shorter)" in " ".join(out.split())
 
 
+def test_inputs_checked_before_the_weights_load(tmp_path, monkeypatch):
+    """--seq_len, the text and the thresholds file are checked against config.json alone, before the weights load."""
+    import model
+    from test_generate import tiny_thresholds, write_tiny_checkpoint
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights loaded before the inputs were checked")
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")  # context 32, 2 layers
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    other = tiny_thresholds(ckpt, tmp_path / "t.json", n_layer=3)
+    monkeypatch.setattr(model, "load_model", no_load)
+    base = ["--checkpoint", ckpt, "--text", tmp_path / "some.txt", "--device", "cpu"]
+    for extra, want in ((["--seq_len", "33"], "--seq_len 33"), (["--sparsity", "0.4", "--thresholds", other],
+                                                                 "another model")):
+        code, err = run_main([*base, *extra])
+        assert code == 1 and want in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_tokenizer_past_the_embedding_is_refused(tmp_path):
     from make_random_checkpoint import tokenizer_json
     from test_generate import write_tiny_checkpoint

@@ -513,6 +513,26 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
     assert expect in line, line
 
 
+@pytest.mark.parametrize("case", ["thresholds_other_model", "past_block_size", "tokenizer_missing"])
+def test_inputs_checked_before_the_weights_load(case, tiny_ckpt, tmp_path, monkeypatch):
+    """Thresholds file, prompt length and tokenizer are checked against config.json alone: a mistake is reported
+    before the weights load (seconds to minutes for a large model)."""
+    def no_load(*a, **k):
+        raise AssertionError("the weights loaded before the inputs were checked")
+    monkeypatch.setattr(model, "load_model", no_load)
+    ckpt, extra = tiny_ckpt, []
+    if case == "thresholds_other_model":
+        extra = ["--sparsity", "0.4", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json", n_layer=3)]
+    elif case == "past_block_size":
+        extra = ["--max_new_tokens", "40"]  # block size 32
+    else:
+        ckpt = write_tiny_checkpoint(tmp_path / "no_tok")
+        (ckpt.parent / "tokenizer.json").unlink()
+    line = assert_one_error(*run_main(["--checkpoint", ckpt, *BASE, *extra])[::2])
+    assert {"thresholds_other_model": "another model", "past_block_size": "exceeds",
+            "tokenizer_missing": "tokenizer"}[case] in line, line
+
+
 def test_tokenizer_past_the_embedding_is_refused(tmp_path):
     """A hand-assembled folder: a tokenizer of 300 ids beside a model of 258 embedding rows would crash the
     embedding at the first id past them; refused at load, naming both sizes."""
