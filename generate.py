@@ -83,9 +83,6 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
         n += 1
     if not bool(all_finite):
         raise FloatingPointError("the model produced NaN or infinite logits (activations overflowed?)")
-    hit = torch.isin(seq[:, T:T + n], stop)
-    if bool(hit.any(1).all()):  # every row stopped: end at the last row's stop (the check above may run late)
-        n = int(hit.int().argmax(1).max()) + 1
     return seq[:, :T + n]
 
 
