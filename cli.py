@@ -2,7 +2,7 @@
 
 Each turns a bad value into argparse's one-line usage error (exit status 2) while the arguments are parsed, so
 nothing is loaded, computed or half-written before the user hears about it. --seq_len, bounded by the model's
-context, is settled once the model is loaded (seq_len).
+context, is settled from the checkpoint's config.json before the weights load (seq_len).
 """
 import argparse
 import math
@@ -67,8 +67,8 @@ SEQ_LEN_DEFAULT = f"(default: {SEQ_LEN}, or the model's context where shorter)"
 
 
 def seq_len(requested, context: int) -> int:
-    """--seq_len once the model is loaded: SEQ_LEN cut to the model's context when not given (None); as given when
-    the context holds it."""
+    """--seq_len for a model of this context (config.json's): SEQ_LEN cut to the context when not given (None); as
+    given when the context holds it."""
     if requested is None:
         return min(SEQ_LEN, context)
     if requested > context:

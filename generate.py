@@ -58,7 +58,9 @@ def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, tempera
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn, temperature: float = 0.0,
              top_k: Optional[int] = None, stop_ids=(), on_token=None) -> Tensor:
-    """prompt (B, T). Returns (B, T + n) with n <= max_new_tokens (stops early when every row hit a stop id)."""
+    """prompt (B, T). Returns (B, T + n), n <= max_new_tokens the tokens decoded: it stops early once every row
+    hit a stop id, checked every step when streaming, else every 16 steps (a host sync), so up to 15 steps past
+    the last stop may be decoded, timed and counted; the text shown ends at each row's stop."""
     B, T = prompt.shape
     device = prompt.device
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)

@@ -195,13 +195,15 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     cfg = read_config(reader, has_output)
     tokenizer = build_tokenizer(reader)
+    # Token ids are list positions; the embedding may have more rows (padding), not fewer. Its rows from the
+    # tensor's header (GGUF lists dimensions innermost first), before the slow dequantization.
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    n_tokens = len(field(reader, "tokenizer.ggml.tokens"))
+    if embd is not None and n_tokens > int(embd.shape[-1]):
+        raise ConversionError(f"{path.name}: the tokenizer has {n_tokens} tokens, more than the model's vocab_size "
+                              f"{int(embd.shape[-1])} (rows of token_embd.weight)")
     state = read_weights(reader, cfg, dtype)
     cfg["vocab_size"] = state["tok_embeddings.weight"].shape[0]
-    # Token ids are list positions; the embedding may have more rows (padding), not fewer
-    n_tokens = len(field(reader, "tokenizer.ggml.tokens"))
-    if n_tokens > cfg["vocab_size"]:
-        raise ConversionError(f"{path.name}: the tokenizer has {n_tokens} tokens, more than the model's vocab_size "
-                              f"{cfg['vocab_size']} (rows of token_embd.weight)")
     try:
         with torch.device("meta"):  # last check against the model itself, so the output always loads
             check_state_dict(Transformer(ModelArgs.from_hf_config(cfg)), state)

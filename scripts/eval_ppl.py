@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import textdata  # noqa: E402
 import thresholds as thr_file  # noqa: E402
-from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, load_config, load_model, model_bytes  # noqa: E402
+from model import (DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, load_config, load_model,  # noqa: E402
+                   model_bytes)
 from tokenizer import get_tokenizer  # noqa: E402
 
 METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")
@@ -64,6 +65,11 @@ def cats_forward(ff: FeedForward, threshold: Tensor, x: Tensor, thr: Tensor, spa
     return ff.w2(torch.where(keep, a * ff.w3(x), 0))
 
 
+def score_of(method: str) -> str:
+    """The thresholds file a method reads: weighted scores or magnitudes."""
+    return "weighted" if "weighted" in method else "magnitude"
+
+
 def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> None:
     """Dense for sparsity 0; otherwise masks per the method, applied to every token (sparse prefill)."""
     for b in model.layers:
@@ -77,8 +83,7 @@ def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> N
         for b, tl in zip(model.layers, t):
             b.feed_forward.forward = functools.partial(cats_forward, b.feed_forward, tl)
         return
-    thr_file.apply(model, cals["weighted" if "weighted" in method else "magnitude"], sparsity, greedy="greedy" in method,
-                   prefill=True)
+    thr_file.apply(model, cals[score_of(method)], sparsity, greedy="greedy" in method, prefill=True)
 
 
 def parse_args(argv=None):
@@ -131,10 +136,13 @@ def main(argv=None) -> list:
         if cal["score"] != score:
             flag = "--weighted_thresholds" if score == "weighted" else "--thresholds"
             raise ValueError(f"{cal['path']} holds {cal['score']} scores; {flag} takes {score} ones")
+    for method in args.method:  # every method's table read at every level: a missing one fails before any work
+        for s in (s for s in args.sparsity if s > 0):
+            if method == "cats":
+                thr_file.cats_thresholds_for(cals["magnitude"], s)
+            else:
+                thr_file.thresholds_for(cals[score_of(method)], s, "greedy" in method)
     model = load_model(args.checkpoint, device=torch.device(args.device), dtype=DTYPES[args.dtype])
-    for method in args.method:  # every method and level set up once first: a bad one fails before any work
-        for s in args.sparsity:
-            configure(model, method, s, cals)
     _, linear_bytes = model_bytes(model)
     results = []
     dense = None

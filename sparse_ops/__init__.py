@@ -14,7 +14,8 @@
 x: (batch <= MAX_BATCH, K); wt: the weight transposed, (K, N) contiguous; thresholds: fp32 tensor, so changing
 the sparsity never recompiles; scale: optional (segments, K) fp32 column norms for weight-informed scores;
 kept: sparse_glu's list of the channels of a one-row x that gate or up keeps, made by add_rmsnorm with the same
-thresholds and scale (the kernel then streams them without listing them itself). On CPU without TRITON_INTERPRET=1 the references run.
+thresholds and scale (the kernel then streams them without listing them itself).
+On CPU without TRITON_INTERPRET=1 the references run.
 """
 from typing import Optional
 
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import _decode_attention_op, check_decode_attention, decode_attention_ref
-from .gemv import LIST_GROUP, MAX_BATCH, _check, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, pick_config, use_triton
-from .norm import _add_rmsnorm_op, add_rmsnorm_ref, check_add_rmsnorm
+from .gemv import MAX_BATCH, _check, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, pick_config, use_triton
+from .norm import LIST_GROUP, _add_rmsnorm_op, add_rmsnorm_ref, check_add_rmsnorm
 from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref, sparse_glu_ref, sum_partials
 
 __all__ = ["MAX_BATCH", "LIST_GROUP", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "sparse_gemv_pair_ref",
@@ -92,7 +93,7 @@ def add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresholds
     y = RMSNorm(h) * weight, and the list of the channels of y that gate or up keeps (sparse_glu's `kept`).
 
     x: (1, D) the residual stream; parts: (parts, 1, D), the o GEMV's split-K partial sums; thresholds: one per
-    segment of the next GEMV (gate, up; scale likewise). Returns (h, y, kept): kept is (1, D + D // 16 + 1)
+    segment of the next GEMV (gate, up; scale likewise). Returns (h, y, kept): kept is (1, D + 1)
     int32 (format in sparse_ops/norm.py)."""
     check_add_rmsnorm(x, parts, weight, thresholds, scale)
     if use_triton(x):

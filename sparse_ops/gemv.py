@@ -21,7 +21,6 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked reference (prefill)
-LIST_GROUP = 16  # channels per prefix count in a kept-channel list (format in sparse_ops/norm.py)
 
 
 @triton.jit
@@ -30,7 +29,6 @@ def _sparse_gemv_kernel(
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, GLU: tl.constexpr,
     WINDOWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    GROUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -95,10 +93,10 @@ def _sparse_gemv_kernel(
         tl.store(out_ptr + pid_k * N + out_cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=out_cols < N)
     else:
         if GLU:
-            # The channels listed by the norm that made x (sparse_ops.norm's format, one K range: the whole list):
+            # The channels listed by the norm that made x (sparse_ops.norm's format; one K range, the whole list):
             # those that gate or up keeps, so each half of the tile still applies its own threshold
             idx_base = idx_ptr
-            count = tl.load(idx_ptr + K + K // GROUP)
+            count = tl.load(idx_ptr + K)
         else:
             # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
             # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
@@ -292,11 +290,10 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
         raise ValueError(f"scale must be fp32 ({n_seg}, {x.shape[1]}) on {x.device}, got {scale.dtype} "
                          f"{tuple(scale.shape)} on {scale.device}")
     K = x.shape[1]
-    G = LIST_GROUP
-    if kept is not None and (tuple(kept.shape) != (1, K + K // G + 1) or kept.dtype != torch.int32
-                             or not kept.is_contiguous() or kept.device != x.device or x.shape[0] != 1 or K % G):
-        raise ValueError(f"kept must be a contiguous int32 (1, {K + K // G + 1}) list on {x.device} for one row "
-                         f"with K a multiple of {G} (sparse_ops.add_rmsnorm's), got {kept.dtype} {tuple(kept.shape)} "
+    if kept is not None and (tuple(kept.shape) != (1, K + 1) or kept.dtype != torch.int32
+                             or not kept.is_contiguous() or kept.device != x.device or x.shape[0] != 1):
+        raise ValueError(f"kept must be a contiguous int32 (1, {K + 1}) list on {x.device} for one row "
+                         f"(sparse_ops.add_rmsnorm's), got {kept.dtype} {tuple(kept.shape)} "
                          f"for x {tuple(x.shape)}")
 
 
@@ -340,7 +337,7 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
         batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
-        GLU=glu, GROUP=LIST_GROUP, **cfg)
+        GLU=glu, **cfg)
     return out
 
 

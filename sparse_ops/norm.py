@@ -4,16 +4,14 @@ Between two block linears a decode step adds the last GEMV's output (split-K par
 stream and normalises it. Inductor fuses that into one kernel of its own, and this one is no faster (H100, 8 fp32
 partials of 4096: 3.5 us against 2.9): what it adds is the list. Given the next GEMV's thresholds, it lists the
 channels that any of its output segments keeps, and the GEMV streams their rows at once instead of listing them
-itself. Decode uses it at batch 1 before the gate|up GEMV (sparse_glu) only. That pays where the GEMV's listing is slow: each of its programs scans its whole K range, which for the
-fused gate|up GEMV (one K range of 4096 channels) costs about 5 us, the list here about 1 us (docs/benchmarks.md).
-The list's scattered 4-byte stores are slow from one SM (about 7 us for 3 x 4096 channels), so several programs
-each compute the whole row (its sum of squares and every position in the list) and store one slice.
+itself. Decode uses it at batch 1 before the gate|up GEMV (sparse_glu). That pays because the GEMV's own listing
+is slow there: each of its programs would scan all its K channels (4096: about 5 us), the list here costs about
+1 us (docs/benchmarks.md). The list's scattered 4-byte stores are slow from one SM (about 7 us for 3 x 4096
+channels), so several programs each compute the whole row (its sum of squares and every position in the list)
+and store one slice.
 
-The list (`kept`, one row of K + K // 16 + 1 int32):
-    kept[0, :n]            the n channels kept by any segment, in increasing order (then -1 up to K)
-    kept[0, K + g]         how many of channels 0 .. 16 g - 1 are in the list (g = 0 .. K // 16)
-so a GEMV program scanning channels [a, b) (multiples of 16, or b = K) finds its rows at
-kept[0, kept[0, K + a // 16] : kept[0, K + b // 16]]; it still applies its segment's own threshold to them.
+The list (`kept`, one row of D + 1 int32): kept[0, :n] the n channels that any segment keeps, in increasing
+order, then -1 up to D; kept[0, D] = n. The GEMV still applies each segment's own threshold to the listed rows.
 """
 from typing import Optional
 
@@ -23,8 +21,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .gemv import LIST_GROUP as GROUP, partials_sum
+from .gemv import partials_sum
 from .reference import keep_mask, sum_partials
+
+LIST_GROUP = 16  # channels per group of the list's two-level scan (D must be a multiple)
 
 
 @triton.jit
@@ -63,9 +63,8 @@ def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_
     n = tl.sum(per_group, axis=0)
     tl.store(kept_ptr + before[:, None] + tl.cumsum(keep, axis=1) - 1, ch, mask=(keep > 0) & mine_g[:, None])
     tl.store(kept_ptr + rd, tl.full((BLOCK_D,), -1, tl.int32), mask=mine & (rd >= n))  # slots past the list
-    tl.store(kept_ptr + D + rg, before, mask=mine_g)
     if lo + SLICE >= D:
-        tl.store(kept_ptr + D + D // GROUP, n)
+        tl.store(kept_ptr + D, n)
 
 
 @triton_op("tealfast::add_rmsnorm", mutates_args={})
@@ -73,20 +72,20 @@ def _add_rmsnorm_op(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresh
                     scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     D = x.shape[1]
     h, y, kept = _empty_outputs(x)
-    block_d = triton.next_power_of_2(max(D, GROUP))
-    # 256 channels per program; a multiple of GROUP, so that each group's list entries have one writer
-    slice_d = max(256, triton.cdiv(triton.cdiv(D, 16), GROUP) * GROUP)
+    block_d = triton.next_power_of_2(max(D, LIST_GROUP))
+    # 256 channels per program; a multiple of the group, so that each group's list entries have one writer
+    slice_d = max(256, triton.cdiv(triton.cdiv(D, 16), LIST_GROUP) * LIST_GROUP)
     wrap_triton(_add_rmsnorm_kernel)[(triton.cdiv(D, slice_d),)](
         parts, x, weight, h, y, thresholds, scale if scale is not None else weight, kept, parts.stride(0), D, eps,
         slice_d, N_PARTS=parts.shape[0], N_SEG=thresholds.shape[0], HAS_SCALE=scale is not None,
-        BLOCK_D=block_d, GROUP=GROUP, num_warps=max(4, min(32, block_d // 256)))
+        BLOCK_D=block_d, GROUP=LIST_GROUP, num_warps=max(4, min(32, block_d // 256)))
     return h, y, kept
 
 
 def _empty_outputs(x: Tensor) -> tuple:
     D = x.shape[1]
     return (torch.empty_like(x), torch.empty_like(x),
-            torch.empty((1, D + D // GROUP + 1), device=x.device, dtype=torch.int32))
+            torch.empty((1, D + 1), device=x.device, dtype=torch.int32))
 
 
 @_add_rmsnorm_op.register_fake
@@ -98,11 +97,12 @@ def check_add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, thresholds: Tens
     if x.dim() != 2 or not x.is_contiguous() or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"x must be a contiguous (rows, D) bf16/fp16/fp32 tensor, got {x.dtype} {tuple(x.shape)}")
     B, D = x.shape
-    if B != 1 or D % GROUP:
-        raise ValueError(f"kept-channel lists need one row and D a multiple of {GROUP}, got {tuple(x.shape)}")
-    if parts.dim() != 3 or tuple(parts.shape[1:]) != (B, D) or not parts.is_contiguous() \
+    if B != 1 or D % LIST_GROUP or D == 0:
+        raise ValueError(f"kept-channel lists need one row and D a positive multiple of {LIST_GROUP}, got "
+                         f"{tuple(x.shape)}")
+    if parts.dim() != 3 or parts.shape[0] == 0 or tuple(parts.shape[1:]) != (B, D) or not parts.is_contiguous() \
             or parts.dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"parts must be contiguous (parts, {B}, {D}) in {x.dtype} or fp32, got {parts.dtype} "
+        raise ValueError(f"parts must be contiguous (parts >= 1, {B}, {D}) in {x.dtype} or fp32, got {parts.dtype} "
                          f"{tuple(parts.shape)}")
     if tuple(weight.shape) != (D,) or weight.dtype != x.dtype:
         raise ValueError(f"weight must be ({D},) {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")
@@ -124,9 +124,9 @@ def kept_list(y: Tensor, thresholds: Tensor, scale: Optional[Tensor]) -> Tensor:
     for s in range(thresholds.shape[0]):
         keep |= keep_mask(y[0], thresholds[s], None if scale is None else scale[s])
     idx = torch.nonzero(keep).flatten().to(torch.int32)
-    row = torch.full((1, D + D // GROUP + 1), -1, dtype=torch.int32, device=y.device)
+    row = torch.full((1, D + 1), -1, dtype=torch.int32, device=y.device)
     row[0, :idx.numel()] = idx
-    row[0, D:] = torch.cat([keep.new_zeros(1, dtype=torch.int32), keep.cumsum(0, dtype=torch.int32)])[::GROUP]
+    row[0, D] = idx.numel()
     return row
 
 

@@ -165,10 +165,12 @@ def test_inputs_checked_before_the_weights_load(tmp_path, monkeypatch):
     ckpt = write_tiny_checkpoint(tmp_path / "tiny")  # context 32, 2 layers
     (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
     other = tiny_thresholds(ckpt, tmp_path / "t.json", n_layer=3)
+    no_greedy = tiny_thresholds(ckpt, tmp_path / "u.json")
     monkeypatch.setattr(model, "load_model", no_load)
     base = ["--checkpoint", ckpt, "--text", tmp_path / "some.txt", "--device", "cpu"]
-    for extra, want in ((["--seq_len", "33"], "--seq_len 33"), (["--sparsity", "0.4", "--thresholds", other],
-                                                                 "another model")):
+    for extra, want in ((["--seq_len", "33"], "--seq_len 33"),
+                        (["--sparsity", "0.4", "--thresholds", other], "another model"),
+                        (["--sparsity", "0.4", "--thresholds", no_greedy, "--method", "uniform,greedy"], "greedy")):
         code, err = run_main([*base, *extra])
         assert code == 1 and want in err and len(err.strip().splitlines()) == 1, err
 
