@@ -228,6 +228,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the score sampling and the greedy search")
     args = p.parse_args(argv)
     args.dtype = args.dtype or cli.default_dtype(args.device)
+    # A flag whose pass is off would be ignored without a word (and a default calibration overwrite the file)
+    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else map(str, argv)) if a.startswith("--")}
+    for flag, needs in (("--dataset_file", "dataset"), ("--text_column", "dataset"), ("--greedy_tokens", "greedy"),
+                        ("--sparse_aware_levels", "sparse_aware"), ("--sparse_aware_tokens", "sparse_aware")):
+        if flag in given and not getattr(args, needs):
+            p.error(f"{flag} needs --{needs}")
     lv = args.sparse_aware_levels
     if not all(a < b for a, b in zip([0.0] + lv, lv)) or lv[-1] >= 1:
         p.error("--sparse_aware_levels must increase within (0, 1)")

@@ -149,6 +149,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
     p.add_argument("--no_stream", action="store_true", help="print each sample at the end, not token by token")
     args = p.parse_args(argv)
+    try:  # a prompt from a terminal in another encoding arrives with undecodable bytes as surrogates
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        p.error("--prompt is not valid UTF-8 text")
     args.dtype = args.dtype or cli.default_dtype(args.device)
     if (args.sparsity > 0 or args.sparse_prefill) and args.batch_size > sparse_ops.MAX_BATCH:
         p.error(f"sparse decode takes --batch_size up to {sparse_ops.MAX_BATCH}")
@@ -229,10 +233,15 @@ def main(argv=None) -> None:
         elif cal is not None:
             s, skipped = achieved_sparsity(model, T, seq).double()
             skipped_bytes = float((linear_bytes * skipped).sum())
+            weighted = float((linear_bytes * s).sum() / linear_bytes.sum())
             print("achieved sparsity (decode): " + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))
-                  + f"; parameter-weighted {float((linear_bytes * s).sum() / linear_bytes.sum()):.1%}"
+                  + f"; parameter-weighted {weighted:.1%}"
                   + (f"; weight rows skipped (kept by no batch row) {skipped_bytes / float(linear_bytes.sum()):.1%}"
                      if args.batch_size > 1 else ""))
+            if abs(weighted - args.sparsity) > 0.1:  # the fingerprint holds the shapes; the values may be another's
+                print(f"warning: {weighted:.1%} of inputs dropped against --sparsity {args.sparsity}: were the "
+                      f"thresholds in {cal['path']} calibrated on this model? (source: {cal['source']})",
+                      file=sys.stderr)
             if sparse_ops.use_triton(prompt):  # without the kernels the reference masks and reads every weight
                 line += f", {(total_bytes - skipped_bytes) * n_new / dt / 1e9:.1f} GB/s on the bytes read"
         print(line)

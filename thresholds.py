@@ -85,6 +85,7 @@ def load(path, config: ModelArgs) -> dict:
         levels = data["levels"]
         rows = [[layer[p] for p in PROJECTIONS] for layer in data["layers"]]
         score = data["calibration"]["score"]
+        source = str(data["calibration"].get("source"))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"malformed thresholds file {path}: {type(e).__name__} {e}") from None
     levels = _numbers(levels, path, "levels")
@@ -92,9 +93,11 @@ def load(path, config: ModelArgs) -> dict:
         raise CheckpointError(f"{path}: levels must increase from 0 and stay below 1")
     n = len(levels)
     table = _numbers(rows, path, "threshold table")
-    if table.shape != (config.n_layer, len(PROJECTIONS), n) or not torch.isfinite(table).all() or (table < 0).any():
-        raise CheckpointError(f"{path}: threshold table has shape {tuple(table.shape)} or bad values; "
-                              f"expected ({config.n_layer}, {len(PROJECTIONS)}, {n}) finite and >= 0")
+    if table.shape != (config.n_layer, len(PROJECTIONS), n):
+        raise CheckpointError(f"{path}: threshold table of shape {tuple(table.shape)} (layers, projections, levels); "
+                              f"expected ({config.n_layer}, {len(PROJECTIONS)}, {n})")
+    if not torch.isfinite(table).all() or (table < 0).any():
+        raise CheckpointError(f"{path}: threshold table holds NaN, infinite or negative values")
     _check_non_decreasing(table, levels, path, "thresholds")
     if score not in SCORES:
         raise CheckpointError(f"{path}: unknown score {score!r}")
@@ -123,7 +126,7 @@ def load(path, config: ModelArgs) -> dict:
               "table": torch.cat([torch.zeros(config.n_layer, len(PROJECTIONS), 1, dtype=torch.float64), sa_table], -1)}
         _check_non_decreasing(sa["table"], sa["levels"], path, "sparse_aware thresholds")
     return {"levels": levels, "table": table, "score": score, "greedy": greedy, "cats": cats, "sparse_aware": sa,
-            "path": str(path)}
+            "path": str(path), "source": source}
 
 
 def _check_fingerprint(got, want: dict, path: Path) -> None:

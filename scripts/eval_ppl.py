@@ -96,7 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--corpus", choices=["pydoc-heldout", "stdlib-docstrings"], default="pydoc-heldout",
                    help="built-in text when no --text: the held-out part of pydoc_data.topics, or docstrings of "
                         "stdlib modules (a second text the calibration never saw)")
-    p.add_argument("--max_tokens", type=cli.at_least(2), default=None, help="evaluate only the first N tokens")
+    p.add_argument("--max_tokens", type=cli.at_least(2), default=None, help="evaluate only the first N tokens (default: all)")
     p.add_argument("--seq_len", type=cli.at_least(2), default=None, help=f"window length {cli.SEQ_LEN_DEFAULT}")
     p.add_argument("--thresholds", type=Path, help="magnitude thresholds JSON (default: beside the checkpoint)")
     p.add_argument("--weighted_thresholds", type=Path,

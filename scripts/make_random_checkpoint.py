@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=cli.out_folder, required=True, help="checkpoint folder to write")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype in model.pth")
     p.add_argument("--n_layer", type=cli.at_least(1), default=None,
-                   help="fewer layers than the preset (tests, smoke runs)")
+                   help="fewer layers than the preset, for tests and smoke runs (default: the preset's)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(),
                    help="where to draw the random weights, cpu or cuda[:N] (a GPU is much faster for 7B/8B)")
     args = p.parse_args(argv)

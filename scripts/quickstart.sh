@@ -10,9 +10,13 @@ fi
 python -m pip install -q --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
     # No GPU: the CPU build of torch from PyTorch's CPU index (PyPI's Linux wheel is the CUDA build, several GB;
-    # pip prefers the index's 2.13.0+cpu). With a GPU, pip picks the CUDA build.
+    # pip prefers the index's 2.13.0+cpu), torch alone and without retries so that an offline machine with a local
+    # index goes on at once; its dependencies then come from the usual index. With a GPU, pip picks the CUDA build.
     if command -v nvidia-smi >/dev/null 2>&1; then python -m pip install -q torch
-    else python -m pip install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu; fi
+    else
+        python -m pip install -q --no-deps --retries 0 torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
+        python -m pip install -q torch==2.13.0
+    fi
 fi
 python -m pip install -q -r requirements.txt
 bash scripts/prepare.sh smollm2-135m
@@ -22,7 +26,8 @@ if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then 
 # Calibrate once, and again where the file left by an earlier run does not load (an older schema, say).
 if ! python -c "import sys, model, thresholds as t
 try: t.load(t.default_path(sys.argv[1]), model.load_config(sys.argv[1]))
-except ValueError as e: sys.exit(f'quickstart: {e}; calibrating')" "$ckpt"; then
+except ValueError as e: sys.exit(f'quickstart: {e}; calibrating again' if t.default_path(sys.argv[1]).exists() else 1)
+" "$ckpt"; then
     python calibrate.py --checkpoint "$ckpt"
 fi
 python generate.py --checkpoint "$ckpt" --sparsity 0.4 --temperature 0 --max_new_tokens 64 \

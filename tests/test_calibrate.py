@@ -265,7 +265,8 @@ def test_tokenizer_past_the_embedding_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_text", "tokens_0", "text_too_short", "nan", "sparse_aware_tokens",
-                                  "greedy_tokens", "plot_in_missing_folder", "out_is_a_folder", "device"])
+                                  "greedy_tokens", "plot_in_missing_folder", "out_is_a_folder", "device",
+                                  "dataset_file_without_dataset", "greedy_tokens_without_greedy"])
 def test_errors(tiny, tmp_path, case):
     ckpt, text = tiny
     args, exit_code = ["--tokens", "256", "--seq_len", "64"], 1
@@ -278,6 +279,10 @@ def test_errors(tiny, tmp_path, case):
         args, exit_code = args + ["--text", text, "--out", tmp_path], 2
     elif case == "device":
         args, exit_code = args + ["--text", text, "--device", "bogus"], 2
+    elif case == "dataset_file_without_dataset":  # would calibrate on the default text instead, without a word
+        args, exit_code = args + ["--dataset_file", "x.parquet"], 2
+    elif case == "greedy_tokens_without_greedy":
+        args, exit_code = args + ["--text", text, "--greedy_tokens=512"], 2
     elif case == "missing_text":
         args += ["--text", tmp_path / "nope.txt"]
     elif case == "tokens_0":

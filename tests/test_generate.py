@@ -449,6 +449,18 @@ def test_cli_reports_parameter_weighted_sparsity(tiny_ckpt, tmp_path, monkeypatc
     assert f"weight rows skipped (kept by no batch row) {rows:.1%}" in out, out
 
 
+@pytest.mark.parametrize("dropped", [0.4, 0.45, 0.9, 0.1])
+def test_warns_when_the_achieved_sparsity_is_far_from_the_asked(dropped, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Thresholds of another model with the same shapes pass the fingerprint; the run says so when the inputs it
+    dropped are more than 10 points from --sparsity."""
+    thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
+    monkeypatch.setattr(generate, "achieved_sparsity", lambda *a: torch.full((2, len(PROJECTIONS)), dropped))
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--sparsity", "0.4", "--thresholds", str(thr), "--no_stream"])
+    err = capsys.readouterr().err
+    assert ("warning:" in err and "calibrated on this model" in err and "source: test" in err) == (dropped > 0.5 or
+                                                                                                    dropped < 0.3), err
+
+
 def test_empty_prompt_starts_from_bos(tmp_path, capsys):
     ckpt = write_tiny_checkpoint(tmp_path / "bos")
     cfg = json.loads((ckpt.parent / "config.json").read_text())
@@ -465,7 +477,8 @@ def test_empty_prompt_starts_from_bos(tmp_path, capsys):
 @pytest.mark.parametrize("case", ["missing_checkpoint", "sparsity_1", "sparsity_negative", "past_block_size",
                                   "thresholds_other_model", "thresholds_corrupt", "thresholds_missing", "nan",
                                   "temperature", "top_k", "max_new_tokens_0", "device", "batch_size_9",
-                                  "checkpoint_folder", "thresholds_checked_when_dense", "greedy_without_table"])
+                                  "checkpoint_folder", "thresholds_checked_when_dense", "greedy_without_table",
+                                  "prompt_not_utf8"])
 def test_bad_input(case, tiny_ckpt, tmp_path):
     ckpt, extra, exit_code = tiny_ckpt, [], 1
     if case == "missing_checkpoint":
@@ -502,6 +515,8 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
         extra = ["--sparsity", "0", "--thresholds", tmp_path / "t.json"]
     elif case == "greedy_without_table":
         extra = ["--greedy", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json")]
+    elif case == "prompt_not_utf8":  # a Latin-1 terminal's byte 0xe9 reaches Python as a lone surrogate
+        extra, exit_code = ["--prompt", "caf\udce9"], 2
     code, out, err = run_main(["--checkpoint", ckpt, *BASE, *extra])
     line = assert_one_error(code, err, exit_code)
     expect = {"missing_checkpoint": "not found", "sparsity_1": "--sparsity", "sparsity_negative": "--sparsity",
@@ -509,7 +524,8 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
               "thresholds_corrupt": "corrupt", "thresholds_missing": "calibrate.py", "nan": "NaN",
               "temperature": "--temperature", "top_k": "--top_k", "max_new_tokens_0": "--max_new_tokens",
               "device": "--device", "batch_size_9": "--batch_size", "checkpoint_folder": "is a folder",
-              "thresholds_checked_when_dense": "corrupt", "greedy_without_table": "greedy"}[case]
+              "thresholds_checked_when_dense": "corrupt", "greedy_without_table": "greedy",
+              "prompt_not_utf8": "--prompt"}[case]
     assert expect in line, line
 
 
