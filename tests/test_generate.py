@@ -455,7 +455,8 @@ def test_warns_when_the_achieved_sparsity_is_far_from_the_asked(dropped, tiny_ck
     dropped are more than 10 points from --sparsity."""
     thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
     monkeypatch.setattr(generate, "achieved_sparsity", lambda *a: torch.full((2, len(PROJECTIONS)), dropped))
-    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--sparsity", "0.4", "--thresholds", str(thr), "--no_stream"])
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--sparsity", "0.4", "--thresholds", str(thr), "--no_stream",
+                   "--max_new_tokens", "20"])
     err = capsys.readouterr().err
     assert ("warning:" in err and "calibrated on this model" in err and "source: test" in err) == (dropped > 0.5 or
                                                                                                     dropped < 0.3), err
