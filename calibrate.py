@@ -189,6 +189,11 @@ def plot(rec: InputRecorder, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+PASS_DEFAULTS = {"dataset_file": "wikitext-2-raw-v1/train-00000-of-00001.parquet", "text_column": "text",
+                 "greedy_tokens": 2048, "sparse_aware_levels": [i / 20 for i in range(1, 19)],
+                 "sparse_aware_tokens": 4096}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
@@ -196,9 +201,12 @@ def parse_args(argv=None):
     src.add_argument("--text", type=Path, help="calibrate on this UTF-8 text file "
                                                "(default: the calibration part of pydoc_data.topics)")
     src.add_argument("--dataset", help="a Hugging Face dataset repo id, e.g. Salesforce/wikitext (needs network)")
-    p.add_argument("--dataset_file", default="wikitext-2-raw-v1/train-00000-of-00001.parquet",
-                   help="file inside --dataset: .parquet, .jsonl, .json or .txt")
-    p.add_argument("--text_column", default="text", help="column holding the text in --dataset_file")
+    # The flags of an optional pass default to None here, so that one given without its pass is told apart (and
+    # refused) whatever argparse abbreviation spelt it; PASS_DEFAULTS fills them in afterwards.
+    p.add_argument("--dataset_file", help="file inside --dataset: .parquet, .jsonl, .json or .txt "
+                                          f"(default: {PASS_DEFAULTS['dataset_file']})")
+    p.add_argument("--text_column", help=f"column holding the text in --dataset_file (default: "
+                                         f"{PASS_DEFAULTS['text_column']})")
     p.add_argument("--tokens", type=cli.at_least(1), default=16384,
                    help="calibration tokens (rounded down to whole --seq_len windows)")
     p.add_argument("--seq_len", type=cli.at_least(2), default=None,
@@ -209,31 +217,34 @@ def parse_args(argv=None):
                    help="magnitude: |x| (TEAL); weighted: |x_i| * ||W[:, i]||_2 per projection")
     p.add_argument("--greedy", action="store_true",
                    help="also search per-projection sparsities per block (greedy allocation, see README)")
-    p.add_argument("--greedy_tokens", type=cli.at_least(1), default=2048,
-                   help="calibration tokens used by the greedy search: the first of the --tokens (at least --seq_len)")
+    p.add_argument("--greedy_tokens", type=cli.at_least(1),
+                   help="calibration tokens used by the greedy search: the first of the --tokens (at least --seq_len; "
+                        f"default: {PASS_DEFAULTS['greedy_tokens']})")
     p.add_argument("--sparse_aware", action="store_true",
                    help="also correct the uniform thresholds so each projection hits its level on the sparse "
                         "model's own activations (each layer sees the sparse layers before it); generate.py uses "
                         "them for --sparsity within --sparse_aware_levels")
-    p.add_argument("--sparse_aware_levels", type=cli.sparsities, default=",".join(f"{i / 20:g}" for i in range(1, 19)),
+    p.add_argument("--sparse_aware_levels", type=cli.sparsities,
                    help="comma-separated, increasing sparsity levels in (0, 1) for --sparse_aware "
-                        "(default 0.05, 0.1, ..., 0.9)")
-    p.add_argument("--sparse_aware_tokens", type=cli.at_least(1), default=4096,
-                   help="calibration tokens used by --sparse_aware: the first of the --tokens (at least --seq_len)")
+                        "(default: 0.05,0.1,...,0.9)")
+    p.add_argument("--sparse_aware_tokens", type=cli.at_least(1),
+                   help="calibration tokens used by --sparse_aware: the first of the --tokens (at least --seq_len; "
+                        f"default: {PASS_DEFAULTS['sparse_aware_tokens']})")
     p.add_argument("--out", type=cli.out_file, help="output JSON (default: thresholds.json beside the checkpoint, "
                                             "thresholds_weighted.json for --score weighted)")
     p.add_argument("--plot", type=cli.out_file, help="also write a PNG of the score distributions here")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed of the score sampling and the greedy search")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the score sampling and the greedy search")
     args = p.parse_args(argv)
     args.dtype = args.dtype or cli.default_dtype(args.device)
     # A flag whose pass is off would be ignored without a word (and a default calibration overwrite the file)
-    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else map(str, argv)) if a.startswith("--")}
-    for flag, needs in (("--dataset_file", "dataset"), ("--text_column", "dataset"), ("--greedy_tokens", "greedy"),
-                        ("--sparse_aware_levels", "sparse_aware"), ("--sparse_aware_tokens", "sparse_aware")):
-        if flag in given and not getattr(args, needs):
-            p.error(f"{flag} needs --{needs}")
+    for flag, needs in (("dataset_file", "dataset"), ("text_column", "dataset"), ("greedy_tokens", "greedy"),
+                        ("sparse_aware_levels", "sparse_aware"), ("sparse_aware_tokens", "sparse_aware")):
+        if getattr(args, flag) is not None and not getattr(args, needs):
+            p.error(f"--{flag} needs --{needs}")
+        if getattr(args, flag) is None:
+            setattr(args, flag, PASS_DEFAULTS[flag])
     lv = args.sparse_aware_levels
     if not all(a < b for a, b in zip([0.0] + lv, lv)) or lv[-1] >= 1:
         p.error("--sparse_aware_levels must increase within (0, 1)")

@@ -116,6 +116,14 @@ def at_least(n: int):
     return parse
 
 
+def seed(s: str) -> int:
+    """--seed: an integer torch.manual_seed takes (0 to 2**64 - 1)."""
+    v = at_least(0)(s)
+    if v >= 2 ** 64:
+        raise argparse.ArgumentTypeError(f"{s} is above 2**64 - 1")
+    return v
+
+
 def positive_ints(s: str) -> list:
     """Comma-separated integers >= 1."""
     return [at_least(1)(x) for x in s.split(",")]

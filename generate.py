@@ -132,13 +132,15 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=cli.non_negative_float, default=0.8,
                    help="sampling temperature; 0 (or below 1e-6) means greedy")
     p.add_argument("--top_k", type=cli.at_least(1), default=200, help="sample from the k most likely tokens")
-    p.add_argument("--compile", action="store_true", help="compile decode (fullgraph; CUDA graphs on a GPU)")
+    p.add_argument("--compile", action="store_true", help="compile decode (fullgraph; CUDA graphs on a GPU, where it is the fast path; "
+                        "on a CPU it takes a minute or two to compile and gains little)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP)
     p.add_argument("--sparsity", type=cli.sparsity, default=0.0,
                    help="TEAL sparsity in [0, 1): fraction of each linear's inputs zeroed during decode")
     p.add_argument("--thresholds", type=Path, default=None,
-                   help="thresholds JSON from calibrate.py (default: thresholds.json beside the checkpoint)")
+                   help="thresholds JSON from calibrate.py (default: beside the checkpoint, thresholds.json or, "
+                        "with --score weighted, thresholds_weighted.json)")
     p.add_argument("--score", choices=thr_file.SCORES, default="magnitude",
                    help="which default thresholds file to use: |x| (thresholds.json) or |x|*||W col|| "
                         "(thresholds_weighted.json); ignored with --thresholds")
@@ -146,7 +148,7 @@ def parse_args(argv=None):
                    help="per-projection sparsities from calibrate.py --greedy; --sparsity is then the "
                         "parameter-weighted block sparsity")
     p.add_argument("--sparse_prefill", action="store_true", help="apply the thresholds to the prompt too")
-    p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
+    p.add_argument("--seed", type=cli.seed, default=1234, help="random seed for sampling")
     p.add_argument("--no_stream", action="store_true", help="print each sample at the end, not token by token")
     args = p.parse_args(argv)
     try:  # a prompt from a terminal in another encoding arrives with undecodable bytes as surrogates
@@ -191,15 +193,19 @@ def main(argv=None) -> None:
     total_bytes, linear_bytes = model_bytes(model)
     stop_ids = tuple(tokenizer.eos_ids)
 
-    def until_stop(ids: list) -> list:  # the text shown ends before the first stop token
-        return next((ids[:j] for j, t in enumerate(ids) if t in stop_ids), ids)
+    def shown_text(seq: Tensor) -> str:
+        """Row 1 as gpt-fast prints it: the prompt (without BOS) and what follows, up to the first stop token.
+        Decoded whole: sentencepiece drops a leading space from a continuation decoded on its own."""
+        new = seq[0, T:].tolist()
+        new = next((new[:j] for j, t in enumerate(new) if t in stop_ids), new)
+        return tokenizer.decode(ids[1 if ids[0] == tokenizer.bos_id else 0:] + new)
 
     for i in range(args.num_samples + (1 if args.compile else 0)):
         warmup = args.compile and i == 0  # the first run compiles and captures; not timed
         shown = [0]
 
         def stream(seq, final=False):
-            text = tokenizer.decode(until_stop(seq[0, T:].tolist()))
+            text = shown_text(seq)
             if not final:  # a character whose bytes span tokens decodes to U+FFFD until its last byte comes
                 text = text.rstrip("\ufffd")
             print(text[shown[0]:], end="", flush=True)
@@ -219,7 +225,7 @@ def main(argv=None) -> None:
             print(f"compiled and warmed up in {dt:.1f}s", file=sys.stderr)
             continue
         if on_token is None:
-            print(tokenizer.decode(until_stop(seq[0, T:].tolist())), end="")
+            print(shown_text(seq), end="")
         else:
             stream(seq, final=True)
         n_new = seq.shape[1] - T

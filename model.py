@@ -322,7 +322,7 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = c.n_head * c.head_dim, c.n_local_heads * c.head_dim
         self.wqkv = nn.Linear(c.dim, self.q_size + 2 * self.kv_size, bias=c.qkv_bias)
         self.wo = nn.Linear(self.q_size, c.dim, bias=False)
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache: Optional[KVCache] = None  # Transformer.setup_caches, before any forward
         self.qkv_ends = [self.q_size, self.q_size + self.kv_size, self.q_size + 2 * self.kv_size]
         self.qkv_scale: Optional[Tensor] = None
         self.o_scale: Optional[Tensor] = None
@@ -337,7 +337,7 @@ class Attention(nn.Module):
         sums (see sparse_linear)."""
         bsz, seqlen, _ = x.shape
         qkv_stats = None if stats is None else stats[0:3]
-        if fused_decode(x) and self.kv_cache is not None:
+        if fused_decode(x):
             # Decode: one kernel sums the qkv GEMV's split-K partials, adds the bias, applies RoPE, writes the
             # cache and attends over the filled positions only (SDPA with the mask reads the whole cache).
             qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats,
@@ -352,8 +352,7 @@ class Attention(nn.Module):
             k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs)
             v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            if self.kv_cache is not None:
-                k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
                                                enable_gqa=self.n_head != self.n_local_heads).transpose(1, 2)
         y = y.contiguous().view(bsz, seqlen, self.q_size)
@@ -384,11 +383,16 @@ class FeedForward(nn.Module):
             h = sparse_ops.sparse_glu(x.view(x.shape[0], -1), self.w1.weight.t(), self.w3.weight.t(), thr[4:6], sc,
                                       kept).view(x.shape[0], 1, -1)
         else:
-            g = sparse_linear(x, self.w1, thr[4:5], [self.w1.out_features], sparse, None if sc is None else sc[0:1],
-                              None if stats is None else stats[4:5])
-            u = sparse_linear(x, self.w3, thr[5:6], [self.w3.out_features], sparse, None if sc is None else sc[1:2],
-                              None if stats is None else stats[5:6])
+            g = sparse_linear(x, self.w1, thr[4:5], [self.w1.out_features], sparse, None if sc is None else sc[0:1])
+            u = sparse_linear(x, self.w3, thr[5:6], [self.w3.out_features], sparse, None if sc is None else sc[1:2])
             h = F.silu(g) * u
+            if stats is not None:
+                keep = [sparse_ops.keep_mask(x, thr[4 + i], None if sc is None else sc[i]) for i in (0, 1)]
+                for i in (0, 1):
+                    c = drop_counts(keep[i], stats.dtype)
+                    if x.shape[0] == 1:  # batch-1 decode reads both rows of every channel that either keeps
+                        c[2:] = drop_counts(keep[0] | keep[1], stats.dtype)[2:]  # (sparse_glu's one list)
+                    stats[4 + i] += c
         return sparse_linear(h, self.w2, thr[6:7], [self.w2.out_features], sparse, self.w2_scale,
                              None if stats is None else stats[6:7])
 

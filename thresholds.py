@@ -69,7 +69,8 @@ def load(path, config: ModelArgs) -> dict:
     if path.is_dir():
         raise CheckpointError(f"thresholds file {path} is a folder")
     if not path.is_file():
-        raise CheckpointError(f"thresholds file not found: {path} (run calibrate.py first)")
+        how = "calibrate.py --score weighted" if path.name == default_path(path, "weighted").name else "calibrate.py"
+        raise CheckpointError(f"thresholds file not found: {path} (run {how} first)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -81,14 +82,11 @@ def load(path, config: ModelArgs) -> dict:
     if version != SCHEMA_VERSION:
         raise CheckpointError(f"{path}: unsupported schema_version {version!r} (expected {SCHEMA_VERSION})")
     _check_fingerprint(data.get("model"), model_fingerprint(config), path)
-    try:
-        levels = data["levels"]
-        rows = [[layer[p] for p in PROJECTIONS] for layer in data["layers"]]
-        score = data["calibration"]["score"]
-        source = str(data["calibration"].get("source"))
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"malformed thresholds file {path}: {type(e).__name__} {e}") from None
-    levels = _numbers(levels, path, "levels")
+    calibration = _field(data, "calibration", dict, path, "the file")
+    score = _field(calibration, "score", str, path, "calibration")
+    source = str(calibration.get("source"))
+    levels = _numbers(_field(data, "levels", list, path, "the file"), path, "levels")
+    rows = _rows(_field(data, "layers", list, path, "the file"), path, "layers")
     if not _increasing(levels, 0.0) or len(levels) < 2:
         raise CheckpointError(f"{path}: levels must increase from 0 and stay below 1")
     n = len(levels)
@@ -101,9 +99,9 @@ def load(path, config: ModelArgs) -> dict:
     _check_non_decreasing(table, levels, path, "thresholds")
     if score not in SCORES:
         raise CheckpointError(f"{path}: unknown score {score!r}")
-    greedy = data.get("greedy")
+    greedy = _section(data, "greedy", config, path, lowest=0.0)
     if greedy is not None:  # levels from 0; each projection's own sparsity at each
-        g_levels, g = _section(greedy, config, path, "greedy", lowest=0.0)
+        g_levels, g = greedy
         if not ((g >= 0) & (g < 1)).all():
             raise CheckpointError(f"{path}: malformed greedy section: sparsities outside [0, 1)")
         # greedy.search only ever raises a projection's sparsity as the block sparsity grows
@@ -116,9 +114,9 @@ def load(path, config: ModelArgs) -> dict:
             raise CheckpointError(f"{path}: malformed cats section: shape {tuple(cats.shape)} or non-finite values; "
                                   f"expected ({config.n_layer}, {n})")
         _check_non_decreasing(cats, levels, path, "cats thresholds")
-    sa = data.get("sparse_aware")
+    sa = _section(data, "sparse_aware", config, path, lowest=None)
     if sa is not None:  # levels above 0; a threshold at each
-        sa_levels, sa_table = _section(sa, config, path, "sparse_aware", lowest=None)
+        sa_levels, sa_table = sa
         if not (torch.isfinite(sa_table).all() and (sa_table >= 0).all()):
             raise CheckpointError(f"{path}: malformed sparse_aware section: thresholds not finite and >= 0")
         # level 0 keeps everything: threshold 0, at most every stored one
@@ -139,6 +137,29 @@ def _check_fingerprint(got, want: dict, path: Path) -> None:
     if diff:
         raise CheckpointError(f"{path} was calibrated for another model (its value, then this model's): "
                               f"{', '.join(diff)}")
+
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number",
+          type(None): "null"}
+
+
+def _field(obj: dict, key: str, kind: type, path: Path, where: str):
+    """obj[key], which must be a JSON value of this kind; the error names the field."""
+    value = obj.get(key)
+    if not isinstance(value, kind):
+        got = f"is {_KINDS[type(value)]}" if key in obj else "is missing"
+        raise CheckpointError(f"malformed thresholds file {path}: {where}'s {key!r} {got}, expected {_KINDS[kind]}")
+    return value
+
+
+def _rows(layers: list, path: Path, what: str) -> list:
+    """[{projection: values}] per layer -> [[values of each projection]]; the error names the layer and key."""
+    for l, layer in enumerate(layers):
+        missing = [p for p in PROJECTIONS if not isinstance(layer, dict) or p not in layer]
+        if missing:
+            raise CheckpointError(f"malformed thresholds file {path}: {what}[{l}] lacks {', '.join(missing)} "
+                                  f"(one object per layer with a list per projection)")
+    return [[layer[p] for p in PROJECTIONS] for layer in layers]
 
 
 def _numbers(x, path: Path, what: str) -> torch.Tensor:
@@ -165,15 +186,15 @@ def _check_non_decreasing(values: torch.Tensor, levels: torch.Tensor, path: Path
                               f"({name}); they must not decrease as the sparsity rises")
 
 
-def _section(sec, config: ModelArgs, path: Path, name: str, lowest) -> tuple:
-    """An optional section {"levels": [...], "layers": [{projection: [value at each level]}, ...]} as (levels,
-    table) tensors. Its levels increase and stay below 1, starting at `lowest` (or above 0 where None)."""
-    try:
-        levels = sec["levels"]
-        rows = [[layer[p] for p in PROJECTIONS] for layer in sec["layers"]]
-    except (KeyError, TypeError):
-        raise CheckpointError(f"{path}: malformed {name} section (it needs levels and layers)") from None
-    levels = _numbers(levels, path, f"{name} section's levels")
+def _section(data: dict, name: str, config: ModelArgs, path: Path, lowest):
+    """The optional section {"levels": [...], "layers": [{projection: [value at each level]}, ...]} as (levels,
+    table) tensors, or None where the file has none. Its levels increase and stay below 1, starting at `lowest`
+    (or above 0 where None)."""
+    if data.get(name) is None:
+        return None
+    sec = _field(data, name, dict, path, "the file")
+    levels = _numbers(_field(sec, "levels", list, path, f"the {name} section"), path, f"{name} section's levels")
+    rows = _rows(_field(sec, "layers", list, path, f"the {name} section"), path, f"{name} section's layers")
     table = _numbers(rows, path, f"{name} section's table")
     if not _increasing(levels, lowest):
         start = f"from {lowest}" if lowest is not None else "above 0"

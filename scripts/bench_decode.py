@@ -59,15 +59,16 @@ def build(config: ModelArgs, dtype, device) -> Transformer:
 @torch.no_grad()
 def time_decode(model, decode_fn, batch: int, prompt_len: int, n_tokens: int, warmup: int = 5, prof=None):
     """tokens/s of n_tokens compiled decode steps (after warm-up steps that compile and capture), and the
-    sequence generated, for measuring achieved sparsity. prof: a torch.profiler run around the timed steps."""
+    sequence generated, prompt and every decode step, as achieved_sparsity replays it. prof: a torch.profiler run
+    around the timed steps."""
     dev = model.output.weight.device
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=dev)
-    model(prompt, torch.arange(prompt_len, device=dev))
-    tok = prompt[:, -1:]
-    toks = [prompt]
+    tok, _ = decode_one_token(model, prompt, torch.arange(prompt_len, device=dev), 0.0, None)  # prefill, eager
+    toks = [prompt, tok]
     pos = torch.tensor([prompt_len], device=dev)  # advanced on the device: no host-to-device copy per step
     for _ in range(warmup):
         tok, _ = decode_fn(model, tok.clone(), pos, 0.0, None)
+        toks.append(tok.clone())
         pos += 1
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
@@ -115,7 +116,7 @@ def per_projection_sparsities(model: Transformer, s: float, linear_bytes: torch.
     """A non-uniform allocation with the same parameter-weighted sparsity: attention +0.1, MLP lowered to match."""
     attn = linear_bytes[:4].sum()
     mlp = linear_bytes[4:].sum()
-    d_attn = min(0.1, 0.95 - s)
+    d_attn = min(0.1, 0.95 - s, s * mlp / attn)  # the MLP's level stays >= 0: at s = 0 both are 0
     d_mlp = d_attn * attn / mlp
     per = torch.tensor([s + d_attn] * 4 + [s - d_mlp] * 3, dtype=torch.float64).clamp(0, 0.99)
     return per.expand(model.config.n_layer, len(PROJECTIONS))
@@ -138,7 +139,8 @@ def main(argv=None):
                    help="after each row, profile 20 decode steps and print device time by kernel kind")
     p.add_argument("--json", type=cli.out_file, help="write results here")
     p.add_argument("--device", type=cli.device, default="cuda",
-                   help="cuda[:N] (cpu only for smoke tests: no CUDA graphs, no speed)")
+                   help="cuda[:N]; cpu only as a smoke test of the script (eager, no compile: no speed figures), "
+                        "e.g. --preset smollm2-135m --tokens 4")
     args = p.parse_args(argv)
     levels = args.sparsity
     variants = args.variants.split(",")
@@ -148,7 +150,9 @@ def main(argv=None):
         p.error(f"--batch_size must be at most {sparse_ops.MAX_BATCH}")
     dev = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    compile_mode = "reduce-overhead" if dev.type == "cuda" else None
+
+    def compiled(fn):  # on a CPU a smoke test: compiling would take minutes and time nothing of interest
+        return torch.compile(fn, mode="reduce-overhead", fullgraph=True) if dev.type == "cuda" else fn
     t0 = time.perf_counter()
     model = build(ModelArgs(**PRESETS[args.preset]), dtype, dev)
     model.setup_caches(args.batch_size, args.prompt_len + args.tokens + 16)
@@ -176,9 +180,9 @@ def main(argv=None):
             r["kernel_breakdown"] = kernel_breakdown(model, decode_fn, args)
 
     # Dense baseline: row-major weights, F.linear -> cuBLAS, as gpt-fast runs its linears.
-    dense_fn = torch.compile(decode_one_token, mode=compile_mode, fullgraph=True)
+    dense_fn = compiled(decode_one_token)
     tok_s, seq = time_decode(model, dense_fn, args.batch_size, args.prompt_len, args.tokens)
-    report("dense (cuBLAS)", 0.0, tok_s, seq, False, dense_fn)
+    report("dense (cuBLAS)" if dev.type == "cuda" else "dense (F.linear)", 0.0, tok_s, seq, False, dense_fn)
 
     ids = torch.randint(0, model.config.vocab_size, (args.calib_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     cal_seq = min(512, args.calib_tokens)
@@ -189,13 +193,12 @@ def main(argv=None):
         table_w, _, _ = calibrate.record(model, ids, cal_seq, "weighted", 200_000, dev, progress=False)
         cal_w = {"levels": cal["levels"], "table": table_w, "greedy": None}
     print(f"[{time.perf_counter() - t0:4.0f}s] calibrated on {args.calib_tokens} random tokens", flush=True)
-    model.setup_caches(args.batch_size, args.prompt_len + args.tokens + 16)
     to_column_major(model)
     torch._dynamo.reset()
     for variant in variants:
         model.set_scores(variant == "weighted")
         model.set_sparse(decode=True, prefill=False)
-        sparse_fn = torch.compile(decode_one_token, mode=compile_mode, fullgraph=True)
+        sparse_fn = compiled(decode_one_token)
         for s in levels:
             c = cal_w if variant == "weighted" else cal
             if variant == "per_projection":

@@ -1,5 +1,6 @@
 """Writing the runtime's checkpoint folder: model.pth + config.json + tokenizer files + tealfast.json."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,10 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
         raise ValueError(f"unknown tokenizer kind {tokenizer_kind!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.contiguous() for k, v in state_dict.items()}, out / "model.pth")
+    # model.pth takes its name last: prepare.sh takes a folder that has one as done, so a conversion cut short (a
+    # full disk, Ctrl-C) must not leave one behind
+    partial = out / "model.pth.partial"
+    torch.save({k: v.contiguous() for k, v in state_dict.items()}, partial)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for name, src in tokenizer_files.items():
         if isinstance(src, Path):
@@ -34,4 +38,5 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
             (out / name).write_bytes(src.encode() if isinstance(src, str) else src)
     meta = {"schema_version": SCHEMA_VERSION, "tokenizer": tokenizer_kind, "source": source}
     (out / "tealfast.json").write_text(json.dumps(meta, indent=2))
+    os.replace(partial, out / "model.pth")
     return out / "model.pth"

@@ -184,7 +184,7 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated file ...
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConversionError(f"cannot read GGUF {path}: {why}") from None
+        raise ConversionError(f"cannot read GGUF {path} (not a GGUF file, or cut short?): {why}") from None
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise ConversionError(f"unsupported architecture {arch!r} (only llama)")

@@ -92,24 +92,29 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5,0.65",
                    help="comma-separated levels in [0, 1)")
     p.add_argument("--method", default="uniform", help=f"comma-separated, from {', '.join(METHODS)}")
-    p.add_argument("--text", type=Path, help="UTF-8 text file (default: --corpus)")
-    p.add_argument("--corpus", choices=["pydoc-heldout", "stdlib-docstrings"], default="pydoc-heldout",
-                   help="built-in text when no --text: the held-out part of pydoc_data.topics, or docstrings of "
-                        "stdlib modules (a second text the calibration never saw)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", type=Path, help="UTF-8 text file (default: --corpus)")
+    src.add_argument("--corpus", choices=["pydoc-heldout", "stdlib-docstrings"], default="pydoc-heldout",
+                     help="built-in text: the held-out part of pydoc_data.topics, or docstrings of stdlib modules "
+                          "(a second text the calibration never saw)")
     p.add_argument("--max_tokens", type=cli.at_least(2), default=None, help="evaluate only the first N tokens (default: all)")
     p.add_argument("--seq_len", type=cli.at_least(2), default=None, help=f"window length {cli.SEQ_LEN_DEFAULT}")
-    p.add_argument("--thresholds", type=Path, help="magnitude thresholds JSON (default: beside the checkpoint)")
+    p.add_argument("--thresholds", type=Path, help="magnitude thresholds JSON (default: beside the checkpoint; "
+                                                   "checked even where every level is 0)")
     p.add_argument("--weighted_thresholds", type=Path,
                    help="weighted-score thresholds JSON (default: thresholds_weighted.json beside the checkpoint)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype to evaluate in")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP + "; as generate.py decodes")
     p.add_argument("--json", type=cli.out_file, help="write results here")
     p.add_argument("--plot", type=cli.out_file, help="write a PNG of perplexity against sparsity here")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or cli.default_dtype(args.device)
     args.method = args.method.split(",")
     bad = [m for m in args.method if m not in METHODS]
     if bad:
         p.error(f"unknown --method {bad[0]!r} (choose from {', '.join(METHODS)})")
+    if args.weighted_thresholds and not any("weighted" in m for m in args.method):
+        p.error("--weighted_thresholds needs a weighted --method (weighted or greedy+weighted)")
     return args
 
 
@@ -127,9 +132,9 @@ def main(argv=None) -> list:
     if len(ids) < 2:
         raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
     cals = {}
-    if any(s > 0 for s in args.sparsity):  # the dense model needs no thresholds
+    if any(s > 0 for s in args.sparsity) or args.thresholds:  # the dense model needs none, a named file is checked
         cals["magnitude"] = thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), config)
-    if cals and any("weighted" in m for m in args.method):
+    if (any(s > 0 for s in args.sparsity) or args.weighted_thresholds) and any("weighted" in m for m in args.method):
         cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
                                          config)
     for score, cal in cals.items():  # each file must hold the scores its flag names

@@ -64,11 +64,9 @@ def sparse_glu(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, sc
     _check(x, [wt_gate, wt_up], thresholds, 2, scale, kept)
     if wt_gate.shape != wt_up.shape:
         raise ValueError(f"gate and up weights differ in shape: {tuple(wt_gate.shape)}, {tuple(wt_up.shape)}")
-    if not use_triton(x):
-        return sparse_glu_ref(x, wt_gate, wt_up, thresholds, scale)
-    if kept is not None:
+    if kept is not None and use_triton(x):
         return _sparse_glu_op(x, wt_gate, wt_up, thresholds, scale, kept)
-    g, u = sum_partials(_sparse_gemv_pair_op(x, wt_gate, wt_up, thresholds, scale), x.dtype).chunk(2, dim=-1)
+    g, u = sparse_gemv_pair(x, wt_gate, wt_up, thresholds, scale).chunk(2, dim=-1)
     return F.silu(g) * u
 
 
@@ -92,9 +90,9 @@ def add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresholds
     """Decode's residual add and RMSNorm before the MLP at batch 1: h = x + (sum of parts in x's dtype),
     y = RMSNorm(h) * weight, and the list of the channels of y that gate or up keeps (sparse_glu's `kept`).
 
-    x: (1, D) the residual stream; parts: (parts, 1, D), the o GEMV's split-K partial sums; thresholds: one per
-    segment of the next GEMV (gate, up; scale likewise). Returns (h, y, kept): kept is (1, D + 1)
-    int32 (format in sparse_ops/norm.py)."""
+    x: (1, D) the residual stream; parts: (parts, 1, D), the o GEMV's split-K partial sums; thresholds: (2,),
+    gate's and up's (scale likewise, (2, D)). Returns (h, y, kept): kept is (1, D + 1) int32 (format in
+    sparse_ops/norm.py)."""
     check_add_rmsnorm(x, parts, weight, thresholds, scale)
     if use_triton(x):
         return _add_rmsnorm_op(x, parts, weight, eps, thresholds, scale)

@@ -6,12 +6,12 @@ partials of 4096: 3.5 us against 2.9): what it adds is the list. Given the next 
 channels that any of its output segments keeps, and the GEMV streams their rows at once instead of listing them
 itself. Decode uses it at batch 1 before the gate|up GEMV (sparse_glu). That pays because the GEMV's own listing
 is slow there: each of its programs would scan all its K channels (4096: about 5 us), the list here costs about
-1 us (docs/benchmarks.md). The list's scattered 4-byte stores are slow from one SM (about 7 us for 3 x 4096
-channels), so several programs each compute the whole row (its sum of squares and every position in the list)
-and store one slice.
+1 us (docs/benchmarks.md). The list's scattered 4-byte stores are slow from one SM (session 12 measured about
+7 us for three lists of 4096 channels), so several programs each compute the whole row (its sum of squares and
+every position in the list) and store one slice.
 
-The list (`kept`, one row of D + 1 int32): kept[0, :n] the n channels that any segment keeps, in increasing
-order, then -1 up to D; kept[0, D] = n. The GEMV still applies each segment's own threshold to the listed rows.
+The list (`kept`, one row of D + 1 int32): kept[0, :n] the n channels that gate or up keeps, in increasing
+order, then -1 up to D; kept[0, D] = n. The GEMV still applies gate's and up's own thresholds to the listed rows.
 """
 from typing import Optional
 
@@ -73,7 +73,8 @@ def _add_rmsnorm_op(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresh
     D = x.shape[1]
     h, y, kept = _empty_outputs(x)
     block_d = triton.next_power_of_2(max(D, LIST_GROUP))
-    # 256 channels per program; a multiple of the group, so that each group's list entries have one writer
+    # At least 256 channels per program and at most 16 programs; a multiple of the group, so that each group's list
+    # entries have one writer
     slice_d = max(256, triton.cdiv(triton.cdiv(D, 16), LIST_GROUP) * LIST_GROUP)
     wrap_triton(_add_rmsnorm_kernel)[(triton.cdiv(D, slice_d),)](
         parts, x, weight, h, y, thresholds, scale if scale is not None else weight, kept, parts.stride(0), D, eps,
@@ -106,11 +107,11 @@ def check_add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, thresholds: Tens
                          f"{tuple(parts.shape)}")
     if tuple(weight.shape) != (D,) or weight.dtype != x.dtype:
         raise ValueError(f"weight must be ({D},) {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")
-    n_seg = thresholds.shape[0] if thresholds.dim() == 1 else -1
-    if not 1 <= n_seg <= 3 or thresholds.dtype != torch.float32:
-        raise ValueError(f"thresholds must be fp32 (1-3,), got {thresholds.dtype} {tuple(thresholds.shape)}")
-    if scale is not None and (tuple(scale.shape) != (n_seg, D) or scale.dtype != torch.float32):
-        raise ValueError(f"scale must be fp32 ({n_seg}, {D}), got {scale.dtype} {tuple(scale.shape)}")
+    if tuple(thresholds.shape) != (2,) or thresholds.dtype != torch.float32:
+        raise ValueError(f"thresholds must be fp32 (2,), gate's and up's, got {thresholds.dtype} "
+                         f"{tuple(thresholds.shape)}")
+    if scale is not None and (tuple(scale.shape) != (2, D) or scale.dtype != torch.float32):
+        raise ValueError(f"scale must be fp32 (2, {D}), got {scale.dtype} {tuple(scale.shape)}")
     devices = {t.device for t in (x, parts, weight, thresholds, scale) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, parts, weight, thresholds and scale must be on one device, got "

@@ -1,4 +1,5 @@
-"""The benchmark scripts' command lines: a bad value is a one-line usage error (the timings need a GPU)."""
+"""The benchmark scripts' command lines: a bad value is a one-line usage error; bench_decode also runs end to end on
+a CPU as a smoke test (the timings need a GPU)."""
 import pytest
 
 import bench_attention
@@ -24,3 +25,22 @@ def test_bad_values_are_usage_errors(main, argv, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and len([l for l in err.splitlines() if "error:" in l]) == 1, err
+
+
+def test_bench_decode_cpu_smoke(tmp_path, monkeypatch):
+    """The whole script on a CPU (eager, the reference ops): dense row, calibration on the fly, sparse rows, JSON."""
+    import json
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter would take minutes; the kernels have their tests
+    out = tmp_path / "decode.json"
+    bench_decode.main(["--preset", "smollm2-135m", "--device", "cpu", "--tokens", "3", "--prompt_len", "4",
+                       "--calib_tokens", "32", "--sparsity", "0,0.5", "--variants", "uniform,per_projection",
+                       "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["sparsity"]) for r in rows] == [("dense (F.linear)", 0.0), ("uniform", 0.0),
+                                                            ("uniform", 0.5), ("per_projection", 0.0),
+                                                            ("per_projection", 0.5)]
+    assert rows[0]["achieved"] == 0
+    assert rows[1]["achieved"] < 0.01 and rows[3]["achieved"] < 0.01  # level 0 drops exact zeros only
+    # 8 decode steps (5 warm-up, 3 timed) of random tokens against a 32-token calibration
+    assert 0.3 < rows[2]["achieved"] < 0.7 and 0.3 < rows[4]["achieved"] < 0.7
+    assert all(r["tokens_per_s"] > 0 for r in rows)

@@ -94,3 +94,11 @@ def test_seq_len():
     assert cli.seq_len(2048, 8192) == 2048 and cli.seq_len(64, 64) == 64
     with pytest.raises(ValueError, match=r"--seq_len 65 exceeds the model's context of 64 tokens"):
         cli.seq_len(65, 64)
+
+
+def test_seed(capsys):
+    for ok in ("0", "1234", str(2 ** 64 - 1)):
+        v = parse(cli.seed, ok)
+        torch.manual_seed(v)  # every accepted seed is one torch takes
+    for bad in ("-1", str(2 ** 64), "1e3", "x"):
+        assert "--v" in usage_error(cli.seed, bad, capsys)

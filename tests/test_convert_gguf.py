@@ -346,11 +346,14 @@ def test_tensors_the_model_lacks_are_refused(tmp_path):
     assert not (tmp_path / "out" / "model.pth").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "not_gguf", "arch", "qtype"])
+@pytest.mark.parametrize("case", ["missing", "not_gguf", "truncated", "arch", "qtype"])
 def test_errors_are_one_line(tmp_path, case):
     f = tmp_path / "m.gguf"
     if case == "not_gguf":
         f.write_bytes(b"definitely not a gguf file" * 10)
+    elif case == "truncated":  # a download cut short: the header reads, a tensor runs past the end
+        write_tiny_gguf(f)
+        f.write_bytes(f.read_bytes()[:-3000])
     elif case == "arch":
         write_gguf(f, "gpt2")
     elif case == "qtype":
@@ -359,6 +362,8 @@ def test_errors_are_one_line(tmp_path, case):
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
+    if case == "truncated":
+        assert "cut short" in err, err
     assert not (tmp_path / "out" / "model.pth").exists()
 
 

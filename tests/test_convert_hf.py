@@ -247,3 +247,17 @@ def test_cli_flags(hf_dir, capsys):
     assert all(f in help_text for f in ("--checkpoint_dir", "--out", "--dtype"))
     rc, _ = run_main("--checkpoint_dir", hf_dir, "--dtype", "int8")
     assert rc != 0
+
+
+def test_a_conversion_cut_short_leaves_no_model_pth(tmp_path):
+    """prepare.sh takes a folder with a model.pth as converted: one that fails half-way must not leave it."""
+    import checkpoint_io
+    with pytest.raises(OSError):  # the weights are written, then a tokenizer file cannot be copied
+        checkpoint_io.save_checkpoint(tmp_path / "out", {"w": torch.zeros(2)}, {}, "hf",
+                                      {"tokenizer.json": tmp_path / "missing.json"}, "test")
+    assert not (tmp_path / "out" / "model.pth").exists()
+    path = checkpoint_io.save_checkpoint(tmp_path / "out", {"w": torch.ones(2)}, {}, "hf",
+                                         {"tokenizer.json": "{}"}, "test")
+    assert path == tmp_path / "out" / "model.pth" and torch.equal(torch.load(path)["w"], torch.ones(2))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.json", "model.pth", "tealfast.json",
+                                                             "tokenizer.json"]

@@ -62,7 +62,7 @@ def test_residual_rounds_the_linear_output_first():
     # h = x + round(sum of fp32 partials): the unfused model rounds the linear's output to the model dtype before
     # the add. Emulated exactly here (fp32 sum in partial order, then fp16): adding the fp32 sum would differ.
     x, parts, w = inputs(576, 3, torch.float16, seed=21)
-    thr = torch.tensor([0.5], device=DEV)
+    thr = torch.tensor([0.5, 0.5], device=DEV)
     h = add_rmsnorm(x, parts, w, 1e-5, thr)[0]
     s = parts[0].float()
     for p in parts[1:]:
@@ -76,14 +76,14 @@ def test_kept_lists_break_ties_as_the_keep_rule():
     # TEAL keeps |y| > t, strictly: a channel exactly at its threshold, or a zero at threshold 0, is not listed
     x, parts, w = inputs(256, 2, torch.float32, seed=9)
     w[::5] = 0  # channels whose output is exactly 0
-    y = add_rmsnorm(x, parts, w, 1e-5, torch.zeros(1, device=DEV))[1]
+    y = add_rmsnorm(x, parts, w, 1e-5, torch.zeros(2, device=DEV))[1]
     assert (y[0, ::5] == 0).all()
-    thr = torch.stack([y[0, 7].abs(), y[0, 130].abs(), torch.tensor(0.0, device=DEV)]).float()
-    for t in (thr[:2], thr[2:]):
+    at7, at130 = y[0, 7].abs().float(), y[0, 130].abs().float()
+    for t in (torch.stack([at7, at130]), torch.zeros(2, device=DEV)):
         _, y_op, kept = add_rmsnorm(x, parts, w, 1e-5, t)
         assert torch.equal(y_op, y)
         check_lists(kept, y, t, None)
-    kept = add_rmsnorm(x, parts, w, 1e-5, thr[:1])[2]
+    kept = add_rmsnorm(x, parts, w, 1e-5, torch.stack([at7, at7]))[2]
     assert 7 not in kept[0, :256].tolist()
 
 
@@ -92,7 +92,7 @@ def test_norm_of_a_small_residual(eps):
     # activations as small as eps: where eps enters the normalisation shows
     x, parts, w = inputs(576, 3, torch.float32, seed=11)
     x, parts = x * 1e-3, parts * 1e-3
-    h, y, _ = add_rmsnorm(x, parts, w, eps, torch.zeros(1, device=DEV))
+    h, y, _ = add_rmsnorm(x, parts, w, eps, torch.zeros(2, device=DEV))
     assert rel_err(y, oracle(x, parts, w, eps)[1]) < 1e-5
 
 
@@ -102,10 +102,9 @@ def test_norm_of_a_small_residual(eps):
 def test_kept_lists(D, dtype, scaled):
     x, parts, w = inputs(D, 3, dtype, seed=D)
     g = torch.Generator().manual_seed(D + 1)
-    y = add_rmsnorm(x, parts, w, 1e-5, torch.zeros(1, device=DEV))[1]
-    for levels in ([0.5], [0.25, 0.5, 0.65], [0.0, 0.9]):
-        n = len(levels)
-        scale = (torch.rand(n, D, generator=g) + 0.5).to(DEV) if scaled else None
+    y = add_rmsnorm(x, parts, w, 1e-5, torch.zeros(2, device=DEV))[1]
+    for levels in ([0.5, 0.5], [0.25, 0.65], [0.0, 0.9]):  # gate's and up's
+        scale = (torch.rand(2, D, generator=g) + 0.5).to(DEV) if scaled else None
         score = y.abs().float() * (scale if scaled else 1)
         thr = torch.stack([torch.quantile(score[s if scaled else 0].cpu(), q) if q else torch.tensor(0.0)
                            for s, q in enumerate(levels)]).float().to(DEV)
@@ -120,8 +119,9 @@ def test_nothing_kept_and_everything_kept():
     _, y, kept = add_rmsnorm(x, parts, w, 1e-5, thr)
     check_lists(kept, y, thr, None)
     assert kept[0, -1] == (y[0] != 0).sum()  # the union: everything one segment keeps
-    check_lists(add_rmsnorm(x, parts, w, 1e-5, thr[:1])[2], y, thr[:1], None)
-    assert add_rmsnorm(x, parts, w, 1e-5, thr[:1])[2][0, -1] == 0
+    nothing = torch.tensor([1e9, 1e9], device=DEV)
+    check_lists(add_rmsnorm(x, parts, w, 1e-5, nothing)[2], y, nothing, None)
+    assert add_rmsnorm(x, parts, w, 1e-5, nothing)[2][0, -1] == 0
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -154,7 +154,7 @@ def test_opcheck():
     utils = "ALL" if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
     op = torch.ops.tealfast.add_rmsnorm.default
     torch.library.opcheck(op, (x, parts, w, 1e-5, thr, None), test_utils=utils)
-    torch.library.opcheck(op, (x, parts, w, 1e-5, thr[:1], torch.rand(1, 96, device=DEV)), test_utils=utils)
+    torch.library.opcheck(op, (x, parts, w, 1e-5, thr, torch.rand(2, 96, device=DEV)), test_utils=utils)
 
 
 def test_bad_input():
@@ -168,6 +168,8 @@ def test_bad_input():
         add_rmsnorm(x, parts, w.float(), 1e-5, thr)
     with pytest.raises(ValueError, match="thresholds"):
         add_rmsnorm(x, parts, w, 1e-5, torch.zeros(4, device=DEV))
+    with pytest.raises(ValueError, match="thresholds"):
+        add_rmsnorm(x, parts, w, 1e-5, torch.zeros(1, device=DEV))  # gate's and up's: two
     with pytest.raises(ValueError, match="one row"):
         add_rmsnorm(torch.cat([x, x]), torch.cat([parts, parts], 1), w, 1e-5, thr)
     with pytest.raises(ValueError, match="parts"):
@@ -175,7 +177,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="multiple of 16"):
         add_rmsnorm(x[:, :40].contiguous(), parts[:, :, :40].contiguous(), w[:40], 1e-5, thr)
     with pytest.raises(ValueError, match="scale"):
-        add_rmsnorm(x, parts, w, 1e-5, thr, torch.ones(1, 64, device=DEV))
+        add_rmsnorm(x, parts, w, 1e-5, thr, torch.ones(1, 64, device=DEV))  # one row: gate's and up's are two
     with pytest.raises(ValueError, match="contiguous"):
         add_rmsnorm(torch.randn(64, 2, device=DEV, dtype=torch.bfloat16).t(), parts, w, 1e-5, thr)
     kept = add_rmsnorm(x, parts, w, 1e-5, thr)[2]
@@ -196,7 +198,7 @@ def test_bad_input():
 @pytest.mark.parametrize("D", [4096, 5120])
 def test_llama_sizes_gpu(D, n_parts):
     x, parts, w = inputs(D, n_parts, torch.bfloat16, seed=D + n_parts)
-    thr = torch.tensor([0.3, 0.6, 0.9], device=DEV)
+    thr = torch.tensor([0.3, 0.9], device=DEV)
     h, y, kept = add_rmsnorm(x, parts, w, 1e-5, thr)
     h_ref, y_ref = oracle(x, parts, w, 1e-5)
     assert rel_err(h, h_ref) < 1e-2 and rel_err(y, y_ref) < 1e-2

@@ -343,6 +343,24 @@ def test_malformed_optional_sections(saved):
     assert "greedy" in load_error(path)
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("layers", None, "'layers' is null"), ("layers", {}, "'layers' is an object"), ("layers", [1, 2], "layers[0] lacks q"),
+    ("calibration", None, "'calibration' is null"), ("calibration", {"source": "x"}, "'score' is missing"),
+    ("greedy", [0.0], "'greedy' is a list"), ("greedy", {"layers": []}, "greedy section's 'levels' is missing"),
+    ("sparse_aware", {"levels": [0.5], "layers": None}, "sparse_aware section's 'layers' is null")])
+def test_missing_or_wrong_typed_fields_are_named(saved, field, value, words):
+    path, _ = saved
+    rewrite(path, **{field: value})
+    msg = load_error(path)
+    assert "malformed" in msg and words in msg, msg
+
+
+def test_missing_weighted_file_names_the_calibration_to_run(saved):
+    path, _ = saved
+    assert "run calibrate.py --score weighted first" in load_error(path.parent / "thresholds_weighted.json")
+    assert "run calibrate.py first" in load_error(path.parent / "other.json")
+
+
 def test_set_thresholds_rejects_bad_tables():
     import model
     m = model.Transformer(ARGS)

@@ -11,6 +11,7 @@ import regex
 from pydoc_data.topics import topics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conftest import run_script  # noqa: E402
 from tokenizer import Tokenizer, TokenizerError, get_tokenizer  # noqa: E402
 
 CORPUS = [t for t in topics.values() if t.strip()]
@@ -288,6 +289,23 @@ def test_hf_vocab_size_is_one_past_the_largest_id(tmp_path):
     tok = get_tokenizer(write_checkpoint(tmp_path / "fits", "hf", {"vocab_size": 6}, data))
     assert tok.encode("c") == [5] and tok.vocab_size == 6
     assert "has 6 token ids" in error_message(write_checkpoint(tmp_path / "short", "hf", {"vocab_size": 5}, data))
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("generate.py", ["--prompt", "the", "--max_new_tokens", "2"]),
+    ("calibrate.py", ["--tokens", "64", "--seq_len", "32"]),
+    ("scripts/eval_ppl.py", ["--sparsity", "0"])])
+def test_commands_refuse_a_tokenizer_past_the_embedding(tmp_path, script, argv):
+    """A hand-assembled folder: a tokenizer of 300 ids beside a model of 258 embedding rows would crash the
+    embedding at the first id past them. Each command stops with one line naming both sizes, writing nothing."""
+    from make_random_checkpoint import tokenizer_json
+    from test_generate import write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")  # 258 embedding rows
+    (ckpt.parent / "tokenizer.json").write_text(tokenizer_json(300))
+    code, _, err = run_script(script, ["--checkpoint", ckpt, "--device", "cpu", *argv])
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "has 300 token ids" in err and "vocab_size 258" in err, err
+    assert not (ckpt.parent / "thresholds.json").exists()
 
 
 # ---------------------------------------------------------------- errors
