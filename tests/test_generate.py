@@ -143,6 +143,19 @@ def reference_logits(m, idx, thr, weighted, from_pos):
         ref.remove()
 
 
+def achieved_as_reference(m, idx, thr, weighted) -> torch.Tensor:
+    """generate.achieved_sparsity over idx (a dense prompt of PROMPT tokens, then decode steps) against the masked
+    reference's counts of the same masks; returns it."""
+    _, counts = reference_logits(m, idx[:, :-1], thr, weighted, PROMPT)
+    m.set_thresholds(thr)
+    m.set_scores(weighted)
+    m.set_sparse(decode=True, prefill=False)
+    ach = generate.achieved_sparsity(m, PROMPT, idx)
+    assert torch.allclose(ach[0].double(), counts[:, 0] / counts[:, 1], atol=1e-6)
+    assert torch.allclose(ach[1].double(), counts[:, 2] / counts[:, 3], atol=1e-6)
+    return ach
+
+
 def sparse_decode_logits(m, idx, thr, weighted):
     """Dense prefill of the first PROMPT tokens, then one token at a time through the KV cache, sparse."""
     m.set_thresholds(thr)
@@ -203,13 +216,7 @@ def test_sparse_decode_weighted_scores():
     plain, _ = reference_logits(m, idx, thr, False, PROMPT)
     assert max_rel_err(plain[:, PROMPT - 1:TOTAL - 1], want[:, PROMPT - 1:TOTAL - 1]) > 100 * TOL
     # the drop counts behind the achieved-sparsity report apply the same weighted scores
-    _, counts = reference_logits(m, idx[:, :-1], thr, True, PROMPT)
-    m.set_thresholds(thr)
-    m.set_scores(True)
-    m.set_sparse(decode=True, prefill=False)
-    ach = generate.achieved_sparsity(m, PROMPT, idx)
-    assert torch.allclose(ach[0].double(), counts[:, 0] / counts[:, 1], atol=1e-6)
-    assert torch.allclose(ach[1].double(), counts[:, 2] / counts[:, 3], atol=1e-6)
+    achieved_as_reference(m, idx, thr, True)
     m.set_scores(False)
     m.set_sparse(decode=False, prefill=False)
 
@@ -251,13 +258,7 @@ def test_rows_skipped_at_batch_1_count_what_the_glu_kernel_reads(weighted, monke
     # Magnitude scores rank gate's and up's channels alike (one input): up, at a higher threshold, keeps a subset of
     # gate's. Weighted scores rank them by each weight's column norms too: at one threshold neither set holds the other.
     thr[:, 5] = thr[:, 4] * (1 if weighted else 3)
-    _, counts = reference_logits(m, idx[:, :-1], thr, weighted, PROMPT)
-    m.set_thresholds(thr)
-    m.set_scores(weighted)
-    m.set_sparse(decode=True, prefill=False)
-    ach = generate.achieved_sparsity(m, PROMPT, idx)
-    assert torch.allclose(ach[0].double(), counts[:, 0] / counts[:, 1], atol=1e-6)
-    assert torch.allclose(ach[1].double(), counts[:, 2] / counts[:, 3], atol=1e-6)
+    ach = achieved_as_reference(m, idx, thr, weighted)
     assert ach[1, 4] == ach[1, 5]
     if weighted:  # fewer rows skipped than either one's inputs dropped
         assert ach[1, 4] < ach[0, 4] and ach[1, 4] < ach[0, 5], ach
@@ -302,14 +303,7 @@ def test_generate_greedy_matches_naive_loop(sparse, monkeypatch):
         got = generate.generate(m, prompt, n, generate.decode_one_token, temperature=0.0)
     assert torch.equal(got, want)
     if thr is not None:
-        # achieved_sparsity replays the decode steps; the reference counts the same masks
-        _, counts = reference_logits(m, want[:, :-1], thr, False, PROMPT)
-        m.set_sparse(decode=True, prefill=False)
-        m.setup_caches(2, PROMPT + n)
-        with torch.no_grad():
-            ach = generate.achieved_sparsity(m, PROMPT, got)
-        assert torch.allclose(ach[0].double(), counts[:, 0] / counts[:, 1], atol=1e-6)
-        assert torch.allclose(ach[1].double(), counts[:, 2] / counts[:, 3], atol=1e-6)
+        ach = achieved_as_reference(m, got, thr, False)  # replays the decode steps that generate ran
         # two rows: a weight row is skipped only where both rows drop its channel
         assert (ach[0] > 0).all() and (ach[1] > 0).all() and (ach[1] < ach[0]).all()
     m.set_sparse(decode=False, prefill=False)
