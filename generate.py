@@ -132,8 +132,9 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=cli.non_negative_float, default=0.8,
                    help="sampling temperature; 0 (or below 1e-6) means greedy")
     p.add_argument("--top_k", type=cli.at_least(1), default=200, help="sample from the k most likely tokens")
-    p.add_argument("--compile", action="store_true", help="compile decode (fullgraph; CUDA graphs on a GPU, where it is the fast path; "
-                        "on a CPU it takes a minute or two to compile and gains little)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile decode (fullgraph; CUDA graphs on a GPU, where it is the fast path; on a CPU it "
+                        "takes a minute or two to compile and gains little)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP)
     p.add_argument("--sparsity", type=cli.sparsity, default=0.0,
