@@ -388,10 +388,12 @@ class FeedForward(nn.Module):
             h = F.silu(g) * u
             if stats is not None:
                 keep = [sparse_ops.keep_mask(x, thr[4 + i], None if sc is None else sc[i]) for i in (0, 1)]
+                # batch-1 decode reads both rows of every channel that either keeps (sparse_glu's one list)
+                union = drop_counts(keep[0] | keep[1], stats.dtype)[2:] if x.shape[0] == 1 else None
                 for i in (0, 1):
                     c = drop_counts(keep[i], stats.dtype)
-                    if x.shape[0] == 1:  # batch-1 decode reads both rows of every channel that either keeps
-                        c[2:] = drop_counts(keep[0] | keep[1], stats.dtype)[2:]  # (sparse_glu's one list)
+                    if union is not None:
+                        c[2:] = union
                     stats[4 + i] += c
         return sparse_linear(h, self.w2, thr[6:7], [self.w2.out_features], sparse, self.w2_scale,
                              None if stats is None else stats[6:7])

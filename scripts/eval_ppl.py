@@ -132,9 +132,10 @@ def main(argv=None) -> list:
     if len(ids) < 2:
         raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
     cals = {}
-    if any(s > 0 for s in args.sparsity) or args.thresholds:  # the dense model needs none, a named file is checked
+    sparse = any(s > 0 for s in args.sparsity)  # the dense model needs no thresholds; a file named is checked
+    if sparse or args.thresholds:
         cals["magnitude"] = thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), config)
-    if (any(s > 0 for s in args.sparsity) or args.weighted_thresholds) and any("weighted" in m for m in args.method):
+    if (sparse or args.weighted_thresholds) and any("weighted" in m for m in args.method):
         cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
                                          config)
     for score, cal in cals.items():  # each file must hold the scores its flag names
