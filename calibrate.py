@@ -262,7 +262,7 @@ def set_seq_len(args, context: int) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = cli.use_device(args.device)
     config = load_config(args.checkpoint)  # flags and text checked against it before the weights load
     set_seq_len(args, config.block_size)
     tokenizer = get_tokenizer(args.checkpoint.parent)

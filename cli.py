@@ -54,6 +54,15 @@ def device(s: str) -> str:
     return s
 
 
+def use_device(name: str) -> torch.device:
+    """--device as a torch.device, made the current CUDA device: Triton launches an eager kernel on the current
+    device, and torch.cuda's memory and synchronize calls default to it, whatever device the tensors are on."""
+    d = torch.device(name)
+    if d.type == "cuda" and d.index is not None:
+        torch.cuda.set_device(d)
+    return d
+
+
 def default_dtype(device_name: str) -> str:
     """bf16 on a GPU; fp32 on a CPU, where bf16 matrix products run many times slower."""
     return "bf16" if torch.device(device_name).type == "cuda" else "fp32"

@@ -112,8 +112,10 @@ def load_calibration(config: ModelArgs, args) -> Optional[dict]:
     dense = args.sparsity == 0 and not args.sparse_prefill
     if dense and not (args.thresholds or args.greedy):
         return None
-    path = args.thresholds or thr_file.default_path(args.checkpoint, args.score)
+    path = args.thresholds or thr_file.default_path(args.checkpoint, args.score or "magnitude")
     cal = thr_file.load(path, config)
+    if args.score and cal["score"] != args.score:
+        raise ValueError(f"{path} holds {cal['score']} scores, not the --score {args.score} asked for")
     thr_file.thresholds_for(cal, args.sparsity, args.greedy)  # the level is in the file's range
     return None if dense else cal
 
@@ -142,9 +144,9 @@ def parse_args(argv=None):
     p.add_argument("--thresholds", type=Path, default=None,
                    help="thresholds JSON from calibrate.py (default: beside the checkpoint, thresholds.json or, "
                         "with --score weighted, thresholds_weighted.json)")
-    p.add_argument("--score", choices=thr_file.SCORES, default="magnitude",
-                   help="which default thresholds file to use: |x| (thresholds.json) or |x|*||W col|| "
-                        "(thresholds_weighted.json); ignored with --thresholds")
+    p.add_argument("--score", choices=thr_file.SCORES, default=None,
+                   help="which scores to threshold: |x| (default; thresholds.json) or |x|*||W col|| "
+                        "(thresholds_weighted.json); with --thresholds the file's own, a different --score is refused")
     p.add_argument("--greedy", action="store_true",
                    help="per-projection sparsities from calibrate.py --greedy; --sparsity is then the "
                         "parameter-weighted block sparsity")
@@ -165,7 +167,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = cli.use_device(args.device)
     t0 = time.perf_counter()
     # Every input checked against config.json before the weights load (seconds to minutes for a large model)
     config = load_config(args.checkpoint)

@@ -56,6 +56,9 @@ class ModelArgs:
         # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here.
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise CheckpointError("unsupported attention_bias/mlp_bias in config.json (only qwen2's q/k/v biases)")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if cfg.get(key) is None:  # absent or null
+                raise CheckpointError(f"config.json lacks {key!r}")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
                     "rms_norm_eps", "rope_theta"):
@@ -63,33 +66,28 @@ class ModelArgs:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float) if real else int) or v <= 0):
                 raise CheckpointError(f"config.json: {key} must be a positive {'number' if real else 'integer'}, "
                                       f"got {v!r}")
-        if cfg.get("num_attention_heads", 1) % (cfg.get("num_key_value_heads") or 1):
+        n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+        if n_head % (cfg.get("num_key_value_heads") or 1):
             raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
-        try:
-            n_head = cfg["num_attention_heads"]
-            dim = cfg["hidden_size"]
-            rs = rope_scaling(cfg)
-            # No sliding-window attention here: cap the context where it equals full attention.
-            window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
-            block_size = min(cfg.get("max_position_embeddings") or 2048, window or float("inf"))
-            rope_base = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-            return cls(
-                vocab_size=cfg["vocab_size"],
-                dim=dim,
-                n_layer=cfg["num_hidden_layers"],
-                n_head=n_head,
-                n_local_heads=cfg.get("num_key_value_heads") or n_head,
-                head_dim=cfg.get("head_dim") or dim // n_head,
-                intermediate_size=cfg["intermediate_size"],
-                block_size=int(block_size),
-                norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                rope_base=float(rope_base),
-                rope_scaling=rs,
-                qkv_bias=mt == "qwen2",
-                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            )
-        except KeyError as e:
-            raise CheckpointError(f"config.json lacks {e.args[0]!r}") from None
+        # No sliding-window attention here: cap the context where it equals full attention.
+        window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
+        block_size = min(cfg.get("max_position_embeddings") or 2048, window or float("inf"))
+        rope_base = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=dim,
+            n_layer=cfg["num_hidden_layers"],
+            n_head=n_head,
+            n_local_heads=cfg.get("num_key_value_heads") or n_head,
+            head_dim=cfg.get("head_dim") or dim // n_head,
+            intermediate_size=cfg["intermediate_size"],
+            block_size=int(block_size),
+            norm_eps=cfg.get("rms_norm_eps") or 1e-5,
+            rope_base=float(rope_base),
+            rope_scaling=rope_scaling(cfg),
+            qkv_bias=mt == "qwen2",
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
 
 
 def rope_scaling(cfg: dict) -> Optional[dict]:
@@ -386,7 +384,7 @@ class FeedForward(nn.Module):
             g = sparse_linear(x, self.w1, thr[4:5], [self.w1.out_features], sparse, None if sc is None else sc[0:1])
             u = sparse_linear(x, self.w3, thr[5:6], [self.w3.out_features], sparse, None if sc is None else sc[1:2])
             h = F.silu(g) * u
-            if stats is not None:
+            if stats is not None and sparse:  # as sparse_linear: a dense run drops nothing
                 keep = [sparse_ops.keep_mask(x, thr[4 + i], None if sc is None else sc[i]) for i in (0, 1)]
                 # batch-1 decode reads both rows of every channel that either keeps (sparse_glu's one list)
                 union = drop_counts(keep[0] | keep[1], stats.dtype)[2:] if x.shape[0] == 1 else None

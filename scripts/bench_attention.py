@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     if max(args.context) > MAX_SEQ or max(args.batch) > sparse_ops.MAX_BATCH:
         p.error(f"--context values must be at most {MAX_SEQ}, --batch values at most {sparse_ops.MAX_BATCH}")
     if not torch.cuda.is_available():
-        raise SystemExit("error: the benchmark needs a CUDA GPU")
+        p.error("needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, cache of {MAX_SEQ} positions")
     print("| model | batch | context | SDPA + mask (us) | decode_attention (us) | speed-up | TB/s on filled k/v |")
     print("|---|---|---|---|---|---|---|")

@@ -148,7 +148,7 @@ def main(argv=None):
         p.error(f"--variants must be from {', '.join(VARIANTS)}")
     if args.batch_size > sparse_ops.MAX_BATCH:
         p.error(f"--batch_size must be at most {sparse_ops.MAX_BATCH}")
-    dev = torch.device(args.device)
+    dev = cli.use_device(args.device)
     dtype = DTYPES[args.dtype]
 
     def compiled(fn):  # on a CPU a smoke test: compiling would take minutes and time nothing of interest

@@ -181,7 +181,8 @@ def sweep(args):
                     for sk in range(1, 129):
                         if not n_sm // 2 <= n_blocks * sk <= 4 * n_sm or K // sk < bk:
                             continue
-                        # windows: a power of two (sparse_ops.pick_config), which sets the split
+                        # windows: a power of two, which sets the split (as sparse_ops.pick_config; up to 16
+                        # here, beyond its cap of 8)
                         w = min(16, triton.next_power_of_2(triton.cdiv(triton.cdiv(K, sk), bk))) if win else 0
                         cfg = dict(BLOCK_B=bb, BLOCK_K=bk, BLOCK_N=bn, SPLIT_K=triton.cdiv(K, w * bk) if w else sk,
                                    num_warps=nw, num_stages=ns, WINDOWS=w)

@@ -29,14 +29,18 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
     # model.pth takes its name last: prepare.sh takes a folder that has one as done, so a conversion cut short (a
     # full disk, Ctrl-C) must not leave one behind
     partial = out / "model.pth.partial"
-    torch.save({k: v.contiguous() for k, v in state_dict.items()}, partial)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    for name, src in tokenizer_files.items():
-        if isinstance(src, Path):
-            shutil.copyfile(src, out / name)
-        else:
-            (out / name).write_bytes(src.encode() if isinstance(src, str) else src)
-    meta = {"schema_version": SCHEMA_VERSION, "tokenizer": tokenizer_kind, "source": source}
-    (out / "tealfast.json").write_text(json.dumps(meta, indent=2))
-    os.replace(partial, out / "model.pth")
+    try:
+        torch.save({k: v.contiguous() for k, v in state_dict.items()}, partial)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        for name, src in tokenizer_files.items():
+            if isinstance(src, Path):
+                shutil.copyfile(src, out / name)
+            else:
+                (out / name).write_bytes(src.encode() if isinstance(src, str) else src)
+        meta = {"schema_version": SCHEMA_VERSION, "tokenizer": tokenizer_kind, "source": source}
+        (out / "tealfast.json").write_text(json.dumps(meta, indent=2))
+        os.replace(partial, out / "model.pth")
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a few GB that nothing would ever read
+        raise
     return out / "model.pth"

@@ -39,25 +39,30 @@ HF_TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "gene
 
 
 def load_hf_weights(d: Path) -> dict:
-    """All tensors of the folder, from safetensors (single or sharded) or pytorch_model.bin (single or sharded)."""
+    """All tensors of the folder: safetensors (sharded or single) where there are any, else pytorch_model.bin
+    (sharded or single). A repo may carry both kinds; prepare.sh downloads only the safetensors."""
     from safetensors.torch import load_file
 
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", lambda p: torch.load(p, map_location="cpu",
-                                                                                     weights_only=True))):
-        index = d / index_name
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            state = {}
-            for shard in sorted(set(weight_map.values())):
-                if not (d / shard).is_file():
-                    raise CheckpointError(f"shard {shard} listed in {index_name} is missing")
-                state.update(loader(d / shard))
-            return state
+    def sharded(index_name: str, loader) -> dict:
+        weight_map = json.loads((d / index_name).read_text())["weight_map"]
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (d / shard).is_file():
+                raise CheckpointError(f"shard {shard} listed in {index_name} is missing")
+            state.update(loader(d / shard))
+        return state
+
+    def load_bin(p: Path) -> dict:
+        return torch.load(p, map_location="cpu", weights_only=True)
+
+    if (d / "model.safetensors.index.json").is_file():
+        return sharded("model.safetensors.index.json", load_file)
     if (d / "model.safetensors").is_file():
         return load_file(d / "model.safetensors")
+    if (d / "pytorch_model.bin.index.json").is_file():
+        return sharded("pytorch_model.bin.index.json", load_bin)
     if (d / "pytorch_model.bin").is_file():
-        return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return load_bin(d / "pytorch_model.bin")
     raise CheckpointError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {d}")
 
 

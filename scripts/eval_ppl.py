@@ -133,7 +133,7 @@ def main(argv=None) -> list:
         raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
     cals = {}
     sparse = any(s > 0 for s in args.sparsity)  # the dense model needs no thresholds; a file named is checked
-    if sparse or args.thresholds:
+    if (sparse and any(score_of(m) == "magnitude" for m in args.method)) or args.thresholds:
         cals["magnitude"] = thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), config)
     if (sparse or args.weighted_thresholds) and any("weighted" in m for m in args.method):
         cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
@@ -148,7 +148,7 @@ def main(argv=None) -> list:
                 thr_file.cats_thresholds_for(cals["magnitude"], s)
             else:
                 thr_file.thresholds_for(cals[score_of(method)], s, "greedy" in method)
-    model = load_model(args.checkpoint, device=torch.device(args.device), dtype=DTYPES[args.dtype])
+    model = load_model(args.checkpoint, device=cli.use_device(args.device), dtype=DTYPES[args.dtype])
     _, linear_bytes = model_bytes(model)
     results = []
     dense = None

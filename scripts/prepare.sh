@@ -47,8 +47,8 @@ from huggingface_hub import snapshot_download
 repo, local_dir = sys.argv[1], sys.argv[2]
 try:
     snapshot_download(repo, local_dir=local_dir, token=os.environ.get("HF_TOKEN") or None,
-                      allow_patterns=["config.json", "*.safetensors", "*.json", "tokenizer.model",
-                                      "original/tokenizer.model"])
+                      # model*.safetensors: not the consolidated.safetensors copy some repos also carry
+                      allow_patterns=["*.json", "model*.safetensors", "tokenizer.model", "original/tokenizer.model"])
 except Exception as e:  # offline, unknown or gated repo: the hub raises many kinds, with long messages
     sys.exit(f"error: cannot download {repo}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
 PY

@@ -1,6 +1,7 @@
 """tealfast's decode ops. Each is a torch custom op (Triton kernel) with a plain-torch reference beside it.
 
-    sparse_gemv(x, wt, thresholds, seg_ends, scale=None)        one weight, a threshold per output segment (q|k|v)
+    sparse_gemv(x, wt, thresholds, seg_ends, scale=None, reduce=True)
+                                                                one weight, a threshold per output segment (q|k|v)
     sparse_gemv_pair(x, wt_a, wt_b, thresholds, scale=None)     two weights on one input (gate, up)
     sparse_glu(x, wt_gate, wt_up, thresholds, scale=None, kept=None)
                                                                 silu(gate) * up, the MLP's hidden activation

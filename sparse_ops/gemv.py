@@ -5,9 +5,10 @@ Wt[k, :]. Each program owns BLOCK_N outputs and a 1/SPLIT_K share of the inputs.
 lists its kept channels (the gate|up GLU takes them listed by the norm that made x, sparse_ops/norm.py), then
 streams only their rows; or, where the weight is small and each program's share short (o), it loads its share's rows in
 windows, masked by the keep mask, with no list. With a batch it streams tiles and loads a row where any batch row
-keeps the channel. The ops return the split-K partial sums, an fp32 (SPLIT_K, B, N) buffer; their sum and cast
-are plain torch ops that inductor fuses into the consumer (or a consumer kernel sums them itself with
-`partials_sum`, as decode attention and the fused norm do), so no zero-fill or atomics are needed.
+keeps the channel. The GEMV ops return the split-K partial sums, (SPLIT_K, B, N), fp32 where there are several
+(x's dtype for one); their sum and cast are plain torch ops that inductor fuses into the consumer (or a consumer
+kernel sums them itself with `partials_sum`, as decode attention and the fused norm do), so no zero-fill or atomics
+are needed. The GLU op has one K range and returns silu(gate) * up itself.
 """
 import functools
 import math

@@ -33,6 +33,14 @@ def test_device(capsys):
         assert "CUDA GPUs" in usage_error(cli.device, f"cuda:{torch.cuda.device_count()}", capsys)
 
 
+def test_use_device_makes_a_numbered_gpu_current(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    assert cli.use_device("cpu") == torch.device("cpu") and cli.use_device("cuda") == torch.device("cuda")
+    assert calls == []  # "cuda" is the current device already
+    assert cli.use_device("cuda:1") == torch.device("cuda:1") and calls == [torch.device("cuda:1")]
+
+
 def test_default_dtype():
     assert cli.default_dtype("cpu") == "fp32"
     assert cli.default_dtype("cuda:1") == "bf16"

@@ -139,6 +139,14 @@ def test_pytorch_model_bin_and_inv_freq(hf_dir, tmp_path, capsys):
     assert torch.equal(ours["norm.weight"], state["model.norm.weight"])
 
 
+def test_safetensors_preferred_to_a_bin_index(hf_dir, tmp_path, capsys):
+    """prepare.sh downloads the safetensors and every .json: a repo that also has sharded .bin files leaves their
+    index without its shards, which must not stop the conversion."""
+    (hf_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "pytorch_model-1.bin"}}))
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    assert rc == 0, err
+
+
 def test_sharded_safetensors(tmp_path, capsys):
     make_hf_model("mistral", tmp_path / "hf")  # saved with a small max_shard_size
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
@@ -256,6 +264,7 @@ def test_a_conversion_cut_short_leaves_no_model_pth(tmp_path):
         checkpoint_io.save_checkpoint(tmp_path / "out", {"w": torch.zeros(2)}, {}, "hf",
                                       {"tokenizer.json": tmp_path / "missing.json"}, "test")
     assert not (tmp_path / "out" / "model.pth").exists()
+    assert not (tmp_path / "out" / "model.pth.partial").exists()
     path = checkpoint_io.save_checkpoint(tmp_path / "out", {"w": torch.ones(2)}, {}, "hf",
                                          {"tokenizer.json": "{}"}, "test")
     assert path == tmp_path / "out" / "model.pth" and torch.equal(torch.load(path)["w"], torch.ones(2))

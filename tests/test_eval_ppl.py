@@ -248,3 +248,30 @@ def test_achieved_sparsity_is_parameter_weighted(tmp_path, monkeypatch):
     params = torch.tensor([q * dim, kv * dim, kv * dim, dim * q, dim * ff, dim * ff, dim * ff], dtype=torch.float64)
     assert list(res[0]["achieved_per_projection"].values()) == pytest.approx(per.tolist(), abs=1e-5)
     assert res[0]["achieved_sparsity"] == pytest.approx(float((per * params).sum() / params.sum()), abs=1e-5)
+
+
+def test_dense_level_after_a_sparse_one_reports_no_drops(tmp_path):
+    """--sparsity 0.4,0: the dense row is computed after the sparse one, whose thresholds are still set; it must
+    count nothing dropped (gate and up were once counted against them) and equal a dense run alone."""
+    from test_generate import tiny_thresholds, write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    tiny_thresholds(ckpt, ckpt.parent / "thresholds.json")
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    base = ["--checkpoint", str(ckpt), "--text", str(tmp_path / "some.txt"), "--device", "cpu", "--seq_len", "16"]
+    with redirect_stdout(io.StringIO()):
+        both = eval_ppl.main([*base, "--sparsity", "0.4,0"])
+        alone = eval_ppl.main([*base, "--sparsity", "0"])
+    assert both[0]["achieved_sparsity"] > 0.05
+    assert both[1]["achieved_sparsity"] == 0 and set(both[1]["achieved_per_projection"].values()) == {0}
+    assert both[1]["ppl"] == alone[0]["ppl"]
+
+
+def test_weighted_method_alone_needs_only_the_weighted_file(tmp_path):
+    from test_generate import tiny_thresholds, write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    tiny_thresholds(ckpt, ckpt.parent / "thresholds_weighted.json", score="weighted")  # no thresholds.json
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    with redirect_stdout(io.StringIO()):
+        res = eval_ppl.main(["--checkpoint", str(ckpt), "--sparsity", "0,0.4", "--method", "weighted", "--text",
+                             str(tmp_path / "some.txt"), "--device", "cpu", "--seq_len", "16"])
+    assert [r["method"] for r in res] == ["weighted", "weighted"] and res[1]["achieved_sparsity"] > 0.05

@@ -413,13 +413,13 @@ def write_tiny_checkpoint(d: Path, max_pos=32, nan=False, n_layer=2) -> Path:
     return d / "model.pth"
 
 
-def tiny_thresholds(ckpt: Path, path: Path, n_layer=2) -> Path:
+def tiny_thresholds(ckpt: Path, path: Path, n_layer=2, score="magnitude") -> Path:
     import thresholds
     c = model.ModelArgs.from_hf_config(json.loads((ckpt.parent / "config.json").read_text()))
     c.n_layer = n_layer
     levels = [0.0, 0.5, 0.9]
     table = torch.tensor([0.0, 0.1, 0.5], dtype=torch.float64).expand(n_layer, len(PROJECTIONS), 3)
-    thresholds.save(path, c, levels, table, "test", 1, "magnitude")
+    thresholds.save(path, c, levels, table, "test", 1, score)
     return path
 
 
@@ -514,7 +514,7 @@ def test_empty_prompt_starts_from_bos(tmp_path, capsys):
                                   "thresholds_other_model", "thresholds_corrupt", "thresholds_missing", "nan",
                                   "temperature", "top_k", "max_new_tokens_0", "device", "batch_size_9",
                                   "checkpoint_folder", "thresholds_checked_when_dense", "greedy_without_table",
-                                  "prompt_not_utf8"])
+                                  "prompt_not_utf8", "score_not_the_files"])
 def test_bad_input(case, tiny_ckpt, tmp_path):
     ckpt, extra, exit_code = tiny_ckpt, [], 1
     if case == "missing_checkpoint":
@@ -553,6 +553,8 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
         extra = ["--greedy", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json")]
     elif case == "prompt_not_utf8":  # a Latin-1 terminal's byte 0xe9 reaches Python as a lone surrogate
         extra, exit_code = ["--prompt", "caf\udce9"], 2
+    elif case == "score_not_the_files":  # a magnitude file named with --score weighted
+        extra = ["--sparsity", "0.4", "--score", "weighted", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json")]
     code, out, err = run_main(["--checkpoint", ckpt, *BASE, *extra])
     line = assert_one_error(code, err, exit_code)
     expect = {"missing_checkpoint": "not found", "sparsity_1": "--sparsity", "sparsity_negative": "--sparsity",
@@ -561,7 +563,7 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
               "temperature": "--temperature", "top_k": "--top_k", "max_new_tokens_0": "--max_new_tokens",
               "device": "--device", "batch_size_9": "--batch_size", "checkpoint_folder": "is a folder",
               "thresholds_checked_when_dense": "corrupt", "greedy_without_table": "greedy",
-              "prompt_not_utf8": "--prompt"}[case]
+              "prompt_not_utf8": "--prompt", "score_not_the_files": "holds magnitude scores, not the --score weighted"}[case]
     assert expect in line, line
 
 

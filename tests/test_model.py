@@ -189,6 +189,8 @@ BAD_CHECKPOINTS = {
     "truncated model.pth": dict(pth_bytes=lambda b: b[: len(b) // 2]),
     "garbage model.pth": dict(pth_bytes=lambda b: b"not a checkpoint" * 10),
     "config lacks key": dict(cfg_edit=lambda c: c.pop("hidden_size")),
+    "config null vocab": dict(cfg_edit=lambda c: _set(c, "vocab_size", None)),
+    "config null heads": dict(cfg_edit=lambda c: _set(c, "num_attention_heads", None)),
     "config size as text": dict(cfg_edit=lambda c: _set(c, "hidden_size", "64")),
     "config zero layers": dict(cfg_edit=lambda c: _set(c, "num_hidden_layers", 0)),
     "config bool size": dict(cfg_edit=lambda c: _set(c, "intermediate_size", True)),
@@ -231,6 +233,12 @@ def test_load_model_rejects_corrupt_config(good_ckpt, tmp_path, content):
     (path.parent / "config.json").write_bytes(content)
     with pytest.raises(model.CheckpointError, match="config.json"):
         model.load_model(path)
+
+
+def test_optional_config_fields_may_be_null(good_ckpt, tmp_path):
+    path = broken_copy(good_ckpt, tmp_path, cfg_edit=lambda c: c.update(rms_norm_eps=None, num_key_value_heads=None))
+    c = model.load_config(path)
+    assert c.norm_eps == 1e-5 and c.n_local_heads == c.n_head
 
 
 def test_load_model_rejects_missing_checkpoint(tmp_path):
