@@ -20,7 +20,8 @@ from tqdm import tqdm
 import cli
 import textdata
 import thresholds as thr_file
-from model import DTYPES, PROJECTIONS, Transformer, load_config, load_model, restored
+from checkpoint import load_config, load_model
+from model import DTYPES, PROJECTIONS, Transformer, restored
 from tokenizer import get_tokenizer
 
 LEVELS = [i / 200 for i in range(200)] + [0.999]  # sparsity grid: 0, 0.005, ..., 0.995, 0.999

@@ -19,7 +19,8 @@ from torch import Tensor
 import cli
 import sparse_ops
 import thresholds as thr_file
-from model import DTYPES, PROJECTIONS, ModelArgs, Transformer, load_config, load_model, model_bytes, restored
+from checkpoint import load_config, load_model
+from model import DTYPES, PROJECTIONS, ModelArgs, Transformer, model_bytes, restored
 from tokenizer import get_tokenizer
 
 

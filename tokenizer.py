@@ -8,7 +8,7 @@ import base64
 import json
 from pathlib import Path
 
-SCHEMA_VERSION = 1  # of tealfast.json (written by scripts/checkpoint_io.py)
+SCHEMA_VERSION = 1  # of tealfast.json (written by checkpoint.save_checkpoint)
 
 # End-of-turn tokens that chat models emit instead of (or as well as) config.json's eos_token_id.
 EXTRA_STOP_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")

@@ -18,8 +18,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
-from checkpoint_io import save_checkpoint  # noqa: E402
-from model import DTYPES, CheckpointError, ModelArgs, Transformer, check_state_dict  # noqa: E402
+from checkpoint import check_state_dict, from_hf_config, save_checkpoint  # noqa: E402
+from model import DTYPES, CheckpointError, Transformer  # noqa: E402
 from tokenizer import LLAMA3_PAT_STR  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -206,7 +206,7 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     cfg["vocab_size"] = state["tok_embeddings.weight"].shape[0]
     try:
         with torch.device("meta"):  # last check against the model itself, so the output always loads
-            check_state_dict(Transformer(ModelArgs.from_hf_config(cfg)), state)
+            check_state_dict(Transformer(from_hf_config(cfg)), state)
     except CheckpointError as e:
         raise ConversionError(f"{path.name}: {e}") from None
     return save_checkpoint(out_dir, state, cfg, "hf", {"tokenizer.json": tokenizer.to_str()}, f"gguf:{path.name}")

@@ -19,9 +19,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import cli  # noqa: E402
-from checkpoint_io import permute_qk, save_checkpoint  # noqa: E402
-from model import (DTYPES, CheckpointError, ModelArgs, Transformer, check_state_dict, check_weights,  # noqa: E402
-                   read_config)
+from checkpoint import check_state_dict, check_weights, from_hf_config, permute_qk, read_config, save_checkpoint  # noqa: E402
+from model import DTYPES, CheckpointError, ModelArgs, Transformer  # noqa: E402
 from tokenizer import TOKENIZER_CLASSES, load_tokenizer  # noqa: E402
 
 # Buffers older exporters saved; RoPE frequencies come from config.json instead.
@@ -144,7 +143,7 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
         raise CheckpointError(f"--checkpoint_dir {checkpoint_dir} is not a folder"
                               + ("" if checkpoint_dir.exists() else " (it does not exist)"))
     config = read_config(checkpoint_dir / "config.json")
-    args = ModelArgs.from_hf_config(config)
+    args = from_hf_config(config)
     kind, tok_files = find_tokenizer(checkpoint_dir)
     # Loaded as the runtime will load it: a tokenizer with more ids than the model's vocab_size, or BOS/EOS ids it
     # lacks, is refused now rather than by every later run

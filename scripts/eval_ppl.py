@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import textdata  # noqa: E402
 import thresholds as thr_file  # noqa: E402
-from model import (DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, load_config, load_model,  # noqa: E402
-                   model_bytes)
+from checkpoint import load_config, load_model  # noqa: E402
+from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, model_bytes  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")

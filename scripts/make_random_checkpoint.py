@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 from bench_decode import PRESETS, build  # noqa: E402
-from checkpoint_io import save_checkpoint  # noqa: E402
+from checkpoint import from_hf_config, save_checkpoint  # noqa: E402
 from model import DTYPES, ModelArgs  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
         p.error(f"--n_layer {args.n_layer}: the preset has {PRESETS[args.preset]['n_layer']} layers")
     cfg = hf_config(args.preset, args.n_layer)
     cfg["torch_dtype"] = str(DTYPES[args.dtype]).removeprefix("torch.")  # as transformers writes it
-    model = build(ModelArgs.from_hf_config(cfg), DTYPES[args.dtype], cli.use_device(args.device))
+    model = build(from_hf_config(cfg), DTYPES[args.dtype], cli.use_device(args.device))
     state = {k: v.cpu() for k, v in model.state_dict().items()
              if not (k == "output.weight" and model.config.tie_embeddings)}
     out = save_checkpoint(args.out, state, cfg, "hf", {"tokenizer.json": tokenizer_json(cfg["vocab_size"])},

@@ -10,7 +10,8 @@ import calibrate
 import textdata
 import thresholds
 from conftest import needs_gguf, run_script
-from model import PROJECTIONS, load_model
+from checkpoint import load_model
+from model import PROJECTIONS
 from test_generate import write_tiny_checkpoint
 from tokenizer import get_tokenizer
 
@@ -240,11 +241,11 @@ def test_seq_len_follows_the_model_context(tiny, tmp_path):
 def test_flags_and_text_checked_before_the_weights_load(tiny, tmp_path, monkeypatch):
     """--seq_len against the context, --tokens against --seq_len and the text's length come from config.json and
     the tokenizer alone: refused before the weights load."""
-    import model
+    import checkpoint
 
     def no_load(*a, **k):
         raise AssertionError("the weights loaded before the flags were checked")
-    monkeypatch.setattr(model, "load_model", no_load)
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
     ckpt, text = tiny
     (tmp_path / "short.txt").write_text("a few words")
     for extra, want in ((["--seq_len", "65"], "--seq_len 65"), (["--tokens", "32", "--seq_len", "64"], "--tokens"),

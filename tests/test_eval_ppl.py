@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import eval_ppl
 import textdata
 from conftest import needs_gguf, run_script
-from model import PROJECTIONS, load_model
+from checkpoint import load_model
+from model import PROJECTIONS
 from test_calibrate import real_calibration
 from tokenizer import get_tokenizer
 
@@ -160,7 +161,7 @@ def test_seq_len_follows_the_model_context(tmp_path):
 
 def test_inputs_checked_before_the_weights_load(tmp_path, monkeypatch):
     """--seq_len, the text and the thresholds file are checked against config.json alone, before the weights load."""
-    import model
+    import checkpoint
     from test_generate import tiny_thresholds, write_tiny_checkpoint
 
     def no_load(*a, **k):
@@ -169,7 +170,7 @@ def test_inputs_checked_before_the_weights_load(tmp_path, monkeypatch):
     (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
     other = tiny_thresholds(ckpt, tmp_path / "t.json", n_layer=3)
     no_greedy = tiny_thresholds(ckpt, tmp_path / "u.json")
-    monkeypatch.setattr(model, "load_model", no_load)
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
     base = ["--checkpoint", ckpt, "--text", tmp_path / "some.txt", "--device", "cpu"]
     for extra, want in ((["--seq_len", "33"], "--seq_len 33"),
                         (["--sparsity", "0.4", "--thresholds", other], "another model"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import generate
 import model
 import sparse_ops
@@ -402,7 +403,7 @@ def write_tiny_checkpoint(d: Path, max_pos=32, nan=False, n_layer=2) -> Path:
     cfg = dict(model_type="llama", vocab_size=vocab, hidden_size=64, num_hidden_layers=n_layer,
                num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, rms_norm_eps=1e-5,
                max_position_embeddings=max_pos, rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=0)
-    m = model.Transformer(model.ModelArgs.from_hf_config(cfg))
+    m = model.Transformer(checkpoint.from_hf_config(cfg))
     torch.manual_seed(0)
     state = {k: v.detach().clone() for k, v in m.state_dict().items()}
     if nan:
@@ -415,7 +416,7 @@ def write_tiny_checkpoint(d: Path, max_pos=32, nan=False, n_layer=2) -> Path:
 
 def tiny_thresholds(ckpt: Path, path: Path, n_layer=2, score="magnitude") -> Path:
     import thresholds
-    c = model.ModelArgs.from_hf_config(json.loads((ckpt.parent / "config.json").read_text()))
+    c = checkpoint.from_hf_config(json.loads((ckpt.parent / "config.json").read_text()))
     c.n_layer = n_layer
     levels = [0.0, 0.5, 0.9]
     table = torch.tensor([0.0, 0.1, 0.5], dtype=torch.float64).expand(n_layer, len(PROJECTIONS), 3)
@@ -573,7 +574,7 @@ def test_inputs_checked_before_the_weights_load(case, tiny_ckpt, tmp_path, monke
     before the weights load (seconds to minutes for a large model)."""
     def no_load(*a, **k):
         raise AssertionError("the weights loaded before the inputs were checked")
-    monkeypatch.setattr(model, "load_model", no_load)
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
     ckpt, extra = tiny_ckpt, []
     if case == "thresholds_other_model":
         extra = ["--sparsity", "0.4", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json", n_layer=3)]
@@ -594,6 +595,18 @@ def test_bad_input_subprocess(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert_one_error(r.returncode, r.stderr)
     assert "NaN" in r.stderr
+
+
+@pytest.mark.gpu
+def test_sparse_decode_on_a_numbered_gpu(tiny_ckpt, tmp_path):
+    """--device cuda:N: the eager Triton kernels launch on the current device, which must be N (the last GPU here:
+    on a machine with several, not the default one)."""
+    thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
+    dev = f"cuda:{torch.cuda.device_count() - 1}"
+    code, out, err = run_main(["--checkpoint", tiny_ckpt, "--device", dev, "--dtype", "bf16", "--temperature", "0",
+                               "--max_new_tokens", "6", "--prompt", "the", "--sparsity", "0.4", "--thresholds", thr])
+    assert code == 0, err
+    assert "achieved sparsity (decode)" in out and "peak memory" in out
 
 
 # ---- the real SmolLM2 --------------------------------------------------------------------------------------
@@ -646,7 +659,7 @@ def test_decode_runs_without_autograd(tmp_path):
     # `generate.py --compile --sparsity` on the GPU once failed to compile: the loaded parameters required grad,
     # so AOT autograd traced a backward through the sparse custom ops, which have none. Loading must give an
     # inference-only model, and generate() must call the (compiled) decode step with grad mode off.
-    m = model.load_model(write_tiny_checkpoint(tmp_path / "ckpt"), torch.device("cpu"), torch.float32)
+    m = checkpoint.load_model(write_tiny_checkpoint(tmp_path / "ckpt"), torch.device("cpu"), torch.float32)
     assert not any(p.requires_grad for p in m.parameters())
     m.setup_caches(1, 32)
     grad_modes = []

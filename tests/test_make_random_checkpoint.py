@@ -9,7 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import generate  # noqa: E402
 import make_random_checkpoint  # noqa: E402
 from bench_decode import PRESETS  # noqa: E402
-from model import ModelArgs, load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from model import ModelArgs  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
 

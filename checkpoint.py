@@ -1,0 +1,192 @@
+"""The checkpoint folder, checkpoints/<name>/: model.pth (gpt-fast names), the HF config.json it was made from, the
+tokenizer files and tealfast.json. The architecture comes from config.json (from_hf_config); reading checks every
+weight against it (load_model); the converters write folders with save_checkpoint.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from model import PROJECTIONS, CheckpointError, ModelArgs, Transformer, to_column_major
+from tokenizer import SCHEMA_VERSION, TOKENIZER_CLASSES  # tealfast.json as the runtime reads it
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def from_hf_config(cfg: dict) -> ModelArgs:
+    """The architecture an HF config.json describes, checked: unsupported features and bad values fail loudly."""
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"unsupported model_type {mt!r} in config.json (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+    # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here.
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise CheckpointError("unsupported attention_bias/mlp_bias in config.json (only qwen2's q/k/v biases)")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if cfg.get(key) is None:  # absent or null
+            raise CheckpointError(f"config.json lacks {key!r}")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
+                "rms_norm_eps", "rope_theta"):
+        v, real = cfg.get(key), key in ("rms_norm_eps", "rope_theta")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float) if real else int) or v <= 0):
+            raise CheckpointError(f"config.json: {key} must be a positive {'number' if real else 'integer'}, "
+                                  f"got {v!r}")
+    n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
+    if n_head % (cfg.get("num_key_value_heads") or 1):
+        raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
+    # No sliding-window attention here: cap the context where it equals full attention.
+    window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
+    block_size = min(cfg.get("max_position_embeddings") or 2048, window or float("inf"))
+    rope_base = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return ModelArgs(
+        vocab_size=cfg["vocab_size"],
+        dim=dim,
+        n_layer=cfg["num_hidden_layers"],
+        n_head=n_head,
+        n_local_heads=cfg.get("num_key_value_heads") or n_head,
+        head_dim=cfg.get("head_dim") or dim // n_head,
+        intermediate_size=cfg["intermediate_size"],
+        block_size=int(block_size),
+        norm_eps=cfg.get("rms_norm_eps") or 1e-5,
+        rope_base=float(rope_base),
+        rope_scaling=rope_scaling(cfg),
+        qkv_bias=mt == "qwen2",
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def rope_scaling(cfg: dict) -> Optional[dict]:
+    """The config's llama3 RoPE scaling (Llama-3.1 and later), checked, or None for plain RoPE."""
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rs, dict):
+        raise CheckpointError(f"config.json: rope_scaling must be an object, got {rs!r}")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind in ("default", None):
+        return None
+    if kind != "llama3":
+        raise CheckpointError(f"unsupported rope_scaling {rs!r} (only llama3)")
+    # HF falls back to max_position_embeddings when original_max_position_embeddings is absent
+    rs = {"original_max_position_embeddings": cfg.get("max_position_embeddings"), "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, **rs}
+    for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
+        v = rs.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise CheckpointError(f"config.json: llama3 rope_scaling needs a positive {key}, got {v!r}")
+    if rs["high_freq_factor"] <= rs["low_freq_factor"]:
+        raise CheckpointError("config.json: llama3 rope_scaling needs high_freq_factor > low_freq_factor")
+    return rs
+
+
+def load_config(checkpoint_path) -> ModelArgs:
+    """The architecture of checkpoints/<name>/model.pth from the config.json beside it, without reading the weights:
+    the command lines check their other inputs against it before the (slow) load."""
+    path = Path(checkpoint_path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: give its model.pth")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    return from_hf_config(read_config(path.parent / "config.json"))
+
+
+def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
+    """Load checkpoints/<name>/model.pth with the config.json beside it; fail loudly on any mismatch."""
+    path = Path(checkpoint_path)
+    config = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises several kinds, with long messages, for truncated or foreign files
+        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]  # torch's messages run long
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only torch.save "
+                              f"file): {type(e).__name__}: {why}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in state.items()):
+        raise CheckpointError(f"{path} holds no state dict (a mapping from weight names to tensors)")
+    check_state_dict(model, state)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    for b in model.layers:  # non-persistent buffers are still on the meta device
+        b.thresholds = torch.zeros(len(PROJECTIONS), dtype=torch.float32)
+    model = model.to(device)
+    to_column_major(model)
+    return model.eval().requires_grad_(False)  # inference only: compiled decode must not trace a backward
+
+
+def read_config(path: Path) -> dict:
+    """A checkpoint's HF config.json, parsed; a clear error when it is absent or corrupt."""
+    if not path.is_file():
+        raise CheckpointError(f"config.json not found: {path}")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt config.json ({path}): {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"corrupt config.json ({path}): a JSON object expected, got {type(cfg).__name__}")
+    return cfg
+
+
+def check_state_dict(model: Transformer, state: dict) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        expected.pop("output.weight")
+    check_weights(state, expected)
+
+
+def check_weights(state: dict, expected: dict) -> None:
+    """A clear error for unknown, missing or misshapen weights; expected: name -> shape the config implies."""
+    unknown = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state), key=lambda k: (len(k), k))
+    if unknown:
+        raise CheckpointError(f"unknown weights: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}")
+    if missing:
+        raise CheckpointError(f"missing weights: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)}, config.json implies {shape}")
+
+
+# ---- writing (the converters) -------------------------------------------------------------------
+def permute_qk(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """HF stores q/k rows for rotate-half RoPE; model.py rotates interleaved pairs. Reorder rows to match.
+
+    Within each head, HF row j (first half) pairs with j + head_dim/2; interleaved order puts them side by side.
+    Works for weights (rows, in) and biases (rows,).
+    """
+    rest = w.shape[1:]
+    return w.reshape(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(n_heads * head_dim, *rest)
+
+
+def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str, tokenizer_files: dict,
+                    source: str) -> Path:
+    """tokenizer_files maps a file name in out_dir to a pathlib.Path (copied) or to bytes/str (written)."""
+    if tokenizer_kind not in TOKENIZER_CLASSES:
+        raise ValueError(f"unknown tokenizer kind {tokenizer_kind!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # model.pth takes its name last: prepare.sh takes a folder that has one as done, so a conversion cut short (a
+    # full disk, Ctrl-C) must not leave one behind
+    partial = out / "model.pth.partial"
+    try:
+        torch.save({k: v.contiguous() for k, v in state_dict.items()}, partial)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        for name, src in tokenizer_files.items():
+            if isinstance(src, Path):
+                shutil.copyfile(src, out / name)
+            else:
+                (out / name).write_bytes(src.encode() if isinstance(src, str) else src)
+        meta = {"schema_version": SCHEMA_VERSION, "tokenizer": tokenizer_kind, "source": source}
+        (out / "tealfast.json").write_text(json.dumps(meta, indent=2))
+        os.replace(partial, out / "model.pth")
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a few GB that nothing would ever read
+        raise
+    return out / "model.pth"

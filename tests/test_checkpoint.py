@@ -1,0 +1,180 @@
+"""checkpoint.py: config.json parsing, loading with every weight checked (bad checkpoints raise CheckpointError
+with one line), and writing a folder."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+from model import CheckpointError, precompute_freqs_cis
+from test_model import convert, make_hf_model
+
+
+# ---- bad checkpoints -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good")
+    make_hf_model("qwen2", d / "hf")
+    convert(d / "hf", d / "out")
+    return d / "out"
+
+
+def broken_copy(good: Path, tmp_path: Path, state_edit=None, cfg_edit=None, pth_bytes=None) -> Path:
+    """Copy of the good checkpoint folder with its state dict, config or raw model.pth bytes changed."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    cfg = json.loads((good / "config.json").read_text())
+    if cfg_edit is not None:
+        cfg_edit(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    if pth_bytes is not None:
+        (out / "model.pth").write_bytes(pth_bytes((good / "model.pth").read_bytes()))
+    else:
+        state = torch.load(good / "model.pth", weights_only=True)
+        if state_edit is not None:
+            state_edit(state)
+        torch.save(state, out / "model.pth")
+    return out / "model.pth"
+
+
+def _set(d, k, v):
+    d[k] = v
+
+
+BAD_CHECKPOINTS = {
+    "unknown model_type": dict(cfg_edit=lambda c: _set(c, "model_type", "gpt2")),
+    "wrong shape": dict(state_edit=lambda s: _set(s, "layers.1.feed_forward.w2.weight", torch.zeros(64, 127))),
+    "extra key": dict(state_edit=lambda s: _set(s, "layers.0.attention.wo.bias", torch.zeros(64))),
+    "missing key": dict(state_edit=lambda s: s.pop("layers.2.ffn_norm.weight")),
+    "missing bias": dict(state_edit=lambda s: s.pop("layers.0.attention.wqkv.bias")),
+    "truncated model.pth": dict(pth_bytes=lambda b: b[: len(b) // 2]),
+    "garbage model.pth": dict(pth_bytes=lambda b: b"not a checkpoint" * 10),
+    "config lacks key": dict(cfg_edit=lambda c: c.pop("hidden_size")),
+    "config null vocab": dict(cfg_edit=lambda c: _set(c, "vocab_size", None)),
+    "config null heads": dict(cfg_edit=lambda c: _set(c, "num_attention_heads", None)),
+    "config size as text": dict(cfg_edit=lambda c: _set(c, "hidden_size", "64")),
+    "config zero layers": dict(cfg_edit=lambda c: _set(c, "num_hidden_layers", 0)),
+    "config bool size": dict(cfg_edit=lambda c: _set(c, "intermediate_size", True)),
+    "config heads not a multiple": dict(cfg_edit=lambda c: _set(c, "num_key_value_heads", 3)),
+    "config eps as text": dict(cfg_edit=lambda c: _set(c, "rms_norm_eps", "1e-6")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_load_model_rejects_bad_checkpoint(good_ckpt, tmp_path, case):
+    path = broken_copy(good_ckpt, tmp_path, **BAD_CHECKPOINTS[case])
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load_model(path, dtype=torch.float32)
+    assert "\n" not in str(e.value) and len(str(e.value).replace(str(path), "")) < 220, str(e.value)  # one line
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), [torch.zeros(3)], {0: torch.zeros(3)}, {"w": 3}])
+def test_load_model_rejects_a_file_that_is_no_state_dict(good_ckpt, tmp_path, content):
+    path = broken_copy(good_ckpt, tmp_path)
+    torch.save(content, path)
+    with pytest.raises(CheckpointError, match="no state dict"):
+        checkpoint.load_model(path)
+
+
+def test_load_model_rejects_a_folder(good_ckpt):
+    with pytest.raises(CheckpointError, match="is a folder"):
+        checkpoint.load_model(good_ckpt)
+
+
+def test_load_model_rejects_missing_config(good_ckpt, tmp_path):
+    path = broken_copy(good_ckpt, tmp_path)
+    (path.parent / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        checkpoint.load_model(path)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null", b"\xff\xfe{}"])
+def test_load_model_rejects_corrupt_config(good_ckpt, tmp_path, content):
+    path = broken_copy(good_ckpt, tmp_path)
+    (path.parent / "config.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match="config.json"):
+        checkpoint.load_model(path)
+
+
+def test_optional_config_fields_may_be_null(good_ckpt, tmp_path):
+    path = broken_copy(good_ckpt, tmp_path, cfg_edit=lambda c: c.update(rms_norm_eps=None, num_key_value_heads=None))
+    c = checkpoint.load_config(path)
+    assert c.norm_eps == 1e-5 and c.n_local_heads == c.n_head
+
+
+def test_load_model_rejects_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError):
+        checkpoint.load_model(tmp_path / "model.pth")
+
+
+# ---- config parsing edge cases ---------------------------------------------------------------------
+def hf_config(**overrides) -> dict:
+    return {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+            "max_position_embeddings": 8192, **overrides}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(model_type="gpt2"),
+    dict(hidden_act="gelu"),
+    dict(attention_bias=True),  # would need an o_proj bias
+    dict(mlp_bias=True),
+    dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),
+    dict(rope_scaling={"type": "linear", "factor": 2.0}),
+    dict(rope_scaling="llama3"),  # not an object
+    dict(rope_scaling={"rope_type": "llama3"}),  # no factor
+    dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+])
+def test_from_hf_config_rejects_unsupported(overrides):
+    with pytest.raises(CheckpointError):
+        checkpoint.from_hf_config(hf_config(**overrides))
+
+
+def test_from_hf_config_defaults():
+    # HF's defaults where config.json leaves a key out
+    a = checkpoint.from_hf_config(hf_config())
+    assert not a.tie_embeddings and not a.qkv_bias and a.head_dim == 16 and a.n_local_heads == 2
+    assert a.norm_eps == 1e-5 and a.rope_base == 10000.0 and a.rope_scaling is None and a.block_size == 8192
+    b = checkpoint.from_hf_config(hf_config(num_key_value_heads=None, max_position_embeddings=None))
+    assert b.n_local_heads == 4 and b.block_size == 2048
+
+
+def test_from_hf_config_rope_formats():
+    # transformers 4 style (top-level rope_theta / rope_scaling) and 5 style (rope_parameters) agree
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    old = checkpoint.from_hf_config(hf_config(rope_theta=5e5, rope_scaling={"rope_type": "llama3", **scaling}))
+    new = checkpoint.from_hf_config(hf_config(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5,
+                                                                    **scaling}))
+    assert old.rope_base == new.rope_base == 5e5
+    assert torch.equal(precompute_freqs_cis(32, 16, old.rope_base, old.rope_scaling),
+                       precompute_freqs_cis(32, 16, new.rope_base, new.rope_scaling))
+    plain = checkpoint.from_hf_config(hf_config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    assert plain.rope_scaling is None and plain.rope_base == 1e6
+    assert checkpoint.from_hf_config(hf_config()).rope_base == 10000.0
+    # HF's llama3 falls back to max_position_embeddings for the original context
+    no_orig = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
+    args = checkpoint.from_hf_config(hf_config(rope_scaling={"rope_type": "llama3", **no_orig}))
+    assert args.rope_scaling["original_max_position_embeddings"] == 8192
+
+
+def test_from_hf_config_sliding_window_caps_context():
+    # full attention equals sliding-window attention only up to the window
+    assert checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=4096)).block_size == 4096
+    assert checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=None)).block_size == 8192
+    qwen = hf_config(model_type="qwen2", sliding_window=4096, use_sliding_window=False)
+    assert checkpoint.from_hf_config(qwen).block_size == 8192
+
+
+def test_a_conversion_cut_short_leaves_no_model_pth(tmp_path):
+    """prepare.sh takes a folder with a model.pth as converted: one that fails half-way must not leave it."""
+    with pytest.raises(OSError):  # the weights are written, then a tokenizer file cannot be copied
+        checkpoint.save_checkpoint(tmp_path / "out", {"w": torch.zeros(2)}, {}, "hf",
+                                      {"tokenizer.json": tmp_path / "missing.json"}, "test")
+    assert not (tmp_path / "out" / "model.pth").exists()
+    assert not (tmp_path / "out" / "model.pth.partial").exists()
+    path = checkpoint.save_checkpoint(tmp_path / "out", {"w": torch.ones(2)}, {}, "hf",
+                                         {"tokenizer.json": "{}"}, "test")
+    assert path == tmp_path / "out" / "model.pth" and torch.equal(torch.load(path)["w"], torch.ones(2))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.json", "model.pth", "tealfast.json",
+                                                             "tokenizer.json"]
