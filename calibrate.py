@@ -43,10 +43,10 @@ class InputRecorder:
         self.handles = []
         for l, b in enumerate(model.layers):
             a, f = b.attention, b.feed_forward
-            sc = f.w13_scale
+            # q, k, v share one input, as do gate and up (w3 is called on w1's): one sample of positions each, so
+            # magnitude scores give them one threshold
             for lin, projs, norms in [(a.wqkv, (0, 1, 2), a.qkv_scale), (a.wo, (3,), a.o_scale),
-                                      (f.w1, (4,), None if sc is None else sc[0:1]),
-                                      (f.w3, (5,), None if sc is None else sc[1:2]), (f.w2, (6,), f.w2_scale)]:
+                                      (f.w1, (4, 5), f.w13_scale), (f.w2, (6,), f.w2_scale)]:
                 self.handles.append(lin.register_forward_pre_hook(self._hook(l, projs, norms)))
             self.handles.append(f.w1.register_forward_hook(self._cats_hook(l)))
 

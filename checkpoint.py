@@ -43,6 +43,8 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
     block_size = min(cfg.get("max_position_embeddings") or 2048, window or float("inf"))
     rope_base = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 0:
+        raise CheckpointError(f"config.json: rope_theta must be a positive number, got {rope_base!r}")
     return ModelArgs(
         vocab_size=cfg["vocab_size"],
         dim=dim,

@@ -33,6 +33,13 @@ def run(main) -> None:
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
+    except (MemoryError, RuntimeError) as e:
+        # a batch, context or model too large for the device; any other RuntimeError is a bug: its traceback stays
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+            raise
+        why = (str(e).strip().splitlines() or [""])[0][-160:]
+        print(f"error: out of memory (a smaller --batch_size or shorter context may fit): {why}", file=sys.stderr)
+        sys.exit(1)
 
 
 def default_device() -> str:

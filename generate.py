@@ -174,7 +174,8 @@ def main(argv=None) -> None:
     config = load_config(args.checkpoint)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     cal = load_calibration(config, args)
-    ids = tokenizer.encode(args.prompt, bos=tokenizer.add_bos or not args.prompt)
+    bos = tokenizer.add_bos or not args.prompt
+    ids = tokenizer.encode(args.prompt, bos=bos)
     T = len(ids)
     if T == 0:
         raise ValueError("the prompt encodes to no tokens")
@@ -202,7 +203,7 @@ def main(argv=None) -> None:
         Decoded whole: sentencepiece drops a leading space from a continuation decoded on its own."""
         new = seq[0, T:].tolist()
         new = next((new[:j] for j, t in enumerate(new) if t in stop_ids), new)
-        return tokenizer.decode(ids[1 if ids[0] == tokenizer.bos_id else 0:] + new)
+        return tokenizer.decode(ids[1 if bos else 0:] + new)
 
     for i in range(args.num_samples + (1 if args.compile else 0)):
         warmup = args.compile and i == 0  # the first run compiles and captures; not timed
@@ -220,8 +221,13 @@ def main(argv=None) -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        seq = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k, stop_ids,
-                       on_token)
+        try:
+            seq = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k, stop_ids,
+                           on_token)
+        except BaseException:
+            if shown[0]:
+                print(flush=True)  # an error's line starts below the streamed text
+            raise
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t

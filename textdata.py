@@ -42,6 +42,9 @@ def load_hub_text(repo_id: str, filename: str, column: str = "text", max_chars: 
     .parquet, .jsonl / .json (records holding `column`) or .txt; rows joined by blank lines.
     """
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its retry warnings would come before our one-line error
     try:
         local = Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
     except Exception as e:  # the hub raises many kinds: offline, 404, auth

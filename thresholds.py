@@ -75,7 +75,9 @@ def load(path, config: ModelArgs) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt thresholds file {path}: {e}") from None
-    version = data.get("schema_version") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"corrupt thresholds file {path}: a JSON object expected, got {type(data).__name__}")
+    version = data.get("schema_version")
     if type(version) is int and 1 <= version < SCHEMA_VERSION:  # type: a JSON true equals 1 but is no version
         raise CheckpointError(f"{path} has an older schema (version {version}, this runtime reads {SCHEMA_VERSION}): "
                               f"re-run calibrate.py")

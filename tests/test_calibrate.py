@@ -170,6 +170,9 @@ def test_record_against_quantiles_of_the_inputs(score):
     ids = torch.randint(0, TINY["vocab_size"], (128,), generator=torch.Generator().manual_seed(2)).tolist()
     table, n_tokens, _ = calibrate.record(m, ids, 32, score, 200_000, "cpu", progress=False)
     assert n_tokens == 128 and (table[..., 0] == 0).all()
+    if score == "magnitude":  # inputs shared by q, k, v and by gate, up: one sample, one threshold
+        assert torch.equal(table[:, 0], table[:, 1]) and torch.equal(table[:, 0], table[:, 2])
+        assert torch.equal(table[:, 4], table[:, 5])
     xs = dense_inputs(m, torch.tensor(ids).view(4, 32))  # four windows as rows: the same activations
     levels = torch.tensor(calibrate.LEVELS, dtype=torch.float64)
     mid = (levels >= 0.05) & (levels <= 0.95)

@@ -86,7 +86,10 @@ def test_help_shows_defaults():
 
 
 @pytest.mark.parametrize("exc", [ValueError("bad\nvalue"), OSError(13, "Permission denied", "/x/out.json"),
-                                 FloatingPointError("nan")])
+                                 FloatingPointError("nan"), MemoryError(),
+                                 torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore"),
+                                 RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't "
+                                              "allocate memory: you tried to allocate 1792000000000 bytes.")])
 def test_run_ends_with_one_line(exc, capsys):
     def main():
         raise exc
@@ -110,3 +113,10 @@ def test_seed(capsys):
         torch.manual_seed(v)  # every accepted seed is one torch takes
     for bad in ("-1", str(2 ** 64), "1e3", "x"):
         assert "--v" in usage_error(cli.seed, bad, capsys)
+
+
+def test_run_keeps_the_traceback_of_other_runtime_errors():
+    def main():
+        raise RuntimeError("shape mismatch")  # a bug, not the user's input
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.run(main)

@@ -255,3 +255,28 @@ def test_cli_flags(hf_dir, capsys):
     assert all(f in help_text for f in ("--checkpoint_dir", "--out", "--dtype"))
     rc, _ = run_main("--checkpoint_dir", hf_dir, "--dtype", "int8")
     assert rc != 0
+
+
+@pytest.mark.parametrize("files,weights", [
+    (["config.json", "model.safetensors", "consolidated.safetensors", "pytorch_model.bin"], "model*.safetensors"),
+    (["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], "model*.safetensors"),
+    (["config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"], "pytorch_model*.bin"),
+])
+def test_download_fetches_the_weights_the_converter_reads(tmp_path, monkeypatch, files, weights):
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, token=None: files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)))
+    convert_hf_checkpoint.download("org/model", tmp_path)
+    assert calls == [("org/model", dict(local_dir=tmp_path, token=None, allow_patterns=[
+        "*.json", weights, "tokenizer.model", "original/tokenizer.model"]))]
+
+
+def test_download_offline_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(self, repo, token=None):
+        raise OSError("[Errno -2] Name or service not known\nmore detail")
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
+    assert rc == 1 and err.strip() == "error: cannot download org/model: OSError: [Errno -2] Name or service not known"

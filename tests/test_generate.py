@@ -595,6 +595,7 @@ def test_bad_input_subprocess(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert_one_error(r.returncode, r.stderr)
     assert "NaN" in r.stderr
+    assert r.stdout.startswith("the") and r.stdout.endswith("\n")  # streamed text, then a line of its own for the error
 
 
 @pytest.mark.gpu
@@ -653,6 +654,16 @@ def test_cli_sparse_smollm2(smollm2_copy):
     assert len(values) == len(PROJECTIONS)
     # 7 decode tokens only, on a 1024-token calibration: loose bounds around 40%
     assert all(0.15 < v < 0.65 for v in values), line
+
+
+@needs_gguf
+def test_cli_prompt_that_starts_with_the_bos_token_is_printed_whole(smollm2_copy):
+    """SmolLM2's BOS id is <|im_start|>'s, and its tokenizer adds no BOS: a chat prompt's first token is the prompt's
+    own and must be printed."""
+    prompt = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    out = run_cli("generate.py", "--checkpoint", smollm2_copy / "model.pth", *GEN[:-2], "--max_new_tokens", "3",
+                  "--prompt", prompt)
+    assert out.startswith(prompt), out
 
 
 def test_decode_runs_without_autograd(tmp_path):

@@ -189,7 +189,7 @@ def test_older_schema_asks_to_recalibrate(saved):
 def test_not_an_object(tmp_path, content):
     path = tmp_path / "thresholds.json"
     path.write_text(content)
-    assert "schema_version" in load_error(path)
+    assert "a JSON object expected" in load_error(path)
 
 
 def test_wrong_table_shape(saved):
