@@ -18,10 +18,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 import cli  # noqa: E402
-from checkpoint import check_state_dict, check_weights, from_hf_config, permute_qk, read_config, save_checkpoint  # noqa: E402
+from checkpoint import (check_state_dict, check_weights, from_hf_config, permute_qk, read_config,  # noqa: E402
+                        save_checkpoint)
 from model import DTYPES, CheckpointError, ModelArgs, Transformer  # noqa: E402
 from tokenizer import TOKENIZER_CLASSES, load_tokenizer  # noqa: E402
 
@@ -60,7 +60,7 @@ def download(repo: str, local_dir: Path) -> None:
 
 def load_hf_weights(d: Path) -> dict:
     """All tensors of the folder: safetensors (sharded or single) where there are any, else pytorch_model.bin
-    (sharded or single). A repo may carry both kinds; prepare.sh downloads only the safetensors."""
+    (sharded or single). A repo may carry both kinds; download() fetches one."""
     from safetensors.torch import load_file
 
     def sharded(index_name: str, loader) -> dict:
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
                                                  "to tealfast's model.pth format.", formatter_class=cli.HelpFormatter)
     parser.add_argument("--checkpoint_dir", type=Path, required=True,
                         help="HF model folder with config.json, weights (safetensors or pytorch_model.bin) "
-                             "and tokenizer files")
+                             "and tokenizer files (with --repo: where they are downloaded)")
     parser.add_argument("--out", type=cli.out_folder, default=None,
                         help="output folder (default: the checkpoint folder itself)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
