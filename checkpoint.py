@@ -42,7 +42,10 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     # No sliding-window attention here: cap the context where it equals full attention.
     window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
     block_size = min(cfg.get("max_position_embeddings") or 2048, window or float("inf"))
-    rope_base = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    params = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
+    if not isinstance(params, dict):
+        raise CheckpointError(f"config.json: rope_parameters must be an object, got {params!r}")
+    rope_base = cfg.get("rope_theta") or params.get("rope_theta", 10000.0)
     if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 0:
         raise CheckpointError(f"config.json: rope_theta must be a positive number, got {rope_base!r}")
     return ModelArgs(

@@ -26,8 +26,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def run(main) -> None:
     """Run a command line's main(). A bad file or value (the loaders' errors are ValueErrors: CheckpointError,
-    TokenizerError, ...), a file that cannot be read or written (OSError) or non-finite activations end it with a
-    one-line error and exit status 1."""
+    TokenizerError, ...), a file that cannot be read or written (OSError), non-finite activations or memory running
+    out end it with a one-line error and exit status 1."""
     try:
         main()
     except (ValueError, OSError, FloatingPointError) as e:
@@ -35,10 +35,14 @@ def run(main) -> None:
         sys.exit(1)
     except (MemoryError, RuntimeError) as e:
         # a batch, context or model too large for the device; any other RuntimeError is a bug: its traceback stays
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(e):
+        msg = " ".join(str(e).split())
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in msg:
             raise
-        why = (str(e).strip().splitlines() or [""])[0][-160:]
-        print(f"error: out of memory (a smaller --batch_size or shorter context may fit): {why}", file=sys.stderr)
+        # the allocation asked for: CUDA's message starts with it, the CPU allocator's comes after its source line
+        cpu = msg.find("can't allocate memory")
+        why = msg[cpu:].split(". ")[0] if cpu >= 0 else ". ".join(msg.split(". ")[:2])
+        print(f"error: out of memory{': ' + why if why else ''} (a smaller batch, context or model may fit)",
+              file=sys.stderr)
         sys.exit(1)
 
 

@@ -174,7 +174,7 @@ def main(argv=None) -> None:
     config = load_config(args.checkpoint)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     cal = load_calibration(config, args)
-    bos = tokenizer.add_bos or not args.prompt
+    bos = (tokenizer.add_bos or not args.prompt) and tokenizer.bos_id is not None  # as encode adds it
     ids = tokenizer.encode(args.prompt, bos=bos)
     T = len(ids)
     if T == 0:

@@ -24,8 +24,8 @@ ckpt=checkpoints/smollm2-135m/model.pth
 extra=()  # the dtype defaults to bf16 on a GPU, fp32 on a CPU
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then extra=(--compile); fi
 # Calibrate once, and again where the file left by an earlier run does not load (an older schema, say).
-if ! python -c "import sys, model, thresholds as t
-try: t.load(t.default_path(sys.argv[1]), model.load_config(sys.argv[1]))
+if ! python -c "import sys, checkpoint, thresholds as t
+try: t.load(t.default_path(sys.argv[1]), checkpoint.load_config(sys.argv[1]))
 except ValueError as e: sys.exit(f'quickstart: {e}; calibrating again' if t.default_path(sys.argv[1]).exists() else 1)
 " "$ckpt"; then
     python calibrate.py --checkpoint "$ckpt"

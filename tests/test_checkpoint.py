@@ -124,6 +124,7 @@ def hf_config(**overrides) -> dict:
     dict(rope_scaling={"type": "linear", "factor": 2.0}),
     dict(rope_parameters={"rope_type": "default", "rope_theta": "abc"}),
     dict(rope_scaling="llama3"),  # not an object
+    dict(rope_parameters="llama3"),
     dict(rope_scaling={"rope_type": "llama3"}),  # no factor
     dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
 ])

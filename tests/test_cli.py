@@ -86,10 +86,7 @@ def test_help_shows_defaults():
 
 
 @pytest.mark.parametrize("exc", [ValueError("bad\nvalue"), OSError(13, "Permission denied", "/x/out.json"),
-                                 FloatingPointError("nan"), MemoryError(),
-                                 torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore"),
-                                 RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't "
-                                              "allocate memory: you tried to allocate 1792000000000 bytes.")])
+                                 FloatingPointError("nan"), MemoryError()])
 def test_run_ends_with_one_line(exc, capsys):
     def main():
         raise exc
@@ -113,6 +110,29 @@ def test_seed(capsys):
         torch.manual_seed(v)  # every accepted seed is one torch takes
     for bad in ("-1", str(2 ** 64), "1e3", "x"):
         assert "--v" in usage_error(cli.seed, bad, capsys)
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 3.44 "
+            "GiB is free. Including non-PyTorch memory, this process has 75.74 GiB memory in use. Of the allocated "
+            "memory 74.90 GiB is allocated by PyTorch, and 284.69 MiB is reserved by PyTorch but unallocated. If "
+            "reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to "
+            "avoid fragmentation.  See documentation for Memory Management  (https://pytorch.org/docs/stable/notes/"
+            "cuda.html#environment-variables)")
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 1792000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("exc,want", [
+    (torch.OutOfMemoryError(CUDA_OOM), "error: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB "),
+    (RuntimeError(CPU_OOM), "error: out of memory: can't allocate memory: you tried to allocate 1792000000000 bytes "),
+    (MemoryError(), "error: out of memory (")])
+def test_run_names_the_allocation_that_failed(exc, want, capsys):
+    def main():
+        raise exc
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(want) and len(err.strip().splitlines()) == 1, err
 
 
 def test_run_keeps_the_traceback_of_other_runtime_errors():

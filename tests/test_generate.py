@@ -599,13 +599,17 @@ def test_bad_input_subprocess(tmp_path):
 
 
 @pytest.mark.gpu
-def test_sparse_decode_on_a_numbered_gpu(tiny_ckpt, tmp_path):
-    """--device cuda:N: the eager Triton kernels launch on the current device, which must be N (the last GPU here:
-    on a machine with several, not the default one)."""
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_sparse_decode_on_a_second_gpu(tiny_ckpt, tmp_path):
+    """--device cuda:1: the eager Triton kernels launch on the current device, which must become cuda:1."""
     thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
-    dev = f"cuda:{torch.cuda.device_count() - 1}"
-    code, out, err = run_main(["--checkpoint", tiny_ckpt, "--device", dev, "--dtype", "bf16", "--temperature", "0",
-                               "--max_new_tokens", "6", "--prompt", "the", "--sparsity", "0.4", "--thresholds", thr])
+    current = torch.cuda.current_device()
+    try:
+        code, out, err = run_main(["--checkpoint", tiny_ckpt, "--device", "cuda:1", "--dtype", "bf16", "--temperature",
+                                   "0", "--max_new_tokens", "6", "--prompt", "the", "--sparsity", "0.4",
+                                   "--thresholds", thr])
+    finally:
+        torch.cuda.set_device(current)  # generate made cuda:1 current in this process
     assert code == 0, err
     assert "achieved sparsity (decode)" in out and "peak memory" in out
 
