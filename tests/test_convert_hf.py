@@ -265,8 +265,11 @@ def test_cli_flags(hf_dir, capsys):
 def test_download_fetches_the_weights_the_converter_reads(tmp_path, monkeypatch, files, weights):
     import huggingface_hub
     calls = []
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, token=None: files)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)))
+    # the real signatures' names: a call with other keywords fails here too
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, *, token=None: files)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, *, local_dir, token, allow_patterns: calls.append(
+                            (repo_id, dict(local_dir=local_dir, token=token, allow_patterns=allow_patterns))))
     convert_hf_checkpoint.download("org/model", tmp_path)
     assert calls == [("org/model", dict(local_dir=tmp_path, token=None, allow_patterns=[
         "*.json", weights, "tokenizer.model", "original/tokenizer.model"]))]
@@ -275,7 +278,7 @@ def test_download_fetches_the_weights_the_converter_reads(tmp_path, monkeypatch,
 def test_download_offline_is_one_line(tmp_path, monkeypatch):
     import huggingface_hub
 
-    def offline(self, repo, token=None):
+    def offline(self, repo_id, *, token=None):
         raise OSError("[Errno -2] Name or service not known\nmore detail")
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
     rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
