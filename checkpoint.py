@@ -30,9 +30,8 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         if cfg.get(key) is None:  # absent or null
             raise CheckpointError(f"config.json lacks {key!r}")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
-                "rms_norm_eps", "rope_theta"):
-        v, real = cfg.get(key), key in ("rms_norm_eps", "rope_theta")
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "rms_norm_eps"):
+        v, real = cfg.get(key), key == "rms_norm_eps"
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float) if real else int) or v <= 0):
             raise CheckpointError(f"config.json: {key} must be a positive {'number' if real else 'integer'}, "
                                   f"got {v!r}")
@@ -45,7 +44,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     params = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
     if not isinstance(params, dict):
         raise CheckpointError(f"config.json: rope_parameters must be an object, got {params!r}")
-    rope_base = cfg.get("rope_theta") or params.get("rope_theta", 10000.0)
+    rope_base = cfg["rope_theta"] if cfg.get("rope_theta") is not None else params.get("rope_theta", 10000.0)
     if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 0:
         raise CheckpointError(f"config.json: rope_theta must be a positive number, got {rope_base!r}")
     return ModelArgs(
@@ -59,15 +58,15 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         block_size=int(block_size),
         norm_eps=cfg.get("rms_norm_eps") or 1e-5,
         rope_base=float(rope_base),
-        rope_scaling=rope_scaling(cfg),
+        rope_scaling=rope_scaling(cfg.get("rope_scaling") or params, cfg.get("max_position_embeddings")),
         qkv_bias=mt == "qwen2",
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
 
 
-def rope_scaling(cfg: dict) -> Optional[dict]:
-    """The config's llama3 RoPE scaling (Llama-3.1 and later), checked, or None for plain RoPE."""
-    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
+    """The config's llama3 RoPE scaling (Llama-3.1 and later; rope_scaling, or transformers 5's rope_parameters),
+    checked, or None for plain RoPE."""
     if not isinstance(rs, dict):
         raise CheckpointError(f"config.json: rope_scaling must be an object, got {rs!r}")
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -76,7 +75,7 @@ def rope_scaling(cfg: dict) -> Optional[dict]:
     if kind != "llama3":
         raise CheckpointError(f"unsupported rope_scaling {rs!r} (only llama3)")
     # HF falls back to max_position_embeddings when original_max_position_embeddings is absent
-    rs = {"original_max_position_embeddings": cfg.get("max_position_embeddings"), "low_freq_factor": 1.0,
+    rs = {"original_max_position_embeddings": max_position_embeddings, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, **rs}
     for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
         v = rs.get(key)

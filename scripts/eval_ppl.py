@@ -133,9 +133,10 @@ def main(argv=None) -> list:
         raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
     cals = {}
     sparse = any(s > 0 for s in args.sparsity)  # the dense model needs no thresholds; a file named is checked
-    if (sparse and any(score_of(m) == "magnitude" for m in args.method)) or args.thresholds:
+    scores = {score_of(m) for m in args.method}
+    if (sparse and "magnitude" in scores) or args.thresholds:
         cals["magnitude"] = thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), config)
-    if (sparse or args.weighted_thresholds) and any("weighted" in m for m in args.method):
+    if (sparse or args.weighted_thresholds) and "weighted" in scores:
         cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
                                          config)
     for score, cal in cals.items():  # each file must hold the scores its flag names

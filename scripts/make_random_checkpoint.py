@@ -11,7 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 from bench_decode import PRESETS, build  # noqa: E402
