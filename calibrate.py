@@ -6,8 +6,9 @@ linear's input scores, and write per layer and per projection the threshold for 
 
 The four distinct inputs of a block are the attention input (q, k, v), the attention output (o), the MLP input
 (gate, up) and the down-projection input. Scores are |x| ("magnitude", TEAL) or |x_i| * ||W[:, i]||_2
-("weighted"), the latter per projection. Quantiles come from a seeded uniform sample of up to --samples scores
-per layer and projection, so any sparsity's threshold is read off the stored grid.
+("weighted"), the latter per projection. Quantiles come from a seeded uniform sample of about --samples scores
+per layer and projection (the same number from each window, rounded up), so any sparsity's threshold is read off
+the stored grid.
 """
 import argparse
 import sys

@@ -44,6 +44,10 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     params = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
     if not isinstance(params, dict):
         raise CheckpointError(f"config.json: rope_parameters must be an object, got {params!r}")
+    head_dim = cfg.get("head_dim") or dim // n_head
+    if head_dim % 2:
+        raise CheckpointError(f"config.json: head_dim {head_dim} is odd (hidden_size / num_attention_heads where not "
+                              f"given); RoPE rotates pairs of channels")
     rope_base = cfg["rope_theta"] if cfg.get("rope_theta") is not None else params.get("rope_theta", 10000.0)
     if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 0:
         raise CheckpointError(f"config.json: rope_theta must be a positive number, got {rope_base!r}")
@@ -53,7 +57,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         n_layer=cfg["num_hidden_layers"],
         n_head=n_head,
         n_local_heads=cfg.get("num_key_value_heads") or n_head,
-        head_dim=cfg.get("head_dim") or dim // n_head,
+        head_dim=head_dim,
         intermediate_size=cfg["intermediate_size"],
         block_size=int(block_size),
         norm_eps=cfg.get("rms_norm_eps") or 1e-5,

@@ -13,7 +13,8 @@
 
 layers[l][p][i] is the levels[i]-quantile of projection p's input score in layer l on the calibration text:
 zeroing entries at or below it drops that fraction of them, so it never decreases along the levels (the cats and
-sparse_aware thresholds and the greedy sparsities neither). Any sparsity in [0, 1) is interpolated.
+sparse_aware thresholds and the greedy sparsities neither). Any sparsity in [0, 1) is interpolated between
+levels; one above the last level (0.999 in calibrate.py's grid) takes that level's thresholds.
 "greedy" (calibrate.py --greedy) holds, for each parameter-weighted block sparsity, each projection's own level.
 "sparse_aware" (calibrate.py --sparse_aware) holds uniform thresholds corrected on the sparse model's own
 activations; uniform sparsities up to its last level use it.
@@ -89,8 +90,8 @@ def load(path, config: ModelArgs) -> dict:
     source = str(calibration.get("source"))
     levels = _numbers(_field(data, "levels", list, path, "the file"), path, "levels")
     rows = _rows(_field(data, "layers", list, path, "the file"), path, "layers")
-    if not _increasing(levels, 0.0) or len(levels) < 2:
-        raise CheckpointError(f"{path}: levels must increase from 0 and stay below 1")
+    if not _increasing(levels, 0.0):
+        raise CheckpointError(f"{path}: levels must be two or more, increase from 0 and stay below 1")
     n = len(levels)
     table = _numbers(rows, path, "threshold table")
     if table.shape != (config.n_layer, len(PROJECTIONS), n):
@@ -199,8 +200,8 @@ def _section(data: dict, name: str, config: ModelArgs, path: Path, lowest):
     rows = _rows(_field(sec, "layers", list, path, f"the {name} section"), path, f"{name} section's layers")
     table = _numbers(rows, path, f"{name} section's table")
     if not _increasing(levels, lowest):
-        start = f"from {lowest}" if lowest is not None else "above 0"
-        raise CheckpointError(f"{path}: malformed {name} section: levels must increase {start} and stay below 1")
+        start = f"be two or more, increase from {lowest}" if lowest is not None else "increase above 0"
+        raise CheckpointError(f"{path}: malformed {name} section: levels must {start} and stay below 1")
     if table.shape != (config.n_layer, len(PROJECTIONS), len(levels)):
         raise CheckpointError(f"{path}: malformed {name} section: table of shape {tuple(table.shape)}, expected "
                               f"({config.n_layer}, {len(PROJECTIONS)}, {len(levels)})")
@@ -208,8 +209,9 @@ def _section(data: dict, name: str, config: ModelArgs, path: Path, lowest):
 
 
 def _increasing(levels: torch.Tensor, lowest) -> bool:
-    """A sparsity grid: 1-D, increasing, below 1, starting at `lowest` (above 0 where None). NaN fails each test."""
-    if levels.dim() != 1 or len(levels) == 0:
+    """A sparsity grid: 1-D, increasing, below 1, starting at `lowest` with at least two levels (interp needs an
+    interval), or above 0 where None (the loader then puts level 0 first). NaN fails each test."""
+    if levels.dim() != 1 or len(levels) < (1 if lowest is None else 2):
         return False
     first = levels[0] == lowest if lowest is not None else levels[0] > 0
     return bool(first and (levels[1:] > levels[:-1]).all() and levels[-1] < 1)

@@ -166,7 +166,7 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
         raise TokenizerError(f"{ckpt / 'tealfast.json'}: schema_version {meta.get('schema_version')!r}, "
                              f"expected {SCHEMA_VERSION}")
     kind = meta.get("tokenizer")
-    if kind not in TOKENIZER_CLASSES:
+    if not isinstance(kind, str) or kind not in TOKENIZER_CLASSES:  # a list or object is unhashable
         raise TokenizerError(f"{ckpt / 'tealfast.json'}: unknown tokenizer kind {kind!r}, "
                              f"expected one of {sorted(TOKENIZER_CLASSES)}")
     config = _read_json(ckpt / "config.json", required=False)

@@ -64,6 +64,9 @@ def read_config(reader: gguf.GGUFReader, has_output: bool) -> dict:
     if scaling != "none":
         raise ConversionError(f"unsupported rope scaling {scaling!r}")
     dim, n_head = need("embedding_length"), need("attention.head_count")
+    if not all(type(v) is int and v > 0 for v in (dim, n_head)):  # per-layer arrays too: one value each expected
+        raise ConversionError(f"GGUF metadata: llama.embedding_length {dim!r} and llama.attention.head_count "
+                              f"{n_head!r} must be positive integers")
     head_dim = field(reader, "llama.attention.key_length", dim // n_head)
     if field(reader, "llama.rope.dimension_count", head_dim) != head_dim:
         raise ConversionError("partial rotary embeddings are not supported")
@@ -197,15 +200,18 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     # Token ids are list positions; the embedding may have more rows (padding), not fewer. Its rows from the
     # tensor's header (GGUF lists dimensions innermost first), before the slow dequantization.
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise ConversionError(f"{path.name}: no token_embd.weight tensor")
+    cfg["vocab_size"] = int(embd.shape[-1])
     n_tokens = len(field(reader, "tokenizer.ggml.tokens"))
-    if embd is not None and n_tokens > int(embd.shape[-1]):
+    if n_tokens > cfg["vocab_size"]:
         raise ConversionError(f"{path.name}: the tokenizer has {n_tokens} tokens, more than the model's vocab_size "
-                              f"{int(embd.shape[-1])} (rows of token_embd.weight)")
-    state = read_weights(reader, cfg, dtype)
-    cfg["vocab_size"] = state["tok_embeddings.weight"].shape[0]
+                              f"{cfg['vocab_size']} (rows of token_embd.weight)")
     try:
+        config = from_hf_config(cfg)  # the metadata, checked before the slow dequantization
+        state = read_weights(reader, cfg, dtype)
         with torch.device("meta"):  # last check against the model itself, so the output always loads
-            check_state_dict(Transformer(from_hf_config(cfg)), state)
+            check_state_dict(Transformer(config), state)
     except CheckpointError as e:
         raise ConversionError(f"{path.name}: {e}") from None
     return save_checkpoint(out_dir, state, cfg, "hf", {"tokenizer.json": tokenizer.to_str()}, f"gguf:{path.name}")

@@ -113,8 +113,11 @@ def parse_args(argv=None):
     bad = [m for m in args.method if m not in METHODS]
     if bad:
         p.error(f"unknown --method {bad[0]!r} (choose from {', '.join(METHODS)})")
-    if args.weighted_thresholds and not any("weighted" in m for m in args.method):
+    scores = {score_of(m) for m in args.method}  # a thresholds file no method reads would be ignored silently
+    if args.weighted_thresholds and "weighted" not in scores:
         p.error("--weighted_thresholds needs a weighted --method (weighted or greedy+weighted)")
+    if args.thresholds and "magnitude" not in scores:
+        p.error("--thresholds needs a magnitude --method (uniform, greedy or cats)")
     return args
 
 

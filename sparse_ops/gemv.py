@@ -282,13 +282,14 @@ def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Opti
             raise ValueError("weight.t() must be contiguous: store the weight column-major (model.to_column_major)")
         if w.device != x.device:
             raise ValueError(f"weight on {w.device}, x on {x.device}")
+    # the kernel indexes thresholds and scale as packed arrays: a strided view would be read wrongly
     if thresholds.dim() != 1 or thresholds.shape[0] != n_seg or thresholds.dtype != torch.float32 \
-            or thresholds.device != x.device:
-        raise ValueError(f"thresholds must be fp32 ({n_seg},) on {x.device}, got {thresholds.dtype} "
+            or not thresholds.is_contiguous() or thresholds.device != x.device:
+        raise ValueError(f"thresholds must be contiguous fp32 ({n_seg},) on {x.device}, got {thresholds.dtype} "
                          f"{tuple(thresholds.shape)} on {thresholds.device}")
     if scale is not None and (tuple(scale.shape) != (n_seg, x.shape[1]) or scale.dtype != torch.float32
-                              or scale.device != x.device):
-        raise ValueError(f"scale must be fp32 ({n_seg}, {x.shape[1]}) on {x.device}, got {scale.dtype} "
+                              or not scale.is_contiguous() or scale.device != x.device):
+        raise ValueError(f"scale must be contiguous fp32 ({n_seg}, {x.shape[1]}) on {x.device}, got {scale.dtype} "
                          f"{tuple(scale.shape)} on {scale.device}")
     K = x.shape[1]
     if kept is not None and (tuple(kept.shape) != (1, K + 1) or kept.dtype != torch.int32

@@ -105,13 +105,15 @@ def check_add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, thresholds: Tens
             or parts.dtype not in (x.dtype, torch.float32):
         raise ValueError(f"parts must be contiguous (parts >= 1, {B}, {D}) in {x.dtype} or fp32, got {parts.dtype} "
                          f"{tuple(parts.shape)}")
-    if tuple(weight.shape) != (D,) or weight.dtype != x.dtype:
-        raise ValueError(f"weight must be ({D},) {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")
-    if tuple(thresholds.shape) != (2,) or thresholds.dtype != torch.float32:
-        raise ValueError(f"thresholds must be fp32 (2,), gate's and up's, got {thresholds.dtype} "
+    # the kernel indexes weight, thresholds and scale as packed arrays: a strided view would be read wrongly
+    if tuple(weight.shape) != (D,) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(f"weight must be contiguous ({D},) {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")
+    if tuple(thresholds.shape) != (2,) or thresholds.dtype != torch.float32 or not thresholds.is_contiguous():
+        raise ValueError(f"thresholds must be contiguous fp32 (2,), gate's and up's, got {thresholds.dtype} "
                          f"{tuple(thresholds.shape)}")
-    if scale is not None and (tuple(scale.shape) != (2, D) or scale.dtype != torch.float32):
-        raise ValueError(f"scale must be fp32 (2, {D}), got {scale.dtype} {tuple(scale.shape)}")
+    if scale is not None and (tuple(scale.shape) != (2, D) or scale.dtype != torch.float32
+                              or not scale.is_contiguous()):
+        raise ValueError(f"scale must be contiguous fp32 (2, {D}), got {scale.dtype} {tuple(scale.shape)}")
     devices = {t.device for t in (x, parts, weight, thresholds, scale) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, parts, weight, thresholds and scale must be on one device, got "

@@ -33,14 +33,13 @@ def test_bench_decode_cpu_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter would take minutes; the kernels have their tests
     out = tmp_path / "decode.json"
     bench_decode.main(["--preset", "smollm2-135m", "--device", "cpu", "--tokens", "3", "--prompt_len", "4",
-                       "--calib_tokens", "32", "--sparsity", "0,0.5", "--variants", "uniform,per_projection",
+                       "--calib_tokens", "32", "--sparsity", "0,0.5", "--variants", "uniform,per_projection,weighted",
                        "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["variant"], r["sparsity"]) for r in rows] == [("dense (F.linear)", 0.0), ("uniform", 0.0),
-                                                            ("uniform", 0.5), ("per_projection", 0.0),
-                                                            ("per_projection", 0.5)]
+    assert [(r["variant"], r["sparsity"]) for r in rows] == [("dense (F.linear)", 0.0)] + [
+        (v, s) for v in ("uniform", "per_projection", "weighted") for s in (0.0, 0.5)]
     assert rows[0]["achieved"] == 0
-    assert rows[1]["achieved"] < 0.01 and rows[3]["achieved"] < 0.01  # level 0 drops exact zeros only
-    # 8 decode steps (5 warm-up, 3 timed) of random tokens against a 32-token calibration
-    assert 0.3 < rows[2]["achieved"] < 0.7 and 0.3 < rows[4]["achieved"] < 0.7
+    # level 0 drops exact zeros only; 8 decode steps (5 warm-up, 3 timed) of random tokens against a 32-token
+    # calibration come near 0.5
+    assert all(r["achieved"] < 0.01 for r in rows[1::2]) and all(0.3 < r["achieved"] < 0.7 for r in rows[2::2])
     assert all(r["tokens_per_s"] > 0 for r in rows)

@@ -127,6 +127,8 @@ def hf_config(**overrides) -> dict:
     dict(rope_parameters="llama3"),
     dict(rope_scaling={"rope_type": "llama3"}),  # no factor
     dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+    dict(hidden_size=60),  # head_dim 15: RoPE rotates pairs
+    dict(head_dim=15),
 ])
 def test_from_hf_config_rejects_unsupported(overrides):
     with pytest.raises(CheckpointError):

@@ -186,11 +186,12 @@ def tiny_tokens() -> list:
 
 
 def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bool = False, extra=(),
-                    rows: int = None, bos: int = None, eos: int = None) -> tuple:
+                    rows: int = None, bos: int = None, eos: int = None, meta=None) -> tuple:
     """A one-layer llama GGUF with every supported tensor type; ffn_length: the metadata's feed_forward_length
     (default: the tensors' own); n_head heads of 32 (with 4, head_dim != dim / n_head, stated in the metadata);
     eot: an end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors; rows: of the embedding and
-    output (default: one per token); bos: a BOS id, added to every prompt; eos (default: the end token). Returns
+    output (default: one per token); bos: a BOS id, added to every prompt; eos (default: the end token); meta:
+    llama.* metadata written instead of the tensors' own (GGUFWriter's add_<key> names). Returns
     (tokens, specs, the unquantized weights)."""
     Q = gguf.GGMLQuantizationType
     dim, n_kv, head_dim, ffn = 64, 1, 32, 96
@@ -211,9 +212,9 @@ def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bo
              ("blk.0.ffn_up", "layers.0.feed_forward.w3", (ffn, dim), Q.Q4_1),
              ("blk.0.ffn_down", "layers.0.feed_forward.w2", (dim, ffn), Q.F16)]
     w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("block_count", 1), ("context_length", 64), ("embedding_length", dim),
-                       ("feed_forward_length", ffn_length or ffn), ("head_count", n_head), ("head_count_kv", n_kv),
-                       ("layer_norm_rms_eps", 1e-6), ("rope_freq_base", 5000.0)]:
+    for key, value in {"block_count": 1, "context_length": 64, "embedding_length": dim,
+                       "feed_forward_length": ffn_length or ffn, "head_count": n_head, "head_count_kv": n_kv,
+                       "layer_norm_rms_eps": 1e-6, "rope_freq_base": 5000.0, **(meta or {})}.items():
         getattr(w, f"add_{key}")(value)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -332,6 +333,16 @@ def test_metadata_that_contradicts_the_tensors(tmp_path):
                                                                      tmp_path / "out"])
     assert code == 1
     assert err.startswith("error: tiny.gguf: weight ") and "config.json implies" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "model.pth").exists()
+
+
+@pytest.mark.parametrize("meta, words", [({"head_count": 0}, "head_count 0 must be positive integers"),
+                                         ({"key_length": 31, "value_length": 31}, "head_dim 31 is odd")])
+def test_metadata_refused_before_the_weights_are_read(tmp_path, monkeypatch, meta, words):
+    monkeypatch.setattr(convert_gguf_checkpoint, "read_weights", None)  # reached only after the metadata passed
+    write_tiny_gguf(tmp_path / "tiny.gguf", meta=meta)
+    with pytest.raises(convert_gguf_checkpoint.ConversionError, match=words):
+        convert_gguf_checkpoint.convert(tmp_path / "tiny.gguf", tmp_path / "out")
     assert not (tmp_path / "out" / "model.pth").exists()
 
 

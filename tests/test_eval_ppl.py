@@ -112,7 +112,8 @@ def run_main(argv) -> tuple:
                                   ["--json", "."], ["--plot", "no/such/folder/p.png"],
                                   # flags that would be ignored without a word
                                   ["--text", "t.txt", "--corpus", "stdlib-docstrings"],
-                                  ["--weighted_thresholds", "w.json"], ["--method", "cats", "--weighted_thresholds", "w"]])
+                                  ["--weighted_thresholds", "w.json"], ["--method", "cats", "--weighted_thresholds", "w"],
+                                  ["--method", "weighted", "--thresholds", "t.json", "--weighted_thresholds", "w"]])
 def test_bad_args(tmp_path, argv):
     code, err = run_main(["--checkpoint", tmp_path / "model.pth", *argv])
     assert code == 2

@@ -485,6 +485,36 @@ def test_cli_reports_parameter_weighted_sparsity(tiny_ckpt, tmp_path, monkeypatc
     assert f"weight rows skipped (kept by no batch row) {rows:.1%}" in out, out
 
 
+@pytest.mark.parametrize("sparse_prefill", [False, True])
+def test_sparse_prefill_masks_the_prompt(sparse_prefill, tiny_ckpt, tmp_path, monkeypatch):
+    """--sparse_prefill: the prompt's forward drops every block linear's inputs at or under the thresholds (here a
+    plain dense forward with the inputs masked by hooks); without it the prompt runs dense."""
+    thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")  # at sparsity 0.5: threshold 0.1 for every projection
+    seen = []
+    real = generate.decode_one_token
+
+    def spy(m, cur, input_pos, *rest):
+        if cur.shape[1] > 1:  # the prefill
+            seen.append((cur.clone(), m(cur, input_pos)[:, -1].clone()))  # rewrites the same cache entries
+        return real(m, cur, input_pos, *rest)
+    monkeypatch.setattr(generate, "decode_one_token", spy)
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--prompt", "the cat sat on the mat", "--sparsity", "0.5",
+                   "--thresholds", str(thr), "--no_stream", *(["--sparse_prefill"] if sparse_prefill else [])])
+    (ids, logits), = seen
+    ref = checkpoint.load_model(tiny_ckpt, dtype=torch.float32)
+    ref.setup_caches(1, ids.shape[1])
+    with torch.no_grad():
+        dense = ref(ids, torch.arange(ids.shape[1]))[:, -1]
+        hooks = [lin.register_forward_pre_hook(lambda mod, inp: inp[0] * (inp[0].abs() > 0.1))
+                 for b in ref.layers for lin in (b.attention.wqkv, b.attention.wo, b.feed_forward.w1,
+                                                 b.feed_forward.w3, b.feed_forward.w2)]
+        masked = ref(ids, torch.arange(ids.shape[1]))[:, -1]
+        for h in hooks:
+            h.remove()
+    assert ids.shape[1] >= 4 and (masked - dense).abs().max() > 1e-2  # the masks matter for this prompt
+    torch.testing.assert_close(logits, masked if sparse_prefill else dense, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dropped", [0.4, 0.45, 0.9, 0.1])
 def test_warns_when_the_achieved_sparsity_is_far_from_the_asked(dropped, tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Thresholds of another model with the same shapes pass the fingerprint; the run says so when the inputs it

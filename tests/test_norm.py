@@ -180,6 +180,13 @@ def test_bad_input():
         add_rmsnorm(x, parts, w, 1e-5, thr, torch.ones(1, 64, device=DEV))  # one row: gate's and up's are two
     with pytest.raises(ValueError, match="contiguous"):
         add_rmsnorm(torch.randn(64, 2, device=DEV, dtype=torch.bfloat16).t(), parts, w, 1e-5, thr)
+    # strided views the kernel would read as packed arrays
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        add_rmsnorm(x, parts, torch.stack([w, w], 1)[:, 0], 1e-5, thr)
+    with pytest.raises(ValueError, match="thresholds must be contiguous"):
+        add_rmsnorm(x, parts, w, 1e-5, torch.zeros(2, 2, device=DEV)[:, 0])
+    with pytest.raises(ValueError, match="scale must be contiguous"):
+        add_rmsnorm(x, parts, w, 1e-5, thr, torch.ones(64, 2, device=DEV).t())
     kept = add_rmsnorm(x, parts, w, 1e-5, thr)[2]
     wt = torch.randn(64, 32, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="kept"):

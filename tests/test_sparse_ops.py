@@ -281,6 +281,12 @@ def test_bad_input():
         sparse_glu(x, wt, wt, thr)  # one threshold for gate and one for up
     with pytest.raises(ValueError, match="kept"):
         sparse_glu(torch.cat([x, x]), wt, wt, thr2, None, kept_list(x, thr2, None))  # the list is for one row
+    # strided views the kernel would read as packed arrays
+    with pytest.raises(ValueError, match="thresholds must be contiguous"):
+        sparse_gemv(x, wt, torch.zeros(2, 2, device=DEV)[:, 0], [16, 32])
+    with pytest.raises(ValueError, match="scale must be contiguous"):
+        sparse_gemv_pair(x, wt[:, :16].contiguous(), wt[:, 16:].contiguous(), thr2,
+                         torch.ones(64, 2, device=DEV).t())
 
 
 # ---- GPU only ------------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def test_wrong_table_shape(saved):
 
 @pytest.mark.parametrize("levels", [[0.1, 0.5, 0.9, 0.95, 0.96, 0.97, 0.98], [0.0, 0.5, 0.4, 0.6, 0.7, 0.8, 0.9],
                                     [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0], [0.0, 0.1, 0.1, 0.5, 0.75, 0.9, 0.999],
-                                    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, float("nan")], 5, "0.1", None,
+                                    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, float("nan")], 5, "0.1", None, [0.0],
                                     [0.0, "a", 0.2, 0.3, 0.4, 0.5, 0.6], [0.0, True, 0.2, 0.3, 0.4, 0.5, 0.6]])
 def test_bad_levels(saved, levels):
     path, _ = saved
@@ -333,7 +333,8 @@ def test_malformed_optional_sections(saved):
     rewrite(path, cats=None, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 1.5] for p in PROJECTIONS}] * 2})
     assert "greedy" in load_error(path)
     # levels that are not numbers, not increasing or not from 0: each a one-line error naming the section
-    for levels in (["a", "b"], [0.0, 0.5, 0.25], [0.1, 0.5], [0.0, 1.0], [0.0, float("nan")]):
+    # ([0.0] alone: no interval to interpolate in)
+    for levels in (["a", "b"], [0.0, 0.5, 0.25], [0.1, 0.5], [0.0, 1.0], [0.0, float("nan")], [0.0]):
         rewrite(path, greedy={"levels": levels, "layers": [{p: [0.0] * len(levels) for p in PROJECTIONS}] * 2})
         assert "greedy" in load_error(path), levels
     rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 0.5] for p in PROJECTIONS}]})  # one layer

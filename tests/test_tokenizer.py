@@ -329,6 +329,8 @@ def test_errors_checkpoint_folder(tmp_path):
         write_checkpoint(tmp_path / "v2", "hf", meta={"schema_version": 2, "tokenizer": "hf"}))
     assert "'bpe'" in error_message(write_checkpoint(tmp_path / "kind", "bpe"))
     assert "None" in error_message(write_checkpoint(tmp_path / "nokind", "hf", meta={"schema_version": 1}))
+    assert "['hf']" in error_message(write_checkpoint(tmp_path / "listkind", "hf",
+                                                      meta={"schema_version": 1, "tokenizer": ["hf"]}))
     corrupt_config = write_checkpoint(tmp_path / "cfg", "hf")
     (corrupt_config / "config.json").write_text("{")
     assert "config.json" in error_message(corrupt_config)
