@@ -7,6 +7,7 @@ with CUDA graphs when --compile is given on a GPU. With --sparsity > 0 every blo
 columns whose input survives the calibrated threshold (thresholds.json beside the checkpoint, from calibrate.py).
 """
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -51,14 +52,20 @@ def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
 def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, temperature: float,
                      top_k: Optional[int]):
     """cur (B, T) at positions input_pos (T,) -> the token after the last one (B, 1), and whether all logits were
-    finite. Decode calls it with T = 1 (compiled with --compile); prefill calls it once over the prompt, eagerly."""
+    finite. Decode calls it with T = 1 (compiled with --compile); prefill once over the prompt."""
     logits = model(cur, input_pos)[:, -1]
     return sample(logits, temperature, top_k), torch.isfinite(logits).all()
 
 
+def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int]):
+    """decode_one_token over the whole prompt: a function of its own, so that --compile_prefill compiles it apart
+    from decode, with dynamic shapes (one compile serves every prompt length)."""
+    return decode_one_token(model, prompt, input_pos, temperature, top_k)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn, temperature: float = 0.0,
-             top_k: Optional[int] = None, stop_ids=(), on_token=None) -> Tensor:
+             top_k: Optional[int] = None, stop_ids=(), on_token=None, prefill_fn=prefill) -> Tensor:
     """prompt (B, T). Returns (B, T + n), n <= max_new_tokens the tokens decoded: it stops early once every row
     hit a stop id, checked every step when streaming, else every 16 steps (a host sync), so up to 15 steps past
     the last stop may be decoded, timed and counted; the text shown ends at each row's stop."""
@@ -66,7 +73,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
     device = prompt.device
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     seq[:, :T] = prompt
-    tok, finite = decode_one_token(model, prompt, torch.arange(T, device=device), temperature, top_k)  # prefill
+    tok, finite = prefill_fn(model, prompt, torch.arange(T, device=device), temperature, top_k)
     seq[:, T:T + 1] = tok
     all_finite = finite
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
@@ -138,6 +145,11 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="compile decode (fullgraph; CUDA graphs on a GPU, where it is the fast path; on a CPU it "
                         "takes a minute or two to compile and gains little)")
+    p.add_argument("--compile_prefill", action="store_true",
+                   help="compile the prefill too (dynamic shapes: one compile serves every prompt length)")
+    p.add_argument("--profile", type=cli.out_file, default=None,
+                   help="write a torch.profiler trace of the last sample here (JSON for chrome://tracing or "
+                        "Perfetto; that sample's timing then includes the profiler's overhead)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP)
     p.add_argument("--sparsity", type=cli.sparsity, default=0.0,
@@ -190,10 +202,13 @@ def main(argv=None) -> None:
           + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores"
              f"{', greedy allocation' if args.greedy else ''})" if cal else "; dense"), file=sys.stderr)
 
-    decode_fn = decode_one_token
+    decode_fn, prefill_fn = decode_one_token, prefill
     if args.compile:
         decode_fn = torch.compile(decode_one_token, mode="reduce-overhead" if device.type == "cuda" else None,
                                   fullgraph=True)
+    if args.compile_prefill:
+        prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
+    compiled = args.compile or args.compile_prefill
     prompt = torch.tensor(ids, dtype=torch.long, device=device).repeat(args.batch_size, 1)
     total_bytes, linear_bytes = model_bytes(model)
     stop_ids = tuple(tokenizer.eos_ids)
@@ -205,8 +220,13 @@ def main(argv=None) -> None:
         new = next((new[:j] for j, t in enumerate(new) if t in stop_ids), new)
         return tokenizer.decode(ids[1 if bos else 0:] + new)
 
-    for i in range(args.num_samples + (1 if args.compile else 0)):
-        warmup = args.compile and i == 0  # the first run compiles and captures; not timed
+    n_runs = args.num_samples + (1 if compiled else 0)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    for i in range(n_runs):
+        warmup = compiled and i == 0  # the first run compiles and captures; not timed
+        profiling = args.profile is not None and i == n_runs - 1
+        profiler = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
         shown = [0]
 
         def stream(seq, final=False):
@@ -222,8 +242,9 @@ def main(argv=None) -> None:
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         try:
-            seq = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k, stop_ids,
-                           on_token)
+            with profiler:
+                seq = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k,
+                               stop_ids, on_token, prefill_fn)
         except BaseException:
             if shown[0]:
                 print(flush=True)  # an error's line starts below the streamed text
@@ -240,7 +261,7 @@ def main(argv=None) -> None:
             stream(seq, final=True)
         n_new = seq.shape[1] - T
         tok_s = n_new * args.batch_size / dt
-        print(f"\n\nsample {i + 1 - (1 if args.compile else 0)}: {n_new} tokens x {args.batch_size} rows in "
+        print(f"\n\nsample {i + 1 - (1 if compiled else 0)}: {n_new} tokens x {args.batch_size} rows in "
               f"{dt:.2f}s: {tok_s:.1f} tokens/s (prefill included)"
               + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else ""))
         line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
@@ -264,6 +285,9 @@ def main(argv=None) -> None:
         print(line)
         if device.type == "cuda":
             print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+        if profiling:
+            profiler.export_chrome_trace(str(args.profile))
+            print(f"profiler trace of this sample (timing includes the profiler's overhead) in {args.profile}")
 
 
 if __name__ == "__main__":

@@ -515,6 +515,37 @@ def test_sparse_prefill_masks_the_prompt(sparse_prefill, tiny_ckpt, tmp_path, mo
     torch.testing.assert_close(logits, masked if sparse_prefill else dense, rtol=1e-4, atol=1e-4)
 
 
+def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, capsys):
+    """--compile_prefill compiles generate.prefill (dynamic shapes) and not decode; the first run compiles, untimed.
+    (Whether it compiles is tested on the GPU; a CPU compile takes minutes.)"""
+    compiled, calls = [], []
+
+    def fake_compile(fn, **kw):
+        compiled.append((fn, kw))
+
+        def run(*a):
+            calls.append((fn, a[1].shape[1]))
+            return fn(*a)
+        return run
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--prompt", "the cat sat", "--compile_prefill",
+                   "--no_stream"])
+    assert compiled == [(generate.prefill, {"fullgraph": True, "dynamic": True})]
+    assert [fn for fn, _ in calls] == [generate.prefill] * 2 and all(t > 1 for _, t in calls)  # warm-up, sample
+    captured = capsys.readouterr()
+    assert "compiled and warmed up" in captured.err and "sample 1:" in captured.out and "sample 2" not in captured.out
+
+
+def test_profile_writes_a_trace_of_the_last_sample(tiny_ckpt, tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--num_samples", "2", "--no_stream", "--profile",
+                   str(trace)])
+    out = capsys.readouterr().out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("aten::" in e.get("name", "") for e in events)
+    assert out.count("profiler trace") == 1 and out.index("profiler trace") > out.index("sample 2:")
+
+
 @pytest.mark.parametrize("dropped", [0.4, 0.45, 0.9, 0.1])
 def test_warns_when_the_achieved_sparsity_is_far_from_the_asked(dropped, tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Thresholds of another model with the same shapes pass the fingerprint; the run says so when the inputs it
@@ -626,6 +657,24 @@ def test_bad_input_subprocess(tmp_path):
     assert_one_error(r.returncode, r.stderr)
     assert "NaN" in r.stderr
     assert r.stdout.startswith("the") and r.stdout.endswith("\n")  # streamed text, then a line of its own for the error
+
+
+@pytest.mark.gpu
+def test_compiled_decode_and_prefill_on_the_gpu(tiny_ckpt, tmp_path):
+    """--compile (CUDA graphs) and --compile_prefill give the eager run's greedy text, dense and sparse (fp32: the
+    rounding differences between fused and eager kernels stay too small to tip an argmax)."""
+    thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
+    base = ["--checkpoint", tiny_ckpt, "--device", "cuda", "--dtype", "fp32", "--temperature", "0",
+            "--max_new_tokens", "8", "--prompt", "the cat sat on the mat", "--no_stream", "--thresholds", thr]
+    for sparsity in ("0", "0.4"):
+        code, eager, err = run_main([*base, "--sparsity", sparsity])
+        assert code == 0, err
+        code, comp, err = run_main([*base, "--sparsity", sparsity, "--compile", "--compile_prefill", "--profile",
+                                    tmp_path / "trace.json"])
+        assert code == 0, err
+        assert comp.split("\n\nsample")[0] == eager.split("\n\nsample")[0], (eager, comp)
+        events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+        assert any(e.get("cat") == "kernel" for e in events)  # the GPU's kernels, not only the host's calls
 
 
 @pytest.mark.gpu
