@@ -25,6 +25,7 @@ from checkpoint import load_config, load_model
 from model import DTYPES, PROJECTIONS, Transformer, restored
 from tokenizer import get_tokenizer
 
+FEW_TOKENS = 1024  # fewer calibration tokens than this: a warning
 LEVELS = [i / 200 for i in range(200)] + [0.999]  # sparsity grid: 0, 0.005, ..., 0.995, 0.999
 
 
@@ -234,7 +235,8 @@ def parse_args(argv=None):
                         f"default: {PASS_DEFAULTS['sparse_aware_tokens']})")
     p.add_argument("--out", type=cli.out_file, help="output JSON (default: thresholds.json beside the checkpoint, "
                                             "thresholds_weighted.json for --score weighted)")
-    p.add_argument("--plot", type=cli.out_file, help="also write a PNG of the score distributions here")
+    p.add_argument("--plot", type=cli.plot_file,
+                   help="also write a plot of the score distributions here (.png, .pdf, .svg, ...)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP)
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the score sampling and the greedy search")
@@ -245,6 +247,9 @@ def parse_args(argv=None):
                         ("sparse_aware_levels", "sparse_aware"), ("sparse_aware_tokens", "sparse_aware")):
         if getattr(args, flag) is not None and not getattr(args, needs):
             p.error(f"--{flag} needs --{needs}")
+        if flag.endswith("_tokens") and (getattr(args, flag) or 0) > args.tokens:  # would be cut without a word
+            p.error(f"--{flag} {getattr(args, flag)} exceeds --tokens {args.tokens}: its pass runs on the first of "
+                    f"the calibration tokens")
         if getattr(args, flag) is None:
             setattr(args, flag, PASS_DEFAULTS[flag])
     lv = args.sparse_aware_levels
@@ -253,9 +258,9 @@ def parse_args(argv=None):
     return args
 
 
-def set_seq_len(args, context: int) -> None:
+def set_seq_len(args, config) -> None:
     """args.seq_len for a model of this context (cli.seq_len); each token budget must hold one window of it."""
-    args.seq_len = cli.seq_len(args.seq_len, context)
+    args.seq_len = cli.seq_len(args.seq_len, config)
     for flag, used in (("tokens", True), ("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
         if used and getattr(args, flag) < args.seq_len:
             raise ValueError(f"--{flag} must be at least --seq_len ({args.seq_len})")
@@ -266,7 +271,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     device = cli.use_device(args.device)
     config = load_config(args.checkpoint)  # flags and text checked against it before the weights load
-    set_seq_len(args, config.block_size)
+    set_seq_len(args, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     ids, source = calibration_tokens(args, tokenizer)
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
@@ -282,6 +287,9 @@ def main(argv=None) -> None:
         t_sa = sparse_aware(model, ids[:args.sparse_aware_tokens], args.seq_len, table, args.sparse_aware_levels,
                             args.score, device)
         corrected = {"levels": args.sparse_aware_levels, "table": t_sa}
+    if n_tokens < FEW_TOKENS:
+        print(f"warning: {n_tokens} calibration tokens: the quantiles of so few scores are noisy (--tokens)",
+              file=sys.stderr)
     out = args.out or thr_file.default_path(args.checkpoint, args.score)
     thr_file.save(out, model.config, LEVELS, table, source, n_tokens, args.score, greedy, rec.cats_table(), corrected)
     print(f"calibrated on {n_tokens} tokens of {source} in {time.perf_counter() - t:.1f}s -> {out}")

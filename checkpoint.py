@@ -40,7 +40,8 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
     # No sliding-window attention here: cap the context where it equals full attention.
     window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
-    block_size = min(cfg.get("max_position_embeddings") or 2048, window or float("inf"))
+    max_pos = cfg.get("max_position_embeddings") or 2048
+    block_size = min(max_pos, window or max_pos)
     params = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
     if not isinstance(params, dict):
         raise CheckpointError(f"config.json: rope_parameters must be an object, got {params!r}")
@@ -59,7 +60,8 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         n_local_heads=cfg.get("num_key_value_heads") or n_head,
         head_dim=head_dim,
         intermediate_size=cfg["intermediate_size"],
-        block_size=int(block_size),
+        block_size=block_size,
+        window_capped=block_size < max_pos,
         norm_eps=cfg.get("rms_norm_eps") or 1e-5,
         rope_base=float(rope_base),
         rope_scaling=rope_scaling(cfg.get("rope_scaling") or params, cfg.get("max_position_embeddings")),
@@ -112,7 +114,11 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises several kinds, with long messages, for truncated or foreign files
-        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]  # torch's messages run long
+        why = " ".join(str(e).split()).split(". ")[0]  # the first sentence: torch's messages run long
+        if "mmap can only be used" in why:  # what torch says of a file that is no zip archive: its advice misleads
+            why = "not the zip archive that torch.save writes"
+        elif len(why) > 160:
+            why = why[:160].rsplit(" ", 1)[0] + " ..."
         raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only torch.save "
                               f"file): {type(e).__name__}: {why}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

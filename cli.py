@@ -86,13 +86,13 @@ SEQ_LEN = 512  # default --seq_len of calibrate.py and eval_ppl.py, where the mo
 SEQ_LEN_DEFAULT = f"(default: {SEQ_LEN}, or the model's context where shorter)"
 
 
-def seq_len(requested, context: int) -> int:
-    """--seq_len for a model of this context (config.json's): SEQ_LEN cut to the context when not given (None); as
+def seq_len(requested, config) -> int:
+    """--seq_len for a model of this ModelArgs (config.json's): SEQ_LEN cut to its context when not given (None); as
     given when the context holds it."""
     if requested is None:
-        return min(SEQ_LEN, context)
-    if requested > context:
-        raise ValueError(f"--seq_len {requested} exceeds the model's context of {context} tokens")
+        return min(SEQ_LEN, config.block_size)
+    if requested > config.block_size:
+        raise ValueError(f"--seq_len {requested} exceeds {config.context()}")
     return requested
 
 
@@ -156,6 +156,17 @@ def out_file(s: str) -> Path:
         raise argparse.ArgumentTypeError(f"{p} is a folder; give a file name")
     if not p.parent.is_dir():
         raise argparse.ArgumentTypeError(f"folder {p.parent} does not exist")
+    return p
+
+
+def plot_file(s: str) -> Path:
+    """--plot: an out_file in a format matplotlib writes (.png, .pdf, .svg, ...), known before the work is done."""
+    p = out_file(s)
+    from matplotlib.figure import Figure
+    formats = Figure().canvas.get_supported_filetypes()
+    if p.suffix.lstrip(".").lower() not in formats:
+        raise argparse.ArgumentTypeError(f"{p}: matplotlib writes {', '.join('.' + f for f in sorted(formats))}, "
+                                         f"not {p.suffix or 'a file without an extension'}")
     return p
 
 

@@ -115,10 +115,11 @@ def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor) -> Tenso
 
 
 def load_calibration(config: ModelArgs, args) -> Optional[dict]:
-    """The calibration in use, or None for the dense path (--sparsity 0 without --sparse_prefill). A thresholds
-    file or greedy allocation named at --sparsity 0 is still checked, so a sweep that starts dense fails early."""
-    dense = args.sparsity == 0 and not args.sparse_prefill
-    if dense and not (args.thresholds or args.greedy):
+    """The calibration in use, or None for the dense path (--sparsity 0). At --sparsity 0 a thresholds file that a
+    flag names (--thresholds, --score, --greedy, --sparse_prefill) is still checked, so a sweep that starts dense
+    fails early."""
+    dense = args.sparsity == 0
+    if dense and not (args.thresholds or args.score or args.greedy or args.sparse_prefill):
         return None
     path = args.thresholds or thr_file.default_path(args.checkpoint, args.score or "magnitude")
     cal = thr_file.load(path, config)
@@ -130,7 +131,8 @@ def load_calibration(config: ModelArgs, args) -> Optional[dict]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth (config.json beside it)")
+    p.add_argument("--checkpoint", "--checkpoint_path", type=Path, required=True,
+                   help="checkpoints/<name>/model.pth (config.json beside it); --checkpoint_path is gpt-fast's name")
     p.add_argument("--prompt", default="Hello, my name is",
                    help="input text, after BOS where the tokenizer adds one (Llama-2/3, Mistral; not SmolLM2, "
                         "Qwen2); an empty one starts from BOS, where the model has one")
@@ -163,7 +165,8 @@ def parse_args(argv=None):
     p.add_argument("--greedy", action="store_true",
                    help="per-projection sparsities from calibrate.py --greedy; --sparsity is then the "
                         "parameter-weighted block sparsity")
-    p.add_argument("--sparse_prefill", action="store_true", help="apply the thresholds to the prompt too")
+    p.add_argument("--sparse_prefill", action="store_true",
+                   help="apply the thresholds to the prompt too (prefill is dense by default)")
     p.add_argument("--seed", type=cli.seed, default=1234, help="random seed for sampling")
     p.add_argument("--no_stream", action="store_true", help="print each sample at the end, not token by token")
     args = p.parse_args(argv)
@@ -172,7 +175,7 @@ def parse_args(argv=None):
     except UnicodeEncodeError:
         p.error("--prompt is not valid UTF-8 text")
     args.dtype = args.dtype or cli.default_dtype(args.device)
-    if (args.sparsity > 0 or args.sparse_prefill) and args.batch_size > sparse_ops.MAX_BATCH:
+    if args.sparsity > 0 and args.batch_size > sparse_ops.MAX_BATCH:
         p.error(f"sparse decode takes --batch_size up to {sparse_ops.MAX_BATCH}")
     return args
 
@@ -192,8 +195,7 @@ def main(argv=None) -> None:
     if T == 0:
         raise ValueError("the prompt encodes to no tokens")
     if T + args.max_new_tokens > config.block_size:
-        raise ValueError(f"prompt ({T} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds the model's "
-                         f"context of {config.block_size} tokens")
+        raise ValueError(f"prompt ({T} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds {config.context()}")
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     if cal is not None:
         thr_file.apply(model, cal, args.sparsity, args.greedy, prefill=args.sparse_prefill)

@@ -37,12 +37,18 @@ class ModelArgs:
     n_local_heads: int  # key/value heads (GQA)
     head_dim: int
     intermediate_size: int
-    block_size: int = 2048
+    block_size: int = 2048  # the context
+    window_capped: bool = False  # block_size is the config's sliding_window (attention past it is not implemented)
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     rope_scaling: Optional[dict] = None
     qkv_bias: bool = False
     tie_embeddings: bool = False
+
+    def context(self) -> str:
+        """block_size as the error messages name it."""
+        return f"the model's context of {self.block_size} tokens" + (
+            " (its sliding_window; attention past the window is not implemented)" if self.window_capped else "")
 
 
 def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list, sparse: bool,

@@ -13,8 +13,8 @@
 
 layers[l][p][i] is the levels[i]-quantile of projection p's input score in layer l on the calibration text:
 zeroing entries at or below it drops that fraction of them, so it never decreases along the levels (the cats and
-sparse_aware thresholds and the greedy sparsities neither). Any sparsity in [0, 1) is interpolated between
-levels; one above the last level (0.999 in calibrate.py's grid) takes that level's thresholds.
+sparse_aware thresholds and the greedy sparsities neither). A sparsity is interpolated between levels; one above
+the last level (0.999 in calibrate.py's grid) is refused.
 "greedy" (calibrate.py --greedy) holds, for each parameter-weighted block sparsity, each projection's own level.
 "sparse_aware" (calibrate.py --sparse_aware) holds uniform thresholds corrected on the sparse model's own
 activations; uniform sparsities up to its last level use it.
@@ -232,6 +232,9 @@ def projection_sparsities(cal: dict, sparsity: float, greedy: bool) -> torch.Ten
     check_sparsity(sparsity)
     n_layer = cal["table"].shape[0]
     if not greedy:
+        if sparsity > cal["levels"][-1]:  # interp would hold the last level's thresholds: less than asked
+            raise CheckpointError(f"sparsity {sparsity} is above the calibration's last level "
+                                  f"({cal['levels'][-1].item():g})")
         return torch.full((n_layer, len(PROJECTIONS)), float(sparsity), dtype=torch.float64)
     if cal["greedy"] is None:
         raise CheckpointError(f"{cal['path']} has no greedy allocation (run calibrate.py --greedy)")

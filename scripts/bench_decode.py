@@ -139,8 +139,8 @@ def main(argv=None):
                    help="after each row, profile 20 decode steps and print device time by kernel kind")
     p.add_argument("--json", type=cli.out_file, help="write results here")
     p.add_argument("--device", type=cli.device, default="cuda",
-                   help="cuda[:N]; cpu only as a smoke test of the script (eager, no compile: no speed figures), "
-                        "e.g. --preset smollm2-135m --tokens 4")
+                   help="cuda[:N]; cpu only as a smoke test of the script, with --preset smollm2-135m (eager, "
+                        "no compile: its timings are no speed figures), e.g. --tokens 4")
     args = p.parse_args(argv)
     levels = args.sparsity
     variants = args.variants.split(",")
@@ -148,8 +148,13 @@ def main(argv=None):
         p.error(f"--variants must be from {', '.join(VARIANTS)}")
     if args.batch_size > sparse_ops.MAX_BATCH:
         p.error(f"--batch_size must be at most {sparse_ops.MAX_BATCH}")
+    if torch.device(args.device).type == "cpu" and args.preset != "smollm2-135m":
+        p.error(f"--device cpu is a smoke test of the script: use --preset smollm2-135m ({args.preset} would take "
+                f"many minutes and most of the memory)")
     dev = cli.use_device(args.device)
     dtype = DTYPES[args.dtype]
+    if dev.type == "cpu":
+        print("CPU smoke test: eager reference ops; the timings below are no speed figures", flush=True)
 
     def compiled(fn):  # on a CPU a smoke test: compiling would take minutes and time nothing of interest
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True) if dev.type == "cuda" else fn

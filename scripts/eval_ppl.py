@@ -106,7 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP + "; as generate.py decodes")
     p.add_argument("--json", type=cli.out_file, help="write results here")
-    p.add_argument("--plot", type=cli.out_file, help="write a PNG of perplexity against sparsity here")
+    p.add_argument("--plot", type=cli.plot_file,
+                   help="write a plot of perplexity against sparsity here (.png, .pdf, .svg, ...)")
     args = p.parse_args(argv)
     args.dtype = args.dtype or cli.default_dtype(args.device)
     args.method = args.method.split(",")
@@ -124,7 +125,7 @@ def parse_args(argv=None):
 def main(argv=None) -> list:
     args = parse_args(argv)
     config = load_config(args.checkpoint)  # inputs checked against it before the weights load
-    args.seq_len = cli.seq_len(args.seq_len, config.block_size)
+    args.seq_len = cli.seq_len(args.seq_len, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     if args.text:
         text, source = textdata.read_text_file(args.text), str(args.text)

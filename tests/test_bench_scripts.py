@@ -8,12 +8,13 @@ import bench_kernels
 
 
 @pytest.mark.parametrize("main,argv", [
-    (bench_decode.main, ["--sparsity", "abc", "--device", "cpu"]),
-    (bench_decode.main, ["--sparsity", "0.5,1", "--device", "cpu"]),
-    (bench_decode.main, ["--tokens", "0", "--device", "cpu"]),
-    (bench_decode.main, ["--prompt_len", "-1", "--device", "cpu"]),
-    (bench_decode.main, ["--batch_size", "9", "--device", "cpu"]),
+    (bench_decode.main, ["--sparsity", "abc", "--device", "cpu", "--preset", "smollm2-135m"]),
+    (bench_decode.main, ["--sparsity", "0.5,1", "--device", "cpu", "--preset", "smollm2-135m"]),
+    (bench_decode.main, ["--tokens", "0", "--device", "cpu", "--preset", "smollm2-135m"]),
+    (bench_decode.main, ["--prompt_len", "-1", "--device", "cpu", "--preset", "smollm2-135m"]),
+    (bench_decode.main, ["--batch_size", "9", "--device", "cpu", "--preset", "smollm2-135m"]),
     (bench_decode.main, ["--device", "bogus"]),
+    (bench_decode.main, ["--device", "cpu"]),  # llama-3-8b: minutes and 16 GB for a smoke test
     (bench_kernels.main, ["--batch", "abc"]),
     (bench_kernels.main, ["--batch", "16"]),
     (bench_kernels.main, ["--sparsity", "x"]),

@@ -215,6 +215,7 @@ def test_deterministic(tiny, tmp_path):
                                  "--samples", "2000", "--dtype", "fp32", "--device", "cpu", "--seed", seed,
                                  "--out", out])
         assert code == 0, err
+        assert "warning: 256 calibration tokens" in err, err
         outs.append(out.read_text())
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]  # the seed does drive the sampling
@@ -259,9 +260,9 @@ def test_flags_and_text_checked_before_the_weights_load(tiny, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("case", ["missing_text", "tokens_0", "text_too_short", "nan", "sparse_aware_tokens",
-                                  "greedy_tokens", "plot_in_missing_folder", "out_is_a_folder", "device",
+                                  "greedy_tokens", "plot_in_missing_folder", "plot_format", "out_is_a_folder", "device",
                                   "dataset_file_without_dataset", "greedy_tokens_without_greedy",
-                                  "abbreviated_flag_without_its_pass"])
+                                  "abbreviated_flag_without_its_pass", "greedy_tokens_past_tokens"])
 def test_errors(tiny, tmp_path, case):
     ckpt, text = tiny
     args, exit_code = ["--tokens", "256", "--seq_len", "64"], 1
@@ -270,6 +271,8 @@ def test_errors(tiny, tmp_path, case):
         args += ["--text", text, f"--{flag}", f"--{case}", "10"]
     elif case == "plot_in_missing_folder":
         args, exit_code = args + ["--text", text, "--plot", tmp_path / "no" / "p.png"], 2
+    elif case == "plot_format":  # refused before calibrating, not after
+        args, exit_code = args + ["--text", text, "--plot", tmp_path / "p.txt"], 2
     elif case == "out_is_a_folder":
         args, exit_code = args + ["--text", text, "--out", tmp_path], 2
     elif case == "device":
@@ -278,6 +281,8 @@ def test_errors(tiny, tmp_path, case):
         args, exit_code = args + ["--dataset_file", "x.parquet"], 2
     elif case == "greedy_tokens_without_greedy":
         args, exit_code = args + ["--text", text, "--greedy_tokens=512"], 2
+    elif case == "greedy_tokens_past_tokens":  # would run on --tokens 256 only
+        args, exit_code = args + ["--text", text, "--greedy", "--greedy_tokens", "512"], 2
     elif case == "abbreviated_flag_without_its_pass":  # argparse takes --sparse_aware_t for --sparse_aware_tokens
         args, exit_code = args + ["--text", text, "--sparse_aware_t", "512"], 2
     elif case == "missing_text":

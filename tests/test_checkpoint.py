@@ -67,6 +67,8 @@ def test_load_model_rejects_bad_checkpoint(good_ckpt, tmp_path, case):
     with pytest.raises(CheckpointError) as e:
         checkpoint.load_model(path, dtype=torch.float32)
     assert "\n" not in str(e.value) and len(str(e.value).replace(str(path), "")) < 220, str(e.value)  # one line
+    if case == "garbage model.pth":  # not torch's advice to re-save the file for mmap
+        assert str(e.value).endswith("not the zip archive that torch.save writes"), str(e.value)
 
 
 @pytest.mark.parametrize("content", [torch.zeros(3), [torch.zeros(3)], {0: torch.zeros(3)}, {"w": 3}])
@@ -164,8 +166,12 @@ def test_from_hf_config_rope_formats():
 
 def test_from_hf_config_sliding_window_caps_context():
     # full attention equals sliding-window attention only up to the window
-    assert checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=4096)).block_size == 4096
-    assert checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=None)).block_size == 8192
+    capped = checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=4096))
+    assert (capped.block_size, capped.window_capped) == (4096, True) and "sliding_window" in capped.context()
+    full = checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=None))
+    assert (full.block_size, full.window_capped) == (8192, False) and "sliding_window" not in full.context()
+    wide = checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=32768))  # past the context
+    assert (wide.block_size, wide.window_capped) == (8192, False)
     qwen = hf_config(model_type="qwen2", sliding_window=4096, use_sliding_window=False)
     assert checkpoint.from_hf_config(qwen).block_size == 8192
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cli
+from model import ModelArgs
 
 
 def parse(type_fn, value, default=None):
@@ -65,6 +66,11 @@ def test_output_paths(tmp_path, capsys):
     assert parse(cli.out_file, str(tmp_path / "r.json")) == tmp_path / "r.json"
     assert "is a folder" in usage_error(cli.out_file, str(tmp_path), capsys)
     assert "does not exist" in usage_error(cli.out_file, str(tmp_path / "no" / "r.json"), capsys)
+    # --plot: a format matplotlib writes, known before the work is done
+    assert parse(cli.plot_file, str(tmp_path / "p.svg")) == tmp_path / "p.svg"
+    assert "matplotlib writes" in usage_error(cli.plot_file, str(tmp_path / "p.txt"), capsys)
+    assert "without an extension" in usage_error(cli.plot_file, str(tmp_path / "p"), capsys)
+    assert "does not exist" in usage_error(cli.plot_file, str(tmp_path / "no" / "p.png"), capsys)
     (tmp_path / "f").write_text("x")
     assert parse(cli.out_folder, str(tmp_path / "new")) == tmp_path / "new"
     assert "not a folder" in usage_error(cli.out_folder, str(tmp_path / "f"), capsys)
@@ -98,10 +104,13 @@ def test_run_ends_with_one_line(exc, capsys):
 
 def test_seq_len():
     """--seq_len of calibrate.py and eval_ppl.py: 512, or the whole context where shorter; never past the context."""
-    assert cli.seq_len(None, 8192) == 512 and cli.seq_len(None, 64) == 64
-    assert cli.seq_len(2048, 8192) == 2048 and cli.seq_len(64, 64) == 64
+    long, short = (ModelArgs(1, 64, 1, 4, 4, 16, 128, block_size=n) for n in (8192, 64))
+    assert cli.seq_len(None, long) == 512 and cli.seq_len(None, short) == 64
+    assert cli.seq_len(2048, long) == 2048 and cli.seq_len(64, short) == 64
     with pytest.raises(ValueError, match=r"--seq_len 65 exceeds the model's context of 64 tokens"):
-        cli.seq_len(65, 64)
+        cli.seq_len(65, short)
+    with pytest.raises(ValueError, match=r"context of 64 tokens \(its sliding_window;"):  # where config.json's max is more
+        cli.seq_len(65, ModelArgs(1, 64, 1, 4, 4, 16, 128, block_size=64, window_capped=True))
 
 
 def test_seed(capsys):

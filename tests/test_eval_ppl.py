@@ -109,7 +109,7 @@ def run_main(argv) -> tuple:
 
 @pytest.mark.parametrize("argv", [["--method", "bogus"], ["--method", "uniform,nope"], ["--sparsity", "0,1.0"],
                                   ["--sparsity", "a,b"], ["--seq_len", "1"], ["--device", "bogus"],
-                                  ["--json", "."], ["--plot", "no/such/folder/p.png"],
+                                  ["--json", "."], ["--plot", "no/such/folder/p.png"], ["--plot", "p.txt"],
                                   # flags that would be ignored without a word
                                   ["--text", "t.txt", "--corpus", "stdlib-docstrings"],
                                   ["--weighted_thresholds", "w.json"], ["--method", "cats", "--weighted_thresholds", "w"],

@@ -453,7 +453,7 @@ def test_tiny_cli_runs(tiny_ckpt, tmp_path):
     assert "tokens/s" in out
     # the prompt, then its continuation, as gpt-fast prints them; streamed token by token or at the end, the same
     assert out.startswith("the"), out
-    code, out_at_end, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--no_stream"])
+    code, out_at_end, err = run_main(["--checkpoint_path", tiny_ckpt, *BASE, "--no_stream"])  # gpt-fast's name
     assert code == 0 and out_at_end.split("\n\nsample")[0] == out.split("\n\nsample")[0], (out, out_at_end)
     thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
     code, out, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--sparsity", "0.4", "--thresholds", thr])
@@ -546,6 +546,15 @@ def test_profile_writes_a_trace_of_the_last_sample(tiny_ckpt, tmp_path, capsys):
     assert out.count("profiler trace") == 1 and out.index("profiler trace") > out.index("sample 2:")
 
 
+def test_sparsity_0_is_dense_with_every_flag(tiny_ckpt, tmp_path, capsys):
+    """--sparsity 0 runs the dense model (cuBLAS linears on a GPU) whatever else is asked; the named file is checked."""
+    thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--sparsity", "0", "--sparse_prefill", "--thresholds",
+                   str(thr), "--no_stream"])
+    captured = capsys.readouterr()
+    assert "; dense" in captured.err and "achieved sparsity" not in captured.out, captured
+
+
 @pytest.mark.parametrize("dropped", [0.4, 0.45, 0.9, 0.1])
 def test_warns_when_the_achieved_sparsity_is_far_from_the_asked(dropped, tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Thresholds of another model with the same shapes pass the fingerprint; the run says so when the inputs it
@@ -576,7 +585,7 @@ def test_empty_prompt_starts_from_bos(tmp_path, capsys):
                                   "thresholds_other_model", "thresholds_corrupt", "thresholds_missing", "nan",
                                   "temperature", "top_k", "max_new_tokens_0", "device", "batch_size_9",
                                   "checkpoint_folder", "thresholds_checked_when_dense", "greedy_without_table",
-                                  "prompt_not_utf8", "score_not_the_files"])
+                                  "prompt_not_utf8", "score_not_the_files", "score_file_missing_when_dense"])
 def test_bad_input(case, tiny_ckpt, tmp_path):
     ckpt, extra, exit_code = tiny_ckpt, [], 1
     if case == "missing_checkpoint":
@@ -617,6 +626,8 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
         extra, exit_code = ["--prompt", "caf\udce9"], 2
     elif case == "score_not_the_files":  # a magnitude file named with --score weighted
         extra = ["--sparsity", "0.4", "--score", "weighted", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json")]
+    elif case == "score_file_missing_when_dense":  # --score names thresholds_weighted.json: checked at 0% too
+        extra = ["--sparsity", "0", "--score", "weighted"]
     code, out, err = run_main(["--checkpoint", ckpt, *BASE, *extra])
     line = assert_one_error(code, err, exit_code)
     expect = {"missing_checkpoint": "not found", "sparsity_1": "--sparsity", "sparsity_negative": "--sparsity",
@@ -625,7 +636,8 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
               "temperature": "--temperature", "top_k": "--top_k", "max_new_tokens_0": "--max_new_tokens",
               "device": "--device", "batch_size_9": "--batch_size", "checkpoint_folder": "is a folder",
               "thresholds_checked_when_dense": "corrupt", "greedy_without_table": "greedy",
-              "prompt_not_utf8": "--prompt", "score_not_the_files": "holds magnitude scores, not the --score weighted"}[case]
+              "prompt_not_utf8": "--prompt", "score_not_the_files": "holds magnitude scores, not the --score weighted",
+              "score_file_missing_when_dense": "calibrate.py --score weighted"}[case]
     assert expect in line, line
 
 

@@ -110,8 +110,6 @@ def test_interpolation(saved):
             assert (got > a * (1 - 1e-6)).all() and (got < b * (1 + 1e-6)).all(), s
             # piecewise linear: written out independently
             assert torch.allclose(got, a + frac * (b - a), rtol=1e-5, atol=1e-7)
-    # past the last grid level (0.999) the last threshold holds
-    assert torch.allclose(thresholds.thresholds_for(cal, 0.9995).double(), stored[..., -1], rtol=1e-6)
 
 
 def test_interpolation_monotone(saved):
@@ -380,6 +378,14 @@ def test_check_sparsity_rejects(saved, s):
     path, _ = saved
     with pytest.raises(ValueError):
         thresholds.thresholds_for(thresholds.load(path, ARGS), s)
+
+
+def test_sparsity_above_the_last_level_is_refused(saved):
+    """Interpolation would hold the last level's thresholds and drop less than asked."""
+    cal = thresholds.load(saved[0], ARGS)
+    thresholds.thresholds_for(cal, 0.999)
+    with pytest.raises(CheckpointError, match=r"sparsity 0.9995 is above the calibration's last level \(0.999\)"):
+        thresholds.thresholds_for(cal, 0.9995)
 
 
 @pytest.mark.parametrize("s", [0.0, 0.5, 0.999, 0.9999])
