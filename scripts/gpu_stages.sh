@@ -4,7 +4,8 @@
 #   tests:   GPU tests of the norm, attention and GEMV ops and of the compiled model
 #   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%, batch 1)
 #   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included
-#   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%)
+#   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%);
+#             more arguments go to generate.py (e.g. --compile_prefill)
 # Timing stages clear inductor's cache first: the cache keys the graph that calls a triton_op, not the op's
 # Python body, so an edited op could otherwise be served from an old compile.
 set -uo pipefail
@@ -31,9 +32,9 @@ generate)
   { time python3 scripts/make_random_checkpoint.py --preset llama-3-8b --out $ck; } >> $log 2>&1
   { time python3 calibrate.py --checkpoint $ck/model.pth --tokens 4096; } 2>&1 | tr '\r' '\n' | grep -v "^calibrating" >> $log
   for s in 0 0.5; do
-    echo "### python3 generate.py --checkpoint $ck/model.pth --compile --sparsity $s --temperature 0 --max_new_tokens 200 --num_samples 3 --no_stream" >> $log
+    echo "### python3 generate.py --checkpoint $ck/model.pth --compile --sparsity $s --temperature 0 --max_new_tokens 200 --num_samples 3 --no_stream ${*:2}" >> $log
     timeout 250 python3 generate.py --checkpoint $ck/model.pth --compile --sparsity $s --temperature 0 --max_new_tokens 200 \
-      --num_samples 3 --no_stream 2>&1 | grep -v -i warn >> $log
+      --num_samples 3 --no_stream "${@:2}" 2>&1 | grep -v -i warn >> $log
   done
   grep -v "^ *$" $log | tail -40
   ;;
@@ -42,6 +43,6 @@ kernels)
     | tee $OUT/bench_kernels_b1.txt
   ;;
 *)
-  echo "usage: gpu_stages.sh tests | decode [preset] [levels] [timeout_s] [batch] | kernels [timeout_s] | generate" >&2; exit 2
+  echo "usage: gpu_stages.sh tests | decode [preset] [levels] [timeout_s] [batch] | kernels [timeout_s] | generate [flags]" >&2; exit 2
   ;;
 esac
