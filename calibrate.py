@@ -247,9 +247,6 @@ def parse_args(argv=None):
                         ("sparse_aware_levels", "sparse_aware"), ("sparse_aware_tokens", "sparse_aware")):
         if getattr(args, flag) is not None and not getattr(args, needs):
             p.error(f"--{flag} needs --{needs}")
-        if flag.endswith("_tokens") and (getattr(args, flag) or 0) > args.tokens:  # would be cut without a word
-            p.error(f"--{flag} {getattr(args, flag)} exceeds --tokens {args.tokens}: its pass runs on the first of "
-                    f"the calibration tokens")
         if getattr(args, flag) is None:
             setattr(args, flag, PASS_DEFAULTS[flag])
     lv = args.sparse_aware_levels
@@ -274,6 +271,10 @@ def main(argv=None) -> None:
     set_seq_len(args, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     ids, source = calibration_tokens(args, tokenizer)
+    for flag, used in (("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
+        if used and getattr(args, flag) > len(ids):  # a pass runs on the first of the calibration tokens
+            print(f"note: --{flag} {getattr(args, flag)}: the calibration has {len(ids)} tokens, all of which the "
+                  f"pass uses", file=sys.stderr)
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     t = time.perf_counter()
     table, n_tokens, rec = record(model, ids, args.seq_len, args.score, args.samples, device, seed=args.seed)

@@ -155,7 +155,8 @@ def parse_args(argv=None):
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP)
     p.add_argument("--sparsity", type=cli.sparsity, default=0.0,
-                   help="TEAL sparsity in [0, 1): fraction of each linear's inputs zeroed during decode")
+                   help="TEAL sparsity in [0, 1): fraction of each linear's inputs zeroed during decode; 0 runs "
+                        "the dense model (a thresholds file that other flags name is still checked)")
     p.add_argument("--thresholds", type=Path, default=None,
                    help="thresholds JSON from calibrate.py (default: beside the checkpoint, thresholds.json or, "
                         "with --score weighted, thresholds_weighted.json)")

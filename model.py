@@ -104,7 +104,7 @@ class Transformer(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
         if max_seq_length > self.config.block_size:
-            raise ValueError(f"sequence length {max_seq_length} exceeds the model's block size {self.config.block_size}")
+            raise ValueError(f"sequence length {max_seq_length} exceeds {self.config.context()}")
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         c = self.config
         dtype, device = self.output.weight.dtype, self.output.weight.device

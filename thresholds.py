@@ -23,6 +23,7 @@ files are refused: re-run calibrate.py.
 """
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -229,21 +230,16 @@ def interp(xs: torch.Tensor, ys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def projection_sparsities(cal: dict, sparsity: float, greedy: bool) -> torch.Tensor:
     """(n_layer, 7) sparsity per projection: uniform, or the greedy allocation for that block sparsity."""
-    check_sparsity(sparsity)
     n_layer = cal["table"].shape[0]
     if not greedy:
-        if sparsity > cal["levels"][-1]:  # interp would hold the last level's thresholds: less than asked
-            raise CheckpointError(f"sparsity {sparsity} is above the calibration's last level "
-                                  f"({cal['levels'][-1].item():g})")
+        check_sparsity(sparsity, cal["levels"], "calibration")
         return torch.full((n_layer, len(PROJECTIONS)), float(sparsity), dtype=torch.float64)
     if cal["greedy"] is None:
         raise CheckpointError(f"{cal['path']} has no greedy allocation (run calibrate.py --greedy)")
     g = cal["greedy"]
-    glev = g["levels"]
-    if sparsity > glev[-1]:
-        raise CheckpointError(f"greedy allocation covers sparsity up to {glev[-1].item():.2f}, asked {sparsity}")
+    check_sparsity(sparsity, g["levels"], "greedy allocation")
     x = torch.full(g["table"].shape[:2], float(sparsity), dtype=torch.float64)
-    return interp(glev, g["table"], x)
+    return interp(g["levels"], g["table"], x)
 
 
 def thresholds_for(cal: dict, sparsity: float, greedy: bool = False) -> torch.Tensor:
@@ -265,13 +261,17 @@ def apply(model: Transformer, cal: dict, sparsity: float, greedy: bool = False, 
 
 def cats_thresholds_for(cal: dict, sparsity: float) -> torch.Tensor:
     """(n_layer,) fp32 |silu(gate)| thresholds for the CATS baseline."""
-    check_sparsity(sparsity)
+    check_sparsity(sparsity, cal["levels"], "calibration")
     if cal["cats"] is None:
         raise CheckpointError(f"{cal['path']} has no CATS table (re-run calibrate.py)")
     x = torch.full((cal["cats"].shape[0],), float(sparsity), dtype=torch.float64)
     return interp(cal["levels"], cal["cats"], x).float()
 
 
-def check_sparsity(sparsity: float) -> None:
+def check_sparsity(sparsity: float, levels: Optional[torch.Tensor] = None, grid: str = "") -> None:
+    """A sparsity in [0, 1), and with a grid's levels not above its last: interpolation would hold the last
+    level's values there, and drop less than asked."""
     if not (0.0 <= sparsity < 1.0):  # also rejects NaN
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if levels is not None and sparsity > levels[-1]:
+        raise CheckpointError(f"sparsity {sparsity} is above the {grid}'s last level ({levels[-1].item():g})")

@@ -148,10 +148,10 @@ def main(argv=None):
         p.error(f"--variants must be from {', '.join(VARIANTS)}")
     if args.batch_size > sparse_ops.MAX_BATCH:
         p.error(f"--batch_size must be at most {sparse_ops.MAX_BATCH}")
-    if torch.device(args.device).type == "cpu" and args.preset != "smollm2-135m":
+    dev = cli.use_device(args.device)
+    if dev.type == "cpu" and args.preset != "smollm2-135m":
         p.error(f"--device cpu is a smoke test of the script: use --preset smollm2-135m ({args.preset} would take "
                 f"many minutes and most of the memory)")
-    dev = cli.use_device(args.device)
     dtype = DTYPES[args.dtype]
     if dev.type == "cpu":
         print("CPU smoke test: eager reference ops; the timings below are no speed figures", flush=True)

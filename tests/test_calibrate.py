@@ -224,6 +224,16 @@ def test_deterministic(tiny, tmp_path):
     assert json.loads(outs[0])["calibration"]["source"] == str(text)
 
 
+def test_a_pass_with_fewer_tokens_than_asked_says_so(tiny, tmp_path):
+    """--greedy_tokens past the calibration's tokens (here --tokens 256) is not cut without a word."""
+    ckpt, text = tiny
+    code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--tokens", "256", "--seq_len", "64", "--greedy",
+                             "--greedy_tokens", "512", "--dtype", "fp32", "--device", "cpu", "--out",
+                             tmp_path / "t.json"])
+    assert code == 0, err
+    assert "note: --greedy_tokens 512: the calibration has 256 tokens" in err, err
+
+
 def test_seq_len_follows_the_model_context(tiny, tmp_path):
     """Without --seq_len, windows of 512 tokens cut to the tiny model's context of 64: --tokens 200 calibrates on
     three of them. A --seq_len past the context is refused, naming the flag and the context."""
@@ -262,7 +272,7 @@ def test_flags_and_text_checked_before_the_weights_load(tiny, tmp_path, monkeypa
 @pytest.mark.parametrize("case", ["missing_text", "tokens_0", "text_too_short", "nan", "sparse_aware_tokens",
                                   "greedy_tokens", "plot_in_missing_folder", "plot_format", "out_is_a_folder", "device",
                                   "dataset_file_without_dataset", "greedy_tokens_without_greedy",
-                                  "abbreviated_flag_without_its_pass", "greedy_tokens_past_tokens"])
+                                  "abbreviated_flag_without_its_pass"])
 def test_errors(tiny, tmp_path, case):
     ckpt, text = tiny
     args, exit_code = ["--tokens", "256", "--seq_len", "64"], 1
@@ -281,8 +291,6 @@ def test_errors(tiny, tmp_path, case):
         args, exit_code = args + ["--dataset_file", "x.parquet"], 2
     elif case == "greedy_tokens_without_greedy":
         args, exit_code = args + ["--text", text, "--greedy_tokens=512"], 2
-    elif case == "greedy_tokens_past_tokens":  # would run on --tokens 256 only
-        args, exit_code = args + ["--text", text, "--greedy", "--greedy_tokens", "512"], 2
     elif case == "abbreviated_flag_without_its_pass":  # argparse takes --sparse_aware_t for --sparse_aware_tokens
         args, exit_code = args + ["--text", text, "--sparse_aware_t", "512"], 2
     elif case == "missing_text":

@@ -213,7 +213,7 @@ def test_wrong_table_shape(saved):
 
 @pytest.mark.parametrize("levels", [[0.1, 0.5, 0.9, 0.95, 0.96, 0.97, 0.98], [0.0, 0.5, 0.4, 0.6, 0.7, 0.8, 0.9],
                                     [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0], [0.0, 0.1, 0.1, 0.5, 0.75, 0.9, 0.999],
-                                    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, float("nan")], 5, "0.1", None, [0.0],
+                                    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, float("nan")], 5, "0.1", None,
                                     [0.0, "a", 0.2, 0.3, 0.4, 0.5, 0.6], [0.0, True, 0.2, 0.3, 0.4, 0.5, 0.6]])
 def test_bad_levels(saved, levels):
     path, _ = saved
@@ -380,12 +380,21 @@ def test_check_sparsity_rejects(saved, s):
         thresholds.thresholds_for(thresholds.load(path, ARGS), s)
 
 
-def test_sparsity_above_the_last_level_is_refused(saved):
-    """Interpolation would hold the last level's thresholds and drop less than asked."""
-    cal = thresholds.load(saved[0], ARGS)
+def test_sparsity_above_the_last_level_is_refused(tmp_path):
+    """Interpolation would hold the last level's values and drop less than asked: uniform, CATS and greedy alike."""
+    path = tmp_path / "t.json"
+    greedy = {"levels": [0.0, 0.5], "layers": [{p: [0.0, 0.5] for p in PROJECTIONS}] * ARGS.n_layer}
+    thresholds.save(path, ARGS, LEVELS, random_table(), "x", 1, "magnitude", greedy=greedy, cats=random_table()[:, 0])
+    cal = thresholds.load(path, ARGS)
     thresholds.thresholds_for(cal, 0.999)
+    thresholds.cats_thresholds_for(cal, 0.999)
+    thresholds.thresholds_for(cal, 0.5, greedy=True)
     with pytest.raises(CheckpointError, match=r"sparsity 0.9995 is above the calibration's last level \(0.999\)"):
         thresholds.thresholds_for(cal, 0.9995)
+    with pytest.raises(CheckpointError, match=r"sparsity 0.9995 is above the calibration's last level \(0.999\)"):
+        thresholds.cats_thresholds_for(cal, 0.9995)
+    with pytest.raises(CheckpointError, match=r"sparsity 0.6 is above the greedy allocation's last level \(0.5\)"):
+        thresholds.thresholds_for(cal, 0.6, greedy=True)
 
 
 @pytest.mark.parametrize("s", [0.0, 0.5, 0.999, 0.9999])
