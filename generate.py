@@ -136,6 +136,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="Hello, my name is",
                    help="input text, after BOS where the tokenizer adds one (Llama-2/3, Mistral; not SmolLM2, "
                         "Qwen2); an empty one starts from BOS, where the model has one")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from standard input, one per line, each decoded as --prompt would be, until "
+                        "an empty line or the end of the input")
     p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
     p.add_argument("--num_samples", type=cli.at_least(1), default=1,
                    help="how many times to generate (timed separately)")
@@ -178,7 +181,33 @@ def parse_args(argv=None):
     args.dtype = args.dtype or cli.default_dtype(args.device)
     if args.sparsity > 0 and args.batch_size > sparse_ops.MAX_BATCH:
         p.error(f"sparse decode takes --batch_size up to {sparse_ops.MAX_BATCH}")
+    if args.interactive and args.profile:
+        p.error("--profile traces one --prompt's last sample, not --interactive")
     return args
+
+
+def encode_prompt(tokenizer, text: str, config: ModelArgs, max_new_tokens: int) -> tuple:
+    """(ids, bos): the prompt's tokens, after BOS where the tokenizer adds one (or the prompt is empty), checked
+    against the context."""
+    bos = (tokenizer.add_bos or not text) and tokenizer.bos_id is not None  # as encode adds it
+    ids = tokenizer.encode(text, bos=bos)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    if len(ids) + max_new_tokens > config.block_size:
+        raise ValueError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({max_new_tokens}) exceeds {config.context()}")
+    return ids, bos
+
+
+def read_prompts():
+    """--interactive: prompts from standard input until an empty line or its end."""
+    while True:
+        try:
+            text = input("What is your prompt? ")
+        except EOFError:
+            return
+        if not text:
+            return
+        yield text
 
 
 def main(argv=None) -> None:
@@ -190,17 +219,14 @@ def main(argv=None) -> None:
     config = load_config(args.checkpoint)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     cal = load_calibration(config, args)
-    bos = (tokenizer.add_bos or not args.prompt) and tokenizer.bos_id is not None  # as encode adds it
-    ids = tokenizer.encode(args.prompt, bos=bos)
-    T = len(ids)
-    if T == 0:
-        raise ValueError("the prompt encodes to no tokens")
-    if T + args.max_new_tokens > config.block_size:
-        raise ValueError(f"prompt ({T} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds {config.context()}")
+    if not args.interactive:
+        ids, _ = encode_prompt(tokenizer, args.prompt, config, args.max_new_tokens)
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     if cal is not None:
         thr_file.apply(model, cal, args.sparsity, args.greedy, prefill=args.sparse_prefill)
-    model.setup_caches(args.batch_size, T + args.max_new_tokens)
+    fixed_cache = args.interactive and args.compile
+    if fixed_cache:  # one cache shape for every prompt, so one captured graph; the GPU's decode attention reads
+        model.setup_caches(args.batch_size, config.block_size)  # only the filled positions of it
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s"
           + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores"
              f"{', greedy allocation' if args.greedy else ''})" if cal else "; dense"), file=sys.stderr)
@@ -211,87 +237,99 @@ def main(argv=None) -> None:
                                   fullgraph=True)
     if args.compile_prefill:
         prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
-    compiled = args.compile or args.compile_prefill
-    prompt = torch.tensor(ids, dtype=torch.long, device=device).repeat(args.batch_size, 1)
     total_bytes, linear_bytes = model_bytes(model)
     stop_ids = tuple(tokenizer.eos_ids)
-
-    def shown_text(seq: Tensor) -> str:
-        """Row 1 as gpt-fast prints it: the prompt (without BOS) and what follows, up to the first stop token.
-        Decoded whole: sentencepiece drops a leading space from a continuation decoded on its own."""
-        new = seq[0, T:].tolist()
-        new = next((new[:j] for j, t in enumerate(new) if t in stop_ids), new)
-        return tokenizer.decode(ids[1 if bos else 0:] + new)
-
-    n_runs = args.num_samples + (1 if compiled else 0)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
-    for i in range(n_runs):
-        warmup = compiled and i == 0  # the first run compiles and captures; not timed
-        profiling = args.profile is not None and i == n_runs - 1
-        profiler = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
-        shown = [0]
-
-        def stream(seq, final=False):
-            text = shown_text(seq)
-            if not final:  # a character whose bytes span tokens decodes to U+FFFD until its last byte comes
-                text = text.rstrip("\ufffd")
-            print(text[shown[0]:], end="", flush=True)
-            shown[0] = len(text)
-
-        on_token = None if (args.no_stream or warmup) else stream
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
+    warm = not (args.compile or args.compile_prefill)  # else the first run compiles and captures; not timed
+    for text in read_prompts() if args.interactive else [args.prompt]:
         try:
-            with profiler:
-                seq = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k,
-                               stop_ids, on_token, prefill_fn)
-        except BaseException:
-            if shown[0]:
-                print(flush=True)  # an error's line starts below the streamed text
-            raise
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        if warmup:
-            print(f"compiled and warmed up in {dt:.1f}s", file=sys.stderr)
+            ids, bos = encode_prompt(tokenizer, text, config, args.max_new_tokens)
+        except ValueError as e:  # an interactive prompt too long for the context: ask for the next
+            if not args.interactive:
+                raise
+            print(f"error: {e}", file=sys.stderr)
             continue
-        if on_token is None:
-            print(shown_text(seq), end="")
-        else:
-            stream(seq, final=True)
-        n_new = seq.shape[1] - T
-        tok_s = n_new * args.batch_size / dt
-        print(f"\n\nsample {i + 1 - (1 if compiled else 0)}: {n_new} tokens x {args.batch_size} rows in "
-              f"{dt:.2f}s: {tok_s:.1f} tokens/s (prefill included)"
-              + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else ""))
-        line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
-        if cal is not None and n_new < 2:
-            print("achieved sparsity (decode): no decode steps (the prefill made the only token)")
-        elif cal is not None:
-            s, skipped = achieved_sparsity(model, T, seq).double()
-            skipped_bytes = float((linear_bytes * skipped).sum())
-            weighted = float((linear_bytes * s).sum() / linear_bytes.sum())
-            print("achieved sparsity (decode): " + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))
-                  + f"; parameter-weighted {weighted:.1%}"
-                  + (f"; weight rows skipped (kept by no batch row) {skipped_bytes / float(linear_bytes.sum()):.1%}"
-                     if args.batch_size > 1 else ""))
-            # The fingerprint holds the shapes: the thresholds may be another model's (a few steps can stray anyway)
-            if abs(weighted - args.sparsity) > 0.1 and n_new >= 16:
-                print(f"warning: {weighted:.1%} of inputs dropped against --sparsity {args.sparsity}: were the "
-                      f"thresholds in {cal['path']} calibrated on this model? (source: {cal['source']})",
-                      file=sys.stderr)
-            if sparse_ops.use_triton(prompt):  # without the kernels the reference masks and reads every weight
-                line += f", {(total_bytes - skipped_bytes) * n_new / dt / 1e9:.1f} GB/s on the bytes read"
-        print(line)
-        if device.type == "cuda":
-            print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
-        if profiling:
-            profiler.export_chrome_trace(str(args.profile))
-            print(f"profiler trace of this sample (timing includes the profiler's overhead) in {args.profile}")
+        T = len(ids)
+        if not fixed_cache:
+            model.setup_caches(args.batch_size, T + args.max_new_tokens)
+        prompt = torch.tensor(ids, dtype=torch.long, device=device).repeat(args.batch_size, 1)
 
+        def shown_text(seq: Tensor) -> str:
+            """Row 1 as gpt-fast prints it: the prompt (without BOS) and what follows, up to the first stop token.
+            Decoded whole: sentencepiece drops a leading space from a continuation decoded on its own."""
+            new = seq[0, T:].tolist()
+            new = next((new[:j] for j, t in enumerate(new) if t in stop_ids), new)
+            return tokenizer.decode(ids[1 if bos else 0:] + new)
+
+        n_warmup = 0 if warm else 1
+        for i in range(n_warmup + args.num_samples):
+            warmup = i < n_warmup
+            profiling = args.profile is not None and i == n_warmup + args.num_samples - 1
+            profiler = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
+            shown = [0]
+
+            def stream(seq, final=False):
+                text = shown_text(seq)
+                if not final:  # a character whose bytes span tokens decodes to U+FFFD until its last byte comes
+                    text = text.rstrip("\ufffd")
+                print(text[shown[0]:], end="", flush=True)
+                shown[0] = len(text)
+
+            on_token = None if (args.no_stream or warmup) else stream
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            try:
+                with profiler:
+                    seq = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k,
+                                   stop_ids, on_token, prefill_fn)
+            except BaseException:
+                if shown[0]:
+                    print(flush=True)  # an error's line starts below the streamed text
+                raise
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            if warmup:
+                warm = True
+                print(f"compiled and warmed up in {dt:.1f}s", file=sys.stderr)
+                continue
+            if on_token is None:
+                print(shown_text(seq), end="")
+            else:
+                stream(seq, final=True)
+            n_new = seq.shape[1] - T
+            tok_s = n_new * args.batch_size / dt
+            print(f"\n\nsample {i + 1 - n_warmup}: {n_new} tokens x {args.batch_size} rows in "
+                  f"{dt:.2f}s: {tok_s:.1f} tokens/s (prefill included)"
+                  + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else ""))
+            line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
+            if cal is not None and n_new < 2:
+                print("achieved sparsity (decode): no decode steps (the prefill made the only token)")
+            elif cal is not None:
+                s, skipped = achieved_sparsity(model, T, seq).double()
+                skipped_bytes = float((linear_bytes * skipped).sum())
+                weighted = float((linear_bytes * s).sum() / linear_bytes.sum())
+                print("achieved sparsity (decode): "
+                      + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))
+                      + f"; parameter-weighted {weighted:.1%}"
+                      + (f"; weight rows skipped (kept by no batch row) "
+                         f"{skipped_bytes / float(linear_bytes.sum()):.1%}" if args.batch_size > 1 else ""))
+                # The fingerprint holds the shapes: the thresholds may be another model's (a few steps can stray)
+                if abs(weighted - args.sparsity) > 0.1 and n_new >= 16:
+                    print(f"warning: {weighted:.1%} of inputs dropped against --sparsity {args.sparsity}: were the "
+                          f"thresholds in {cal['path']} calibrated on this model? (source: {cal['source']})",
+                          file=sys.stderr)
+                if sparse_ops.use_triton(prompt):  # without the kernels the reference masks and reads every weight
+                    line += f", {(total_bytes - skipped_bytes) * n_new / dt / 1e9:.1f} GB/s on the bytes read"
+            print(line)
+            if device.type == "cuda":
+                print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+            if profiling:
+                profiler.export_chrome_trace(str(args.profile))
+                print(f"profiler trace of this sample (timing includes the profiler's overhead) in {args.profile}")
 
 if __name__ == "__main__":
     cli.run(main)

@@ -17,6 +17,7 @@ import sparse_ops.gemv as gemv
 from conftest import needs_gguf, run_script
 from model import PROJECTIONS
 from test_model import randomize_, write_tokenizer_json
+from tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -536,6 +537,30 @@ def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, caps
     assert "compiled and warmed up" in captured.err and "sample 1:" in captured.out and "sample 2" not in captured.out
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_interactive_decodes_each_prompt_until_an_empty_line(compile, tiny_ckpt, monkeypatch, capsys):
+    """--interactive (gpt-fast's): a prompt per input line, each decoded as --prompt would be; a prompt too long for
+    the context is an error line and the next one is asked for. Compiled, one warm-up serves every prompt (one
+    cache shape: the whole context); else each prompt gets a cache of its own length."""
+    lines = iter(["the cat", "the " * 40, "the dog sat", "", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    compiled, caches = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    real_setup = model.Transformer.setup_caches
+    monkeypatch.setattr(model.Transformer, "setup_caches", lambda m, b, n: caches.append(n) or real_setup(m, b, n))
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--interactive", "--no_stream",
+                   *(["--compile"] if compile else [])])
+    out, err = capsys.readouterr()
+    # each prompt's text, then its statistics
+    assert out.startswith("the cat") and "dense-equivalent\nthe dog sat" in out, out
+    assert out.count("sample 1:") == 2 and "sample 2" not in out
+    assert err.count("compiled and warmed up") == compile and compiled == [generate.decode_one_token] * compile
+    assert err.count("error: prompt (") == 1 and "exceeds the model's context of 32 tokens" in err, err
+    assert next(lines) == "never read"  # the empty line ended the session
+    tok = get_tokenizer(tiny_ckpt.parent)
+    assert caches == ([32] if compile else [len(tok.encode(t)) + 4 for t in ("the cat", "the dog sat")]), caches
+
+
 def test_profile_writes_a_trace_of_the_last_sample(tiny_ckpt, tmp_path, capsys):
     trace = tmp_path / "trace.json"
     generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--num_samples", "2", "--no_stream", "--profile",
@@ -585,7 +610,8 @@ def test_empty_prompt_starts_from_bos(tmp_path, capsys):
                                   "thresholds_other_model", "thresholds_corrupt", "thresholds_missing", "nan",
                                   "temperature", "top_k", "max_new_tokens_0", "device", "batch_size_9",
                                   "checkpoint_folder", "thresholds_checked_when_dense", "greedy_without_table",
-                                  "prompt_not_utf8", "score_not_the_files", "score_file_missing_when_dense"])
+                                  "prompt_not_utf8", "score_not_the_files", "score_file_missing_when_dense",
+                                  "interactive_profile"])
 def test_bad_input(case, tiny_ckpt, tmp_path):
     ckpt, extra, exit_code = tiny_ckpt, [], 1
     if case == "missing_checkpoint":
@@ -626,6 +652,8 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
         extra, exit_code = ["--prompt", "caf\udce9"], 2
     elif case == "score_not_the_files":  # a magnitude file named with --score weighted
         extra = ["--sparsity", "0.4", "--score", "weighted", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json")]
+    elif case == "interactive_profile":  # which prompt's sample would the trace hold?
+        extra, exit_code = ["--interactive", "--profile", tmp_path / "trace.json"], 2
     elif case == "score_file_missing_when_dense":  # --score names thresholds_weighted.json: checked at 0% too
         extra = ["--sparsity", "0", "--score", "weighted"]
     code, out, err = run_main(["--checkpoint", ckpt, *BASE, *extra])
@@ -637,7 +665,7 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
               "device": "--device", "batch_size_9": "--batch_size", "checkpoint_folder": "is a folder",
               "thresholds_checked_when_dense": "corrupt", "greedy_without_table": "greedy",
               "prompt_not_utf8": "--prompt", "score_not_the_files": "holds magnitude scores, not the --score weighted",
-              "score_file_missing_when_dense": "calibrate.py --score weighted"}[case]
+              "score_file_missing_when_dense": "calibrate.py --score weighted", "interactive_profile": "--profile"}[case]
     assert expect in line, line
 
 
@@ -672,9 +700,10 @@ def test_bad_input_subprocess(tmp_path):
 
 
 @pytest.mark.gpu
-def test_compiled_decode_and_prefill_on_the_gpu(tiny_ckpt, tmp_path):
+def test_compiled_decode_and_prefill_on_the_gpu(tiny_ckpt, tmp_path, monkeypatch):
     """--compile (CUDA graphs) and --compile_prefill give the eager run's greedy text, dense and sparse (fp32: the
-    rounding differences between fused and eager kernels stay too small to tip an argmax)."""
+    rounding differences between fused and eager kernels stay too small to tip an argmax); so does --interactive,
+    whose prompts share one captured graph over a cache of the whole context."""
     thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
     base = ["--checkpoint", tiny_ckpt, "--device", "cuda", "--dtype", "fp32", "--temperature", "0",
             "--max_new_tokens", "8", "--prompt", "the cat sat on the mat", "--no_stream", "--thresholds", thr]
@@ -687,6 +716,11 @@ def test_compiled_decode_and_prefill_on_the_gpu(tiny_ckpt, tmp_path):
         assert comp.split("\n\nsample")[0] == eager.split("\n\nsample")[0], (eager, comp)
         events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
         assert any(e.get("cat") == "kernel" for e in events)  # the GPU's kernels, not only the host's calls
+    lines = iter(["the dog", "the cat sat on the mat", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    code, chat, err = run_main([*base, "--sparsity", "0.4", "--compile", "--interactive"])
+    assert code == 0 and err.count("compiled and warmed up") == 1, err
+    assert chat.startswith("the dog") and "\n" + eager.split("\n\nsample")[0] + "\n\nsample" in chat, (eager, chat)
 
 
 @pytest.mark.gpu
