@@ -219,8 +219,8 @@ def main(argv=None) -> None:
     config = load_config(args.checkpoint)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     cal = load_calibration(config, args)
-    if not args.interactive:
-        ids, _ = encode_prompt(tokenizer, args.prompt, config, args.max_new_tokens)
+    if not args.interactive:  # interactive prompts are checked as they come
+        encode_prompt(tokenizer, args.prompt, config, args.max_new_tokens)
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     if cal is not None:
         thr_file.apply(model, cal, args.sparsity, args.greedy, prefill=args.sparse_prefill)
