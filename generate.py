@@ -152,7 +152,7 @@ def parse_args(argv=None):
                         "takes a minute or two to compile and gains little)")
     p.add_argument("--compile_prefill", action="store_true",
                    help="compile the prefill too (dynamic shapes: one compile serves every prompt length)")
-    p.add_argument("--profile", type=cli.out_file, default=None,
+    p.add_argument("--profile", type=cli.out_file, default=None, metavar="FILE",
                    help="write a torch.profiler trace of the last sample here (JSON for chrome://tracing or "
                         "Perfetto; that sample's timing then includes the profiler's overhead)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
