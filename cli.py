@@ -27,9 +27,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def run(main) -> None:
     """Run a command line's main(). A bad file or value (the loaders' errors are ValueErrors: CheckpointError,
     TokenizerError, ...), a file that cannot be read or written (OSError), non-finite activations or memory running
-    out end it with a one-line error and exit status 1."""
+    out end it with a one-line error and exit status 1; Ctrl-C ends it with status 130."""
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for it, without a traceback
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)

@@ -141,7 +141,7 @@ def parse_args(argv=None):
                         "an empty line or the end of the input")
     p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
     p.add_argument("--num_samples", type=cli.at_least(1), default=1,
-                   help="how many times to generate (timed separately)")
+                   help="how many times to generate (timed separately; with --interactive, per prompt)")
     p.add_argument("--batch_size", type=cli.at_least(1), default=1,
                    help="rows decoded together (the prompt repeated); sparse decode takes up to 8")
     p.add_argument("--temperature", type=cli.non_negative_float, default=0.8,
@@ -151,7 +151,8 @@ def parse_args(argv=None):
                    help="compile decode (fullgraph; CUDA graphs on a GPU, where it is the fast path; on a CPU it "
                         "takes a minute or two to compile and gains little)")
     p.add_argument("--compile_prefill", action="store_true",
-                   help="compile the prefill too (dynamic shapes: one compile serves every prompt length)")
+                   help="compile the prefill too (dynamic shapes: one compile serves every prompt of two or more "
+                        "tokens)")
     p.add_argument("--profile", type=cli.out_file, default=None, metavar="FILE",
                    help="write a torch.profiler trace of the last sample here (JSON for chrome://tracing or "
                         "Perfetto; that sample's timing then includes the profiler's overhead)")
@@ -186,47 +187,92 @@ def parse_args(argv=None):
     return args
 
 
-def encode_prompt(tokenizer, text: str, config: ModelArgs, max_new_tokens: int) -> tuple:
-    """(ids, bos): the prompt's tokens, after BOS where the tokenizer adds one (or the prompt is empty), checked
-    against the context."""
+INTERACTIVE_CACHE = 4096  # tokens of the one cache that --interactive --compile captures (a 128K context's would
+# not fit: its causal mask alone is 17 GB)
+
+
+def encode_prompt(tokenizer, text: str, max_new_tokens: int, room: int, room_name: str) -> tuple:
+    """(ids, bos): the prompt's tokens, after BOS where the tokenizer adds one (or the prompt is empty); with
+    max_new_tokens they must fit in room tokens."""
     bos = (tokenizer.add_bos or not text) and tokenizer.bos_id is not None  # as encode adds it
     ids = tokenizer.encode(text, bos=bos)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
-    if len(ids) + max_new_tokens > config.block_size:
-        raise ValueError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({max_new_tokens}) exceeds {config.context()}")
+    if len(ids) + max_new_tokens > room:
+        raise ValueError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({max_new_tokens}) exceeds {room_name}")
     return ids, bos
 
 
 def read_prompts():
-    """--interactive: prompts from standard input until an empty line or its end."""
+    """--interactive: prompts from standard input until an empty line, its end or Ctrl-C."""
     while True:
         try:
             text = input("What is your prompt? ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print()  # the next output starts on a line of its own
             return
         if not text:
             return
+        try:  # a terminal in another encoding: undecodable bytes arrive as lone surrogates
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            print("error: the prompt is not valid UTF-8 text", file=sys.stderr)
+            continue
         yield text
+
+
+def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, dt: float, sample: int) -> None:
+    """A sample's statistics: tokens/s, bandwidth and, with a calibration, the sparsity its decode steps achieved."""
+    total_bytes, linear_bytes = model_bytes(model)
+    n_new = seq.shape[1] - T
+    print(f"\n\nsample {sample}: {n_new} tokens x {args.batch_size} rows in {dt:.2f}s: "
+          f"{n_new * args.batch_size / dt:.1f} tokens/s (prefill included)"
+          + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else ""))
+    line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
+    if cal is not None and n_new < 2:
+        print("achieved sparsity (decode): no decode steps (the prefill made the only token)")
+    elif cal is not None:
+        s, skipped = achieved_sparsity(model, T, seq).double()
+        skipped_bytes = float((linear_bytes * skipped).sum())
+        weighted = float((linear_bytes * s).sum() / linear_bytes.sum())
+        print("achieved sparsity (decode): " + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))
+              + f"; parameter-weighted {weighted:.1%}"
+              + (f"; weight rows skipped (kept by no batch row) {skipped_bytes / float(linear_bytes.sum()):.1%}"
+                 if args.batch_size > 1 else ""))
+        # The fingerprint holds the shapes: the thresholds may be another model's (a few steps can stray anyway)
+        if abs(weighted - args.sparsity) > 0.1 and n_new >= 16:
+            print(f"warning: {weighted:.1%} of inputs dropped against --sparsity {args.sparsity}: were the "
+                  f"thresholds in {cal['path']} calibrated on this model? (source: {cal['source']})", file=sys.stderr)
+        if sparse_ops.use_triton(seq):  # without the kernels the reference masks and reads every weight
+            line += f", {(total_bytes - skipped_bytes) * n_new / dt / 1e9:.1f} GB/s on the bytes read"
+    print(line)
+    if seq.is_cuda:
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     device = cli.use_device(args.device)
     t0 = time.perf_counter()
     # Every input checked against config.json before the weights load (seconds to minutes for a large model)
     config = load_config(args.checkpoint)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     cal = load_calibration(config, args)
-    if not args.interactive:  # interactive prompts are checked as they come
-        encode_prompt(tokenizer, args.prompt, config, args.max_new_tokens)
+    # --interactive compiled: one cache for every prompt, so one captured graph (the GPU's decode attention reads
+    # only its filled positions); else each prompt gets a cache of its own length
+    fixed_cache = args.interactive and (args.compile or args.compile_prefill)
+    room, room_name = config.block_size, config.context()
+    if fixed_cache and INTERACTIVE_CACHE < room:
+        room, room_name = INTERACTIVE_CACHE, f"the {INTERACTIVE_CACHE}-token cache of a compiled --interactive session"
+    if not args.interactive:
+        encode_prompt(tokenizer, args.prompt, args.max_new_tokens, room, room_name)
+    elif args.max_new_tokens >= room:  # every prompt would be refused, one by one
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in {room_name}")
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     if cal is not None:
         thr_file.apply(model, cal, args.sparsity, args.greedy, prefill=args.sparse_prefill)
-    fixed_cache = args.interactive and args.compile
-    if fixed_cache:  # one cache shape for every prompt, so one captured graph; the GPU's decode attention reads
-        model.setup_caches(args.batch_size, config.block_size)  # only the filled positions of it
+    if fixed_cache:
+        model.setup_caches(args.batch_size, room)
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s"
           + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores"
              f"{', greedy allocation' if args.greedy else ''})" if cal else "; dense"), file=sys.stderr)
@@ -237,15 +283,14 @@ def main(argv=None) -> None:
                                   fullgraph=True)
     if args.compile_prefill:
         prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
-    total_bytes, linear_bytes = model_bytes(model)
     stop_ids = tuple(tokenizer.eos_ids)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
-    warm = not (args.compile or args.compile_prefill)  # else the first run compiles and captures; not timed
+    n_warmup = 1 if args.compile or args.compile_prefill else 0  # the first run compiles and captures; not timed
     for text in read_prompts() if args.interactive else [args.prompt]:
         try:
-            ids, bos = encode_prompt(tokenizer, text, config, args.max_new_tokens)
-        except ValueError as e:  # an interactive prompt too long for the context: ask for the next
+            ids, bos = encode_prompt(tokenizer, text, args.max_new_tokens, room, room_name)
+        except ValueError as e:  # an interactive prompt too long: say so, ask for the next
             if not args.interactive:
                 raise
             print(f"error: {e}", file=sys.stderr)
@@ -262,24 +307,25 @@ def main(argv=None) -> None:
             new = next((new[:j] for j, t in enumerate(new) if t in stop_ids), new)
             return tokenizer.decode(ids[1 if bos else 0:] + new)
 
-        n_warmup = 0 if warm else 1
         for i in range(n_warmup + args.num_samples):
             warmup = i < n_warmup
+            if i == n_warmup:  # each prompt's samples from the seed, as a --prompt run's, warm-up or not
+                torch.manual_seed(args.seed)
             profiling = args.profile is not None and i == n_warmup + args.num_samples - 1
-            profiler = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
             shown = [0]
 
             def stream(seq, final=False):
-                text = shown_text(seq)
+                s = shown_text(seq)
                 if not final:  # a character whose bytes span tokens decodes to U+FFFD until its last byte comes
-                    text = text.rstrip("\ufffd")
-                print(text[shown[0]:], end="", flush=True)
-                shown[0] = len(text)
+                    s = s.rstrip("\ufffd")
+                print(s[shown[0]:], end="", flush=True)
+                shown[0] = len(s)
 
             on_token = None if (args.no_stream or warmup) else stream
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            profiler = torch.profiler.profile(activities=activities) if profiling else contextlib.nullcontext()
             t = time.perf_counter()
             try:
                 with profiler:
@@ -293,43 +339,17 @@ def main(argv=None) -> None:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t
             if warmup:
-                warm = True
                 print(f"compiled and warmed up in {dt:.1f}s", file=sys.stderr)
                 continue
             if on_token is None:
                 print(shown_text(seq), end="")
             else:
                 stream(seq, final=True)
-            n_new = seq.shape[1] - T
-            tok_s = n_new * args.batch_size / dt
-            print(f"\n\nsample {i + 1 - n_warmup}: {n_new} tokens x {args.batch_size} rows in "
-                  f"{dt:.2f}s: {tok_s:.1f} tokens/s (prefill included)"
-                  + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else ""))
-            line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
-            if cal is not None and n_new < 2:
-                print("achieved sparsity (decode): no decode steps (the prefill made the only token)")
-            elif cal is not None:
-                s, skipped = achieved_sparsity(model, T, seq).double()
-                skipped_bytes = float((linear_bytes * skipped).sum())
-                weighted = float((linear_bytes * s).sum() / linear_bytes.sum())
-                print("achieved sparsity (decode): "
-                      + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))
-                      + f"; parameter-weighted {weighted:.1%}"
-                      + (f"; weight rows skipped (kept by no batch row) "
-                         f"{skipped_bytes / float(linear_bytes.sum()):.1%}" if args.batch_size > 1 else ""))
-                # The fingerprint holds the shapes: the thresholds may be another model's (a few steps can stray)
-                if abs(weighted - args.sparsity) > 0.1 and n_new >= 16:
-                    print(f"warning: {weighted:.1%} of inputs dropped against --sparsity {args.sparsity}: were the "
-                          f"thresholds in {cal['path']} calibrated on this model? (source: {cal['source']})",
-                          file=sys.stderr)
-                if sparse_ops.use_triton(prompt):  # without the kernels the reference masks and reads every weight
-                    line += f", {(total_bytes - skipped_bytes) * n_new / dt / 1e9:.1f} GB/s on the bytes read"
-            print(line)
-            if device.type == "cuda":
-                print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+            report(model, cal, args, T, seq, dt, i + 1 - n_warmup)
             if profiling:
                 profiler.export_chrome_trace(str(args.profile))
                 print(f"profiler trace of this sample (timing includes the profiler's overhead) in {args.profile}")
+        n_warmup = 0  # compiled once for every prompt
 
 if __name__ == "__main__":
     cli.run(main)

@@ -91,6 +91,14 @@ def test_help_shows_defaults():
     assert "a level (default: 0.0)" in text and "a k (default: 0)" in text
 
 
+def test_run_ends_quietly_on_ctrl_c(capsys):
+    def main():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cli.run(main)
+    assert e.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n"
+
+
 @pytest.mark.parametrize("exc", [ValueError("bad\nvalue"), OSError(13, "Permission denied", "/x/out.json"),
                                  FloatingPointError("nan"), MemoryError()])
 def test_run_ends_with_one_line(exc, capsys):

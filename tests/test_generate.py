@@ -537,28 +537,64 @@ def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, caps
     assert "compiled and warmed up" in captured.err and "sample 1:" in captured.out and "sample 2" not in captured.out
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_interactive_decodes_each_prompt_until_an_empty_line(compile, tiny_ckpt, monkeypatch, capsys):
-    """--interactive (gpt-fast's): a prompt per input line, each decoded as --prompt would be; a prompt too long for
-    the context is an error line and the next one is asked for. Compiled, one warm-up serves every prompt (one
-    cache shape: the whole context); else each prompt gets a cache of its own length."""
-    lines = iter(["the cat", "the " * 40, "the dog sat", "", "never read"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+def fake_stdin(monkeypatch, lines):
+    """input() reading these lines, then the end of the input."""
+    it = iter(lines)
+
+    def fake_input(prompt=""):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("builtins.input", fake_input)
+    return it
+
+
+def sample_text(out: str, prompt: str) -> str:
+    """The text printed for the prompt that starts with `prompt`: it runs up to its statistics."""
+    return prompt + out.split(prompt, 1)[1].split("\n\nsample")[0]
+
+
+@pytest.mark.parametrize("flags", [[], ["--compile"], ["--compile_prefill"]])
+def test_interactive_decodes_each_prompt_as_prompt_would(flags, tiny_ckpt, monkeypatch, capsys):
+    """--interactive (gpt-fast's): a prompt per input line, each decoded as --prompt would be (its samples from the
+    seed); a prompt too long for the context, or not UTF-8, is an error line and the next one is asked for; an
+    empty line ends it. Compiled, one warm-up serves every prompt (one cache: the whole context, under
+    INTERACTIVE_CACHE); else each prompt gets a cache of its own length."""
+    sampled = ["--temperature", "0.8", "--num_samples", "2"]  # after BASE: its greedy decoding made sampling
+    left = fake_stdin(monkeypatch, ["the cat", "the " * 40, "caf\udce9", "the dog sat", "", "never read"])
     compiled, caches = [], []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     real_setup = model.Transformer.setup_caches
     monkeypatch.setattr(model.Transformer, "setup_caches", lambda m, b, n: caches.append(n) or real_setup(m, b, n))
-    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--interactive", "--no_stream",
-                   *(["--compile"] if compile else [])])
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, *sampled, "--interactive", "--no_stream", *flags])
     out, err = capsys.readouterr()
-    # each prompt's text, then its statistics
-    assert out.startswith("the cat") and "dense-equivalent\nthe dog sat" in out, out
-    assert out.count("sample 1:") == 2 and "sample 2" not in out
-    assert err.count("compiled and warmed up") == compile and compiled == [generate.decode_one_token] * compile
+    assert next(left) == "never read"  # the empty line ended the session
+    assert out.count("sample 1:") == 2 and out.count("sample 2:") == 2
+    assert err.count("compiled and warmed up") == (1 if flags else 0) and len(compiled) == len(flags)
     assert err.count("error: prompt (") == 1 and "exceeds the model's context of 32 tokens" in err, err
-    assert next(lines) == "never read"  # the empty line ended the session
+    assert "error: the prompt is not valid UTF-8 text" in err
     tok = get_tokenizer(tiny_ckpt.parent)
-    assert caches == ([32] if compile else [len(tok.encode(t)) + 4 for t in ("the cat", "the dog sat")]), caches
+    assert caches == ([32] if flags else [len(tok.encode(t)) + 4 for t in ("the cat", "the dog sat")]), caches
+    for prompt in ("the cat", "the dog sat"):  # the same text as a --prompt run (the first sample of each)
+        generate.main(["--checkpoint", str(tiny_ckpt), *BASE, *sampled, "--prompt", prompt, "--no_stream", *flags])
+        alone = capsys.readouterr().out
+        assert sample_text(out, prompt) == sample_text(alone, prompt), (out, alone)
+
+
+def test_interactive_ends_at_the_end_of_the_input(tiny_ckpt, monkeypatch, capsys):
+    fake_stdin(monkeypatch, ["the cat"])
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--interactive", "--no_stream"])
+    out = capsys.readouterr().out
+    assert out.count("sample 1:") == 1 and out.endswith("\n\n")  # the prompt line left, then a line of its own
+
+
+def test_interactive_max_new_tokens_that_leave_no_room(tiny_ckpt, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the weights loaded although no prompt could fit")
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
+    code, _, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--interactive", "--max_new_tokens", "32"])
+    assert code == 1 and "--max_new_tokens 32 leaves no room for a prompt in the model's context of 32" in err, err
 
 
 def test_profile_writes_a_trace_of_the_last_sample(tiny_ckpt, tmp_path, capsys):
