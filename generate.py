@@ -129,6 +129,15 @@ def load_calibration(config: ModelArgs, args) -> Optional[dict]:
     return None if dense else cal
 
 
+def is_utf8(text: str) -> bool:
+    """False for text from a terminal in another encoding: its undecodable bytes arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", "--checkpoint_path", type=Path, required=True,
@@ -175,9 +184,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=cli.seed, default=1234, help="random seed for sampling")
     p.add_argument("--no_stream", action="store_true", help="print each sample at the end, not token by token")
     args = p.parse_args(argv)
-    try:  # a prompt from a terminal in another encoding arrives with undecodable bytes as surrogates
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_utf8(args.prompt):
         p.error("--prompt is not valid UTF-8 text")
     args.dtype = args.dtype or cli.default_dtype(args.device)
     if args.sparsity > 0 and args.batch_size > sparse_ops.MAX_BATCH:
@@ -213,9 +220,7 @@ def read_prompts():
             return
         if not text:
             return
-        try:  # a terminal in another encoding: undecodable bytes arrive as lone surrogates
-            text.encode("utf-8")
-        except UnicodeEncodeError:
+        if not is_utf8(text):
             print("error: the prompt is not valid UTF-8 text", file=sys.stderr)
             continue
         yield text

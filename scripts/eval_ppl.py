@@ -114,10 +114,11 @@ def parse_args(argv=None):
     bad = [m for m in args.method if m not in METHODS]
     if bad:
         p.error(f"unknown --method {bad[0]!r} (choose from {', '.join(METHODS)})")
-    scores = {score_of(m) for m in args.method}  # a thresholds file no method reads would be ignored silently
-    if args.weighted_thresholds and "weighted" not in scores:
+    args.scores = {score_of(m) for m in args.method}  # the thresholds files the methods read
+    # a file that no method reads would be ignored without a word
+    if args.weighted_thresholds and "weighted" not in args.scores:
         p.error("--weighted_thresholds needs a weighted --method (weighted or greedy+weighted)")
-    if args.thresholds and "magnitude" not in scores:
+    if args.thresholds and "magnitude" not in args.scores:
         p.error("--thresholds needs a magnitude --method (uniform, greedy or cats)")
     return args
 
@@ -137,10 +138,9 @@ def main(argv=None) -> list:
         raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
     cals = {}
     sparse = any(s > 0 for s in args.sparsity)  # the dense model needs no thresholds; a file named is checked
-    scores = {score_of(m) for m in args.method}
-    if (sparse and "magnitude" in scores) or args.thresholds:
+    if (sparse and "magnitude" in args.scores) or args.thresholds:
         cals["magnitude"] = thr_file.load(args.thresholds or thr_file.default_path(args.checkpoint), config)
-    if (sparse or args.weighted_thresholds) and "weighted" in scores:
+    if (sparse or args.weighted_thresholds) and "weighted" in args.scores:
         cals["weighted"] = thr_file.load(args.weighted_thresholds or thr_file.default_path(args.checkpoint, "weighted"),
                                          config)
     for score, cal in cals.items():  # each file must hold the scores its flag names
