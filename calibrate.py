@@ -10,7 +10,6 @@ The four distinct inputs of a block are the attention input (q, k, v), the atten
 per layer and projection (the same number from each window, rounded up), so any sparsity's threshold is read off
 the stored grid.
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -198,7 +197,7 @@ PASS_DEFAULTS = {"dataset_file": "wikitext-2-raw-v1/train-00000-of-00001.parquet
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", type=Path, help="calibrate on this UTF-8 text file "

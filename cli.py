@@ -1,6 +1,6 @@
 """Argument types shared by the command lines (generate.py, calibrate.py, scripts/).
 
-Each turns a bad value into argparse's one-line usage error (exit status 2) while the arguments are parsed, so
+Each turns a bad value into a one-line usage error (exit status 2; ArgumentParser) while the arguments are parsed, so
 nothing is loaded, computed or half-written before the user hears about it. --seq_len, bounded by the model's
 context, is settled from the checkpoint's config.json before the weights load (seq_len).
 """
@@ -22,6 +22,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 and "(default" not in h:  # a help that states its default itself
             h += " (default: %(default)s)"
         return h
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The command lines' parser: HelpFormatter, and a bad flag or value reported in one line, without argparse's
+    usage block before it (--help shows that), exit status 2."""
+
+    def __init__(self, description=None, **kwargs):
+        super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
 
 
 def run(main) -> None:

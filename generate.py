@@ -6,7 +6,6 @@ Prefill runs once over the prompt (dense unless --sparse_prefill); decode runs o
 with CUDA graphs when --compile is given on a GPU. With --sparsity > 0 every block linear reads only the weight
 columns whose input survives the calibrated threshold (thresholds.json beside the checkpoint, from calibrate.py).
 """
-import argparse
 import contextlib
 import sys
 import time
@@ -139,7 +138,7 @@ def is_utf8(text: str) -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", "--checkpoint_path", type=Path, required=True,
                    help="checkpoints/<name>/model.pth (config.json beside it); --checkpoint_path is gpt-fast's name")
     p.add_argument("--prompt", default="Hello, my name is",

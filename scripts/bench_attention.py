@@ -10,7 +10,6 @@ times are whole ops. decode_attention (its kernel and the chunk merge) does more
 as 5 fp32 split-K partials (Llama-3-8B's qkv GEMV at batch 1), sums them, rotates q and k and writes k and v
 into the cache, all of which the SDPA path leaves to separate kernels in the model.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -60,7 +59,7 @@ def run(args) -> list:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--context", type=cli.positive_ints, default="256,1024,4096,8192",
                    help=f"comma-separated filled positions, 1-{MAX_SEQ}")
     p.add_argument("--batch", type=cli.positive_ints, default="1,4",

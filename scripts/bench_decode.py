@@ -9,7 +9,6 @@ weights and the sparse GEMV ops, with thresholds calibrated on the fly on the mo
 (calibrate.record). Decode is compiled with fullgraph=True and CUDA graphs; one compile serves every sparsity level
 (thresholds are tensors). Timed: --tokens decode steps after a warm-up, no prefill.
 """
-import argparse
 import contextlib
 import json
 import sys
@@ -123,7 +122,7 @@ def per_projection_sparsities(model: Transformer, s: float, linear_bytes: torch.
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=list(PRESETS), default="llama-3-8b", help="model shapes")
     p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5", help="comma-separated levels in [0, 1)")
     p.add_argument("--variants", default="uniform",

@@ -9,7 +9,6 @@ Bandwidth counts the bytes actually needed: kept weight rows (union over the bat
 includes the split-K partial sum (separate small kernels here, fused into the next op in the compiled model);
 the kernel column is the sparse kernel's own device time from torch.profiler.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -209,7 +208,7 @@ def sweep(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=cli.positive_ints, default="1,2,4,8",
                    help="comma-separated batch sizes (decode rows), each 1-8")
     p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5,0.65,0.9",

@@ -6,7 +6,6 @@ rebuilt from the GGUF tokenizer metadata.
 q/k rows need no permuting: llama.cpp's converter already stores them in the interleaved-pair order that
 model.py's RoPE uses (transformers has to undo that when it loads a GGUF; tests/test_convert_gguf.py checks it).
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -218,7 +217,7 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
+    ap = cli.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", required=True, type=Path, help="input .gguf file (llama architecture)")
     ap.add_argument("--out", required=True, type=cli.out_folder, help="output checkpoint folder (created if missing)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weight dtype in model.pth")

@@ -6,7 +6,6 @@
 Writes model.pth (gpt-fast names, q/k rows permuted for interleaved RoPE, q|k|v fused into wqkv),
 config.json (unchanged), the tokenizer files and tealfast.json. Any mismatch is one `error:` line.
 """
-import argparse
 import base64
 import json
 import os
@@ -186,8 +185,8 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Convert a Hugging Face Llama/Mistral/Qwen2 checkpoint folder "
-                                                 "to tealfast's model.pth format.", formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(description="Convert a Hugging Face Llama/Mistral/Qwen2 checkpoint folder "
+                                                 "to tealfast's model.pth format.")
     parser.add_argument("--checkpoint_dir", type=Path, required=True,
                         help="HF model folder with config.json, weights (safetensors or pytorch_model.bin) "
                              "and tokenizer files (with --repo: where they are downloaded)")

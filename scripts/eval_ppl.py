@@ -9,7 +9,6 @@ Methods: uniform (TEAL: one level for all 7 projections, thresholds.json), greed
 calibrate.py --greedy; the level is the parameter-weighted block sparsity), weighted (|x|*||W col|| scores,
 thresholds_weighted.json), greedy+weighted, cats (only the MLP's silu(gate) output is thresholded).
 """
-import argparse
 import functools
 import json
 import math
@@ -87,7 +86,7 @@ def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> N
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
     p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5,0.65",
                    help="comma-separated levels in [0, 1)")

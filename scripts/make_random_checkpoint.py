@@ -7,7 +7,6 @@ what the converters write (model.pth, an HF-style config.json, tealfast.json) an
 vocab is padded with placeholder tokens to the model's vocab size, so every sampled id decodes. The text it
 generates is of course noise.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def tokenizer_json(vocab_size: int) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=list(PRESETS), required=True, help="model shapes (scripts/bench_decode.py)")
     p.add_argument("--out", type=cli.out_folder, required=True, help="checkpoint folder to write")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype in model.pth")
