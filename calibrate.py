@@ -191,6 +191,7 @@ def plot(rec: InputRecorder, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+TOKENS_DEFAULT = 16384
 PASS_DEFAULTS = {"dataset_file": "wikitext-2-raw-v1/train-00000-of-00001.parquet", "text_column": "text",
                  "greedy_tokens": 2048, "sparse_aware_levels": [i / 20 for i in range(1, 19)],
                  "sparse_aware_tokens": 4096}
@@ -209,8 +210,9 @@ def parse_args(argv=None):
                                           f"(default: {PASS_DEFAULTS['dataset_file']})")
     p.add_argument("--text_column", help=f"column holding the text in --dataset_file (default: "
                                          f"{PASS_DEFAULTS['text_column']})")
-    p.add_argument("--tokens", type=cli.at_least(1), default=16384,
-                   help="calibration tokens (rounded down to whole --seq_len windows)")
+    p.add_argument("--tokens", type=cli.at_least(1),
+                   help="calibration tokens, rounded down to whole --seq_len windows (default: "
+                        f"{TOKENS_DEFAULT}, or one window where --seq_len is longer)")
     p.add_argument("--seq_len", type=cli.at_least(2), default=None,
                    help=f"tokens per forward pass {cli.SEQ_LEN_DEFAULT}")
     p.add_argument("--samples", type=cli.at_least(1000), default=500_000,
@@ -221,7 +223,7 @@ def parse_args(argv=None):
                    help="also search per-projection sparsities per block (greedy allocation, see README)")
     p.add_argument("--greedy_tokens", type=cli.at_least(1),
                    help="calibration tokens used by the greedy search: the first of the --tokens (at least --seq_len; "
-                        f"default: {PASS_DEFAULTS['greedy_tokens']})")
+                        f"default: {PASS_DEFAULTS['greedy_tokens']}, or one window where --seq_len is longer)")
     p.add_argument("--sparse_aware", action="store_true",
                    help="also correct the uniform thresholds so each projection hits its level on the sparse "
                         "model's own activations (each layer sees the sparse layers before it); generate.py uses "
@@ -231,7 +233,7 @@ def parse_args(argv=None):
                         "(default: 0.05,0.1,...,0.9)")
     p.add_argument("--sparse_aware_tokens", type=cli.at_least(1),
                    help="calibration tokens used by --sparse_aware: the first of the --tokens (at least --seq_len; "
-                        f"default: {PASS_DEFAULTS['sparse_aware_tokens']})")
+                        f"default: {PASS_DEFAULTS['sparse_aware_tokens']}, or one window where --seq_len is longer)")
     p.add_argument("--out", type=cli.out_file, help="output JSON (default: thresholds.json beside the checkpoint, "
                                             "thresholds_weighted.json for --score weighted)")
     p.add_argument("--plot", type=cli.plot_file,
@@ -241,6 +243,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the score sampling and the greedy search")
     args = p.parse_args(argv)
     args.dtype = args.dtype or cli.default_dtype(args.device)
+    # token budgets given: set_seq_len refuses one below a window, and raises a default to one window
+    args.given = {f for f in ("tokens", "greedy_tokens", "sparse_aware_tokens") if getattr(args, f) is not None}
+    args.tokens = TOKENS_DEFAULT if args.tokens is None else args.tokens
     # A flag whose pass is off would be ignored without a word (and a default calibration overwrite the file)
     for flag, needs in (("dataset_file", "dataset"), ("text_column", "dataset"), ("greedy_tokens", "greedy"),
                         ("sparse_aware_levels", "sparse_aware"), ("sparse_aware_tokens", "sparse_aware")):
@@ -255,11 +260,14 @@ def parse_args(argv=None):
 
 
 def set_seq_len(args, config) -> None:
-    """args.seq_len for a model of this context (cli.seq_len); each token budget must hold one window of it."""
+    """args.seq_len for a model of this context (cli.seq_len); each token budget must hold one window of it: a
+    default that does not is raised to one window."""
     args.seq_len = cli.seq_len(args.seq_len, config)
     for flag, used in (("tokens", True), ("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
         if used and getattr(args, flag) < args.seq_len:
-            raise ValueError(f"--{flag} must be at least --seq_len ({args.seq_len})")
+            if flag in args.given:
+                raise ValueError(f"--{flag} must be at least --seq_len ({args.seq_len})")
+            setattr(args, flag, args.seq_len)
 
 
 def main(argv=None) -> None:

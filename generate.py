@@ -49,17 +49,18 @@ def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
 
 
 def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, temperature: float,
-                     top_k: Optional[int]):
+                     top_k: Optional[int], prefill: bool = False):
     """cur (B, T) at positions input_pos (T,) -> the token after the last one (B, 1), and whether all logits were
     finite. Decode calls it with T = 1 (compiled with --compile); prefill once over the prompt."""
-    logits = model(cur, input_pos)[:, -1]
+    logits = model(cur, input_pos, prefill=prefill)[:, -1]
     return sample(logits, temperature, top_k), torch.isfinite(logits).all()
 
 
 def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int]):
-    """decode_one_token over the whole prompt: a function of its own, so that --compile_prefill compiles it apart
-    from decode, with dynamic shapes (one compile serves every prompt length)."""
-    return decode_one_token(model, prompt, input_pos, temperature, top_k)
+    """decode_one_token over the whole prompt, with the prefill's sparsity (dense unless --sparse_prefill) even
+    for a prompt of one token: a function of its own, so that --compile_prefill compiles it apart from decode,
+    with dynamic shapes (one compile serves every prompt length)."""
+    return decode_one_token(model, prompt, input_pos, temperature, top_k, prefill=True)
 
 
 @torch.no_grad()
@@ -105,12 +106,26 @@ def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor) -> Tenso
         return torch.zeros(2, len(PROJECTIONS))
     dev = seq.device
     with restored(model):
-        model(seq[:, :prompt_len], torch.arange(prompt_len, device=dev))
+        model(seq[:, :prompt_len], torch.arange(prompt_len, device=dev), prefill=True)
         model.set_sparse(decode=True, prefill=True)
         model.start_stats()
         model(seq[:, prompt_len:L - 1], torch.arange(prompt_len, L - 1, device=dev))
         c = model.pop_stats().sum(0)
     return torch.stack([c[:, 0] / c[:, 1], c[:, 2] / c[:, 3]]).float()
+
+
+def check_kernel_widths(config: ModelArgs, device: torch.device) -> None:
+    """Sparse decode's kernels end an output tile where the thresholds change (q|k|v, gate|up): a model whose
+    widths there are not multiples of SEGMENT_MULTIPLE is refused before it loads. The CPU's reference ops take any."""
+    if not sparse_ops.use_triton(torch.empty(0, device=device)):
+        return
+    widths = {"q (heads x head_dim)": config.n_head * config.head_dim,
+              "k and v (kv heads x head_dim)": config.n_local_heads * config.head_dim,
+              "intermediate_size": config.intermediate_size}
+    bad = [f"{name} {w}" for name, w in widths.items() if w % sparse_ops.SEGMENT_MULTIPLE]
+    if bad:
+        raise ValueError(f"sparse decode's kernels need widths that are multiples of {sparse_ops.SEGMENT_MULTIPLE}; "
+                         f"this model has {', '.join(bad)} (--sparsity 0 decodes it dense)")
 
 
 def load_calibration(config: ModelArgs, args) -> Optional[dict]:
@@ -262,6 +277,8 @@ def main(argv=None) -> None:
     config = load_config(args.checkpoint)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     cal = load_calibration(config, args)
+    if cal is not None:
+        check_kernel_widths(config, device)
     # --interactive compiled: one cache for every prompt, so one captured graph (the GPU's decode attention reads
     # only its filled positions); else each prompt gets a cache of its own length
     fixed_cache = args.interactive and (args.compile or args.compile_prefill)

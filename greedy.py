@@ -90,8 +90,8 @@ class BlockError:
         self.levels = torch.as_tensor(levels, dtype=torch.float64)
         pos = torch.arange(x.shape[1], device=x.device)
         # Block arguments as Transformer.forward builds them: all positions, and the query positions only.
-        self.full = (x, pos, model.freqs_cis, model.causal_mask[None, None, pos])
-        self.query = (x[:, positions], positions, model.freqs_cis, model.causal_mask[None, None, positions])
+        self.full = (x, pos, model.freqs_cis, model.causal_mask[None, None, pos], True)
+        self.query = (x[:, positions], positions, model.freqs_cis, model.causal_mask[None, None, positions], True)
         self.block.sparse_prefill = False
         self.target = self.block(*self.full)[:, positions].float()
         self.block.sparse_prefill = True
@@ -163,8 +163,8 @@ def search(model: Transformer, ids: list, seq_len: int, table: torch.Tensor, lev
     Returns {"levels": grid, "layers": [{projection: [sparsity at each grid level]}, ...]}.
     """
     grid = DEFAULT_GRID if grid is None else [float(g) for g in grid]
-    if not grid or any(b <= a for a, b in zip(grid, grid[1:])) or grid[0] < 0 or grid[-1] > CAP:
-        raise ValueError(f"greedy grid must increase within [0, {CAP}], got {grid}")
+    if not thr_file.is_grid(torch.tensor(grid, dtype=torch.float64), 0.0) or grid[-1] > CAP:  # as the loader
+        raise ValueError(f"greedy grid must be two or more levels increasing from 0 up to {CAP}, got {grid}")
     if score not in thr_file.SCORES:
         raise ValueError(f"unknown score {score!r}")
     n_layer = model.config.n_layer

@@ -113,13 +113,16 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling).to(device)
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        """idx: (B, T) token ids at positions input_pos (T,). Returns fp32 logits (B, T, vocab)."""
+    def forward(self, idx: Tensor, input_pos: Tensor, prefill: Optional[bool] = None) -> Tensor:
+        """idx: (B, T) token ids at positions input_pos (T,). Returns fp32 logits (B, T, vocab). prefill: whether
+        the blocks take their prefill or their decode sparsity (set_sparse); by default prefill when T > 1. A
+        prompt of one token is a prefill too: generate passes True."""
         assert self.freqs_cis is not None, "call setup_caches first"
+        prefill = idx.shape[1] > 1 if prefill is None else prefill
         mask = self.causal_mask[None, None, input_pos]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, input_pos, self.freqs_cis, mask)
+            x = layer(x, input_pos, self.freqs_cis, mask, prefill)
         return self.output(self.norm(x)).float()
 
     # ---- TEAL sparsity -------------------------------------------------------------------------------
@@ -210,8 +213,8 @@ class TransformerBlock(nn.Module):
         self.sparse_prefill = False
         self.stats: Optional[Tensor] = None  # (7, 4) drop counts while measuring, on the CPU
 
-    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor) -> Tensor:
-        sparse = self.sparse_prefill if x.shape[1] > 1 else self.sparse_decode
+    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Tensor, prefill: bool) -> Tensor:
+        sparse = self.sparse_prefill if prefill else self.sparse_decode
         # Sparse decode at batch 1: the MLP norm's kernel also lists the channels that gate or up keep. Listing
         # them in the GEMV costs more, as each of its programs scans the whole input (qkv's scan a fraction).
         lists = sparse and fused_decode(x) and x.shape[0] == 1 and x.shape[-1] % sparse_ops.LIST_GROUP == 0 \

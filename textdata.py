@@ -44,6 +44,8 @@ def load_hub_text(repo_id: str, filename: str, column: str = "text", max_chars: 
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import logging as hub_logging
 
+    check_file_type(filename)  # before a download of what could not be read
+
     hub_logging.set_verbosity_error()  # its retry warnings would come before our one-line error
     try:
         local = Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
@@ -53,10 +55,20 @@ def load_hub_text(repo_id: str, filename: str, column: str = "text", max_chars: 
     return text_from_file(local, column, max_chars)
 
 
+FILE_TYPES = (".parquet", ".jsonl", ".json", ".txt")
+
+
+def check_file_type(name) -> None:
+    suffix = Path(name).suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise ValueError(f"unsupported dataset file type {suffix!r} ({', '.join(FILE_TYPES)})")
+
+
 def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000) -> str:
     """Rows of a .parquet / .jsonl / .json / .txt dataset file joined by blank lines, up to max_chars."""
     import json
 
+    check_file_type(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -82,10 +94,8 @@ def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000
             rows = [r[column] for r in records]
         except (KeyError, TypeError):
             raise ValueError(f"{path.name}: records have no {column!r} field") from None
-    elif suffix == ".txt":
-        rows = [read_text_file(path)]
     else:
-        raise ValueError(f"unsupported dataset file type {suffix!r} (.parquet, .jsonl, .json, .txt)")
+        rows = [read_text_file(path)]
     out, n = [], 0
     for r in rows:
         if isinstance(r, str) and r.strip():

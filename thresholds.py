@@ -91,7 +91,7 @@ def load(path, config: ModelArgs) -> dict:
     source = str(calibration.get("source"))
     levels = _numbers(_field(data, "levels", list, path, "the file"), path, "levels")
     rows = _rows(_field(data, "layers", list, path, "the file"), path, "layers")
-    if not _increasing(levels, 0.0):
+    if not is_grid(levels, 0.0):
         raise CheckpointError(f"{path}: levels must be two or more, increase from 0 and stay below 1")
     n = len(levels)
     table = _numbers(rows, path, "threshold table")
@@ -200,7 +200,7 @@ def _section(data: dict, name: str, config: ModelArgs, path: Path, lowest):
     levels = _numbers(_field(sec, "levels", list, path, f"the {name} section"), path, f"{name} section's levels")
     rows = _rows(_field(sec, "layers", list, path, f"the {name} section"), path, f"{name} section's layers")
     table = _numbers(rows, path, f"{name} section's table")
-    if not _increasing(levels, lowest):
+    if not is_grid(levels, lowest):
         start = f"be two or more, increase from {lowest}" if lowest is not None else "increase above 0"
         raise CheckpointError(f"{path}: malformed {name} section: levels must {start} and stay below 1")
     if table.shape != (config.n_layer, len(PROJECTIONS), len(levels)):
@@ -209,7 +209,7 @@ def _section(data: dict, name: str, config: ModelArgs, path: Path, lowest):
     return levels, table
 
 
-def _increasing(levels: torch.Tensor, lowest) -> bool:
+def is_grid(levels: torch.Tensor, lowest) -> bool:
     """A sparsity grid: 1-D, increasing, below 1, starting at `lowest` with at least two levels (interp needs an
     interval), or above 0 where None (the loader then puts level 0 first). NaN fails each test."""
     if levels.dim() != 1 or len(levels) < (1 if lowest is None else 2):
@@ -242,21 +242,23 @@ def projection_sparsities(cal: dict, sparsity: float, greedy: bool) -> torch.Ten
     return interp(g["levels"], g["table"], x)
 
 
-def thresholds_for(cal: dict, sparsity: float, greedy: bool = False) -> torch.Tensor:
+def thresholds_for(cal: dict, sparsity: float, greedy: bool = False, sparse_aware: bool = True) -> torch.Tensor:
     """(n_layer, 7) fp32 thresholds that drop `sparsity` of every projection's input (per its own level).
-    Uniform levels covered by a sparse_aware table come from it (thresholds interpolated between its levels)."""
+    Uniform levels covered by a sparse_aware table come from it (thresholds interpolated between its levels),
+    unless sparse_aware is False: TEAL's own thresholds, the dense activations' quantiles."""
     s = projection_sparsities(cal, sparsity, greedy)
     sa = cal.get("sparse_aware")
-    if not greedy and sa is not None and sparsity <= sa["levels"][-1]:
+    if sparse_aware and not greedy and sa is not None and sparsity <= sa["levels"][-1]:
         return interp(sa["levels"], sa["table"], s).float()
     return interp(cal["levels"], cal["table"], s).float()
 
 
-def apply(model: Transformer, cal: dict, sparsity: float, greedy: bool = False, prefill: bool = False) -> None:
+def apply(model: Transformer, cal: dict, sparsity: float, greedy: bool = False, prefill: bool = False,
+          sparse_aware: bool = True) -> None:
     """Sparse decode (and prefill where asked) at this sparsity, with the calibration's scores and thresholds."""
     model.set_scores(cal["score"] == "weighted")
     model.set_sparse(decode=True, prefill=prefill)
-    model.set_thresholds(thresholds_for(cal, sparsity, greedy).to(model.output.weight.device))
+    model.set_thresholds(thresholds_for(cal, sparsity, greedy, sparse_aware).to(model.output.weight.device))
 
 
 def cats_thresholds_for(cal: dict, sparsity: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ import calibrate  # noqa: E402
 import cli  # noqa: E402
 import sparse_ops  # noqa: E402
 import thresholds as thr_file  # noqa: E402
-from generate import achieved_sparsity, decode_one_token  # noqa: E402
+from generate import achieved_sparsity, decode_one_token, prefill  # noqa: E402
 from model import DTYPES, PROJECTIONS, ModelArgs, Transformer, model_bytes, to_column_major  # noqa: E402
 
 PRESETS = {
@@ -62,7 +62,7 @@ def time_decode(model, decode_fn, batch: int, prompt_len: int, n_tokens: int, wa
     around the timed steps."""
     dev = model.output.weight.device
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=dev)
-    tok, _ = decode_one_token(model, prompt, torch.arange(prompt_len, device=dev), 0.0, None)  # prefill, eager
+    tok, _ = prefill(model, prompt, torch.arange(prompt_len, device=dev), 0.0, None)  # eager
     toks = [prompt, tok]
     pos = torch.tensor([prompt_len], device=dev)  # advanced on the device: no host-to-device copy per step
     for _ in range(warmup):
@@ -82,7 +82,10 @@ def time_decode(model, decode_fn, batch: int, prompt_len: int, n_tokens: int, wa
     return n_tokens / dt, torch.cat(toks, dim=1)
 
 
-def kernel_breakdown(model, decode_fn, args, steps: int = 20) -> dict:
+PROFILE_STEPS = 20  # decode steps that --profile times
+
+
+def kernel_breakdown(model, decode_fn, args, steps: int = PROFILE_STEPS) -> dict:
     """Device time per decode step by kernel kind (torch.profiler sees the kernels inside CUDA graph replays),
     and the step's wall time: what the sparse ops cost against everything else."""
     from torch.profiler import ProfilerActivity, profile
@@ -159,7 +162,8 @@ def main(argv=None):
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True) if dev.type == "cuda" else fn
     t0 = time.perf_counter()
     model = build(ModelArgs(**PRESETS[args.preset]), dtype, dev)
-    model.setup_caches(args.batch_size, args.prompt_len + args.tokens + 16)
+    # room for the warm-up steps and the longer of the timed and the profiled runs
+    model.setup_caches(args.batch_size, args.prompt_len + max(args.tokens, PROFILE_STEPS if args.profile else 0) + 16)
     total_bytes, linear_bytes = model_bytes(model)
     rows = []
 

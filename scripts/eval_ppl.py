@@ -5,9 +5,11 @@
 
 Text is cut into --seq_len windows, each scored on its own. Every token is masked as decode masks it (one token
 per row, thresholds per projection), through the same sparse_linear code path; 0 is the dense model.
-Methods: uniform (TEAL: one level for all 7 projections, thresholds.json), greedy (per-projection levels from
-calibrate.py --greedy; the level is the parameter-weighted block sparsity), weighted (|x|*||W col|| scores,
-thresholds_weighted.json), greedy+weighted, cats (only the MLP's silu(gate) output is thresholded).
+Methods: uniform (TEAL: one level for all 7 projections, the dense activations' quantiles in thresholds.json),
+sparse_aware (uniform with the table of calibrate.py --sparse_aware, which generate.py uses where the file has
+one), greedy (per-projection levels from calibrate.py --greedy; the level is the parameter-weighted block
+sparsity), weighted (|x|*||W col|| scores, thresholds_weighted.json), greedy+weighted, cats (only the MLP's
+silu(gate) output is thresholded).
 """
 import functools
 import json
@@ -27,7 +29,7 @@ from checkpoint import load_config, load_model  # noqa: E402
 from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, model_bytes  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
-METHODS = ("uniform", "greedy", "weighted", "greedy+weighted", "cats")
+METHODS = ("uniform", "sparse_aware", "greedy", "weighted", "greedy+weighted", "cats")
 
 
 @torch.no_grad()
@@ -82,7 +84,8 @@ def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> N
         for b, tl in zip(model.layers, t):
             b.feed_forward.forward = functools.partial(cats_forward, b.feed_forward, tl)
         return
-    thr_file.apply(model, cals[score_of(method)], sparsity, greedy="greedy" in method, prefill=True)
+    thr_file.apply(model, cals[score_of(method)], sparsity, greedy="greedy" in method, prefill=True,
+                   sparse_aware=method == "sparse_aware")
 
 
 def parse_args(argv=None):
@@ -118,7 +121,7 @@ def parse_args(argv=None):
     if args.weighted_thresholds and "weighted" not in args.scores:
         p.error("--weighted_thresholds needs a weighted --method (weighted or greedy+weighted)")
     if args.thresholds and "magnitude" not in args.scores:
-        p.error("--thresholds needs a magnitude --method (uniform, greedy or cats)")
+        p.error("--thresholds needs a magnitude --method (uniform, sparse_aware, greedy or cats)")
     return args
 
 
@@ -150,6 +153,12 @@ def main(argv=None) -> list:
         for s in (s for s in args.sparsity if s > 0):
             if method == "cats":
                 thr_file.cats_thresholds_for(cals["magnitude"], s)
+            elif method == "sparse_aware":
+                sa = cals["magnitude"].get("sparse_aware")
+                if sa is None:
+                    raise ValueError(f"{cals['magnitude']['path']} has no sparse_aware table (calibrate.py "
+                                     f"--sparse_aware)")
+                thr_file.check_sparsity(s, sa["levels"], "sparse_aware table")
             else:
                 thr_file.thresholds_for(cals[score_of(method)], s, "greedy" in method)
     model = load_model(args.checkpoint, device=cli.use_device(args.device), dtype=DTYPES[args.dtype])

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import _decode_attention_op, check_decode_attention, decode_attention_ref
-from .gemv import MAX_BATCH, _check, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, pick_config, use_triton
+from .gemv import MAX_BATCH, SEGMENT_MULTIPLE, _check, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, pick_config, use_triton
 from .norm import LIST_GROUP, _add_rmsnorm_op, add_rmsnorm_ref, check_add_rmsnorm
 from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref, sparse_glu_ref, sum_partials
 
-__all__ = ["MAX_BATCH", "LIST_GROUP", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "sparse_gemv_pair_ref",
+__all__ = ["MAX_BATCH", "SEGMENT_MULTIPLE", "LIST_GROUP", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "sparse_gemv_pair_ref",
            "sparse_glu", "sparse_glu_ref", "keep_mask", "pick_config", "decode_attention", "decode_attention_ref",
            "rope", "add_rmsnorm", "add_rmsnorm_ref"]
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked reference (prefill)
+SEGMENT_MULTIPLE = 16  # the smallest output tile: where thresholds change (q|k|v, gate|up) a tile must end
 
 
 @triton.jit
@@ -243,8 +244,8 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
     block_n = 256 if use_dot else 128
     if g:
         block_n = min(block_n, _pow2_divisor(g))
-    if block_n < 16:
-        raise ValueError(f"segment boundaries {list(boundaries)} must be multiples of 16")
+    if block_n < SEGMENT_MULTIPLE:
+        raise ValueError(f"segment boundaries {list(boundaries)} must be multiples of {SEGMENT_MULTIPLE}")
     block_k = 32 if use_dot else 128
     cuda = device.type == "cuda"
     small = not use_dot and not listed and K * N <= (2 ** 24 if cuda else 2 ** 16)  # takes the windows

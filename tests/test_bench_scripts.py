@@ -44,3 +44,17 @@ def test_bench_decode_cpu_smoke(tmp_path, monkeypatch):
     # calibration come near 0.5
     assert all(r["achieved"] < 0.01 for r in rows[1::2]) and all(0.3 < r["achieved"] < 0.7 for r in rows[2::2])
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.gpu
+def test_bench_decode_profile_on_the_gpu(tmp_path):
+    """--profile with fewer timed --tokens than the profiled steps: the cache has room for both runs, and every
+    row gets its per-kernel breakdown."""
+    import json
+    out = tmp_path / "decode.json"
+    bench_decode.main(["--preset", "smollm2-135m", "--tokens", "3", "--prompt_len", "4", "--calib_tokens", "64",
+                       "--sparsity", "0.5", "--variants", "uniform", "--profile", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense (cuBLAS)", "uniform"]
+    assert all(r["kernel_breakdown"]["wall_us_per_step"] > 0 for r in rows)
+    assert rows[1]["kernel_breakdown"]["sparse_gemv"]["kernels_per_step"] > 0

@@ -311,3 +311,21 @@ def test_errors(tiny, tmp_path, case):
     if exit_code == 1:
         assert err.splitlines()[-1].startswith("error: ")
     assert not (tmp_path / "t.json").exists()
+
+
+def test_token_defaults_follow_a_long_seq_len():
+    """A --seq_len past a pass's default budget raises that default to one window; a budget given below it is
+    refused, naming the flag the user gave."""
+    from model import ModelArgs
+    config = ModelArgs(vocab_size=32, dim=64, n_layer=1, n_head=4, n_local_heads=2, head_dim=16,
+                       intermediate_size=128, block_size=65536)
+    args = calibrate.parse_args(["--checkpoint", "m.pth", "--greedy", "--sparse_aware", "--seq_len", "32768"])
+    calibrate.set_seq_len(args, config)
+    assert (args.tokens, args.greedy_tokens, args.sparse_aware_tokens) == (32768, 32768, 32768)
+    args = calibrate.parse_args(["--checkpoint", "m.pth", "--greedy", "--seq_len", "4096"])
+    calibrate.set_seq_len(args, config)
+    assert (args.tokens, args.greedy_tokens) == (calibrate.TOKENS_DEFAULT, 4096)
+    for flag in ("--tokens", "--greedy_tokens"):
+        args = calibrate.parse_args(["--checkpoint", "m.pth", "--greedy", "--seq_len", "4096", flag, "2048"])
+        with pytest.raises(ValueError, match=f"{flag} must be at least --seq_len"):
+            calibrate.set_seq_len(args, config)

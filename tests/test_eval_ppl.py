@@ -277,3 +277,32 @@ def test_weighted_method_alone_needs_only_the_weighted_file(tmp_path):
         res = eval_ppl.main(["--checkpoint", str(ckpt), "--sparsity", "0,0.4", "--method", "weighted", "--text",
                              str(tmp_path / "some.txt"), "--device", "cpu", "--seq_len", "16"])
     assert [r["method"] for r in res] == ["weighted", "weighted"] and res[1]["achieved_sparsity"] > 0.05
+
+
+def test_uniform_is_teal_and_sparse_aware_its_own_method(tmp_path):
+    """A file with a sparse_aware table: uniform still reads the dense activations' quantiles (as from a file
+    without the table), sparse_aware reads the corrected table; sparse_aware without that table, or above its
+    last level, is refused before any work."""
+    import thresholds
+    from test_generate import tiny_thresholds, write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    plain = tiny_thresholds(ckpt, tmp_path / "plain.json")
+    config = load_model(ckpt, "cpu", torch.float32).config
+    cal = thresholds.load(plain, config)
+    with_sa = tmp_path / "sa.json"
+    sa_table = cal["table"][..., 1:2] * 3  # a corrected level 0.5 that drops far more than the plain one
+    thresholds.save(with_sa, config, cal["levels"].tolist(), cal["table"], "test", 1, "magnitude",
+                    sparse_aware={"levels": [0.5], "table": sa_table})
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    base = ["--checkpoint", str(ckpt), "--text", str(tmp_path / "some.txt"), "--device", "cpu", "--seq_len", "16",
+            "--sparsity", "0.5"]
+    with redirect_stdout(io.StringIO()):
+        ref = eval_ppl.main([*base, "--thresholds", str(plain)])
+        both = eval_ppl.main([*base, "--thresholds", str(with_sa), "--method", "uniform,sparse_aware"])
+    assert both[0]["ppl"] == ref[0]["ppl"] and both[0]["achieved_sparsity"] == ref[0]["achieved_sparsity"]
+    assert both[1]["method"] == "sparse_aware" and both[1]["achieved_sparsity"] > both[0]["achieved_sparsity"] + 0.05
+    for path, sparsity, want in ((plain, "0.5", "no sparse_aware table"), (with_sa, "0.6", "above the sparse_aware")):
+        out = io.StringIO()
+        with pytest.raises(ValueError, match=want), redirect_stdout(out):
+            eval_ppl.main([*base[:-1], sparsity, "--thresholds", str(path), "--method", "sparse_aware"])
+        assert out.getvalue() == ""

@@ -375,7 +375,7 @@ class ScriptedModel:
     def __init__(self, script, vocab=16):
         self.script, self.vocab, self.calls = torch.tensor(script), vocab, 0
 
-    def __call__(self, idx, input_pos):
+    def __call__(self, idx, input_pos, prefill=None):
         logits = torch.zeros(idx.shape[0], idx.shape[1], self.vocab)
         logits[torch.arange(idx.shape[0]), -1, self.script[:, self.calls]] = 10.0
         self.calls += 1
@@ -397,12 +397,12 @@ def test_generate_stops_when_every_row_has_stopped(stream):
 # ---- the command line ------------------------------------------------------------------------------------------
 
 
-def write_tiny_checkpoint(d: Path, max_pos=32, nan=False, n_layer=2) -> Path:
+def write_tiny_checkpoint(d: Path, max_pos=32, nan=False, n_layer=2, intermediate=128) -> Path:
     """model.pth + config.json + tokenizer.json + tealfast.json, as the converters write them."""
     d.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer_json(d / "tokenizer.json")
     cfg = dict(model_type="llama", vocab_size=vocab, hidden_size=64, num_hidden_layers=n_layer,
-               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, rms_norm_eps=1e-5,
+               num_attention_heads=4, num_key_value_heads=2, intermediate_size=intermediate, rms_norm_eps=1e-5,
                max_position_embeddings=max_pos, rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=0)
     m = model.Transformer(checkpoint.from_hf_config(cfg))
     torch.manual_seed(0)
@@ -494,10 +494,10 @@ def test_sparse_prefill_masks_the_prompt(sparse_prefill, tiny_ckpt, tmp_path, mo
     seen = []
     real = generate.decode_one_token
 
-    def spy(m, cur, input_pos, *rest):
+    def spy(m, cur, input_pos, *rest, **kw):
         if cur.shape[1] > 1:  # the prefill
             seen.append((cur.clone(), m(cur, input_pos)[:, -1].clone()))  # rewrites the same cache entries
-        return real(m, cur, input_pos, *rest)
+        return real(m, cur, input_pos, *rest, **kw)
     monkeypatch.setattr(generate, "decode_one_token", spy)
     generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--prompt", "the cat sat on the mat", "--sparsity", "0.5",
                    "--thresholds", str(thr), "--no_stream", *(["--sparse_prefill"] if sparse_prefill else [])])
@@ -514,6 +514,42 @@ def test_sparse_prefill_masks_the_prompt(sparse_prefill, tiny_ckpt, tmp_path, mo
             h.remove()
     assert ids.shape[1] >= 4 and (masked - dense).abs().max() > 1e-2  # the masks matter for this prompt
     torch.testing.assert_close(logits, masked if sparse_prefill else dense, rtol=1e-4, atol=1e-4)
+
+
+def test_widths_the_kernels_cannot_split(tmp_path, monkeypatch):
+    """An MLP width that is not a multiple of 16: sparse decode through the kernels is refused before the load with
+    one line naming the width; dense decode and the CPU's reference ops run it."""
+    ckpt = write_tiny_checkpoint(tmp_path / "odd", intermediate=120)
+    thr = tiny_thresholds(ckpt, tmp_path / "t.json")
+    line = assert_one_error(*run_main(["--checkpoint", ckpt, *BASE, "--sparsity", "0.5", "--thresholds", thr])[::2])
+    assert "intermediate_size 120" in line and "multiples of 16" in line, line
+    code, _, err = run_main(["--checkpoint", ckpt, *BASE])
+    assert code == 0, err
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    code, _, err = run_main(["--checkpoint", ckpt, *BASE, "--sparsity", "0.5", "--thresholds", thr])
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("sparse_prefill", [False, True])
+def test_one_token_prompt_is_a_prefill(sparse_prefill, tiny_ckpt, tmp_path):
+    """A prompt of one token runs with the prefill's sparsity (dense unless --sparse_prefill), not the decode's:
+    the model is told it is a prefill, since one token per row looks like a decode step."""
+    import thresholds
+    m = checkpoint.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
+    cal = thresholds.load(tiny_thresholds(tiny_ckpt, tmp_path / "t.json"), m.config)
+    thresholds.apply(m, cal, 0.5, False, prefill=sparse_prefill)
+    ref = checkpoint.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
+    for x in (m, ref):
+        x.setup_caches(1, 4)
+    ids, pos = torch.tensor([[7]]), torch.arange(1)
+    seen = []
+    real = m.forward
+    m.forward = lambda *a, **kw: seen.append(real(*a, **kw)[:, -1]) or real(*a, **kw)
+    generate.prefill(m, ids, pos, 0.0, None)
+    with torch.no_grad():
+        dense, decode_step = ref(ids, pos)[:, -1], real(ids, pos)[:, -1]
+    assert (decode_step - dense).abs().max() > 1e-3  # the thresholds matter for this token
+    torch.testing.assert_close(seen[0], decode_step if sparse_prefill else dense, rtol=1e-5, atol=1e-5)
 
 
 def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, capsys):

@@ -163,7 +163,10 @@ def test_weighted_scores_and_state_restored(setup, monkeypatch):
     m.set_thresholds(torch.zeros_like(before))
 
 
-def test_bad_grid(setup):
+@pytest.mark.parametrize("grid", [[0.0, 0.5, 0.995], [0.0], [0.05, 0.1], [0.0, 0.5, 0.5], []])
+def test_bad_grid(setup, grid):
+    """Above the cap, one level, not from 0, not increasing, empty: refused before the search, as the loader
+    would refuse the file."""
     m, ids, table, _, _ = setup
-    with pytest.raises(ValueError):
-        greedy.search(m, ids, SEQ_LEN, table, calibrate.LEVELS, "magnitude", grid=[0.0, 0.5, 0.995], progress=False)
+    with pytest.raises(ValueError, match="greedy grid"):
+        greedy.search(m, ids, SEQ_LEN, table, calibrate.LEVELS, "magnitude", grid=grid, progress=False)

@@ -134,3 +134,8 @@ def test_load_hub_text(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot download sub/train.jsonl from dataset org/data: OSError: offline") as e:
         textdata.load_hub_text("org/data", "sub/train.jsonl")
     assert "\n" not in str(e.value)
+    calls.clear()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(ValueError, match="unsupported dataset file type '.csv'"):  # refused before the download
+        textdata.load_hub_text("org/data", "sub/train.csv")
+    assert calls == []
