@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's runs (docs/benchmarks.md names the stage behind each figure), one stage per call (each fits
 # the device's 10-minute limit per command):
-#   tests:   GPU tests of the norm, attention and GEMV ops and of the compiled model
+#   tests:   GPU tests of the norm, attention and GEMV ops, of the compiled model, generate.py and bench_decode.py
 #   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%, batch 1)
 #   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included
 #   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%);
@@ -13,8 +13,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee -a $OUT/gpu.txt
 case "$1" in
 tests)
-  timeout 400 python3 -m pytest tests/test_norm.py tests/test_attention.py tests/test_sparse_ops.py tests/test_model.py \
-    tests/test_generate.py -q -p no:warnings 2>&1 | tail -15 | tee $OUT/tests.txt
+  timeout 540 python3 -m pytest tests/test_norm.py tests/test_attention.py tests/test_sparse_ops.py tests/test_model.py \
+    tests/test_generate.py tests/test_bench_scripts.py -q -p no:warnings 2>&1 | tail -15 | tee $OUT/tests.txt
   ;;
 decode)
   preset=${2:-llama-3-8b}
