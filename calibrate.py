@@ -10,6 +10,7 @@ The four distinct inputs of a block are the attention input (q, k, v), the atten
 per layer and projection (the same number from each window, rounded up), so any sparsity's threshold is read off
 the stored grid.
 """
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 import cli
 import textdata
 import thresholds as thr_file
-from checkpoint import load_config, load_model
+from checkpoint import check_output, load_config, load_model
 from model import DTYPES, PROJECTIONS, Transformer, restored
 from tokenizer import get_tokenizer
 
@@ -170,15 +171,21 @@ def sparse_aware(model: Transformer, ids: list, seq_len: int, table: torch.Tenso
     return torch.stack(out, dim=-1).cummax(dim=-1).values
 
 
-def plot(rec: InputRecorder, path: Path, title: str) -> None:
+def plot(rec: InputRecorder, path: Path, title: str, score: str) -> None:
+    """Score histograms of the first, middle and last layers: one panel per distinct linear input for magnitudes
+    (q/k/v and gate/up score the same |x|), one per projection for weighted scores (each its own column norms)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(rec.samples)
     layers = sorted({0, n // 2, n - 1})
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, p, name in zip(axes, (0, 3, 4, 6), ("attention input (q/k/v)", "attention output (o)",
-                                                 "MLP input (gate/up)", "down input")):
+    if score == "magnitude":
+        panels = list(zip((0, 3, 4, 6), ("attention input (q/k/v)", "attention output (o)", "MLP input (gate/up)",
+                                         "down input")))
+    else:
+        panels = [(p, f"{name} input") for p, name in enumerate(PROJECTIONS)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    for ax, (p, name) in zip(axes, panels):
         for l in layers:
             v = torch.cat(rec.samples[l][p]).numpy()
             hi = float(torch.quantile(torch.from_numpy(v[:1_000_000]), 0.995))
@@ -256,7 +263,24 @@ def parse_args(argv=None):
     lv = args.sparse_aware_levels
     if not all(a < b for a, b in zip([0.0] + lv, lv)) or lv[-1] >= 1:
         p.error("--sparse_aware_levels must increase within (0, 1)")
+    if args.dataset:
+        try:
+            textdata.check_file_type(args.dataset_file)
+        except ValueError as e:
+            p.error(f"--dataset_file: {e}")
     return args
+
+
+def replaced_sections(out: Path, args) -> list:
+    """The optional sections of an existing thresholds file at `out` that this run's flags do not compute again."""
+    try:
+        data = json.loads(out.read_text())
+    except (OSError, ValueError):  # no file, or one that is not JSON: nothing of value is replaced
+        return []
+    if not isinstance(data, dict):
+        return []
+    return [f"a {name} section (--{name})" for name, on in (("greedy", args.greedy), ("sparse_aware", args.sparse_aware))
+            if data.get(name) is not None and not on]
 
 
 def set_seq_len(args, config) -> None:
@@ -275,13 +299,20 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     device = cli.use_device(args.device)
     config = load_config(args.checkpoint)  # flags and text checked against it before the weights load
+    out = args.out or thr_file.default_path(args.checkpoint, args.score)
+    check_output(out, args.checkpoint, "--out", allowed=("thresholds.json", "thresholds_weighted.json"))
+    check_output(args.plot, args.checkpoint, "--plot")
     set_seq_len(args, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     ids, source = calibration_tokens(args, tokenizer)
-    for flag, used in (("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
-        if used and getattr(args, flag) > len(ids):  # a pass runs on the first of the calibration tokens
-            print(f"note: --{flag} {getattr(args, flag)}: the calibration has {len(ids)} tokens, all of which the "
-                  f"pass uses", file=sys.stderr)
+    for flag, used in (("tokens", True), ("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
+        if used and flag in args.given and getattr(args, flag) > len(ids):  # a pass runs on the first tokens
+            print(f"note: --{flag} {getattr(args, flag)}: the calibration text gives {len(ids)} tokens, all of "
+                  f"which {'the pass uses' if flag != 'tokens' else 'are used'}", file=sys.stderr)
+    replaced = replaced_sections(out, args)
+    if replaced:  # the slow passes: a plain re-run would drop them without a word
+        print(f"note: {out} holds {' and '.join(replaced)} that this run does not compute: the new file will not "
+              f"have {'them' if len(replaced) > 1 else 'it'}", file=sys.stderr)
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     t = time.perf_counter()
     table, n_tokens, rec = record(model, ids, args.seq_len, args.score, args.samples, device, seed=args.seed)
@@ -298,11 +329,11 @@ def main(argv=None) -> None:
     if n_tokens < FEW_TOKENS:
         print(f"warning: {n_tokens} calibration tokens: the quantiles of so few scores are noisy (--tokens)",
               file=sys.stderr)
-    out = args.out or thr_file.default_path(args.checkpoint, args.score)
     thr_file.save(out, model.config, LEVELS, table, source, n_tokens, args.score, greedy, rec.cats_table(), corrected)
     print(f"calibrated on {n_tokens} tokens of {source} in {time.perf_counter() - t:.1f}s -> {out}")
     if args.plot:
-        plot(rec, args.plot, f"{args.checkpoint.parent.name}: input scores ({args.score}), {n_tokens} tokens")
+        plot(rec, args.plot, f"{args.checkpoint.parent.name}: input scores ({args.score}), {n_tokens} tokens",
+             args.score)
         print(f"plot -> {args.plot}")
 
 

@@ -5,6 +5,7 @@ weight against it (load_model); the converters write folders with save_checkpoin
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -92,10 +93,35 @@ def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
     return rs
 
 
+FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_weighted.json") + tuple(
+    dict.fromkeys(c.file_name for c in TOKENIZER_CLASSES.values()))  # beside model.pth: what the runtime reads
+
+
+def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=()) -> None:
+    """An output file (--out, --json, --plot, --profile) must not be one of the checkpoint folder's own files
+    (its weights, config, tokenizer or thresholds, but the `allowed` names): writing it would destroy them."""
+    if out is None:
+        return
+    ckpt = Path(checkpoint_path)
+    own = [ckpt] + [ckpt.parent / f for f in FOLDER_FILES if f not in allowed]
+    if any(Path(out).resolve() == f.resolve() for f in own):
+        raise ValueError(f"{flag} {out} would overwrite the checkpoint's own {Path(out).name}")
+
+
+def is_hf_folder(folder: Path) -> bool:
+    """A Hugging Face model folder (weights and config.json) that no converter has written to."""
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    return weights and (folder / "config.json").is_file() and not (folder / "tealfast.json").is_file()
+
+
 def load_config(checkpoint_path) -> ModelArgs:
     """The architecture of checkpoints/<name>/model.pth from the config.json beside it, without reading the weights:
     the command lines check their other inputs against it before the (slow) load."""
     path = Path(checkpoint_path)
+    folder = path if path.is_dir() else path.parent
+    if is_hf_folder(folder):
+        raise CheckpointError(f"{folder} is a Hugging Face model folder, not a converted checkpoint: convert it "
+                              f"first (python scripts/convert_hf_checkpoint.py --checkpoint_dir {folder})")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder: give its model.pth")
     if not path.is_file():
@@ -137,6 +163,8 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
 
 def read_config(path: Path) -> dict:
     """A checkpoint's HF config.json, parsed; a clear error when it is absent or corrupt."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not the checkpoint's config.json")
     if not path.is_file():
         raise CheckpointError(f"config.json not found: {path}")
     try:
@@ -203,4 +231,10 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
     except BaseException:
         partial.unlink(missing_ok=True)  # a few GB that nothing would ever read
         raise
+    # thresholds calibrated on the weights just replaced: the fingerprint catches another shape, not a fine-tune
+    for name in ("thresholds.json", "thresholds_weighted.json"):
+        if (out / name).is_file():
+            os.replace(out / name, out / f"{name}.stale")
+            print(f"note: moved {out / name} to {name}.stale: it was calibrated on the weights this conversion "
+                  f"replaced (run calibrate.py again)", file=sys.stderr)
     return out / "model.pth"

@@ -19,7 +19,7 @@ from torch import Tensor
 import cli
 import sparse_ops
 import thresholds as thr_file
-from checkpoint import load_config, load_model
+from checkpoint import check_output, load_config, load_model
 from model import DTYPES, PROJECTIONS, ModelArgs, Transformer, model_bytes, restored
 from tokenizer import get_tokenizer
 
@@ -152,16 +152,19 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+DEFAULT_PROMPT = "Hello, my name is"
+
+
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", "--checkpoint_path", type=Path, required=True,
                    help="checkpoints/<name>/model.pth (config.json beside it); --checkpoint_path is gpt-fast's name")
-    p.add_argument("--prompt", default="Hello, my name is",
-                   help="input text, after BOS where the tokenizer adds one (Llama-2/3, Mistral; not SmolLM2, "
-                        "Qwen2); an empty one starts from BOS, where the model has one")
+    p.add_argument("--prompt",
+                   help=f"input text, after BOS where the tokenizer adds one (Llama-2/3, Mistral; not SmolLM2, "
+                        f"Qwen2); an empty one starts from BOS, where the model has one (default: {DEFAULT_PROMPT})")
     p.add_argument("--interactive", action="store_true",
-                   help="read prompts from standard input, one per line, each decoded as --prompt would be, until "
-                        "an empty line or the end of the input")
+                   help="read prompts from standard input instead of --prompt, one per line, each decoded as "
+                        "--prompt would be, until a blank line or the end of the input")
     p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
     p.add_argument("--num_samples", type=cli.at_least(1), default=1,
                    help="how many times to generate (timed separately; with --interactive, per prompt)")
@@ -178,7 +181,8 @@ def parse_args(argv=None):
                         "tokens)")
     p.add_argument("--profile", type=cli.out_file, default=None, metavar="FILE",
                    help="write a torch.profiler trace of the last sample here (JSON for chrome://tracing or "
-                        "Perfetto; that sample's timing then includes the profiler's overhead)")
+                        "Perfetto; that sample's timing then includes the profiler's overhead, and its text is "
+                        "printed when it ends, not streamed)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help=cli.DTYPE_HELP)
     p.add_argument("--sparsity", type=cli.sparsity, default=0.0,
@@ -198,6 +202,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=cli.seed, default=1234, help="random seed for sampling")
     p.add_argument("--no_stream", action="store_true", help="print each sample at the end, not token by token")
     args = p.parse_args(argv)
+    if args.interactive and args.prompt is not None:
+        p.error("--prompt and --interactive exclude each other (interactive prompts come from standard input)")
+    args.prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     if not is_utf8(args.prompt):
         p.error("--prompt is not valid UTF-8 text")
     args.dtype = args.dtype or cli.default_dtype(args.device)
@@ -225,14 +232,14 @@ def encode_prompt(tokenizer, text: str, max_new_tokens: int, room: int, room_nam
 
 
 def read_prompts():
-    """--interactive: prompts from standard input until an empty line, its end or Ctrl-C."""
+    """--interactive: prompts from standard input until a blank line, its end or Ctrl-C."""
     while True:
         try:
-            text = input("What is your prompt? ")
+            text = input("What is your prompt? ").rstrip("\r")  # a Windows line end is no part of the prompt
         except (EOFError, KeyboardInterrupt):
             print()  # the next output starts on a line of its own
             return
-        if not text:
+        if not text.strip():
             return
         if not is_utf8(text):
             print("error: the prompt is not valid UTF-8 text", file=sys.stderr)
@@ -240,13 +247,18 @@ def read_prompts():
         yield text
 
 
-def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, dt: float, sample: int) -> None:
+def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, dt: float, sample: int,
+           stop_ids: tuple) -> None:
     """A sample's statistics: tokens/s, bandwidth and, with a calibration, the sparsity its decode steps achieved."""
     total_bytes, linear_bytes = model_bytes(model)
     n_new = seq.shape[1] - T
+    stop = next((j for j, t in enumerate(seq[0, T:].tolist()) if t in stop_ids), n_new - 1)
+    past_stop = n_new - 1 - stop if args.batch_size == 1 else 0
     print(f"\n\nsample {sample}: {n_new} tokens x {args.batch_size} rows in {dt:.2f}s: "
           f"{n_new * args.batch_size / dt:.1f} tokens/s (prefill included)"
-          + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else ""))
+          + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else "")
+          + (f"; {past_stop} decoded after the end-of-sequence token (without streaming, decoding looks for it "
+             f"every 16 steps)" if past_stop else ""))
     line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
     if cal is not None and n_new < 2:
         print("achieved sparsity (decode): no decode steps (the prefill made the only token)")
@@ -275,6 +287,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     # Every input checked against config.json before the weights load (seconds to minutes for a large model)
     config = load_config(args.checkpoint)
+    check_output(args.profile, args.checkpoint, "--profile")
     tokenizer = get_tokenizer(args.checkpoint.parent)
     cal = load_calibration(config, args)
     if cal is not None:
@@ -294,9 +307,16 @@ def main(argv=None) -> None:
         thr_file.apply(model, cal, args.sparsity, args.greedy, prefill=args.sparse_prefill)
     if fixed_cache:
         model.setup_caches(args.batch_size, room)
+    kind = ""  # which of the file's thresholds are in use
+    if cal is not None and args.greedy:
+        kind = ", greedy allocation"
+    elif cal is not None and thr_file.uses_sparse_aware(cal, args.sparsity):
+        kind = ", sparse-aware thresholds"
+    elif cal is not None and cal.get("sparse_aware"):
+        kind = ", TEAL's thresholds (above the file's sparse-aware levels)"
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s"
-          + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores"
-             f"{', greedy allocation' if args.greedy else ''})" if cal else "; dense"), file=sys.stderr)
+          + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores{kind})" if cal else "; dense"),
+          file=sys.stderr)
 
     decode_fn, prefill_fn = decode_one_token, prefill
     if args.compile:
@@ -342,7 +362,9 @@ def main(argv=None) -> None:
                 print(s[shown[0]:], end="", flush=True)
                 shown[0] = len(s)
 
-            on_token = None if (args.no_stream or warmup) else stream
+            # the profiled sample is not streamed: a host sync per token would be in its trace, and the profiler's
+            # own lines on stderr in its text
+            on_token = None if (args.no_stream or warmup or profiling) else stream
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -366,7 +388,7 @@ def main(argv=None) -> None:
                 print(shown_text(seq), end="")
             else:
                 stream(seq, final=True)
-            report(model, cal, args, T, seq, dt, i + 1 - n_warmup)
+            report(model, cal, args, T, seq, dt, i + 1 - n_warmup, stop_ids)
             if profiling:
                 profiler.export_chrome_trace(str(args.profile))
                 print(f"profiler trace of this sample (timing includes the profiler's overhead) in {args.profile}")

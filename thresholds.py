@@ -139,8 +139,8 @@ def _check_fingerprint(got, want: dict, path: Path) -> None:
     diff = [f"{k} {got.get(k, '(absent)')} != {want.get(k, '(absent)')}" for k in keys
             if k not in got or k not in want or got[k] != want[k]]
     if diff:
-        raise CheckpointError(f"{path} was calibrated for another model (its value, then this model's): "
-                              f"{', '.join(diff)}")
+        raise CheckpointError(f"{path} was calibrated for another model than config.json describes (its value, then "
+                              f"config.json's): {', '.join(diff)}")
 
 
 _KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number",
@@ -247,10 +247,15 @@ def thresholds_for(cal: dict, sparsity: float, greedy: bool = False, sparse_awar
     Uniform levels covered by a sparse_aware table come from it (thresholds interpolated between its levels),
     unless sparse_aware is False: TEAL's own thresholds, the dense activations' quantiles."""
     s = projection_sparsities(cal, sparsity, greedy)
-    sa = cal.get("sparse_aware")
-    if sparse_aware and not greedy and sa is not None and sparsity <= sa["levels"][-1]:
-        return interp(sa["levels"], sa["table"], s).float()
+    if sparse_aware and uses_sparse_aware(cal, sparsity, greedy):
+        return interp(cal["sparse_aware"]["levels"], cal["sparse_aware"]["table"], s).float()
     return interp(cal["levels"], cal["table"], s).float()
+
+
+def uses_sparse_aware(cal: dict, sparsity: float, greedy: bool = False) -> bool:
+    """Whether the file's sparse_aware table covers this uniform level."""
+    sa = cal.get("sparse_aware")
+    return not greedy and sa is not None and sparsity <= sa["levels"][-1]
 
 
 def apply(model: Transformer, cal: dict, sparsity: float, greedy: bool = False, prefill: bool = False,

@@ -171,6 +171,8 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
                              f"expected one of {sorted(TOKENIZER_CLASSES)}")
     config = _read_json(ckpt / "config.json", required=False)
     path = ckpt / TOKENIZER_CLASSES[kind].file_name
+    if path.is_dir():
+        raise TokenizerError(f"{path} is a folder, not the {kind} tokenizer file")
     if not path.is_file():
         raise TokenizerError(f"tokenizer file missing for kind {kind!r}: {path}")
     return load_tokenizer(kind, path, config)
@@ -206,9 +208,12 @@ def load_tokenizer(kind: str, path: Path, config: dict) -> Tokenizer:
 
 
 def _read_json(path: Path, required: bool) -> dict:
+    if path.is_dir():
+        raise TokenizerError(f"{path} is a folder, not a JSON file")
     if not path.is_file():
-        if required:
-            raise TokenizerError(f"missing {path}")
+        if required:  # tealfast.json: the converters write it
+            raise TokenizerError(f"missing {path}: not a checkpoint folder that scripts/convert_hf_checkpoint.py or "
+                                 f"convert_gguf_checkpoint.py wrote")
         return {}
     try:
         data = json.loads(path.read_text())

@@ -140,10 +140,15 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="after each row, profile 20 decode steps and print device time by kernel kind")
     p.add_argument("--json", type=cli.out_file, help="write results here")
-    p.add_argument("--device", type=cli.device, default="cuda",
-                   help="cuda[:N]; cpu only as a smoke test of the script, with --preset smollm2-135m (eager, "
-                        "no compile: its timings are no speed figures), e.g. --tokens 4")
+    p.add_argument("--device", type=cli.device, default=None,
+                   help="cuda[:N] (default: cuda); cpu only as a smoke test of the script, with --preset smollm2-135m "
+                        "(eager, no compile: its timings are no speed figures), e.g. --tokens 4")
     args = p.parse_args(argv)
+    if args.device is None:
+        if not torch.cuda.is_available():
+            p.error("no CUDA GPU here, and bench_decode times on one (--device cpu --preset smollm2-135m runs the "
+                    "script as a smoke test)")
+        args.device = "cuda"
     levels = args.sparsity
     variants = args.variants.split(",")
     if any(v not in VARIANTS for v in variants):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import textdata  # noqa: E402
 import thresholds as thr_file  # noqa: E402
-from checkpoint import load_config, load_model  # noqa: E402
+from checkpoint import check_output, load_config, load_model  # noqa: E402
 from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, model_bytes  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
@@ -128,6 +128,8 @@ def parse_args(argv=None):
 def main(argv=None) -> list:
     args = parse_args(argv)
     config = load_config(args.checkpoint)  # inputs checked against it before the weights load
+    for out, flag in ((args.json, "--json"), (args.plot, "--plot")):
+        check_output(out, args.checkpoint, flag)
     args.seq_len = cli.seq_len(args.seq_len, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     if args.text:

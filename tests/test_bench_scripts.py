@@ -1,6 +1,7 @@
 """The benchmark scripts' command lines: a bad value is a one-line usage error; bench_decode also runs end to end on
 a CPU as a smoke test (the timings need a GPU)."""
 import pytest
+import torch
 
 import bench_attention
 import bench_decode
@@ -26,6 +27,14 @@ def test_bad_values_are_usage_errors(main, argv, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and len([l for l in err.splitlines() if "error:" in l]) == 1, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default device is a GPU's")
+def test_bench_decode_without_a_gpu_names_the_smoke_test(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_decode.main(["--preset", "smollm2-135m"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no CUDA GPU here" in err and "--device cpu --preset smollm2-135m" in err, err
 
 
 def test_bench_decode_cpu_smoke(tmp_path, monkeypatch):

@@ -231,7 +231,14 @@ def test_a_pass_with_fewer_tokens_than_asked_says_so(tiny, tmp_path):
                              "--greedy_tokens", "512", "--dtype", "fp32", "--device", "cpu", "--out",
                              tmp_path / "t.json"])
     assert code == 0, err
-    assert "note: --greedy_tokens 512: the calibration has 256 tokens" in err, err
+    assert "note: --greedy_tokens 512: the calibration text gives 256 tokens" in err, err
+    # calibrated again without --greedy: the greedy section it drops is named before the work
+    code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--tokens", "256", "--seq_len", "64", "--dtype",
+                             "fp32", "--device", "cpu", "--out", tmp_path / "t.json"])
+    assert code == 0 and "holds a greedy section (--greedy) that this run does not compute" in err, err
+    assert "greedy" not in json.loads((tmp_path / "t.json").read_text())
+    # a default budget past the text is not a note: the user asked for nothing
+    assert "note: --tokens" not in err, err
 
 
 def test_seq_len_follows_the_model_context(tiny, tmp_path):
@@ -329,3 +336,26 @@ def test_token_defaults_follow_a_long_seq_len():
         args = calibrate.parse_args(["--checkpoint", "m.pth", "--greedy", "--seq_len", "4096", flag, "2048"])
         with pytest.raises(ValueError, match=f"{flag} must be at least --seq_len"):
             calibrate.set_seq_len(args, config)
+
+
+def test_plot_of_weighted_scores_has_a_panel_per_projection(tiny, tmp_path, monkeypatch):
+    """Magnitudes: one panel per distinct linear input (q/k/v and gate/up score the same |x|); weighted scores
+    differ per projection: seven panels, each named."""
+    import matplotlib.figure
+    ckpt, text = tiny
+    titles = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: titles.append(
+        [ax.get_title() for ax in fig.axes]) or real(fig, *a, **k))
+    for score in ("magnitude", "weighted"):
+        code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--tokens", "256", "--seq_len", "64",
+                                 "--samples", "2000", "--dtype", "fp32", "--device", "cpu", "--score", score,
+                                 "--out", tmp_path / f"{score}.json", "--plot", tmp_path / f"{score}.png"])
+        assert code == 0 and (tmp_path / f"{score}.png").stat().st_size > 0, err
+    assert titles[0] == ["attention input (q/k/v)", "attention output (o)", "MLP input (gate/up)", "down input"]
+    assert titles[1] == [f"{p} input" for p in PROJECTIONS]
+
+
+def test_dataset_file_type_refused_at_parse_time(tmp_path):
+    code, _, err = run_main(["--checkpoint", tmp_path / "m.pth", "--dataset", "org/data", "--dataset_file", "a.csv"])
+    assert code == 2 and "--dataset_file: unsupported dataset file type '.csv'" in err and len(err.splitlines()) == 1

@@ -188,3 +188,42 @@ def test_a_conversion_cut_short_leaves_no_model_pth(tmp_path):
     assert path == tmp_path / "out" / "model.pth" and torch.equal(torch.load(path)["w"], torch.ones(2))
     assert sorted(p.name for p in path.parent.iterdir()) == ["config.json", "model.pth", "tealfast.json",
                                                              "tokenizer.json"]
+
+
+def test_a_conversion_sets_the_old_thresholds_aside(tmp_path, capsys):
+    """Converting into a folder calibrated before: its thresholds were the replaced weights'; a fine-tune of the
+    same shapes would pass their fingerprint, so they are moved aside, not used."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thresholds.json").write_text("{}")
+    (out / "thresholds_weighted.json").write_text("[]")
+    checkpoint.save_checkpoint(out, {"w": torch.ones(2)}, {}, "hf", {"tokenizer.json": "{}"}, "test")
+    assert not (out / "thresholds.json").exists() and (out / "thresholds.json.stale").read_text() == "{}"
+    assert (out / "thresholds_weighted.json.stale").read_text() == "[]"
+    assert "run calibrate.py again" in capsys.readouterr().err
+
+
+def test_outputs_never_overwrite_the_checkpoint(good_ckpt, tmp_path):
+    """--out, --json, --plot, --profile naming the weights, config, tokenizer or thresholds: refused; the allowed
+    names and files elsewhere pass."""
+    d, ckpt = good_ckpt, good_ckpt / "model.pth"
+    for name in ("model.pth", "config.json", "tealfast.json", "tokenizer.json", "tokenizer.model", "thresholds.json"):
+        with pytest.raises(ValueError, match=f"would overwrite the checkpoint's own {name}"):
+            checkpoint.check_output(d / name, ckpt, "--json")
+    with pytest.raises(ValueError, match="model.pth"):  # however the path is spelt
+        checkpoint.check_output(d / "sub" / ".." / "model.pth", ckpt, "--json")
+    checkpoint.check_output(d / "thresholds.json", ckpt, "--out", allowed=("thresholds.json",))
+    checkpoint.check_output(tmp_path / "config.json", ckpt, "--json")
+    checkpoint.check_output(None, ckpt, "--json")
+
+
+def test_a_hugging_face_folder_is_sent_to_the_converter(tmp_path):
+    """An unconverted HF folder (or a file in it) given as the checkpoint: one line that says to convert it."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    for given in (tmp_path, tmp_path / "model.safetensors"):
+        with pytest.raises(checkpoint.CheckpointError, match="Hugging Face model folder.*convert_hf_checkpoint"):
+            checkpoint.load_config(given)
+    (tmp_path / "cfg").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="is a folder, not the checkpoint's config.json"):
+        checkpoint.read_config(tmp_path / "cfg")

@@ -445,6 +445,7 @@ def tiny_ckpt(tmp_path_factory):
 
 
 BASE = ["--device", "cpu", "--dtype", "fp32", "--temperature", "0", "--max_new_tokens", "4", "--prompt", "the"]
+INTERACTIVE = BASE[:-2]  # prompts from standard input: --prompt excluded
 
 
 def test_tiny_cli_runs(tiny_ckpt, tmp_path):
@@ -521,6 +522,7 @@ def test_widths_the_kernels_cannot_split(tmp_path, monkeypatch):
     one line naming the width; dense decode and the CPU's reference ops run it."""
     ckpt = write_tiny_checkpoint(tmp_path / "odd", intermediate=120)
     thr = tiny_thresholds(ckpt, tmp_path / "t.json")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels' path on the CPU (also on a machine with a GPU)
     line = assert_one_error(*run_main(["--checkpoint", ckpt, *BASE, "--sparsity", "0.5", "--thresholds", thr])[::2])
     assert "intermediate_size 120" in line and "multiples of 16" in line, line
     code, _, err = run_main(["--checkpoint", ckpt, *BASE])
@@ -603,7 +605,7 @@ def test_interactive_decodes_each_prompt_as_prompt_would(flags, tiny_ckpt, monke
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     real_setup = model.Transformer.setup_caches
     monkeypatch.setattr(model.Transformer, "setup_caches", lambda m, b, n: caches.append(n) or real_setup(m, b, n))
-    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, *sampled, "--interactive", "--no_stream", *flags])
+    generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, *sampled, "--interactive", "--no_stream", *flags])
     out, err = capsys.readouterr()
     assert next(left) == "never read"  # the empty line ended the session
     assert out.count("sample 1:") == 2 and out.count("sample 2:") == 2
@@ -620,16 +622,28 @@ def test_interactive_decodes_each_prompt_as_prompt_would(flags, tiny_ckpt, monke
 
 def test_interactive_ends_at_the_end_of_the_input(tiny_ckpt, monkeypatch, capsys):
     fake_stdin(monkeypatch, ["the cat"])
-    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--interactive", "--no_stream"])
+    generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, "--interactive", "--no_stream"])
     out = capsys.readouterr().out
     assert out.count("sample 1:") == 1 and out.endswith("\n\n")  # the prompt line left, then a line of its own
+
+
+def test_interactive_windows_line_ends_and_a_blank_line(tiny_ckpt, monkeypatch, capsys):
+    """A prompt line read with its Windows \\r\\n decodes as the same prompt without it; a line of spaces (or a
+    lone \\r) ends the session like an empty one."""
+    left = fake_stdin(monkeypatch, ["the cat\r", "  \r", "never read"])
+    generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, "--interactive", "--no_stream"])
+    out = capsys.readouterr().out
+    assert next(left) == "never read" and out.count("sample 1:") == 1
+    generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, "--prompt", "the cat", "--no_stream"])
+    alone = capsys.readouterr().out
+    assert sample_text(out, "the cat") == sample_text(alone, "the cat") and "\r" not in out
 
 
 def test_interactive_max_new_tokens_that_leave_no_room(tiny_ckpt, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("the weights loaded although no prompt could fit")
     monkeypatch.setattr(checkpoint, "load_model", no_load)
-    code, _, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--interactive", "--max_new_tokens", "32"])
+    code, _, err = run_main(["--checkpoint", tiny_ckpt, *INTERACTIVE, "--interactive", "--max_new_tokens", "32"])
     assert code == 1 and "--max_new_tokens 32 leaves no room for a prompt in the model's context of 32" in err, err
 
 
@@ -683,7 +697,7 @@ def test_empty_prompt_starts_from_bos(tmp_path, capsys):
                                   "temperature", "top_k", "max_new_tokens_0", "device", "batch_size_9",
                                   "checkpoint_folder", "thresholds_checked_when_dense", "greedy_without_table",
                                   "prompt_not_utf8", "score_not_the_files", "score_file_missing_when_dense",
-                                  "interactive_profile"])
+                                  "interactive_profile", "interactive_prompt", "profile_onto_config"])
 def test_bad_input(case, tiny_ckpt, tmp_path):
     ckpt, extra, exit_code = tiny_ckpt, [], 1
     if case == "missing_checkpoint":
@@ -726,9 +740,14 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
         extra = ["--sparsity", "0.4", "--score", "weighted", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json")]
     elif case == "interactive_profile":  # which prompt's sample would the trace hold?
         extra, exit_code = ["--interactive", "--profile", tmp_path / "trace.json"], 2
+    elif case == "interactive_prompt":  # would be ignored without a word
+        extra, exit_code = ["--interactive", "--prompt", "the cat"], 2
+    elif case == "profile_onto_config":  # refused before the run, not found broken on the next one
+        extra = ["--profile", tiny_ckpt.parent / "config.json"]
     elif case == "score_file_missing_when_dense":  # --score names thresholds_weighted.json: checked at 0% too
         extra = ["--sparsity", "0", "--score", "weighted"]
-    code, out, err = run_main(["--checkpoint", ckpt, *BASE, *extra])
+    code, out, err = run_main(["--checkpoint", ckpt, *(INTERACTIVE if case.startswith("interactive") else BASE),
+                               *extra])
     line = assert_one_error(code, err, exit_code)
     expect = {"missing_checkpoint": "not found", "sparsity_1": "--sparsity", "sparsity_negative": "--sparsity",
               "past_block_size": "exceeds", "thresholds_other_model": "another model",
@@ -737,7 +756,9 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
               "device": "--device", "batch_size_9": "--batch_size", "checkpoint_folder": "is a folder",
               "thresholds_checked_when_dense": "corrupt", "greedy_without_table": "greedy",
               "prompt_not_utf8": "--prompt", "score_not_the_files": "holds magnitude scores, not the --score weighted",
-              "score_file_missing_when_dense": "calibrate.py --score weighted", "interactive_profile": "--profile"}[case]
+              "score_file_missing_when_dense": "calibrate.py --score weighted", "interactive_profile": "--profile",
+              "interactive_prompt": "--prompt and --interactive exclude each other",
+              "profile_onto_config": "would overwrite the checkpoint's own config.json"}[case]
     assert expect in line, line
 
 
@@ -778,12 +799,13 @@ def test_compiled_decode_and_prefill_on_the_gpu(tiny_ckpt, tmp_path, monkeypatch
     whose prompts share one captured graph over a cache of the whole context."""
     thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
     base = ["--checkpoint", tiny_ckpt, "--device", "cuda", "--dtype", "fp32", "--temperature", "0",
-            "--max_new_tokens", "8", "--prompt", "the cat sat on the mat", "--no_stream", "--thresholds", thr]
+            "--max_new_tokens", "8", "--no_stream", "--thresholds", thr]
+    prompt = ["--prompt", "the cat sat on the mat"]
     for sparsity in ("0", "0.4"):
-        code, eager, err = run_main([*base, "--sparsity", sparsity])
+        code, eager, err = run_main([*base, *prompt, "--sparsity", sparsity])
         assert code == 0, err
-        code, comp, err = run_main([*base, "--sparsity", sparsity, "--compile", "--compile_prefill", "--profile",
-                                    tmp_path / "trace.json"])
+        code, comp, err = run_main([*base, *prompt, "--sparsity", sparsity, "--compile", "--compile_prefill",
+                                    "--profile", tmp_path / "trace.json"])
         assert code == 0, err
         assert comp.split("\n\nsample")[0] == eager.split("\n\nsample")[0], (eager, comp)
         events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
@@ -882,3 +904,33 @@ def test_decode_runs_without_autograd(tmp_path):
 
     generate.generate(m, torch.tensor([[1, 5, 9, 2]]), 4, decode_fn)
     assert grad_modes == [False] * 3
+
+
+def test_report_counts_the_steps_past_the_stop(tiny_ckpt, capsys):
+    """Without streaming, decoding looks for the stop every 16 steps: the report says how many of the tokens it
+    counts came after the stop, which the text does not show."""
+    m = checkpoint.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
+    args = generate.parse_args(["--checkpoint", str(tiny_ckpt), "--no_stream"])
+    generate.report(m, None, args, 2, torch.tensor([[1, 2, 5, 0, 7, 7, 7]]), 1.0, 1, (0,))
+    out = capsys.readouterr().out
+    assert "5 tokens x 1 rows" in out and "3 decoded after the end-of-sequence token" in out, out
+    generate.report(m, None, args, 2, torch.tensor([[1, 2, 5, 6, 7, 7, 0]]), 1.0, 1, (0,))
+    assert "after the end-of-sequence" not in capsys.readouterr().out
+
+
+def test_loaded_line_names_the_thresholds_in_use(tiny_ckpt, tmp_path):
+    """A file with a sparse-aware table: the start-up line says whether its corrected thresholds or TEAL's serve
+    the level asked for."""
+    import thresholds
+    config = checkpoint.load_config(tiny_ckpt)
+    cal = thresholds.load(tiny_thresholds(tiny_ckpt, tmp_path / "plain.json"), config)
+    thresholds.save(tmp_path / "sa.json", config, cal["levels"].tolist(), cal["table"], "test", 1, "magnitude",
+                    sparse_aware={"levels": [0.5], "table": cal["table"][..., 1:2]})
+    for sparsity, want in (("0.4", "(magnitude scores, sparse-aware thresholds)"),
+                           ("0.6", "(magnitude scores, TEAL's thresholds (above the file's sparse-aware levels))")):
+        code, _, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--sparsity", sparsity, "--thresholds",
+                                 tmp_path / "sa.json"])
+        assert code == 0 and want in err, err
+    code, _, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--sparsity", "0.4", "--thresholds",
+                             tmp_path / "plain.json"])
+    assert code == 0 and "(magnitude scores)" in err, err
