@@ -522,12 +522,13 @@ def test_widths_the_kernels_cannot_split(tmp_path, monkeypatch):
     one line naming the width; dense decode and the CPU's reference ops run it."""
     ckpt = write_tiny_checkpoint(tmp_path / "odd", intermediate=120)
     thr = tiny_thresholds(ckpt, tmp_path / "t.json")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels' path on the CPU (also on a machine with a GPU)
-    line = assert_one_error(*run_main(["--checkpoint", ckpt, *BASE, "--sparsity", "0.5", "--thresholds", thr])[::2])
+    kernels = ["--device", "cuda"] if torch.cuda.is_available() else []  # else the interpreter (conftest)
+    line = assert_one_error(*run_main(["--checkpoint", ckpt, *BASE, *kernels, "--sparsity", "0.5", "--thresholds",
+                                       thr])[::2])
     assert "intermediate_size 120" in line and "multiples of 16" in line, line
-    code, _, err = run_main(["--checkpoint", ckpt, *BASE])
+    code, _, err = run_main(["--checkpoint", ckpt, *BASE, *kernels])
     assert code == 0, err
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU's reference ops
     code, _, err = run_main(["--checkpoint", ckpt, *BASE, "--sparsity", "0.5", "--thresholds", thr])
     assert code == 0, err
 
