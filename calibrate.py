@@ -300,15 +300,16 @@ def main(argv=None) -> None:
     device = cli.use_device(args.device)
     config = load_config(args.checkpoint)  # flags and text checked against it before the weights load
     out = args.out or thr_file.default_path(args.checkpoint, args.score)
-    check_output(out, args.checkpoint, "--out", allowed=("thresholds.json", "thresholds_weighted.json"))
-    check_output(args.plot, args.checkpoint, "--plot")
+    check_output(out, args.checkpoint, "--out", allowed=(thr_file.default_path(args.checkpoint, args.score).name,),
+                 inputs=[args.text])
+    check_output(args.plot, args.checkpoint, "--plot", inputs=[args.text])
     set_seq_len(args, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     ids, source = calibration_tokens(args, tokenizer)
     for flag, used in (("tokens", True), ("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
         if used and flag in args.given and getattr(args, flag) > len(ids):  # a pass runs on the first tokens
-            print(f"note: --{flag} {getattr(args, flag)}: the calibration text gives {len(ids)} tokens, all of "
-                  f"which {'the pass uses' if flag != 'tokens' else 'are used'}", file=sys.stderr)
+            print(f"note: --{flag} {getattr(args, flag)}: the calibration has {len(ids)} tokens"
+                  + (" (the whole text)" if flag == "tokens" else ", all of which the pass uses"), file=sys.stderr)
     replaced = replaced_sections(out, args)
     if replaced:  # the slow passes: a plain re-run would drop them without a word
         print(f"note: {out} holds {' and '.join(replaced)} that this run does not compute: the new file will not "

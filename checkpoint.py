@@ -97,15 +97,18 @@ FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_w
     dict.fromkeys(c.file_name for c in TOKENIZER_CLASSES.values()))  # beside model.pth: what the runtime reads
 
 
-def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=()) -> None:
+def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=(), inputs=()) -> None:
     """An output file (--out, --json, --plot, --profile) must not be one of the checkpoint folder's own files
-    (its weights, config, tokenizer or thresholds, but the `allowed` names): writing it would destroy them."""
+    (its weights, config, tokenizer or thresholds, but the `allowed` names) nor one of the command's `inputs`
+    (None where not given): writing it would destroy them."""
     if out is None:
         return
     ckpt = Path(checkpoint_path)
     own = [ckpt] + [ckpt.parent / f for f in FOLDER_FILES if f not in allowed]
     if any(Path(out).resolve() == f.resolve() for f in own):
         raise ValueError(f"{flag} {out} would overwrite the checkpoint's own {Path(out).name}")
+    if any(Path(out).resolve() == Path(f).resolve() for f in inputs if f is not None):
+        raise ValueError(f"{flag} {out} would overwrite one of this command's input files")
 
 
 def is_hf_folder(folder: Path) -> bool:
@@ -236,5 +239,5 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
         if (out / name).is_file():
             os.replace(out / name, out / f"{name}.stale")
             print(f"note: moved {out / name} to {name}.stale: it was calibrated on the weights this conversion "
-                  f"replaced (run calibrate.py again)", file=sys.stderr)
+                  f"replaced (run calibrate.py again, or rename it back if they were the same)", file=sys.stderr)
     return out / "model.pth"

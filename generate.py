@@ -257,8 +257,8 @@ def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, d
     print(f"\n\nsample {sample}: {n_new} tokens x {args.batch_size} rows in {dt:.2f}s: "
           f"{n_new * args.batch_size / dt:.1f} tokens/s (prefill included)"
           + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else "")
-          + (f"; {past_stop} decoded after the end-of-sequence token (without streaming, decoding looks for it "
-             f"every 16 steps)" if past_stop else ""))
+          + (f"; {past_stop} decoded after the end-of-sequence token (this sample was not streamed: decoding "
+             f"looks for it every 16 steps)" if past_stop else ""))
     line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
     if cal is not None and n_new < 2:
         print("achieved sparsity (decode): no decode steps (the prefill made the only token)")
@@ -287,7 +287,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     # Every input checked against config.json before the weights load (seconds to minutes for a large model)
     config = load_config(args.checkpoint)
-    check_output(args.profile, args.checkpoint, "--profile")
+    check_output(args.profile, args.checkpoint, "--profile", inputs=[args.thresholds])
     tokenizer = get_tokenizer(args.checkpoint.parent)
     cal = load_calibration(config, args)
     if cal is not None:
@@ -313,7 +313,7 @@ def main(argv=None) -> None:
     elif cal is not None and thr_file.uses_sparse_aware(cal, args.sparsity):
         kind = ", sparse-aware thresholds"
     elif cal is not None and cal.get("sparse_aware"):
-        kind = ", TEAL's thresholds (above the file's sparse-aware levels)"
+        kind = ", TEAL's thresholds: --sparsity is above the file's sparse-aware levels"
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s"
           + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores{kind})" if cal else "; dense"),
           file=sys.stderr)

@@ -68,7 +68,7 @@ def query_positions(seq_len: int, batch: int, seed: int, device=None) -> torch.T
 
     The first quarter is skipped (as TEAL does): decoding happens after a prompt, and the first positions
     (attention sinks, huge activations) would dominate the error otherwise. At least 2 positions, so that
-    the block runs its prefill path.
+    the block's linears run the masked dense matmul (sparse_linear), not the decode GEMV.
     """
     first = seq_len // 4 if seq_len - seq_len // 4 >= 2 else 0
     n = min(seq_len - first, max(2, -(-EVAL_TOKENS // batch)))

@@ -55,8 +55,8 @@ def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list,
                   scale: Optional[Tensor] = None, stats: Optional[Tensor] = None, partials: bool = False) -> Tensor:
     """y = W (x * 1[score(x) > t_s]) for each output segment s; the plain nn.Linear when `sparse` is False.
 
-    One token per row (decode) runs the sparse GEMV op, which skips the weight columns it does not need;
-    more tokens (prefill) mask the input and use a dense matmul. `stats` (segments, 4), when given, gathers
+    One token per row (decode, or a one-token prompt with sparse prefill) runs the sparse GEMV op, which skips the
+    weight columns it does not need; more tokens mask the input and use a dense matmul. `stats` (segments, 4), when given, gathers
     drop_counts per segment: eager measurement only. `partials`: return the decode GEMV's split-K partial sums,
     (split, rows, N) without the bias, for a consumer that sums them (decode attention, add_norm).
     """

@@ -8,8 +8,8 @@ per row, thresholds per projection), through the same sparse_linear code path; 0
 Methods: uniform (TEAL: one level for all 7 projections, the dense activations' quantiles in thresholds.json),
 sparse_aware (uniform with the table of calibrate.py --sparse_aware, which generate.py uses where the file has
 one), greedy (per-projection levels from calibrate.py --greedy; the level is the parameter-weighted block
-sparsity), weighted (|x|*||W col|| scores, thresholds_weighted.json), greedy+weighted, cats (only the MLP's
-silu(gate) output is thresholded).
+sparsity), weighted (|x|*||W col|| scores, thresholds_weighted.json), sparse_aware+weighted, greedy+weighted, cats
+(only the MLP's silu(gate) output is thresholded).
 """
 import functools
 import json
@@ -29,7 +29,7 @@ from checkpoint import check_output, load_config, load_model  # noqa: E402
 from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, model_bytes  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
-METHODS = ("uniform", "sparse_aware", "greedy", "weighted", "greedy+weighted", "cats")
+METHODS = ("uniform", "sparse_aware", "greedy", "weighted", "sparse_aware+weighted", "greedy+weighted", "cats")
 
 
 @torch.no_grad()
@@ -85,7 +85,7 @@ def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> N
             b.feed_forward.forward = functools.partial(cats_forward, b.feed_forward, tl)
         return
     thr_file.apply(model, cals[score_of(method)], sparsity, greedy="greedy" in method, prefill=True,
-                   sparse_aware=method == "sparse_aware")
+                   sparse_aware="sparse_aware" in method)
 
 
 def parse_args(argv=None):
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     args.scores = {score_of(m) for m in args.method}  # the thresholds files the methods read
     # a file that no method reads would be ignored without a word
     if args.weighted_thresholds and "weighted" not in args.scores:
-        p.error("--weighted_thresholds needs a weighted --method (weighted or greedy+weighted)")
+        p.error("--weighted_thresholds needs a weighted --method (weighted, sparse_aware+weighted or greedy+weighted)")
     if args.thresholds and "magnitude" not in args.scores:
         p.error("--thresholds needs a magnitude --method (uniform, sparse_aware, greedy or cats)")
     return args
@@ -129,7 +129,7 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     config = load_config(args.checkpoint)  # inputs checked against it before the weights load
     for out, flag in ((args.json, "--json"), (args.plot, "--plot")):
-        check_output(out, args.checkpoint, flag)
+        check_output(out, args.checkpoint, flag, inputs=[args.thresholds, args.weighted_thresholds, args.text])
     args.seq_len = cli.seq_len(args.seq_len, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     if args.text:
@@ -155,11 +155,11 @@ def main(argv=None) -> list:
         for s in (s for s in args.sparsity if s > 0):
             if method == "cats":
                 thr_file.cats_thresholds_for(cals["magnitude"], s)
-            elif method == "sparse_aware":
-                sa = cals["magnitude"].get("sparse_aware")
+            elif "sparse_aware" in method:
+                cal = cals[score_of(method)]
+                sa = cal.get("sparse_aware")
                 if sa is None:
-                    raise ValueError(f"{cals['magnitude']['path']} has no sparse_aware table (calibrate.py "
-                                     f"--sparse_aware)")
+                    raise ValueError(f"{cal['path']} has no sparse_aware table (calibrate.py --sparse_aware)")
                 thr_file.check_sparsity(s, sa["levels"], "sparse_aware table")
             else:
                 thr_file.thresholds_for(cals[score_of(method)], s, "greedy" in method)

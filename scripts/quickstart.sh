@@ -23,6 +23,10 @@ bash scripts/prepare.sh smollm2-135m
 ckpt=checkpoints/smollm2-135m/model.pth
 extra=()  # the dtype defaults to bf16 on a GPU, fp32 on a CPU
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then extra=(--compile); fi
+case " $* " in  # the default prompt, unless one is given or prompts come from standard input
+    *" --prompt"* | *" --interactive "*) ;;
+    *) extra+=(--prompt "Python's list comprehensions are") ;;
+esac
 # Calibrate once, and again where the file left by an earlier run does not load (an older schema, say).
 if ! python -c "import sys, checkpoint, thresholds as t
 try: t.load(t.default_path(sys.argv[1]), checkpoint.load_config(sys.argv[1]))
@@ -30,5 +34,4 @@ except ValueError as e: sys.exit(f'quickstart: {e}; calibrating again' if t.defa
 " "$ckpt"; then
     python calibrate.py --checkpoint "$ckpt"
 fi
-python generate.py --checkpoint "$ckpt" --sparsity 0.4 --temperature 0 --max_new_tokens 64 \
-    --prompt "Python's list comprehensions are" "${extra[@]}" "$@"
+python generate.py --checkpoint "$ckpt" --sparsity 0.4 --temperature 0 --max_new_tokens 64 "${extra[@]}" "$@"

@@ -231,7 +231,7 @@ def test_a_pass_with_fewer_tokens_than_asked_says_so(tiny, tmp_path):
                              "--greedy_tokens", "512", "--dtype", "fp32", "--device", "cpu", "--out",
                              tmp_path / "t.json"])
     assert code == 0, err
-    assert "note: --greedy_tokens 512: the calibration text gives 256 tokens" in err, err
+    assert "note: --greedy_tokens 512: the calibration has 256 tokens, all of which the pass uses" in err, err
     # calibrated again without --greedy: the greedy section it drops is named before the work
     code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--tokens", "256", "--seq_len", "64", "--dtype",
                              "fp32", "--device", "cpu", "--out", tmp_path / "t.json"])
@@ -359,3 +359,11 @@ def test_plot_of_weighted_scores_has_a_panel_per_projection(tiny, tmp_path, monk
 def test_dataset_file_type_refused_at_parse_time(tmp_path):
     code, _, err = run_main(["--checkpoint", tmp_path / "m.pth", "--dataset", "org/data", "--dataset_file", "a.csv"])
     assert code == 2 and "--dataset_file: unsupported dataset file type '.csv'" in err and len(err.splitlines()) == 1
+
+
+def test_out_onto_the_other_scores_file_is_refused(tiny, tmp_path):
+    """--out may name the checkpoint's thresholds file of the run's own score, not the other score's."""
+    ckpt, text = tiny
+    code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--device", "cpu", "--out",
+                             Path(ckpt).parent / "thresholds_weighted.json"])
+    assert code == 1 and "would overwrite the checkpoint's own thresholds_weighted.json" in err, err

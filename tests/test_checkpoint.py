@@ -215,6 +215,8 @@ def test_outputs_never_overwrite_the_checkpoint(good_ckpt, tmp_path):
     checkpoint.check_output(d / "thresholds.json", ckpt, "--out", allowed=("thresholds.json",))
     checkpoint.check_output(tmp_path / "config.json", ckpt, "--json")
     checkpoint.check_output(None, ckpt, "--json")
+    with pytest.raises(ValueError, match="one of this command's input files"):  # e.g. --thresholds elsewhere
+        checkpoint.check_output(tmp_path / "t.json", ckpt, "--profile", inputs=[None, tmp_path / "t.json"])
 
 
 def test_a_hugging_face_folder_is_sent_to_the_converter(tmp_path):

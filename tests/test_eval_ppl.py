@@ -301,6 +301,10 @@ def test_uniform_is_teal_and_sparse_aware_its_own_method(tmp_path):
         both = eval_ppl.main([*base, "--thresholds", str(with_sa), "--method", "uniform,sparse_aware"])
     assert both[0]["ppl"] == ref[0]["ppl"] and both[0]["achieved_sparsity"] == ref[0]["achieved_sparsity"]
     assert both[1]["method"] == "sparse_aware" and both[1]["achieved_sparsity"] > both[0]["achieved_sparsity"] + 0.05
+    weighted = tiny_thresholds(ckpt, tmp_path / "w.json", score="weighted")  # no sparse_aware table either
+    out = io.StringIO()
+    with pytest.raises(ValueError, match="w.json has no sparse_aware table"), redirect_stdout(out):
+        eval_ppl.main([*base, "--weighted_thresholds", str(weighted), "--method", "sparse_aware+weighted"])
     for path, sparsity, want in ((plain, "0.5", "no sparse_aware table"), (with_sa, "0.6", "above the sparse_aware")):
         out = io.StringIO()
         with pytest.raises(ValueError, match=want), redirect_stdout(out):

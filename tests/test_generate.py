@@ -928,7 +928,7 @@ def test_loaded_line_names_the_thresholds_in_use(tiny_ckpt, tmp_path):
     thresholds.save(tmp_path / "sa.json", config, cal["levels"].tolist(), cal["table"], "test", 1, "magnitude",
                     sparse_aware={"levels": [0.5], "table": cal["table"][..., 1:2]})
     for sparsity, want in (("0.4", "(magnitude scores, sparse-aware thresholds)"),
-                           ("0.6", "(magnitude scores, TEAL's thresholds (above the file's sparse-aware levels))")):
+                           ("0.6", "(magnitude scores, TEAL's thresholds: --sparsity is above the file's sparse-aware levels)")):
         code, _, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--sparsity", sparsity, "--thresholds",
                                  tmp_path / "sa.json"])
         assert code == 0 and want in err, err
