@@ -299,9 +299,9 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     device = cli.use_device(args.device)
     config = load_config(args.checkpoint)  # flags and text checked against it before the weights load
-    out = args.out or thr_file.default_path(args.checkpoint, args.score)
-    check_output(out, args.checkpoint, "--out", allowed=(thr_file.default_path(args.checkpoint, args.score).name,),
-                 inputs=[args.text])
+    default_out = thr_file.default_path(args.checkpoint, args.score)
+    out = args.out or default_out
+    check_output(out, args.checkpoint, "--out", allowed=(default_out.name,), inputs=[args.text])
     check_output(args.plot, args.checkpoint, "--plot", inputs=[args.text])
     set_seq_len(args, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)

@@ -103,11 +103,10 @@ def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=(), in
     (None where not given): writing it would destroy them."""
     if out is None:
         return
-    ckpt = Path(checkpoint_path)
-    own = [ckpt] + [ckpt.parent / f for f in FOLDER_FILES if f not in allowed]
-    if any(Path(out).resolve() == f.resolve() for f in own):
-        raise ValueError(f"{flag} {out} would overwrite the checkpoint's own {Path(out).name}")
-    if any(Path(out).resolve() == Path(f).resolve() for f in inputs if f is not None):
+    target, ckpt = Path(out).resolve(), Path(checkpoint_path)
+    if target in {f.resolve() for f in [ckpt] + [ckpt.parent / f for f in FOLDER_FILES if f not in allowed]}:
+        raise ValueError(f"{flag} {out} would overwrite the checkpoint's own {target.name}")
+    if target in {Path(f).resolve() for f in inputs if f is not None}:
         raise ValueError(f"{flag} {out} would overwrite one of this command's input files")
 
 

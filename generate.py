@@ -307,16 +307,14 @@ def main(argv=None) -> None:
         thr_file.apply(model, cal, args.sparsity, args.greedy, prefill=args.sparse_prefill)
     if fixed_cache:
         model.setup_caches(args.batch_size, room)
-    kind = ""  # which of the file's thresholds are in use
-    if cal is not None and args.greedy:
-        kind = ", greedy allocation"
-    elif cal is not None and thr_file.uses_sparse_aware(cal, args.sparsity):
-        kind = ", sparse-aware thresholds"
-    elif cal is not None and cal.get("sparse_aware"):
-        kind = ", TEAL's thresholds: --sparsity is above the file's sparse-aware levels"
-    print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s"
-          + (f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores{kind})" if cal else "; dense"),
-          file=sys.stderr)
+    used = "; dense"
+    if cal is not None:  # which of the file's thresholds serve this level
+        kind = (", greedy allocation" if args.greedy else
+                ", sparse-aware thresholds" if thr_file.uses_sparse_aware(cal, args.sparsity) else
+                ", TEAL's thresholds: --sparsity is above the file's sparse-aware levels" if cal.get("sparse_aware")
+                else "")
+        used = f"; sparsity {args.sparsity} from {cal['path']} ({cal['score']} scores{kind})"
+    print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f}s{used}", file=sys.stderr)
 
     decode_fn, prefill_fn = decode_one_token, prefill
     if args.compile:

@@ -186,7 +186,7 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
 
 def main(argv=None) -> None:
     parser = cli.ArgumentParser(description="Convert a Hugging Face Llama/Mistral/Qwen2 checkpoint folder "
-                                                 "to tealfast's model.pth format.")
+                                            "to tealfast's model.pth format.")
     parser.add_argument("--checkpoint_dir", type=Path, required=True,
                         help="HF model folder with config.json, weights (safetensors or pytorch_model.bin) "
                              "and tokenizer files (with --repo: where they are downloaded)")
