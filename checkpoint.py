@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from model import PROJECTIONS, CheckpointError, ModelArgs, Transformer, to_column_major
-from tokenizer import SCHEMA_VERSION, TOKENIZER_CLASSES  # tealfast.json as the runtime reads it
+from tokenizer import CHAT_TEMPLATE_FILE, SCHEMA_VERSION, TOKENIZER_CLASSES  # the folder as the runtime reads it
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -93,8 +93,8 @@ def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
     return rs
 
 
-FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_weighted.json") + tuple(
-    dict.fromkeys(c.file_name for c in TOKENIZER_CLASSES.values()))  # beside model.pth: what the runtime reads
+FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_weighted.json", CHAT_TEMPLATE_FILE) + \
+    tuple(dict.fromkeys(c.file_name for c in TOKENIZER_CLASSES.values()))  # beside model.pth: what the runtime reads
 
 
 def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=(), inputs=()) -> None:
@@ -211,7 +211,8 @@ def permute_qk(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
 
 def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str, tokenizer_files: dict,
                     source: str) -> Path:
-    """tokenizer_files maps a file name in out_dir to a pathlib.Path (copied) or to bytes/str (written)."""
+    """tokenizer_files maps a file name in out_dir to a pathlib.Path (copied, unless it is that file already) or to
+    bytes/str (written); the chat template, if the model has one, is among them."""
     if tokenizer_kind not in TOKENIZER_CLASSES:
         raise ValueError(f"unknown tokenizer kind {tokenizer_kind!r}")
     out = Path(out_dir)
@@ -224,9 +225,12 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
         (out / "config.json").write_text(json.dumps(config, indent=2))
         for name, src in tokenizer_files.items():
             if isinstance(src, Path):
-                shutil.copyfile(src, out / name)
+                if not ((out / name).exists() and (out / name).samefile(src)):  # converting in place
+                    shutil.copyfile(src, out / name)
             else:
                 (out / name).write_bytes(src.encode() if isinstance(src, str) else src)
+        if CHAT_TEMPLATE_FILE not in tokenizer_files:  # the replaced model's
+            (out / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
         meta = {"schema_version": SCHEMA_VERSION, "tokenizer": tokenizer_kind, "source": source}
         (out / "tealfast.json").write_text(json.dumps(meta, indent=2))
         os.replace(partial, out / "model.pth")

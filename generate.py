@@ -165,6 +165,10 @@ def parse_args(argv=None):
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input instead of --prompt, one per line, each decoded as "
                         "--prompt would be, until a blank line or the end of the input")
+    p.add_argument("--chat", action="store_true",
+                   help="a chat model's format: each prompt is one user turn of a new conversation, in the "
+                        "checkpoint's chat template (chat_template.jinja, which the converters take from the "
+                        "Hugging Face tokenizer_config.json or the GGUF), and only the reply is printed")
     p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
     p.add_argument("--num_samples", type=cli.at_least(1), default=1,
                    help="how many times to generate (timed separately; with --interactive, per prompt)")
@@ -219,16 +223,22 @@ INTERACTIVE_CACHE = 4096  # tokens of the one cache that --interactive --compile
 # not fit: its causal mask alone is 17 GB)
 
 
-def encode_prompt(tokenizer, text: str, max_new_tokens: int, room: int, room_name: str) -> tuple:
-    """(ids, bos): the prompt's tokens, after BOS where the tokenizer adds one (or the prompt is empty); with
-    max_new_tokens they must fit in room tokens."""
-    bos = (tokenizer.add_bos or not text) and tokenizer.bos_id is not None  # as encode adds it
-    ids = tokenizer.encode(text, bos=bos)
+def encode_prompt(tokenizer, text: str, chat: bool, max_new_tokens: int, room: int, room_name: str) -> tuple:
+    """(ids, shown): the prompt's tokens, after BOS where the tokenizer adds one (or the prompt is empty), or with
+    chat, text as a user turn in the chat template; and those of them printed before the continuation (the prompt
+    without BOS; none in a chat). With max_new_tokens they must fit in room tokens."""
+    if chat:
+        ids = tokenizer.encode_chat(text)
+        shown = []
+    else:
+        bos = (tokenizer.add_bos or not text) and tokenizer.bos_id is not None  # as encode adds it
+        ids = tokenizer.encode(text, bos=bos)
+        shown = ids[1 if bos else 0:]
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     if len(ids) + max_new_tokens > room:
         raise ValueError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({max_new_tokens}) exceeds {room_name}")
-    return ids, bos
+    return ids, shown
 
 
 def read_prompts():
@@ -298,8 +308,10 @@ def main(argv=None) -> None:
     room, room_name = config.block_size, config.context()
     if fixed_cache and INTERACTIVE_CACHE < room:
         room, room_name = INTERACTIVE_CACHE, f"the {INTERACTIVE_CACHE}-token cache of a compiled --interactive session"
+    if args.chat:
+        tokenizer.load_chat_template()  # a checkpoint without one refused now, not at the first prompt
     if not args.interactive:
-        encode_prompt(tokenizer, args.prompt, args.max_new_tokens, room, room_name)
+        encode_prompt(tokenizer, args.prompt, args.chat, args.max_new_tokens, room, room_name)
     elif args.max_new_tokens >= room:  # every prompt would be refused, one by one
         raise ValueError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in {room_name}")
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
@@ -328,7 +340,7 @@ def main(argv=None) -> None:
     n_warmup = 1 if args.compile or args.compile_prefill else 0  # the first run compiles and captures; not timed
     for text in read_prompts() if args.interactive else [args.prompt]:
         try:
-            ids, bos = encode_prompt(tokenizer, text, args.max_new_tokens, room, room_name)
+            ids, shown_ids = encode_prompt(tokenizer, text, args.chat, args.max_new_tokens, room, room_name)
         except ValueError as e:  # an interactive prompt too long: say so, ask for the next
             if not args.interactive:
                 raise
@@ -340,11 +352,12 @@ def main(argv=None) -> None:
         prompt = torch.tensor(ids, dtype=torch.long, device=device).repeat(args.batch_size, 1)
 
         def shown_text(seq: Tensor) -> str:
-            """Row 1 as gpt-fast prints it: the prompt (without BOS) and what follows, up to the first stop token.
-            Decoded whole: sentencepiece drops a leading space from a continuation decoded on its own."""
+            """Row 1 as gpt-fast prints it: the prompt (without BOS; a chat's reply alone) and what follows, up to
+            the first stop token. Decoded whole: sentencepiece drops a leading space from a continuation decoded on
+            its own."""
             new = seq[0, T:].tolist()
             new = next((new[:j] for j, t in enumerate(new) if t in stop_ids), new)
-            return tokenizer.decode(ids[1 if bos else 0:] + new)
+            return tokenizer.decode(shown_ids + new)
 
         for i in range(n_warmup + args.num_samples):
             warmup = i < n_warmup

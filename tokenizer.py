@@ -2,13 +2,17 @@
 
 The kind comes only from the checkpoint's tealfast.json ("hf", "sentencepiece" or "tiktoken");
 BOS/EOS ids come from its config.json where present; a tokenizer with more ids than config.json's vocab_size (the
-model's embedding rows) is refused.
+model's embedding rows) is refused. A chat model's prompt format is the folder's chat_template.jinja (the converters
+take it from the Hugging Face tokenizer_config.json or the GGUF), rendered as transformers' apply_chat_template does.
 """
 import base64
+import datetime
 import json
+import re
 from pathlib import Path
 
 SCHEMA_VERSION = 1  # of tealfast.json (written by checkpoint.save_checkpoint)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers saves a tokenizer's chat template under
 
 # End-of-turn tokens that chat models emit instead of (or as well as) config.json's eos_token_id.
 EXTRA_STOP_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
@@ -45,10 +49,36 @@ class Tokenizer:
     add_bos: bool = True  # whether a prompt starts with BOS (Llama-2/3, Mistral); HF tokenizers say it themselves
     eos_ids: list[int]
     vocab_size: int
+    chat_template_path: Path | None = None  # the folder's chat_template.jinja
+    chat_template: str | None = None  # its text, where there is one
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         ids = self._encode(text)
         return [self.bos_id] + ids if bos and self.bos_id is not None else ids
+
+    def encode_chat(self, text: str) -> list[int]:
+        """text as one user turn of a new conversation, the assistant's turn opened: transformers'
+        apply_chat_template(add_generation_prompt=True). The template writes BOS itself where the model wants one;
+        the special tokens it writes are encoded as such."""
+        specials = {f"{name}_token": self.id_to_token(i) or "" for name, i in
+                    (("bos", self.bos_id), ("eos", self.eos_ids[0] if self.eos_ids else None)) if i is not None}
+        return self._encode(render_chat(self.load_chat_template(), [{"role": "user", "content": text}], specials))
+
+    def load_chat_template(self):
+        """The compiled template; a folder without one, or a template that does not compile, is refused."""
+        if self.chat_template is None:
+            raise TokenizerError(f"no {self.chat_template_path}: the model has no chat template, or the folder was "
+                                 f"converted before tealfast kept them (convert it again: "
+                                 f"scripts/convert_gguf_checkpoint.py or convert_hf_checkpoint.py)")
+        import jinja2
+        try:
+            return _chat_env().from_string(self.chat_template)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"{self.chat_template_path}: {_one_line(e)}") from None
+
+    def id_to_token(self, i: int) -> str | None:
+        """The token's text as the vocab writes it (for the special tokens a chat template writes)."""
+        raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
         # Ids past the tokenizer's vocab (a model's padded rows, Qwen2's say) decode to nothing, as the HF
@@ -87,6 +117,9 @@ class HFTokenizer(Tokenizer):
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
+    def id_to_token(self, i: int) -> str | None:
+        return self.tok.id_to_token(i)
+
     def _encode(self, text: str) -> list[int]:
         # The tokenizer.json post-processor may add BOS itself; we never want that, BOS is our flag.
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -110,14 +143,25 @@ class SentencePieceTokenizer(Tokenizer):
         # Fallbacks when config.json has no ids; sentencepiece uses -1 for "none".
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_ids = [self.sp.eos_id()] if self.sp.eos_id() >= 0 else []
+        self.controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        self.controls_re = re.compile("(" + "|".join(map(re.escape, self.controls)) + ")") if self.controls else None
 
     def token_id(self, token: str) -> int | None:
         i = self.sp.piece_to_id(token)
         # piece_to_id maps unknown pieces to unk; only a real match counts.
         return i if self.sp.id_to_piece(i) == token else None
 
+    def id_to_token(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
+
     def _encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        # Control pieces written in the text (<s>, </s>: chat templates write them) are encoded as such, as the
+        # HF tokenizers of these models do; sentencepiece alone would spell them out. The text between them is
+        # encoded piece by piece, as Meta's reference builds a Llama-2 chat prompt.
+        if self.controls_re is None:
+            return self.sp.encode(text)
+        return [i for part in self.controls_re.split(text) if part
+                for i in ([self.controls[part]] if part in self.controls else self.sp.encode(part))]
 
     def _decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
@@ -143,6 +187,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def token_id(self, token: str) -> int | None:
         return self.special_tokens.get(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return next((t for t, j in self.special_tokens.items() if j == i), None)
 
     def _encode(self, text: str) -> list[int]:
         # Special tokens written in the text are encoded as such, like the HF Llama-3 tokenizer does,
@@ -175,7 +222,14 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
         raise TokenizerError(f"{path} is a folder, not the {kind} tokenizer file")
     if not path.is_file():
         raise TokenizerError(f"tokenizer file missing for kind {kind!r}: {path}")
-    return load_tokenizer(kind, path, config)
+    tok = load_tokenizer(kind, path, config)
+    tok.chat_template_path = template = ckpt / CHAT_TEMPLATE_FILE
+    if template.exists():
+        try:
+            tok.chat_template = template.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:  # a folder of that name, an unreadable file
+            raise TokenizerError(f"cannot read {template}: {_one_line(e)}") from None
+    return tok
 
 
 def load_tokenizer(kind: str, path: Path, config: dict) -> Tokenizer:
@@ -205,6 +259,30 @@ def load_tokenizer(kind: str, path: Path, config: dict) -> Tokenizer:
                                  f"(vocab_size {tok.vocab_size})")
     tok.eos_ids = list(dict.fromkeys(eos_ids))
     return tok
+
+
+def _chat_env():
+    """Jinja as transformers sets it up for chat templates: sandboxed, trimmed blocks, loop controls, and the
+    functions templates call."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TokenizerError(f"the chat template refuses the prompt: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env
+
+
+def render_chat(template, messages: list[dict], specials: dict) -> str:
+    try:
+        return template.render(messages=messages, add_generation_prompt=True, **specials)
+    except TokenizerError:  # its raise_exception
+        raise
+    except Exception as e:  # a template is a program: an undefined name, a str + int, a sandbox refusal ...
+        raise TokenizerError(f"the chat template fails: {type(e).__name__}: {_one_line(e)}") from None
 
 
 def _read_json(path: Path, required: bool) -> dict:

@@ -1,7 +1,7 @@
 """Convert a llama-architecture GGUF file (e.g. SmolLM2 from llama.cpp) into a tealfast checkpoint folder.
 
-Writes model.pth (dequantized weights, gpt-fast names), an HF-style config.json and an HF tokenizer.json
-rebuilt from the GGUF tokenizer metadata.
+Writes model.pth (dequantized weights, gpt-fast names), an HF-style config.json, an HF tokenizer.json
+rebuilt from the GGUF tokenizer metadata and, where the GGUF has one, its chat template.
 
 q/k rows need no permuting: llama.cpp's converter already stores them in the interleaved-pair order that
 model.py's RoPE uses (transformers has to undo that when it loads a GGUF; tests/test_convert_gguf.py checks it).
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 from checkpoint import check_state_dict, from_hf_config, save_checkpoint  # noqa: E402
 from model import DTYPES, CheckpointError, Transformer  # noqa: E402
-from tokenizer import LLAMA3_PAT_STR  # noqa: E402
+from tokenizer import CHAT_TEMPLATE_FILE, LLAMA3_PAT_STR  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
@@ -213,7 +213,11 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
             check_state_dict(Transformer(config), state)
     except CheckpointError as e:
         raise ConversionError(f"{path.name}: {e}") from None
-    return save_checkpoint(out_dir, state, cfg, "hf", {"tokenizer.json": tokenizer.to_str()}, f"gguf:{path.name}")
+    files = {"tokenizer.json": tokenizer.to_str()}
+    template = field(reader, "tokenizer.chat_template")
+    if template is not None:
+        files[CHAT_TEMPLATE_FILE] = template
+    return save_checkpoint(out_dir, state, cfg, "hf", files, f"gguf:{path.name}")
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,7 @@ import cli  # noqa: E402
 from checkpoint import (check_state_dict, check_weights, from_hf_config, permute_qk, read_config,  # noqa: E402
                         save_checkpoint)
 from model import DTYPES, CheckpointError, ModelArgs, Transformer  # noqa: E402
-from tokenizer import TOKENIZER_CLASSES, load_tokenizer  # noqa: E402
+from tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CLASSES, load_tokenizer  # noqa: E402
 
 # Buffers older exporters saved; RoPE frequencies come from config.json instead.
 HARMLESS = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -52,7 +52,8 @@ def download(repo: str, local_dir: Path) -> None:
         weights = "model*.safetensors" if any(re.fullmatch(r"model.*\.safetensors", f) for f in files) \
             else "pytorch_model*.bin"
         snapshot_download(repo, local_dir=local_dir, token=token,
-                          allow_patterns=["*.json", weights, "tokenizer.model", "original/tokenizer.model"])
+                          allow_patterns=["*.json", weights, "tokenizer.model", "original/tokenizer.model",
+                                          CHAT_TEMPLATE_FILE])
     except Exception as e:  # offline, unknown or gated repo: the hub raises many kinds, with long messages
         raise ValueError(f"cannot download {repo}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
 
@@ -101,15 +102,38 @@ def is_tiktoken_file(path: Path) -> bool:
 
 
 def find_tokenizer(d: Path):
-    """(kind, {name in output folder: source path})."""
+    """(kind, {name in output folder: source path or text}), the chat template among them where there is one."""
     if (d / "tokenizer.json").is_file():
-        files = {"tokenizer.json": d / "tokenizer.json"}
+        kind, files = "hf", {"tokenizer.json": d / "tokenizer.json"}
         files.update({n: d / n for n in HF_TOKENIZER_EXTRAS if (d / n).is_file()})
-        return "hf", files
-    for cand in (d / "tokenizer.model", d / "original" / "tokenizer.model"):
-        if cand.is_file():
-            return ("tiktoken" if is_tiktoken_file(cand) else "sentencepiece"), {"tokenizer.model": cand}
-    raise CheckpointError(f"no tokenizer.json or tokenizer.model in {d} (or {d / 'original'})")
+    else:
+        cand = next((c for c in (d / "tokenizer.model", d / "original" / "tokenizer.model") if c.is_file()), None)
+        if cand is None:
+            raise CheckpointError(f"no tokenizer.json or tokenizer.model in {d} (or {d / 'original'})")
+        kind, files = ("tiktoken" if is_tiktoken_file(cand) else "sentencepiece"), {"tokenizer.model": cand}
+    template = find_chat_template(d)
+    if template is not None:
+        files[CHAT_TEMPLATE_FILE] = template
+    return kind, files
+
+
+def find_chat_template(d: Path):
+    """The chat template as transformers saves it: chat_template.jinja, else tokenizer_config.json's chat_template
+    (a string, or named templates of which the one named "default"); None for a model without one."""
+    if (d / CHAT_TEMPLATE_FILE).is_file():
+        return d / CHAT_TEMPLATE_FILE
+    if not (d / "tokenizer_config.json").is_file():
+        return None
+    try:
+        template = json.loads((d / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {d / 'tokenizer_config.json'}: {e}") from None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{d / 'tokenizer_config.json'}: chat_template is not text")
+    return template
 
 
 def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
@@ -178,9 +202,6 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
     state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):  # last check against the model itself, so the output always loads
         check_state_dict(Transformer(args), state)
-    # Converting in place: files already at their destination need no copy (copyfile refuses same-file).
-    tok_files = {n: src for n, src in tok_files.items()
-                 if not (out_dir / n).exists() or not (out_dir / n).samefile(src)}
     return save_checkpoint(out_dir, state, config, kind, tok_files, source=str(checkpoint_dir.resolve()))
 
 

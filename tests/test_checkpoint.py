@@ -207,7 +207,8 @@ def test_outputs_never_overwrite_the_checkpoint(good_ckpt, tmp_path):
     """--out, --json, --plot, --profile naming the weights, config, tokenizer or thresholds: refused; the allowed
     names and files elsewhere pass."""
     d, ckpt = good_ckpt, good_ckpt / "model.pth"
-    for name in ("model.pth", "config.json", "tealfast.json", "tokenizer.json", "tokenizer.model", "thresholds.json"):
+    for name in ("model.pth", "config.json", "tealfast.json", "tokenizer.json", "tokenizer.model", "thresholds.json",
+                 "chat_template.jinja"):
         with pytest.raises(ValueError, match=f"would overwrite the checkpoint's own {name}"):
             checkpoint.check_output(d / name, ckpt, "--json")
     with pytest.raises(ValueError, match="model.pth"):  # however the path is spelt

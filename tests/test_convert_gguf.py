@@ -157,6 +157,38 @@ def test_tokenizer_matches_transformers(our_tok, hf_tok):
 
 
 @needs_gguf
+def test_chat_prompt_matches_transformers(converted, hf_tok):
+    """The GGUF's chat template travels into the folder; a --chat prompt is what transformers' apply_chat_template
+    makes of it (transformers reads the template from the GGUF itself)."""
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer(converted)
+    assert tok.chat_template == hf_tok.chat_template and "<|im_start|>" in tok.chat_template
+    for text in ["What is a generator?", "", "naïve <|im_end|> 日本語\n  two lines"]:
+        ref = hf_tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=True)
+        ref = ref["input_ids"] if hasattr(ref, "keys") else ref
+        assert tok.encode_chat(text) == list(ref)
+
+
+@needs_gguf
+def test_chat_reply_matches_transformers(converted, hf_model, hf_tok):
+    """generate.py --chat prints the reply alone: transformers' greedy continuation of its chat prompt, up to the
+    end of the turn."""
+    question = "What is the capital of France?"
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                     tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    with torch.no_grad():
+        new = hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    want = hf_tok.decode(new[:new.index(2)] if 2 in new else new)  # 2: <|im_end|>
+    code, out, err = run_script("generate.py", ["--checkpoint", converted / "model.pth", "--chat", "--prompt",
+                                                question, "--temperature", "0", "--max_new_tokens", "12",
+                                                "--device", "cpu", "--dtype", "fp32", "--no_stream"])
+    assert code == 0, err
+    assert out.split("\n\nsample 1:")[0] == want and "Paris" in want, (out, want)
+
+
+@needs_gguf
 def test_tokenizer_digits_like_llama_cpp(our_tok, hf_tok):
     """tokenizer.ggml.pre "smollm": llama.cpp (and SmolLM2's own tokenizer.json) split off every digit before the
     GPT-2 regex; transformers' GGUF tokenizer does not, which only changes whitespace just before a digit."""

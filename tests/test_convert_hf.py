@@ -171,6 +171,63 @@ def test_tokenizer_model_detection(hf_dir, tmp_path, capsys, sp_bytes, where, ki
     assert (tmp_path / "o" / "tokenizer.model").read_bytes() == content
 
 
+CHAT = ("{% for m in messages %}{{ bos_token + '<' + m['role'] + '> ' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
+
+
+def test_chat_template_saved_by_transformers(hf_dir, tmp_path):
+    """A tokenizer that transformers saved with a chat template: the converted folder's --chat prompt is the one
+    transformers' apply_chat_template makes from the source folder."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from tokenizer import get_tokenizer
+    saved = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+    cfg = json.loads((hf_dir / "config.json").read_text())  # the template's BOS and EOS are config.json's
+    saved.bos_token, saved.eos_token = (saved.convert_ids_to_tokens(cfg[k]) for k in ("bos_token_id", "eos_token_id"))
+    saved.chat_template = CHAT
+    saved.save_pretrained(hf_dir)
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    assert rc == 0, err
+    ref = AutoTokenizer.from_pretrained(hf_dir)
+    tok = get_tokenizer(tmp_path / "o")
+    for text in ["hi", "two words", ""]:
+        want = ref.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=True)
+        assert tok.encode_chat(text) == list(want["input_ids"] if hasattr(want, "keys") else want)
+
+
+@pytest.mark.parametrize("form", ["string", "named", "none"])
+def test_chat_template_from_tokenizer_config(hf_dir, tmp_path, sp_bytes, form):
+    """Older repos keep the template in tokenizer_config.json, as text or as named templates (the "default" one
+    is the chat's); a tokenizer.model repo gets it too. A conversion without one leaves no template behind."""
+    (hf_dir / "tokenizer.json").unlink()
+    (hf_dir / "tokenizer.model").write_bytes(sp_bytes)
+    value = {"string": CHAT, "named": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHAT}],
+             "none": None}[form]
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": value} if value else {}))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "chat_template.jinja").write_text("the model this conversion replaces")
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", out)
+    assert rc == 0, err
+    if form == "none":
+        assert not (out / "chat_template.jinja").exists()
+    else:
+        assert (out / "chat_template.jinja").read_text() == CHAT
+
+
+def test_chat_template_in_place(hf_dir):
+    (hf_dir / "chat_template.jinja").write_text(CHAT)
+    rc, err = run_main("--checkpoint_dir", hf_dir)
+    assert rc == 0, err
+    assert (hf_dir / "chat_template.jinja").read_text() == CHAT
+
+
+def test_chat_template_that_is_not_text(hf_dir, tmp_path):
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": 3}))
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    assert rc == 1 and err.count("\n") == 1 and "chat_template is not text" in err
+
+
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer.model"])
 def test_tokenizer_past_the_vocab_is_refused(hf_dir, tmp_path, name):
     """The model has 300 embedding rows: a tokenizer of 300 ids converts (one of 258, with padding rows, is the
@@ -272,7 +329,7 @@ def test_download_fetches_the_weights_the_converter_reads(tmp_path, monkeypatch,
                             (repo_id, dict(local_dir=local_dir, token=token, allow_patterns=allow_patterns))))
     convert_hf_checkpoint.download("org/model", tmp_path)
     assert calls == [("org/model", dict(local_dir=tmp_path, token=None, allow_patterns=[
-        "*.json", weights, "tokenizer.model", "original/tokenizer.model"]))]
+        "*.json", weights, "tokenizer.model", "original/tokenizer.model", "chat_template.jinja"]))]
 
 
 def test_download_offline_is_one_line(tmp_path, monkeypatch):

@@ -621,6 +621,31 @@ def test_interactive_decodes_each_prompt_as_prompt_would(flags, tiny_ckpt, monke
         assert sample_text(out, prompt) == sample_text(alone, prompt), (out, alone)
 
 
+def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, capsys):
+    """--chat: the prompt goes through the folder's chat template (no BOS of ours added) and only the reply is
+    printed; an --interactive line the same."""
+    ckpt = write_tiny_checkpoint(tmp_path / "chat")
+    (ckpt.parent / "chat_template.jinja").write_text("U:{{ messages[0]['content'] }}\n{% if add_generation_prompt "
+                                                     "%}A:{% endif %}")
+    tok = get_tokenizer(ckpt.parent)
+    prompts, seqs = [], []
+    real_generate = generate.generate
+
+    def spy(m, prompt, *a):
+        prompts.append(prompt[0].tolist())
+        seqs.append(real_generate(m, prompt, *a))
+        return seqs[-1]
+    monkeypatch.setattr(generate, "generate", spy)
+    generate.main(["--checkpoint", str(ckpt), *BASE[:-1], "the cat", "--chat", "--no_stream"])
+    reply = capsys.readouterr().out.split("\n\nsample 1:")[0]
+    assert prompts == [tok.encode("U:the cat\nA:")]
+    assert reply and reply == tok.decode(seqs[0][0, len(prompts[0]):].tolist())  # eos 0 is not among them
+    fake_stdin(monkeypatch, ["the cat"])
+    generate.main(["--checkpoint", str(ckpt), *INTERACTIVE, "--interactive", "--chat", "--no_stream"])
+    out = capsys.readouterr().out
+    assert prompts[1] == prompts[0] and out.split("\n\nsample 1:")[0] == reply, (out, reply)
+
+
 def test_interactive_ends_at_the_end_of_the_input(tiny_ckpt, monkeypatch, capsys):
     fake_stdin(monkeypatch, ["the cat"])
     generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, "--interactive", "--no_stream"])
@@ -763,7 +788,8 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
     assert expect in line, line
 
 
-@pytest.mark.parametrize("case", ["thresholds_other_model", "past_block_size", "tokenizer_missing"])
+@pytest.mark.parametrize("case", ["thresholds_other_model", "past_block_size", "tokenizer_missing",
+                                  "no_chat_template"])
 def test_inputs_checked_before_the_weights_load(case, tiny_ckpt, tmp_path, monkeypatch):
     """Thresholds file, prompt length and tokenizer are checked against config.json alone: a mistake is reported
     before the weights load (seconds to minutes for a large model)."""
@@ -775,12 +801,14 @@ def test_inputs_checked_before_the_weights_load(case, tiny_ckpt, tmp_path, monke
         extra = ["--sparsity", "0.4", "--thresholds", tiny_thresholds(tiny_ckpt, tmp_path / "t.json", n_layer=3)]
     elif case == "past_block_size":
         extra = ["--max_new_tokens", "40"]  # block size 32
+    elif case == "no_chat_template":
+        extra = ["--chat"]
     else:
         ckpt = write_tiny_checkpoint(tmp_path / "no_tok")
         (ckpt.parent / "tokenizer.json").unlink()
     line = assert_one_error(*run_main(["--checkpoint", ckpt, *BASE, *extra])[::2])
     assert {"thresholds_other_model": "another model", "past_block_size": "exceeds",
-            "tokenizer_missing": "tokenizer"}[case] in line, line
+            "tokenizer_missing": "tokenizer", "no_chat_template": "chat_template.jinja: the model has no chat template"}[case] in line, line
 
 
 def test_bad_input_subprocess(tmp_path):

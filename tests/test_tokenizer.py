@@ -255,6 +255,88 @@ def test_kind_from_tealfast_json_not_path(tmp_path, sp_model, tiktoken_ranks):
         get_tokenizer(ckpt)
 
 
+# ---------------------------------------------------------------- chat templates (chat_template.jinja)
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Llama-2-chat's and Llama-3-instruct's formats, shortened (the real templates also take system turns)
+LLAMA2_CHAT = ("{% for message in messages %}{% if message['role'] == 'user' %}"
+               "{{ bos_token + '[INST] ' + message['content'].strip() + ' [/INST]' }}"
+               "{% else %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+LLAMA3_CHAT = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+               "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+CHAT_TEXTS = ["hi", "What is a generator?  ", "naïve 日本語\nsecond line", ""]
+
+
+def test_chat_hf_matches_transformers(tmp_path, hf_json):
+    from transformers import PreTrainedTokenizerFast
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_json))
+    ref.chat_template = CHATML
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 2},
+                                         {"tokenizer.json": hf_json.read_bytes(), "chat_template.jinja":
+                                          CHATML.encode()}))
+    for text in CHAT_TEXTS + ["<|im_end|> written by the user"]:
+        want = ref.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=True)
+        want = want["input_ids"] if hasattr(want, "keys") else want
+        assert tok.encode_chat(text) == list(want)
+    assert tok.encode_chat("hi")[0] == 1  # <|im_start|>, one id: special tokens the template writes are parsed
+
+
+def test_chat_sentencepiece_is_metas_llama2_format(tmp_path, sp_model):
+    """Meta's reference builds a Llama-2 chat prompt as [BOS] + encode("[INST] {prompt} [/INST]")."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "sentencepiece", {"bos_token_id": 1, "eos_token_id": 2},
+                                         {"tokenizer.model": sp_model, "chat_template.jinja": LLAMA2_CHAT.encode()}))
+    for text in CHAT_TEXTS:
+        assert tok.encode_chat(text) == [1] + sp.encode(f"[INST] {text.strip()} [/INST]")
+    # <s> and </s> written in text are the control ids, as the HF tokenizers of these models parse them
+    assert tok.encode("<s>a</s>") == [1] + sp.encode("a") + [2]
+
+
+def test_chat_tiktoken_is_metas_llama3_format(tmp_path, tiktoken_ranks):
+    """Meta's reference ChatFormat: BOS, then per message <|start_header_id|> role <|end_header_id|> "\\n\\n",
+    the stripped content and <|eot_id|>, then the assistant's header."""
+    import tiktoken
+    n = len(tiktoken_ranks)
+    plain = tiktoken.Encoding("ref", pat_str=LLAMA3_PAT, mergeable_ranks=tiktoken_ranks, special_tokens={})
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "tiktoken", {"bos_token_id": n, "eos_token_id": n + 9},
+                                         {"tokenizer.model": ranks_file(tiktoken_ranks),
+                                          "chat_template.jinja": LLAMA3_CHAT.encode()}))
+
+    def header(role):
+        return [n + 6] + plain.encode(role) + [n + 7] + plain.encode("\n\n")
+
+    for text in CHAT_TEXTS:
+        assert tok.encode_chat(text) == ([n] + header("user") + plain.encode(text.strip()) + [n + 9]
+                                         + header("assistant"))
+
+
+def test_chat_template_errors(tmp_path, hf_json):
+    def ckpt(name, template=None):
+        files = {"tokenizer.json": hf_json.read_bytes()}
+        if template is not None:
+            files["chat_template.jinja"] = template.encode()
+        return get_tokenizer(write_checkpoint(tmp_path / name, "hf", {"bos_token_id": 1}, files))
+
+    def message(tok) -> str:
+        with pytest.raises(TokenizerError) as e:
+            tok.encode_chat("hi")
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "none/chat_template.jinja: the model has no chat template" in message(ckpt("none"))
+    assert "chat_template.jinja" in message(ckpt("syntax", "{% for m in messages %}{{ m.content }}"))
+    assert "refuses the prompt: system turn first" in message(
+        ckpt("refuses", "{{ raise_exception('system turn first') }}"))
+    assert "fails" in message(ckpt("undefined", "{{ messages[0]['content'] + 1 }}"))
+    folder = write_checkpoint(tmp_path / "folder", "hf", {}, {"tokenizer.json": hf_json.read_bytes()})
+    (folder / "chat_template.jinja").mkdir()
+    assert "cannot read" in error_message(folder)
+
+
 def test_ids_past_the_vocab_decode_to_nothing(tmp_path, hf_json, sp_model, tiktoken_ranks):
     """A model with padded vocab rows (Qwen2's) can emit ids its tokenizer lacks: every kind skips them, as the
     HF tokenizers library does, instead of raising mid-generation."""
