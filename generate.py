@@ -128,6 +128,17 @@ def check_kernel_widths(config: ModelArgs, device: torch.device) -> None:
                          f"this model has {', '.join(bad)} (--sparsity 0 decodes it dense)")
 
 
+def compile_decode(device: torch.device):
+    """decode_one_token compiled as gpt-fast compiles it: one graph, and on a GPU CUDA graphs (mode="reduce-overhead")
+    and inductor's coordinate-descent tuning, with which inductor turns a one-row linear into a GEMV of its own, fused
+    with the norm before it, where cuBLAS is slower (the dense model's linears at batch 1; with sparsity, the output
+    projection). docs/benchmarks.md times both baselines."""
+    if device.type != "cuda":
+        return torch.compile(decode_one_token, fullgraph=True)
+    return torch.compile(decode_one_token, fullgraph=True,
+                         options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
+
+
 def load_calibration(config: ModelArgs, args) -> Optional[dict]:
     """The calibration in use, or None for the dense path (--sparsity 0). At --sparsity 0 a thresholds file that a
     flag names (--thresholds, --score, --greedy, --sparse_prefill) is still checked, so a sweep that starts dense
@@ -330,8 +341,7 @@ def main(argv=None) -> None:
 
     decode_fn, prefill_fn = decode_one_token, prefill
     if args.compile:
-        decode_fn = torch.compile(decode_one_token, mode="reduce-overhead" if device.type == "cuda" else None,
-                                  fullgraph=True)
+        decode_fn = compile_decode(device)
     if args.compile_prefill:
         prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
     stop_ids = tuple(tokenizer.eos_ids)

@@ -3,7 +3,8 @@
 # the device's 10-minute limit per command):
 #   tests:   GPU tests of the norm, attention and GEMV ops, of the compiled model, generate.py and bench_decode.py
 #   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%, batch 1)
-#   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included
+#   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included; more arguments go to it
+#            (e.g. --compiled_baseline --sparsity 0,0.5)
 #   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%);
 #             more arguments go to generate.py (e.g. --compile_prefill)
 # Timing stages clear inductor's cache first: the cache keys the graph that calls a triton_op, not the op's
@@ -39,10 +40,11 @@ generate)
   grep -v "^ *$" $log | tail -40
   ;;
 kernels)
-  timeout ${2:-560} python3 scripts/bench_kernels.py --batch 1 --json $OUT/bench_kernels_b1.json 2>&1 | grep -v -i warn \
-    | tee $OUT/bench_kernels_b1.txt
+  rm -rf /tmp/torchinductor_$(whoami)
+  timeout ${2:-560} python3 scripts/bench_kernels.py --batch 1 --json $OUT/bench_kernels_b1.json "${@:3}" 2>&1 \
+    | grep -v -i warn | tee $OUT/bench_kernels_b1.txt
   ;;
 *)
-  echo "usage: gpu_stages.sh tests | decode [preset] [levels] [timeout_s] [batch] | kernels [timeout_s] | generate [flags]" >&2; exit 2
+  echo "usage: gpu_stages.sh tests | decode [preset] [levels] [timeout_s] [batch] | kernels [timeout_s] [flags] | generate [flags]" >&2; exit 2
   ;;
 esac

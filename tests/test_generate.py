@@ -576,6 +576,15 @@ def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, caps
     assert "compiled and warmed up" in captured.err and "sample 1:" in captured.out and "sample 2" not in captured.out
 
 
+def test_decode_compiles_as_gpt_fast_does(monkeypatch):
+    """On a GPU: one graph, CUDA graphs, and coordinate-descent tuning (inductor's own fused GEMVs at batch 1, which
+    docs/benchmarks.md times against cuBLAS); on a CPU one graph."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (fn, kw))
+    assert generate.compile_decode(torch.device("cuda", 0)) == (generate.decode_one_token, dict(
+        fullgraph=True, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True}))
+    assert generate.compile_decode(torch.device("cpu")) == (generate.decode_one_token, dict(fullgraph=True))
+
+
 def fake_stdin(monkeypatch, lines):
     """input() reading these lines, then the end of the input."""
     it = iter(lines)
@@ -807,8 +816,8 @@ def test_inputs_checked_before_the_weights_load(case, tiny_ckpt, tmp_path, monke
         ckpt = write_tiny_checkpoint(tmp_path / "no_tok")
         (ckpt.parent / "tokenizer.json").unlink()
     line = assert_one_error(*run_main(["--checkpoint", ckpt, *BASE, *extra])[::2])
-    assert {"thresholds_other_model": "another model", "past_block_size": "exceeds",
-            "tokenizer_missing": "tokenizer", "no_chat_template": "chat_template.jinja: the model has no chat template"}[case] in line, line
+    assert {"thresholds_other_model": "another model", "past_block_size": "exceeds", "tokenizer_missing": "tokenizer",
+            "no_chat_template": "chat_template.jinja: the model has no chat template"}[case] in line, line
 
 
 def test_bad_input_subprocess(tmp_path):
