@@ -1,6 +1,7 @@
 """Sparse GEMV kernel benchmark at Llama-2-7B / Llama-3-8B shapes, against cuBLAS in the same run.
 
     python scripts/bench_kernels.py [--batch 1,2,4,8] [--sparsity 0,0.25,0.4,0.5,0.65,0.9] [--json OUT]
+    python scripts/bench_kernels.py --batch 1 --compiled_baseline   # + inductor's own dense GEMV (torch.compile)
     python scripts/bench_kernels.py --sweep     # try tile configs, print the best per shape (for pick_config)
 
 Each op is captured REPS times in a CUDA graph (as decode runs it) cycling over enough weight copies that L2
