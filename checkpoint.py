@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from model import PROJECTIONS, CheckpointError, ModelArgs, Transformer, to_column_major
-from tokenizer import CHAT_TEMPLATE_FILE, SCHEMA_VERSION, TOKENIZER_CLASSES  # the folder as the runtime reads it
+from tokenizer import (CHAT_TEMPLATE_FILE, SCHEMA_VERSION, TOKENIZER_CLASSES,  # the folder as the runtime reads it
+                       TOKENIZER_CONFIG_FILE)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -93,7 +94,8 @@ def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
     return rs
 
 
-FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_weighted.json", CHAT_TEMPLATE_FILE) + \
+CHAT_FILES = (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE)  # what generate.py --chat reads
+FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_weighted.json") + CHAT_FILES + \
     tuple(dict.fromkeys(c.file_name for c in TOKENIZER_CLASSES.values()))  # beside model.pth: what the runtime reads
 
 
@@ -229,8 +231,9 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
                     shutil.copyfile(src, out / name)
             else:
                 (out / name).write_bytes(src.encode() if isinstance(src, str) else src)
-        if CHAT_TEMPLATE_FILE not in tokenizer_files:  # the replaced model's
-            (out / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+        for name in CHAT_FILES:
+            if name not in tokenizer_files:  # the replaced model's
+                (out / name).unlink(missing_ok=True)
         meta = {"schema_version": SCHEMA_VERSION, "tokenizer": tokenizer_kind, "source": source}
         (out / "tealfast.json").write_text(json.dumps(meta, indent=2))
         os.replace(partial, out / "model.pth")

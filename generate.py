@@ -172,14 +172,16 @@ def parse_args(argv=None):
                    help="checkpoints/<name>/model.pth (config.json beside it); --checkpoint_path is gpt-fast's name")
     p.add_argument("--prompt",
                    help=f"input text, after BOS where the tokenizer adds one (Llama-2/3, Mistral; not SmolLM2, "
-                        f"Qwen2); an empty one starts from BOS, where the model has one (default: {DEFAULT_PROMPT})")
+                        f"Qwen2); an empty one starts from BOS, where the model has one; with --chat the user's "
+                        f"turn, the template placing BOS (default: {DEFAULT_PROMPT})")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input instead of --prompt, one per line, each decoded as "
                         "--prompt would be, until a blank line or the end of the input")
     p.add_argument("--chat", action="store_true",
-                   help="a chat model's format: each prompt is one user turn of a new conversation, in the "
-                        "checkpoint's chat template (chat_template.jinja, which the converters take from the "
-                        "Hugging Face tokenizer_config.json or the GGUF), and only the reply is printed")
+                   help="a chat model's format: each prompt is one user turn of a new conversation (no system "
+                        "turn but the template's own, no memory of earlier prompts) in the checkpoint's chat template "
+                        "(chat_template.jinja, which the converters take from the model: its chat_template.jinja, "
+                        "tokenizer_config.json or GGUF metadata), and only the reply is printed")
     p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
     p.add_argument("--num_samples", type=cli.at_least(1), default=1,
                    help="how many times to generate (timed separately; with --interactive, per prompt)")
@@ -248,7 +250,8 @@ def encode_prompt(tokenizer, text: str, chat: bool, max_new_tokens: int, room: i
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     if len(ids) + max_new_tokens > room:
-        raise ValueError(f"prompt ({len(ids)} tokens) + --max_new_tokens ({max_new_tokens}) exceeds {room_name}")
+        what = "chat prompt (its template included: " if chat else "prompt ("
+        raise ValueError(f"{what}{len(ids)} tokens) + --max_new_tokens ({max_new_tokens}) exceeds {room_name}")
     return ids, shown
 
 
@@ -319,12 +322,13 @@ def main(argv=None) -> None:
     room, room_name = config.block_size, config.context()
     if fixed_cache and INTERACTIVE_CACHE < room:
         room, room_name = INTERACTIVE_CACHE, f"the {INTERACTIVE_CACHE}-token cache of a compiled --interactive session"
-    if args.chat:
-        tokenizer.load_chat_template()  # a checkpoint without one refused now, not at the first prompt
     if not args.interactive:
         encode_prompt(tokenizer, args.prompt, args.chat, args.max_new_tokens, room, room_name)
-    elif args.max_new_tokens >= room:  # every prompt would be refused, one by one
-        raise ValueError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in {room_name}")
+    else:  # every prompt would be refused, one by one, where even the chat template's own tokens leave no room
+        used = len(tokenizer.encode_chat("")) if args.chat else 0
+        if used + args.max_new_tokens >= room:
+            raise ValueError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in {room_name}"
+                             + (f" (the chat template takes {used} tokens)" if args.chat else ""))
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
     if cal is not None:
         thr_file.apply(model, cal, args.sparsity, args.greedy, prefill=args.sparse_prefill)

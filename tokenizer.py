@@ -13,6 +13,9 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1  # of tealfast.json (written by checkpoint.save_checkpoint)
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers saves a tokenizer's chat template under
+# Where a Hugging Face folder names the special tokens that a chat template writes (bos_token, eos_token ...)
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 # End-of-turn tokens that chat models emit instead of (or as well as) config.json's eos_token_id.
 EXTRA_STOP_TOKENS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
@@ -49,8 +52,8 @@ class Tokenizer:
     add_bos: bool = True  # whether a prompt starts with BOS (Llama-2/3, Mistral); HF tokenizers say it themselves
     eos_ids: list[int]
     vocab_size: int
-    chat_template_path: Path | None = None  # the folder's chat_template.jinja
-    chat_template: str | None = None  # its text, where there is one
+    folder: Path | None = None  # the checkpoint folder, where its chat template and tokenizer_config.json are
+    _chat = None  # (compiled chat template, the special tokens it may write), once loaded
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         ids = self._encode(text)
@@ -60,21 +63,37 @@ class Tokenizer:
         """text as one user turn of a new conversation, the assistant's turn opened: transformers'
         apply_chat_template(add_generation_prompt=True). The template writes BOS itself where the model wants one;
         the special tokens it writes are encoded as such."""
-        specials = {f"{name}_token": self.id_to_token(i) or "" for name, i in
-                    (("bos", self.bos_id), ("eos", self.eos_ids[0] if self.eos_ids else None)) if i is not None}
-        return self._encode(render_chat(self.load_chat_template(), [{"role": "user", "content": text}], specials))
+        template, specials = self.load_chat_template()
+        return self._encode(render_chat(template, [{"role": "user", "content": text}], specials))
 
     def load_chat_template(self):
-        """The compiled template; a folder without one, or a template that does not compile, is refused."""
-        if self.chat_template is None:
-            raise TokenizerError(f"no {self.chat_template_path}: the model has no chat template, or the folder was "
-                                 f"converted before tealfast kept them (convert it again: "
-                                 f"scripts/convert_gguf_checkpoint.py or convert_hf_checkpoint.py)")
+        """(compiled template, special tokens), read once from the folder's chat_template.jinja and, as transformers
+        takes them, tokenizer_config.json's special tokens (without one, a GGUF's say: BOS and EOS by config.json's
+        ids). A folder without a template, or a template that does not compile, is refused."""
+        if self._chat is not None:
+            return self._chat
         import jinja2
+        path = self.folder / CHAT_TEMPLATE_FILE
+        if not path.exists():
+            raise TokenizerError(f"no {path}: the model has no chat template, or the folder was converted before "
+                                 f"tealfast kept them (convert it again: scripts/convert_gguf_checkpoint.py or "
+                                 f"convert_hf_checkpoint.py)")
         try:
-            return _chat_env().from_string(self.chat_template)
+            template = _chat_env().from_string(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:  # a folder of that name, an unreadable file
+            raise TokenizerError(f"cannot read {path}: {_one_line(e)}") from None
         except jinja2.TemplateError as e:
-            raise TokenizerError(f"{self.chat_template_path}: {_one_line(e)}") from None
+            raise TokenizerError(f"{path}: {_one_line(e)}") from None
+        if (self.folder / TOKENIZER_CONFIG_FILE).exists():
+            config = _read_json(self.folder / TOKENIZER_CONFIG_FILE, required=True)
+            # a token is a string or an AddedToken's {"content": ...}; null or absent: not passed, as transformers
+            specials = {k: v.get("content") if isinstance(v, dict) else v for k in SPECIAL_TOKEN_KEYS
+                        if (v := config.get(k)) is not None}
+        else:
+            specials = {f"{name}_token": self.id_to_token(i) for name, i in
+                        (("bos", self.bos_id), ("eos", self.eos_ids[0] if self.eos_ids else None)) if i is not None}
+        self._chat = template, specials
+        return self._chat
 
     def id_to_token(self, i: int) -> str | None:
         """The token's text as the vocab writes it (for the special tokens a chat template writes)."""
@@ -144,7 +163,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_ids = [self.sp.eos_id()] if self.sp.eos_id() >= 0 else []
         self.controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
-        self.controls_re = re.compile("(" + "|".join(map(re.escape, self.controls)) + ")") if self.controls else None
+        longest_first = sorted(self.controls, key=len, reverse=True)  # a piece that starts another matches whole
+        self.controls_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self.controls else None
 
     def token_id(self, token: str) -> int | None:
         i = self.sp.piece_to_id(token)
@@ -223,12 +243,7 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
     if not path.is_file():
         raise TokenizerError(f"tokenizer file missing for kind {kind!r}: {path}")
     tok = load_tokenizer(kind, path, config)
-    tok.chat_template_path = template = ckpt / CHAT_TEMPLATE_FILE
-    if template.exists():
-        try:
-            tok.chat_template = template.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:  # a folder of that name, an unreadable file
-            raise TokenizerError(f"cannot read {template}: {_one_line(e)}") from None
+    tok.folder = ckpt
     return tok
 
 
@@ -262,15 +277,27 @@ def load_tokenizer(kind: str, path: Path, config: dict) -> Tokenizer:
 
 
 def _chat_env():
-    """Jinja as transformers sets it up for chat templates: sandboxed, trimmed blocks, loop controls, and the
-    functions templates call."""
-    from jinja2.ext import loopcontrols
+    """Jinja as transformers sets it up for chat templates: sandboxed, trimmed blocks, loop controls, a `tojson` that
+    keeps the text as it is, `{% generation %}` blocks (which only mark the assistant's text for training), and
+    the functions templates call."""
+    from jinja2 import ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)  # the block's body, as is
 
     def raise_exception(message):
         raise TokenizerError(f"the chat template refuses the prompt: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols, Generation])
+    env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
     return env
@@ -278,7 +305,7 @@ def _chat_env():
 
 def render_chat(template, messages: list[dict], specials: dict) -> str:
     try:
-        return template.render(messages=messages, add_generation_prompt=True, **specials)
+        return template.render(messages=messages, add_generation_prompt=True, tools=None, documents=None, **specials)
     except TokenizerError:  # its raise_exception
         raise
     except Exception as e:  # a template is a program: an undefined name, a str + int, a sandbox refusal ...

@@ -121,7 +121,7 @@ def run(args):
             t_cublas = time_us(lambda i: F.linear(xd, ws[i]), c)
             t_compiled = None
             if args.compiled_baseline and batch == 1:
-                torch._dynamo.reset()  # a compile for this shape, not a dynamic-shape one after the first few
+                torch._dynamo.reset()  # else past 8 shapes dynamo's recompile limit would fall back to eager
                 lin = torch.compile(dense_linear, dynamic=False, options={"coordinate_descent_tuning": True})
                 t_compiled = time_us(lambda i: lin(xd, ws[i]), c)
             for s in args.sparsity:

@@ -105,12 +105,12 @@ def find_tokenizer(d: Path):
     """(kind, {name in output folder: source path or text}), the chat template among them where there is one."""
     if (d / "tokenizer.json").is_file():
         kind, files = "hf", {"tokenizer.json": d / "tokenizer.json"}
-        files.update({n: d / n for n in HF_TOKENIZER_EXTRAS if (d / n).is_file()})
     else:
         cand = next((c for c in (d / "tokenizer.model", d / "original" / "tokenizer.model") if c.is_file()), None)
         if cand is None:
             raise CheckpointError(f"no tokenizer.json or tokenizer.model in {d} (or {d / 'original'})")
         kind, files = ("tiktoken" if is_tiktoken_file(cand) else "sentencepiece"), {"tokenizer.model": cand}
+    files.update({n: d / n for n in HF_TOKENIZER_EXTRAS if (d / n).is_file()})  # --chat reads tokenizer_config.json
     template = find_chat_template(d)
     if template is not None:
         files[CHAT_TEMPLATE_FILE] = template

@@ -66,6 +66,6 @@ def test_bench_decode_profile_on_the_gpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["dense (cuBLAS)", "dense (inductor GEMV)", "uniform"]
     best = max(rows[0]["tokens_per_s"], rows[1]["tokens_per_s"])
-    assert rows[2]["speedup_vs_best_dense"] == round(rows[2]["tokens_per_s"] / best, 3)
+    assert [r["speedup_vs_best_dense"] for r in rows] == [round(r["tokens_per_s"] / best, 3) for r in rows]
     assert all(r["kernel_breakdown"]["wall_us_per_step"] > 0 for r in rows)
     assert rows[2]["kernel_breakdown"]["sparse_gemv"]["kernels_per_step"] > 0

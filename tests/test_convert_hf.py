@@ -180,9 +180,7 @@ def test_chat_template_saved_by_transformers(hf_dir, tmp_path):
     transformers' apply_chat_template makes from the source folder."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from tokenizer import get_tokenizer
-    saved = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
-    cfg = json.loads((hf_dir / "config.json").read_text())  # the template's BOS and EOS are config.json's
-    saved.bos_token, saved.eos_token = (saved.convert_ids_to_tokens(cfg[k]) for k in ("bos_token_id", "eos_token_id"))
+    saved = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"), bos_token="A", eos_token="Z")
     saved.chat_template = CHAT
     saved.save_pretrained(hf_dir)
     rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
@@ -192,7 +190,9 @@ def test_chat_template_saved_by_transformers(hf_dir, tmp_path):
     for text in ["hi", "two words", ""]:
         want = ref.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                        tokenize=True)
-        assert tok.encode_chat(text) == list(want["input_ids"] if hasattr(want, "keys") else want)
+        ids = tok.encode_chat(text)
+        assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+        assert tok.decode(ids).startswith("A<user> ")  # the tokenizer's BOS, not config.json's bos_token_id
 
 
 @pytest.mark.parametrize("form", ["string", "named", "none"])
@@ -209,8 +209,13 @@ def test_chat_template_from_tokenizer_config(hf_dir, tmp_path, sp_bytes, form):
     (out / "chat_template.jinja").write_text("the model this conversion replaces")
     rc, err = run_main("--checkpoint_dir", hf_dir, "--out", out)
     assert rc == 0, err
+    # the special tokens a template writes come with it, whatever the tokenizer's kind
+    assert (out / "tokenizer_config.json").read_text() == (hf_dir / "tokenizer_config.json").read_text()
     if form == "none":
         assert not (out / "chat_template.jinja").exists()
+        (hf_dir / "tokenizer_config.json").unlink()
+        rc, err = run_main("--checkpoint_dir", hf_dir, "--out", out)
+        assert rc == 0 and not (out / "tokenizer_config.json").exists()  # the replaced model's is gone too
     else:
         assert (out / "chat_template.jinja").read_text() == CHAT
 

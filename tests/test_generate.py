@@ -2,6 +2,7 @@
 naive loop, achieved_sparsity(), the command line on the real SmolLM2 and every bad input as one `error:` line."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -674,12 +675,19 @@ def test_interactive_windows_line_ends_and_a_blank_line(tiny_ckpt, monkeypatch, 
     assert sample_text(out, "the cat") == sample_text(alone, "the cat") and "\r" not in out
 
 
-def test_interactive_max_new_tokens_that_leave_no_room(tiny_ckpt, monkeypatch):
+def test_interactive_max_new_tokens_that_leave_no_room(tiny_ckpt, tmp_path, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("the weights loaded although no prompt could fit")
     monkeypatch.setattr(checkpoint, "load_model", no_load)
     code, _, err = run_main(["--checkpoint", tiny_ckpt, *INTERACTIVE, "--interactive", "--max_new_tokens", "32"])
     assert code == 1 and "--max_new_tokens 32 leaves no room for a prompt in the model's context of 32" in err, err
+    # with --chat the template's own tokens count: here 12, one per character
+    chat = tmp_path / "chat"
+    shutil.copytree(tiny_ckpt.parent, chat)
+    (chat / "chat_template.jinja").write_text("system\nU:{{ messages[0]['content'] }}\nA:")
+    code, _, err = run_main(["--checkpoint", chat / "model.pth", *INTERACTIVE, "--interactive", "--chat",
+                             "--max_new_tokens", "20"])
+    assert code == 1 and "--max_new_tokens 20 leaves no room" in err and "chat template takes 12 tokens" in err, err
 
 
 def test_profile_writes_a_trace_of_the_last_sample(tiny_ckpt, tmp_path, capsys):

@@ -314,6 +314,39 @@ def test_chat_tiktoken_is_metas_llama3_format(tmp_path, tiktoken_ranks):
                                          + header("assistant"))
 
 
+def test_chat_renders_as_transformers_does(tmp_path, hf_json):
+    """What else templates use, against transformers: tokenizer_config.json's special tokens (not config.json's
+    ids), no tools, its `tojson` (no HTML escapes), `{% generation %}` blocks."""
+    from transformers import PreTrainedTokenizerFast
+    template = ("{% if tools is not none %}TOOLS{% endif %}{{ bos_token }}{% for m in messages %}{% generation %}"
+                "{{ m['content'] | tojson }}{% endgeneration %}{% endfor %}{{ eos_token }}{{ pad_token }}")
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_json), bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_start|>")
+    ref.chat_template = template
+    ref.save_pretrained(tmp_path / "saved")
+    files = {n: (tmp_path / "saved" / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                "chat_template.jinja")}
+    # config.json's BOS / EOS ids name other tokens: the template's come from tokenizer_config.json
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 1}, files))
+    for text in ["a<b> & 'c' 日本", ""]:
+        want = ref.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                       tokenize=True)
+        ids = tok.encode_chat(text)
+        assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+        assert ids[0] == 0 and ids[-2:] == [2, 1] and "TOOLS" not in tok.decode(ids)
+
+
+def test_sentencepiece_control_pieces_match_whole(tmp_path):
+    """A control piece that begins another one does not split it (the tokenizers library matches the longest)."""
+    import sentencepiece as spm
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS[:20]), model_writer=out, vocab_size=300,
+                                   model_type="bpe", control_symbols=["[INST]", "[INST]x"], minloglevel=2)
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "sentencepiece", {}, {"tokenizer.model": out.getvalue()}))
+    inst, inst_x = tok.token_id("[INST]"), tok.token_id("[INST]x")
+    assert tok.encode("[INST]x[INST] hi")[:2] == [inst_x, inst]
+
+
 def test_chat_template_errors(tmp_path, hf_json):
     def ckpt(name, template=None):
         files = {"tokenizer.json": hf_json.read_bytes()}
@@ -334,7 +367,11 @@ def test_chat_template_errors(tmp_path, hf_json):
     assert "fails" in message(ckpt("undefined", "{{ messages[0]['content'] + 1 }}"))
     folder = write_checkpoint(tmp_path / "folder", "hf", {}, {"tokenizer.json": hf_json.read_bytes()})
     (folder / "chat_template.jinja").mkdir()
-    assert "cannot read" in error_message(folder)
+    assert "cannot read" in message(get_tokenizer(folder))
+    corrupt = write_checkpoint(tmp_path / "config", "hf", {}, {"tokenizer.json": hf_json.read_bytes(),
+                                                               "chat_template.jinja": CHATML.encode(),
+                                                               "tokenizer_config.json": b"{"})
+    assert "cannot read" in message(get_tokenizer(corrupt)) and "tokenizer_config.json" in message(get_tokenizer(corrupt))
 
 
 def test_ids_past_the_vocab_decode_to_nothing(tmp_path, hf_json, sp_model, tiktoken_ranks):
