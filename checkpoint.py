@@ -219,6 +219,9 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
         raise ValueError(f"unknown tokenizer kind {tokenizer_kind!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("model.pth", "config.json", "tealfast.json", *tokenizer_files, *CHAT_FILES):
+        if (out / name).is_dir():  # found before anything in the folder is replaced
+            raise CheckpointError(f"{out / name} is a folder: the conversion writes a file there")
     # model.pth takes its name last: prepare.sh takes a folder that has one as done, so a conversion cut short (a
     # full disk, Ctrl-C) must not leave one behind
     partial = out / "model.pth.partial"

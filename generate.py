@@ -164,6 +164,7 @@ def is_utf8(text: str) -> bool:
 
 
 DEFAULT_PROMPT = "Hello, my name is"
+DEFAULT_CHAT_PROMPT = "Hello! What can you help me with?"
 
 
 def parse_args(argv=None):
@@ -173,7 +174,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt",
                    help=f"input text, after BOS where the tokenizer adds one (Llama-2/3, Mistral; not SmolLM2, "
                         f"Qwen2); an empty one starts from BOS, where the model has one; with --chat the user's "
-                        f"turn, the template placing BOS (default: {DEFAULT_PROMPT})")
+                        f"turn, the template placing BOS (default: {DEFAULT_PROMPT}; with --chat: "
+                        f"{DEFAULT_CHAT_PROMPT})")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input instead of --prompt, one per line, each decoded as "
                         "--prompt would be, until a blank line or the end of the input")
@@ -221,7 +223,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.interactive and args.prompt is not None:
         p.error("--prompt and --interactive exclude each other (interactive prompts come from standard input)")
-    args.prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    if args.prompt is None:
+        args.prompt = DEFAULT_CHAT_PROMPT if args.chat else DEFAULT_PROMPT
     if not is_utf8(args.prompt):
         p.error("--prompt is not valid UTF-8 text")
     args.dtype = args.dtype or cli.default_dtype(args.device)

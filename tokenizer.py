@@ -64,7 +64,10 @@ class Tokenizer:
         apply_chat_template(add_generation_prompt=True). The template writes BOS itself where the model wants one;
         the special tokens it writes are encoded as such."""
         template, specials = self.load_chat_template()
-        return self._encode(render_chat(template, [{"role": "user", "content": text}], specials))
+        rendered = render_chat(template, [{"role": "user", "content": text}], specials)
+        if not rendered:
+            raise TokenizerError(f"{self.folder / CHAT_TEMPLATE_FILE} renders the prompt to no text")
+        return self._encode(rendered)
 
     def load_chat_template(self):
         """(compiled template, special tokens), read once from the folder's chat_template.jinja and, as transformers

@@ -203,6 +203,15 @@ def test_a_conversion_sets_the_old_thresholds_aside(tmp_path, capsys):
     assert "run calibrate.py again" in capsys.readouterr().err
 
 
+def test_a_conversion_into_a_folder_where_a_file_belongs_replaces_nothing(tmp_path):
+    out = tmp_path / "out"
+    (out / "chat_template.jinja").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="chat_template.jinja is a folder"):
+        checkpoint.save_checkpoint(out, {"w": torch.ones(2)}, {"a": 1}, "hf", {"tokenizer.json": "{}"}, "test")
+    assert (out / "config.json").read_text() == "{}" and not (out / "tokenizer.json").exists()
+
+
 def test_outputs_never_overwrite_the_checkpoint(good_ckpt, tmp_path):
     """--out, --json, --plot, --profile naming the weights, config, tokenizer or thresholds: refused; the allowed
     names and files elsewhere pass."""

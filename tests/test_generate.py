@@ -646,6 +646,7 @@ def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, caps
         seqs.append(real_generate(m, prompt, *a))
         return seqs[-1]
     monkeypatch.setattr(generate, "generate", spy)
+    assert generate.parse_args(["--checkpoint", str(ckpt), "--chat"]).prompt == generate.DEFAULT_CHAT_PROMPT
     generate.main(["--checkpoint", str(ckpt), *BASE[:-1], "the cat", "--chat", "--no_stream"])
     reply = capsys.readouterr().out.split("\n\nsample 1:")[0]
     assert prompts == [tok.encode("U:the cat\nA:")]
@@ -688,6 +689,10 @@ def test_interactive_max_new_tokens_that_leave_no_room(tiny_ckpt, tmp_path, monk
     code, _, err = run_main(["--checkpoint", chat / "model.pth", *INTERACTIVE, "--interactive", "--chat",
                              "--max_new_tokens", "20"])
     assert code == 1 and "--max_new_tokens 20 leaves no room" in err and "chat template takes 12 tokens" in err, err
+    # a template that refuses every prompt: once, at start-up
+    (chat / "chat_template.jinja").write_text("{{ raise_exception('no user turns') }}")
+    code, _, err = run_main(["--checkpoint", chat / "model.pth", *INTERACTIVE, "--interactive", "--chat"])
+    assert code == 1 and "refuses the prompt: no user turns" in err, err
 
 
 def test_profile_writes_a_trace_of_the_last_sample(tiny_ckpt, tmp_path, capsys):

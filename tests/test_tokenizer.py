@@ -365,6 +365,7 @@ def test_chat_template_errors(tmp_path, hf_json):
     assert "refuses the prompt: system turn first" in message(
         ckpt("refuses", "{{ raise_exception('system turn first') }}"))
     assert "fails" in message(ckpt("undefined", "{{ messages[0]['content'] + 1 }}"))
+    assert "chat_template.jinja renders the prompt to no text" in message(ckpt("empty", ""))
     folder = write_checkpoint(tmp_path / "folder", "hf", {}, {"tokenizer.json": hf_json.read_bytes()})
     (folder / "chat_template.jinja").mkdir()
     assert "cannot read" in message(get_tokenizer(folder))
