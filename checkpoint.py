@@ -135,8 +135,10 @@ def load_config(checkpoint_path) -> ModelArgs:
     return from_hf_config(read_config(path.parent / "config.json"))
 
 
-def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transformer:
-    """Load checkpoints/<name>/model.pth with the config.json beside it; fail loudly on any mismatch."""
+def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, column_major: bool = True) -> Transformer:
+    """Load checkpoints/<name>/model.pth with the config.json beside it; fail loudly on any mismatch. column_major:
+    the block weights in the layout the sparse ops read (model.to_column_major); a model that only ever runs dense
+    keeps them as stored, row-major, where a compiled one-row decode's GEMVs read them faster."""
     path = Path(checkpoint_path)
     config = load_config(path)
     with torch.device("meta"):
@@ -161,7 +163,8 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16) -> Transform
     for b in model.layers:  # non-persistent buffers are still on the meta device
         b.thresholds = torch.zeros(len(PROJECTIONS), dtype=torch.float32)
     model = model.to(device)
-    to_column_major(model)
+    if column_major:
+        to_column_major(model)
     return model.eval().requires_grad_(False)  # inference only: compiled decode must not trace a backward
 
 

@@ -577,6 +577,20 @@ def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, caps
     assert "compiled and warmed up" in captured.err and "sample 1:" in captured.out and "sample 2" not in captured.out
 
 
+@pytest.mark.parametrize("sparsity", ["0", "0.4"])
+def test_dense_decode_keeps_row_major_weights(sparsity, tiny_ckpt, tmp_path, monkeypatch):
+    """The sparse ops read column-major block weights; dense decode keeps them as stored, where inductor's one-row
+    GEMVs read them along contiguous rows."""
+    loaded = []
+    monkeypatch.setattr(generate, "load_model", lambda *a, **k: loaded.append(checkpoint.load_model(*a, **k))
+                        or loaded[-1])
+    thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--sparsity", sparsity, "--thresholds", str(thr),
+                   "--no_stream"])
+    w = loaded[0].layers[0].feed_forward.w1.weight
+    assert w.is_contiguous() == (sparsity == "0") and w.t().is_contiguous() == (sparsity != "0")
+
+
 def test_decode_compiles_as_gpt_fast_does(monkeypatch):
     """On a GPU: one graph, CUDA graphs, and coordinate-descent tuning (inductor's own fused GEMVs at batch 1, which
     docs/benchmarks.md times against cuBLAS); on a CPU one graph."""
