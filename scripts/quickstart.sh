@@ -23,8 +23,8 @@ bash scripts/prepare.sh smollm2-135m
 ckpt=checkpoints/smollm2-135m/model.pth
 extra=()  # the dtype defaults to bf16 on a GPU, fp32 on a CPU
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then extra=(--compile); fi
-case " $* " in  # the default prompt, unless one is given or prompts come from standard input
-    *" --prompt"* | *" --interactive "*) ;;
+case " $* " in  # the default prompt, unless one is given, prompts come from standard input or --chat has its own
+    *" --prompt"* | *" --interactive "* | *" --chat "*) ;;
     *) extra+=(--prompt "Python's list comprehensions are") ;;
 esac
 # Calibrate once, and again where the file left by an earlier run does not load (an older schema, say).
