@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from model import PROJECTIONS, CheckpointError, ModelArgs, Transformer, to_column_major
-from tokenizer import (CHAT_TEMPLATE_FILE, SCHEMA_VERSION, TOKENIZER_CLASSES,  # the folder as the runtime reads it
-                       TOKENIZER_CONFIG_FILE)
+from tokenizer import (CHAT_TEMPLATE_FILE, SCHEMA_VERSION, SPECIAL_TOKENS_MAP_FILE,  # the folder as the runtime reads it
+                       TOKENIZER_CLASSES, TOKENIZER_CONFIG_FILE)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -94,7 +94,7 @@ def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
     return rs
 
 
-CHAT_FILES = (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE)  # what generate.py --chat reads
+CHAT_FILES = (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)  # what generate.py --chat reads
 FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_weighted.json") + CHAT_FILES + \
     tuple(dict.fromkeys(c.file_name for c in TOKENIZER_CLASSES.values()))  # beside model.pth: what the runtime reads
 

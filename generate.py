@@ -193,8 +193,9 @@ def parse_args(argv=None):
                    help="sampling temperature; 0 (or below 1e-6) means greedy")
     p.add_argument("--top_k", type=cli.at_least(1), default=200, help="sample from the k most likely tokens")
     p.add_argument("--compile", action="store_true",
-                   help="compile decode (fullgraph; CUDA graphs on a GPU, where it is the fast path; on a CPU it "
-                        "takes a minute or two to compile and gains little)")
+                   help="compile decode as gpt-fast does (fullgraph; on a GPU, where it is the fast path, CUDA "
+                        "graphs and inductor's coordinate-descent tuning: one to two minutes for a 7B/8B model; on a "
+                        "CPU it takes a minute or two to compile and gains little)")
     p.add_argument("--compile_prefill", action="store_true",
                    help="compile the prefill too (dynamic shapes: one compile serves every prompt of two or more "
                         "tokens)")
@@ -332,8 +333,9 @@ def main(argv=None) -> None:
         if used + args.max_new_tokens >= room:
             raise ValueError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in {room_name}"
                              + (f" (the chat template takes {used} tokens)" if args.chat else ""))
-    # dense decode keeps the row-major weights: inductor's one-row GEMVs reduce along the contiguous rows, 8% faster
-    # than cuBLAS on Llama-3-8B, and on the sparse ops' column-major layout slower than cuBLAS (docs/benchmarks.md)
+    # dense decode keeps the row-major weights: inductor's one-row GEMVs reduce along their contiguous rows (8%
+    # faster than cuBLAS on Llama-3-8B); across the sparse ops' column-major layout they read slowly
+    # (docs/benchmarks.md, "generate.py on the GPU")
     model = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype], column_major=cal is not None)
     if cal is not None:
         thr_file.apply(model, cal, args.sparsity, args.greedy, prefill=args.sparse_prefill)

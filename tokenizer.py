@@ -13,8 +13,10 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1  # of tealfast.json (written by checkpoint.save_checkpoint)
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers saves a tokenizer's chat template under
-# Where a Hugging Face folder names the special tokens that a chat template writes (bos_token, eos_token ...)
+# Where a Hugging Face folder names the special tokens that a chat template writes (bos_token, eos_token ...):
+# tokenizer_config.json, older repos special_tokens_map.json too
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 # End-of-turn tokens that chat models emit instead of (or as well as) config.json's eos_token_id.
@@ -71,8 +73,9 @@ class Tokenizer:
 
     def load_chat_template(self):
         """(compiled template, special tokens), read once from the folder's chat_template.jinja and, as transformers
-        takes them, tokenizer_config.json's special tokens (without one, a GGUF's say: BOS and EOS by config.json's
-        ids). A folder without a template, or a template that does not compile, is refused."""
+        takes them, the special tokens of tokenizer_config.json and special_tokens_map.json (without either, a GGUF's
+        say: BOS and EOS by config.json's ids). A folder without a template, or a template that does not compile, is
+        refused."""
         if self._chat is not None:
             return self._chat
         import jinja2
@@ -87,11 +90,14 @@ class Tokenizer:
             raise TokenizerError(f"cannot read {path}: {_one_line(e)}") from None
         except jinja2.TemplateError as e:
             raise TokenizerError(f"{path}: {_one_line(e)}") from None
-        if (self.folder / TOKENIZER_CONFIG_FILE).exists():
-            config = _read_json(self.folder / TOKENIZER_CONFIG_FILE, required=True)
-            # a token is a string or an AddedToken's {"content": ...}; null or absent: not passed, as transformers
-            specials = {k: v.get("content") if isinstance(v, dict) else v for k in SPECIAL_TOKEN_KEYS
-                        if (v := config.get(k)) is not None}
+        files = [self.folder / n for n in (SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE)]
+        if any(f.exists() for f in files):
+            specials = {}
+            for f in files:  # tokenizer_config.json's over the map's
+                config = _read_json(f, required=False)
+                # a token is a string or an AddedToken's {"content": ...}; null or absent: not passed, as transformers
+                specials.update({k: v.get("content") if isinstance(v, dict) else v for k in SPECIAL_TOKEN_KEYS
+                                 if (v := config.get(k)) is not None})
         else:
             specials = {f"{name}_token": self.id_to_token(i) for name, i in
                         (("bos", self.bos_id), ("eos", self.eos_ids[0] if self.eos_ids else None)) if i is not None}

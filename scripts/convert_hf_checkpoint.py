@@ -22,7 +22,8 @@ import cli  # noqa: E402
 from checkpoint import (check_state_dict, check_weights, from_hf_config, permute_qk, read_config,  # noqa: E402
                         save_checkpoint)
 from model import DTYPES, CheckpointError, ModelArgs, Transformer  # noqa: E402
-from tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_CLASSES, load_tokenizer  # noqa: E402
+from tokenizer import (CHAT_TEMPLATE_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CLASSES,  # noqa: E402
+                       TOKENIZER_CONFIG_FILE, load_tokenizer)
 
 # Buffers older exporters saved; RoPE frequencies come from config.json instead.
 HARMLESS = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -35,7 +36,7 @@ LAYER_MAP = {
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
-HF_TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+HF_TOKENIZER_EXTRAS = (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, "generation_config.json")
 
 
 def download(repo: str, local_dir: Path) -> None:
@@ -110,7 +111,7 @@ def find_tokenizer(d: Path):
         if cand is None:
             raise CheckpointError(f"no tokenizer.json or tokenizer.model in {d} (or {d / 'original'})")
         kind, files = ("tiktoken" if is_tiktoken_file(cand) else "sentencepiece"), {"tokenizer.model": cand}
-    files.update({n: d / n for n in HF_TOKENIZER_EXTRAS if (d / n).is_file()})  # --chat reads tokenizer_config.json
+    files.update({n: d / n for n in HF_TOKENIZER_EXTRAS if (d / n).is_file()})  # --chat reads the special tokens
     template = find_chat_template(d)
     if template is not None:
         files[CHAT_TEMPLATE_FILE] = template
@@ -122,17 +123,18 @@ def find_chat_template(d: Path):
     (a string, or named templates of which the one named "default"); None for a model without one."""
     if (d / CHAT_TEMPLATE_FILE).is_file():
         return d / CHAT_TEMPLATE_FILE
-    if not (d / "tokenizer_config.json").is_file():
+    config = d / TOKENIZER_CONFIG_FILE
+    if not config.is_file():
         return None
     try:
-        template = json.loads((d / "tokenizer_config.json").read_text()).get("chat_template")
+        template = json.loads(config.read_text()).get("chat_template")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"cannot read {d / 'tokenizer_config.json'}: {e}") from None
+        raise CheckpointError(f"cannot read {config}: {e}") from None
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                         None)
     if template is not None and not isinstance(template, str):
-        raise CheckpointError(f"{d / 'tokenizer_config.json'}: chat_template is not text")
+        raise CheckpointError(f"{config}: chat_template is not text")
     return template
 
 

@@ -3,8 +3,8 @@
 # the device's 10-minute limit per command):
 #   tests:   GPU tests of the norm, attention and GEMV ops, of the compiled model, generate.py and bench_decode.py
 #   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%, batch 1)
-#   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included; more arguments go to it
-#            (e.g. --compiled_baseline --sparsity 0,0.5)
+#   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included; arguments after the timeout
+#            go to it (e.g. kernels 560 --compiled_baseline --sparsity 0,0.5)
 #   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%);
 #             more arguments go to generate.py (e.g. --compile_prefill)
 # Timing stages clear inductor's cache first: the cache keys the graph that calls a triton_op, not the op's

@@ -591,9 +591,15 @@ def test_dense_decode_keeps_row_major_weights(sparsity, tiny_ckpt, tmp_path, mon
     assert w.is_contiguous() == (sparsity == "0") and w.t().is_contiguous() == (sparsity != "0")
 
 
-def test_decode_compiles_as_gpt_fast_does(monkeypatch):
+def test_decode_compiles_as_gpt_fast_does(tiny_ckpt, monkeypatch):
     """On a GPU: one graph, CUDA graphs, and coordinate-descent tuning (inductor's own fused GEMVs at batch 1, which
-    docs/benchmarks.md times against cuBLAS); on a CPU one graph."""
+    docs/benchmarks.md times against cuBLAS; test_bench_scripts checks on the GPU that no cuBLAS kernel runs then);
+    on a CPU one graph. --compile goes through it."""
+    devices = []
+    monkeypatch.setattr(generate, "compile_decode", lambda device: devices.append(device) or generate.decode_one_token)
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--compile", "--no_stream"])
+    assert devices == [torch.device("cpu")]
+    monkeypatch.undo()
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: (fn, kw))
     assert generate.compile_decode(torch.device("cuda", 0)) == (generate.decode_one_token, dict(
         fullgraph=True, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True}))

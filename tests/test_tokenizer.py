@@ -336,6 +336,24 @@ def test_chat_renders_as_transformers_does(tmp_path, hf_json):
         assert ids[0] == 0 and ids[-2:] == [2, 1] and "TOOLS" not in tok.decode(ids)
 
 
+def test_chat_special_tokens_from_an_older_repos_map(tmp_path, hf_json):
+    """Older repos name the special tokens in special_tokens_map.json only (a string or an AddedToken's fields)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    saved = PreTrainedTokenizerFast(tokenizer_file=str(hf_json))
+    saved.chat_template = "{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}"
+    saved.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": {"content": "<|im_end|>", "lstrip": False, "rstrip": False,
+                                                     "normalized": False, "single_word": False}}))
+    ref = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    files = {n: (tmp_path / "saved" / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                "special_tokens_map.json", "chat_template.jinja")}
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 1}, files))
+    want = ref.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
+    assert tok.encode_chat("hi") == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert tok.decode(tok.encode_chat("hi")) == "<|endoftext|>hi<|im_end|>"
+
+
 def test_sentencepiece_control_pieces_match_whole(tmp_path):
     """A control piece that begins another one does not split it (the tokenizers library matches the longest)."""
     import sentencepiece as spm
