@@ -180,10 +180,13 @@ def parse_args(argv=None):
                    help="read prompts from standard input instead of --prompt, one per line, each decoded as "
                         "--prompt would be, until a blank line or the end of the input")
     p.add_argument("--chat", action="store_true",
-                   help="a chat model's format: each prompt is one user turn of a new conversation (no system "
-                        "turn but the template's own, no memory of earlier prompts) in the checkpoint's chat template "
+                   help="a chat model's format: each prompt is one user turn of a new conversation (no memory of "
+                        "earlier prompts; --system for a system turn) in the checkpoint's chat template "
                         "(chat_template.jinja, which the converters take from the model: its chat_template.jinja, "
                         "tokenizer_config.json or GGUF metadata), and only the reply is printed")
+    p.add_argument("--system", default=None,
+                   help="with --chat, a system turn before each prompt (default: none, but what the template adds "
+                        "itself)")
     p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
     p.add_argument("--num_samples", type=cli.at_least(1), default=1,
                    help="how many times to generate (timed separately; with --interactive, per prompt)")
@@ -224,10 +227,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.interactive and args.prompt is not None:
         p.error("--prompt and --interactive exclude each other (interactive prompts come from standard input)")
+    if args.system is not None and not args.chat:
+        p.error("--system is a turn of --chat's template")
     if args.prompt is None:
         args.prompt = DEFAULT_CHAT_PROMPT if args.chat else DEFAULT_PROMPT
-    if not is_utf8(args.prompt):
-        p.error("--prompt is not valid UTF-8 text")
+    for flag in ("prompt", "system"):
+        if not is_utf8(getattr(args, flag) or ""):
+            p.error(f"--{flag} is not valid UTF-8 text")
     args.dtype = args.dtype or cli.default_dtype(args.device)
     if args.sparsity > 0 and args.batch_size > sparse_ops.MAX_BATCH:
         p.error(f"sparse decode takes --batch_size up to {sparse_ops.MAX_BATCH}")
@@ -240,12 +246,13 @@ INTERACTIVE_CACHE = 4096  # tokens of the one cache that --interactive --compile
 # not fit: its causal mask alone is 17 GB)
 
 
-def encode_prompt(tokenizer, text: str, chat: bool, max_new_tokens: int, room: int, room_name: str) -> tuple:
+def encode_prompt(tokenizer, text: str, args, room: int, room_name: str) -> tuple:
     """(ids, shown): the prompt's tokens, after BOS where the tokenizer adds one (or the prompt is empty), or with
-    chat, text as a user turn in the chat template; and those of them printed before the continuation (the prompt
-    without BOS; none in a chat). With max_new_tokens they must fit in room tokens."""
+    --chat, text as a user turn in the chat template (after --system's turn); and those of them printed before the
+    continuation (the prompt without BOS; none in a chat). With --max_new_tokens they must fit in room tokens."""
+    chat, max_new_tokens = args.chat, args.max_new_tokens
     if chat:
-        ids = tokenizer.encode_chat(text)
+        ids = tokenizer.encode_chat(text, args.system)
         shown = []
     else:
         bos = (tokenizer.add_bos or not text) and tokenizer.bos_id is not None  # as encode adds it
@@ -327,9 +334,9 @@ def main(argv=None) -> None:
     if fixed_cache and INTERACTIVE_CACHE < room:
         room, room_name = INTERACTIVE_CACHE, f"the {INTERACTIVE_CACHE}-token cache of a compiled --interactive session"
     if not args.interactive:
-        encode_prompt(tokenizer, args.prompt, args.chat, args.max_new_tokens, room, room_name)
+        encode_prompt(tokenizer, args.prompt, args, room, room_name)
     else:  # every prompt would be refused, one by one, where even the chat template's own tokens leave no room
-        used = len(tokenizer.encode_chat("")) if args.chat else 0
+        used = len(tokenizer.encode_chat("", args.system)) if args.chat else 0
         if used + args.max_new_tokens >= room:
             raise ValueError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in {room_name}"
                              + (f" (the chat template takes {used} tokens)" if args.chat else ""))
@@ -361,7 +368,7 @@ def main(argv=None) -> None:
     n_warmup = 1 if args.compile or args.compile_prefill else 0  # the first run compiles and captures; not timed
     for text in read_prompts() if args.interactive else [args.prompt]:
         try:
-            ids, shown_ids = encode_prompt(tokenizer, text, args.chat, args.max_new_tokens, room, room_name)
+            ids, shown_ids = encode_prompt(tokenizer, text, args, room, room_name)
         except ValueError as e:  # an interactive prompt too long: say so, ask for the next
             if not args.interactive:
                 raise

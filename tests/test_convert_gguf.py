@@ -169,6 +169,11 @@ def test_chat_prompt_matches_transformers(converted, hf_tok):
                                          tokenize=True)
         ref = ref["input_ids"] if hasattr(ref, "keys") else ref
         assert tok.encode_chat(text) == list(ref)
+    # a system turn of the user's replaces the template's own
+    messages = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
+    ref = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = tok.encode_chat("Hi", "Answer in French.")
+    assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref) and "SmolLM" not in tok.decode(ids)
 
 
 @needs_gguf

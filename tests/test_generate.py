@@ -675,6 +675,12 @@ def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, caps
     generate.main(["--checkpoint", str(ckpt), *INTERACTIVE, "--interactive", "--chat", "--no_stream"])
     out = capsys.readouterr().out
     assert prompts[1] == prompts[0] and out.split("\n\nsample 1:")[0] == reply, (out, reply)
+    # --system: a turn the template sees before the user's (this one writes the first message's content only)
+    generate.main(["--checkpoint", str(ckpt), *BASE[:-1], "the cat", "--chat", "--system", "be brief", "--no_stream"])
+    assert prompts[2] == tok.encode("U:be brief\nA:")
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--checkpoint", str(ckpt), "--system", "be brief"])  # no --chat
+    assert "--system is a turn of --chat's template" in capsys.readouterr().err
 
 
 def test_interactive_ends_at_the_end_of_the_input(tiny_ckpt, monkeypatch, capsys):
