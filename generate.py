@@ -250,8 +250,7 @@ def encode_prompt(tokenizer, text: str, args, room: int, room_name: str) -> tupl
     """(ids, shown): the prompt's tokens, after BOS where the tokenizer adds one (or the prompt is empty), or with
     --chat, text as a user turn in the chat template (after --system's turn); and those of them printed before the
     continuation (the prompt without BOS; none in a chat). With --max_new_tokens they must fit in room tokens."""
-    chat, max_new_tokens = args.chat, args.max_new_tokens
-    if chat:
+    if args.chat:
         ids = tokenizer.encode_chat(text, args.system)
         shown = []
     else:
@@ -260,9 +259,9 @@ def encode_prompt(tokenizer, text: str, args, room: int, room_name: str) -> tupl
         shown = ids[1 if bos else 0:]
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
-    if len(ids) + max_new_tokens > room:
-        what = "chat prompt (its template included: " if chat else "prompt ("
-        raise ValueError(f"{what}{len(ids)} tokens) + --max_new_tokens ({max_new_tokens}) exceeds {room_name}")
+    if len(ids) + args.max_new_tokens > room:
+        what = "chat prompt (its template included: " if args.chat else "prompt ("
+        raise ValueError(f"{what}{len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds {room_name}")
     return ids, shown
 
 
@@ -333,13 +332,13 @@ def main(argv=None) -> None:
     room, room_name = config.block_size, config.context()
     if fixed_cache and INTERACTIVE_CACHE < room:
         room, room_name = INTERACTIVE_CACHE, f"the {INTERACTIVE_CACHE}-token cache of a compiled --interactive session"
-    if not args.interactive:
-        encode_prompt(tokenizer, args.prompt, args, room, room_name)
-    else:  # every prompt would be refused, one by one, where even the chat template's own tokens leave no room
-        used = len(tokenizer.encode_chat("", args.system)) if args.chat else 0
-        if used + args.max_new_tokens >= room:
+    encoded = None if args.interactive else encode_prompt(tokenizer, args.prompt, args, room, room_name)
+    # interactive: every prompt would be refused, one by one, where even the chat template's own tokens leave no room
+    if args.interactive:
+        template_tokens = len(tokenizer.encode_chat("", args.system)) if args.chat else 0
+        if template_tokens + args.max_new_tokens >= room:
             raise ValueError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in {room_name}"
-                             + (f" (the chat template takes {used} tokens)" if args.chat else ""))
+                             + (f" (the chat template takes {template_tokens} tokens)" if args.chat else ""))
     # dense decode keeps the row-major weights: inductor's one-row GEMVs reduce along their contiguous rows (8%
     # faster than cuBLAS on Llama-3-8B); across the sparse ops' column-major layout they read slowly
     # (docs/benchmarks.md, "generate.py on the GPU")
@@ -368,7 +367,7 @@ def main(argv=None) -> None:
     n_warmup = 1 if args.compile or args.compile_prefill else 0  # the first run compiles and captures; not timed
     for text in read_prompts() if args.interactive else [args.prompt]:
         try:
-            ids, shown_ids = encode_prompt(tokenizer, text, args, room, room_name)
+            ids, shown_ids = encoded or encode_prompt(tokenizer, text, args, room, room_name)
         except ValueError as e:  # an interactive prompt too long: say so, ask for the next
             if not args.interactive:
                 raise
