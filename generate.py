@@ -178,15 +178,17 @@ def parse_args(argv=None):
                         f"{DEFAULT_CHAT_PROMPT})")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input instead of --prompt, one per line, each decoded as "
-                        "--prompt would be, until a blank line or the end of the input")
+                        "--prompt would be (with --chat, as the next turn of one conversation), until a blank line "
+                        "or the end of the input")
     p.add_argument("--chat", action="store_true",
-                   help="a chat model's format: each prompt is one user turn of a new conversation (no memory of "
-                        "earlier prompts; --system for a system turn) in the checkpoint's chat template "
+                   help="a chat model's format: the prompt is a user turn in the checkpoint's chat template "
                         "(chat_template.jinja, which the converters take from the model: its chat_template.jinja, "
-                        "tokenizer_config.json or GGUF metadata), and only the reply is printed")
+                        "tokenizer_config.json or GGUF metadata), and only the reply is printed; with --interactive "
+                        "one conversation, each line the next user turn after the earlier ones and their replies "
+                        "(the last sample's, row 1), its oldest exchanges left out where the whole would not fit")
     p.add_argument("--system", default=None,
-                   help="with --chat, a system turn before each prompt (default: none, but what the template adds "
-                        "itself)")
+                   help="with --chat, a system turn that opens the conversation (default: none, but what the "
+                        "template adds itself)")
     p.add_argument("--max_new_tokens", type=cli.at_least(1), default=200, help="tokens to generate per sample")
     p.add_argument("--num_samples", type=cli.at_least(1), default=1,
                    help="how many times to generate (timed separately; with --interactive, per prompt)")
@@ -246,12 +248,24 @@ INTERACTIVE_CACHE = 4096  # tokens of the one cache that --interactive --compile
 # not fit: its causal mask alone is 17 GB)
 
 
-def encode_prompt(tokenizer, text: str, args, room: int, room_name: str) -> tuple:
+def encode_prompt(tokenizer, text: str, args, room: int, room_name: str, history: Optional[list] = None) -> tuple:
     """(ids, shown): the prompt's tokens, after BOS where the tokenizer adds one (or the prompt is empty), or with
-    --chat, text as a user turn in the chat template (after --system's turn); and those of them printed before the
-    continuation (the prompt without BOS; none in a chat). With --max_new_tokens they must fit in room tokens."""
+    --chat, text as the next user turn in the chat template (after --system's turn and the conversation so far,
+    history); and those of them printed before the continuation (the prompt without BOS; none in a chat). With
+    --max_new_tokens they must fit in room tokens: where the conversation would not, its oldest exchanges are
+    removed from history (a note says so)."""
     if args.chat:
-        ids = tokenizer.encode_chat(text, args.system)
+        history = [] if history is None else history
+        dropped = 0
+        while True:
+            ids = tokenizer.encode_chat(text, args.system, history[2 * dropped:])
+            if len(ids) + args.max_new_tokens <= room or 2 * dropped >= len(history):
+                break
+            dropped += 1  # the oldest exchange: a user turn and its reply
+        if dropped and len(ids) + args.max_new_tokens <= room:
+            del history[:2 * dropped]
+            print(f"(the conversation's first {dropped} exchange{'s' if dropped > 1 else ''} left out: the whole "
+                  f"would not fit {room_name})", file=sys.stderr)
         shown = []
     else:
         bos = (tokenizer.add_bos or not text) and tokenizer.bos_id is not None  # as encode adds it
@@ -286,12 +300,14 @@ def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, d
     """A sample's statistics: tokens/s, bandwidth and, with a calibration, the sparsity its decode steps achieved."""
     total_bytes, linear_bytes = model_bytes(model)
     n_new = seq.shape[1] - T
-    stop = next((j for j, t in enumerate(seq[0, T:].tolist()) if t in stop_ids), n_new - 1)
-    past_stop = n_new - 1 - stop if args.batch_size == 1 else 0
+    # decoding ends once every row has stopped: the steps after the last row's stop are timed but not shown
+    last_stop = max(next((j for j, t in enumerate(row) if t in stop_ids), n_new - 1) for row in seq[:, T:].tolist())
+    past_stop = n_new - 1 - last_stop
+    rows = "every row's" if args.batch_size > 1 else "the"
     print(f"\n\nsample {sample}: {n_new} tokens x {args.batch_size} rows in {dt:.2f}s: "
           f"{n_new * args.batch_size / dt:.1f} tokens/s (prefill included)"
           + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else "")
-          + (f"; {past_stop} decoded after the end-of-sequence token (this sample was not streamed: decoding "
+          + (f"; {past_stop} decoded after {rows} end-of-sequence token (this sample was not streamed: decoding "
              f"looks for it every 16 steps)" if past_stop else ""))
     line = f"bandwidth {total_bytes * n_new / dt / 1e9:.1f} GB/s dense-equivalent"
     if cal is not None and n_new < 2:
@@ -365,9 +381,10 @@ def main(argv=None) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
     n_warmup = 1 if args.compile or args.compile_prefill else 0  # the first run compiles and captures; not timed
+    history = []  # --chat --interactive: the conversation so far, user turns and the replies to them
     for text in read_prompts() if args.interactive else [args.prompt]:
         try:
-            ids, shown_ids = encoded or encode_prompt(tokenizer, text, args, room, room_name)
+            ids, shown_ids = encoded or encode_prompt(tokenizer, text, args, room, room_name, history)
         except ValueError as e:  # an interactive prompt too long: say so, ask for the next
             if not args.interactive:
                 raise
@@ -431,6 +448,8 @@ def main(argv=None) -> None:
                 profiler.export_chrome_trace(str(args.profile))
                 print(f"profiler trace of this sample (timing includes the profiler's overhead) in {args.profile}")
         n_warmup = 0  # compiled once for every prompt
+        if args.chat:
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": shown_text(seq)}]
 
 if __name__ == "__main__":
     cli.run(main)

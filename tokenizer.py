@@ -62,12 +62,13 @@ class Tokenizer:
         ids = self._encode(text)
         return [self.bos_id] + ids if bos and self.bos_id is not None else ids
 
-    def encode_chat(self, text: str, system: str | None = None) -> list[int]:
-        """text as one user turn of a new conversation (after a system turn, if given), the assistant's turn opened:
-        transformers' apply_chat_template(add_generation_prompt=True). The template writes BOS itself where the model
-        wants one; the special tokens it writes are encoded as such."""
+    def encode_chat(self, text: str, system: str | None = None, history: list[dict] = ()) -> list[int]:
+        """text as the user's next turn, after a system turn (if given) and the conversation so far (history: earlier
+        messages, {"role": "user" or "assistant", "content": ...}), the assistant's turn opened: transformers'
+        apply_chat_template(add_generation_prompt=True). The template writes BOS itself where the model wants one;
+        the special tokens it writes are encoded as such."""
         template, specials = self.load_chat_template()
-        messages = ([] if system is None else [{"role": "system", "content": system}]) + [
+        messages = ([] if system is None else [{"role": "system", "content": system}]) + list(history) + [
             {"role": "user", "content": text}]
         rendered = render_chat(template, messages, specials)
         if not rendered:

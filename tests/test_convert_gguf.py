@@ -174,6 +174,12 @@ def test_chat_prompt_matches_transformers(converted, hf_tok):
     ref = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = tok.encode_chat("Hi", "Answer in French.")
     assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref) and "SmolLM" not in tok.decode(ids)
+    # the next turn of a conversation (--interactive --chat): the earlier turns and the reply come first
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bonjour ! Comment ça va ?"}]
+    ref = hf_tok.apply_chat_template(messages + history[1:] + [{"role": "user", "content": "Bien."}],
+                                     add_generation_prompt=True, tokenize=True)
+    ids = tok.encode_chat("Bien.", "Answer in French.", history)
+    assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref) and "Bonjour" in tok.decode(ids)
 
 
 @needs_gguf

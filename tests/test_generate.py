@@ -683,6 +683,37 @@ def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, caps
     assert "--system is a turn of --chat's template" in capsys.readouterr().err
 
 
+def test_interactive_chat_is_one_conversation(tmp_path, monkeypatch, capsys):
+    """--interactive --chat: each line is the next user turn after the earlier turns and their replies (what was
+    printed); where the whole would not fit the context, the oldest exchanges are left out, with a note."""
+    ckpt = write_tiny_checkpoint(tmp_path / "chat", max_pos=48)
+    (ckpt.parent / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}")
+    tok = get_tokenizer(ckpt.parent)
+    prompts, seqs = [], []
+    real_generate = generate.generate
+
+    def spy(m, prompt, *a):
+        prompts.append(prompt[0].tolist())
+        seqs.append(real_generate(m, prompt, *a))
+        return seqs[-1]
+    monkeypatch.setattr(generate, "generate", spy)
+    fake_stdin(monkeypatch, ["the cat", "the dog", "a hat"])
+    generate.main(["--checkpoint", str(ckpt), *INTERACTIVE, "--interactive", "--chat", "--system", "hi",
+                   "--no_stream"])
+    out, err = capsys.readouterr()
+    replies = [tok.decode(s[0, len(p):].tolist()) for p, s in zip(prompts, seqs)]  # eos 0 is not among them
+    assert [r for r in replies if r] == replies and out.count("sample 1:") == 3
+    assert prompts[0] == tok.encode("s:hi\nu:the cat\na:")
+    assert prompts[1] == tok.encode(f"s:hi\nu:the cat\na:{replies[0]}\nu:the dog\na:")
+    third = f"s:hi\nu:the cat\na:{replies[0]}\nu:the dog\na:{replies[1]}\nu:a hat\na:"
+    assert len(tok.encode(third)) + 4 > 48  # so the first exchange goes
+    assert prompts[2] == tok.encode(f"s:hi\nu:the dog\na:{replies[1]}\nu:a hat\na:")
+    assert err.count("(the conversation's first 1 exchange left out: the whole would not fit the model's "
+                     "context of 48 tokens)") == 1, err
+
+
 def test_interactive_ends_at_the_end_of_the_input(tiny_ckpt, monkeypatch, capsys):
     fake_stdin(monkeypatch, ["the cat"])
     generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, "--interactive", "--no_stream"])
@@ -993,6 +1024,13 @@ def test_report_counts_the_steps_past_the_stop(tiny_ckpt, capsys):
     assert "5 tokens x 1 rows" in out and "3 decoded after the end-of-sequence token" in out, out
     generate.report(m, None, args, 2, torch.tensor([[1, 2, 5, 6, 7, 7, 0]]), 1.0, 1, (0,))
     assert "after the end-of-sequence" not in capsys.readouterr().out
+    # a batch: counted from the last row's stop; none while a row has not stopped
+    args = generate.parse_args(["--checkpoint", str(tiny_ckpt), "--no_stream", "--batch_size", "2"])
+    generate.report(m, None, args, 2, torch.tensor([[1, 2, 0, 7, 7, 7, 7], [1, 2, 5, 0, 7, 7, 7]]), 1.0, 1, (0,))
+    out = capsys.readouterr().out
+    assert "5 tokens x 2 rows" in out and "3 decoded after every row's end-of-sequence token" in out, out
+    generate.report(m, None, args, 2, torch.tensor([[1, 2, 0, 7, 7, 7, 7], [1, 2, 5, 6, 7, 7, 7]]), 1.0, 1, (0,))
+    assert "after every row's" not in capsys.readouterr().out
 
 
 def test_loaded_line_names_the_thresholds_in_use(tiny_ckpt, tmp_path):
