@@ -55,8 +55,7 @@ class InputRecorder:
     def _cats_hook(self, layer):
         def hook(module, inputs, out):
             a = torch.nn.functional.silu(out.detach().float()).abs().flatten()
-            idx = torch.randint(0, a.numel(), (min(self.per_call, a.numel()),), generator=self.gen).to(a.device)
-            self.cats[layer].append(a[idx].cpu())
+            self.cats[layer].append(a[self._pick(a)].cpu())
         return hook
 
     def _hook(self, layer, projs, norms):
@@ -64,11 +63,17 @@ class InputRecorder:
             x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
             if not torch.isfinite(x).all():
                 raise FloatingPointError(f"non-finite activations at layer {layer} ({PROJECTIONS[projs[0]]} input)")
-            idx = torch.randint(0, x.numel(), (min(self.per_call, x.numel()),), generator=self.gen).to(x.device)
+            idx = self._pick(x)
             for j, p in enumerate(projs):
                 score = x.abs() if norms is None else x.abs() * norms[j]
                 self.samples[layer][p].append(score.flatten()[idx].cpu())
         return hook
+
+    def _pick(self, x: torch.Tensor):
+        """Which of x's (flattened) values to keep: per_call drawn at random, or all of them where that is no more."""
+        if self.per_call >= x.numel():
+            return slice(None)
+        return torch.randint(0, x.numel(), (self.per_call,), generator=self.gen).to(x.device)
 
     def remove(self):
         for h in self.handles:
@@ -106,10 +111,10 @@ def calibration_tokens(args, tokenizer) -> tuple:
         source = f"hf-dataset:{args.dataset}/{args.dataset_file}"
     else:
         text, source = textdata.calibration_text(), "pydoc_data.topics (calibration split)"
-    ids = tokenizer.encode(text)
+    ids = textdata.encode_head(tokenizer, text, args.tokens)
     if len(ids) < args.seq_len:
         raise ValueError(f"calibration text has {len(ids)} tokens, fewer than --seq_len {args.seq_len}")
-    return ids[:args.tokens], source
+    return ids, source
 
 
 def windows(ids: list, seq_len: int) -> list:
@@ -199,6 +204,7 @@ def plot(rec: InputRecorder, path: Path, title: str, score: str) -> None:
 
 
 TOKENS_DEFAULT = 16384
+WIKITEXT = "Salesforce/wikitext"
 PASS_DEFAULTS = {"dataset_file": "wikitext-2-raw-v1/train-00000-of-00001.parquet", "text_column": "text",
                  "greedy_tokens": 2048, "sparse_aware_levels": [i / 20 for i in range(1, 19)],
                  "sparse_aware_tokens": 4096}
@@ -213,8 +219,8 @@ def parse_args(argv=None):
     src.add_argument("--dataset", help="a Hugging Face dataset repo id, e.g. Salesforce/wikitext (needs network)")
     # The flags of an optional pass default to None here, so that one given without its pass is told apart (and
     # refused) whatever argparse abbreviation spelt it; PASS_DEFAULTS fills them in afterwards.
-    p.add_argument("--dataset_file", help="file inside --dataset: .parquet, .jsonl, .json or .txt "
-                                          f"(default: {PASS_DEFAULTS['dataset_file']})")
+    p.add_argument("--dataset_file", help="file inside --dataset: .parquet, .jsonl, .json or .txt (needed but for "
+                                          f"{WIKITEXT}, whose default is {PASS_DEFAULTS['dataset_file']})")
     p.add_argument("--text_column", help=f"column holding the text in --dataset_file (default: "
                                          f"{PASS_DEFAULTS['text_column']})")
     p.add_argument("--tokens", type=cli.at_least(1),
@@ -253,6 +259,8 @@ def parse_args(argv=None):
     # token budgets given: set_seq_len refuses one below a window, and raises a default to one window
     args.given = {f for f in ("tokens", "greedy_tokens", "sparse_aware_tokens") if getattr(args, f) is not None}
     args.tokens = TOKENS_DEFAULT if args.tokens is None else args.tokens
+    if args.dataset and args.dataset != WIKITEXT and args.dataset_file is None:
+        p.error(f"--dataset {args.dataset} needs --dataset_file (the default file is {WIKITEXT}'s)")
     # A flag whose pass is off would be ignored without a word (and a default calibration overwrite the file)
     for flag, needs in (("dataset_file", "dataset"), ("text_column", "dataset"), ("greedy_tokens", "greedy"),
                         ("sparse_aware_levels", "sparse_aware"), ("sparse_aware_tokens", "sparse_aware")):
@@ -283,12 +291,17 @@ def replaced_sections(out: Path, args) -> list:
             if data.get(name) is not None and not on]
 
 
+def token_budgets(args) -> list:
+    """The token-budget flags of the passes this run makes."""
+    return ["tokens"] + ["greedy_tokens"] * args.greedy + ["sparse_aware_tokens"] * args.sparse_aware
+
+
 def set_seq_len(args, config) -> None:
     """args.seq_len for a model of this context (cli.seq_len); each token budget must hold one window of it: a
     default that does not is raised to one window."""
     args.seq_len = cli.seq_len(args.seq_len, config)
-    for flag, used in (("tokens", True), ("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
-        if used and getattr(args, flag) < args.seq_len:
+    for flag in token_budgets(args):
+        if getattr(args, flag) < args.seq_len:
             if flag in args.given:
                 raise ValueError(f"--{flag} must be at least --seq_len ({args.seq_len})")
             setattr(args, flag, args.seq_len)
@@ -302,12 +315,12 @@ def main(argv=None) -> None:
     default_out = thr_file.default_path(args.checkpoint, args.score)
     out = args.out or default_out
     check_output(out, args.checkpoint, "--out", allowed=(default_out.name,), inputs=[args.text])
-    check_output(args.plot, args.checkpoint, "--plot", inputs=[args.text])
+    check_output(args.plot, args.checkpoint, "--plot", inputs=[args.text], outputs={"--out": out})
     set_seq_len(args, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     ids, source = calibration_tokens(args, tokenizer)
-    for flag, used in (("tokens", True), ("greedy_tokens", args.greedy), ("sparse_aware_tokens", args.sparse_aware)):
-        if used and flag in args.given and getattr(args, flag) > len(ids):  # a pass runs on the first tokens
+    for flag in token_budgets(args):
+        if flag in args.given and getattr(args, flag) > len(ids):  # a pass runs on the first tokens
             print(f"note: --{flag} {getattr(args, flag)}: the calibration has {len(ids)} tokens"
                   + (" (the whole text)" if flag == "tokens" else ", all of which the pass uses"), file=sys.stderr)
     replaced = replaced_sections(out, args)

@@ -3,6 +3,7 @@ tokenizer files and tealfast.json. The architecture comes from config.json (from
 weight against it (load_model); the converters write folders with save_checkpoint.
 """
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,7 +35,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "rms_norm_eps"):
         v, real = cfg.get(key), key == "rms_norm_eps"
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float) if real else int) or v <= 0):
+        if v is not None and not (positive_number(v) if real else isinstance(v, int) and positive_number(v)):
             raise CheckpointError(f"config.json: {key} must be a positive {'number' if real else 'integer'}, "
                                   f"got {v!r}")
     n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
@@ -52,7 +53,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         raise CheckpointError(f"config.json: head_dim {head_dim} is odd (hidden_size / num_attention_heads where not "
                               f"given); RoPE rotates pairs of channels")
     rope_base = cfg["rope_theta"] if cfg.get("rope_theta") is not None else params.get("rope_theta", 10000.0)
-    if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 0:
+    if not positive_number(rope_base):
         raise CheckpointError(f"config.json: rope_theta must be a positive number, got {rope_base!r}")
     return ModelArgs(
         vocab_size=cfg["vocab_size"],
@@ -64,12 +65,17 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         intermediate_size=cfg["intermediate_size"],
         block_size=block_size,
         window_capped=block_size < max_pos,
-        norm_eps=cfg.get("rms_norm_eps") or 1e-5,
+        norm_eps=cfg.get("rms_norm_eps") or 1e-6,  # transformers' default for Llama, Mistral and Qwen2
         rope_base=float(rope_base),
         rope_scaling=rope_scaling(cfg.get("rope_scaling") or params, cfg.get("max_position_embeddings")),
         qkv_bias=mt == "qwen2",
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
+
+
+def positive_number(v) -> bool:
+    """A finite number above 0 (Python's json reads NaN and Infinity; a bool is no number here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
@@ -87,7 +93,7 @@ def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
           "high_freq_factor": 4.0, **rs}
     for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
         v = rs.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        if not positive_number(v):
             raise CheckpointError(f"config.json: llama3 rope_scaling needs a positive {key}, got {v!r}")
     if rs["high_freq_factor"] <= rs["low_freq_factor"]:
         raise CheckpointError("config.json: llama3 rope_scaling needs high_freq_factor > low_freq_factor")
@@ -99,10 +105,10 @@ FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_w
     tuple(dict.fromkeys(c.file_name for c in TOKENIZER_CLASSES.values()))  # beside model.pth: what the runtime reads
 
 
-def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=(), inputs=()) -> None:
+def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=(), inputs=(), outputs=None) -> None:
     """An output file (--out, --json, --plot, --profile) must not be one of the checkpoint folder's own files
-    (its weights, config, tokenizer or thresholds, but the `allowed` names) nor one of the command's `inputs`
-    (None where not given): writing it would destroy them."""
+    (its weights, config, tokenizer or thresholds, but the `allowed` names), one of the command's `inputs`
+    (None where not given), nor another of its outputs ({flag: file}): writing it would destroy them."""
     if out is None:
         return
     target, ckpt = Path(out).resolve(), Path(checkpoint_path)
@@ -110,6 +116,9 @@ def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=(), in
         raise ValueError(f"{flag} {out} would overwrite the checkpoint's own {target.name}")
     if target in {Path(f).resolve() for f in inputs if f is not None}:
         raise ValueError(f"{flag} {out} would overwrite one of this command's input files")
+    for other, f in (outputs or {}).items():
+        if f is not None and Path(f).resolve() == target:
+            raise ValueError(f"{flag} and {other} name the same file, {out}")
 
 
 def is_hf_folder(folder: Path) -> bool:

@@ -7,6 +7,7 @@ context, is settled from the checkpoint's config.json before the weights load (s
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -164,12 +165,17 @@ def positive_ints(s: str) -> list:
 
 
 def out_file(s: str) -> Path:
-    """A file to write: not a folder, and its folder must exist (checked before any work is done)."""
+    """A file to write: not a folder, in a folder that exists and takes new files (checked before any work is done:
+    a file made there and removed)."""
     p = Path(s)
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{p} is a folder; give a file name")
     if not p.parent.is_dir():
         raise argparse.ArgumentTypeError(f"folder {p.parent} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=p.parent).close()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write in folder {p.parent}: {e.strerror or e}") from None
     return p
 
 

@@ -3,6 +3,7 @@
 The split is fixed: topics sorted by key, every fifth one (sorted index i with i % 5 == 4) is held out.
 """
 from pathlib import Path
+from typing import Optional
 
 from pydoc_data.topics import topics as _TOPICS
 
@@ -95,7 +96,7 @@ def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000
         except (KeyError, TypeError):
             raise ValueError(f"{path.name}: records have no {column!r} field") from None
     else:
-        rows = [read_text_file(path)]
+        rows = [read_text_file(path)[:max_chars]]  # one row: cut, where records are taken whole
     out, n = [], 0
     for r in rows:
         if isinstance(r, str) and r.strip():
@@ -106,6 +107,19 @@ def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000
     if not out:
         raise ValueError(f"{path.name}: no text in column {column!r}")
     return "\n\n".join(out)
+
+
+def encode_head(tokenizer, text: str, n: Optional[int]) -> list:
+    """tokenizer.encode(text)[:n] (all where n is None) without encoding all of a long text: a head of it, grown
+    until it holds 64 tokens more than n, so that the cut, which can split a word, is not among the n."""
+    if n is None:
+        return tokenizer.encode(text)
+    chars = 8 * (n + 64)
+    while True:
+        ids = tokenizer.encode(text[:chars])
+        if chars >= len(text) or len(ids) >= n + 64:
+            return ids[:n]
+        chars *= 2
 
 
 DOCSTRING_MODULES = ("argparse", "collections", "email.message", "json", "logging", "pathlib", "subprocess",

@@ -36,7 +36,7 @@ LAYER_MAP = {
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
-HF_TOKENIZER_EXTRAS = (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, "generation_config.json")
+HF_TOKENIZER_EXTRAS = (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
 
 
 def download(repo: str, local_dir: Path) -> None:

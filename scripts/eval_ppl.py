@@ -129,7 +129,8 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     config = load_config(args.checkpoint)  # inputs checked against it before the weights load
     for out, flag in ((args.json, "--json"), (args.plot, "--plot")):
-        check_output(out, args.checkpoint, flag, inputs=[args.thresholds, args.weighted_thresholds, args.text])
+        check_output(out, args.checkpoint, flag, inputs=[args.thresholds, args.weighted_thresholds, args.text],
+                     outputs={"--json": args.json} if flag == "--plot" else None)
     args.seq_len = cli.seq_len(args.seq_len, config)
     tokenizer = get_tokenizer(args.checkpoint.parent)
     if args.text:
@@ -137,7 +138,7 @@ def main(argv=None) -> list:
     else:
         text = textdata.heldout_text() if args.corpus == "pydoc-heldout" else textdata.docstring_text()
         source = args.corpus
-    ids = tokenizer.encode(text)[:args.max_tokens]
+    ids = textdata.encode_head(tokenizer, text, args.max_tokens)
     if len(ids) < 2:
         raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
     cals = {}

@@ -359,11 +359,20 @@ def test_plot_of_weighted_scores_has_a_panel_per_projection(tiny, tmp_path, monk
 def test_dataset_file_type_refused_at_parse_time(tmp_path):
     code, _, err = run_main(["--checkpoint", tmp_path / "m.pth", "--dataset", "org/data", "--dataset_file", "a.csv"])
     assert code == 2 and "--dataset_file: unsupported dataset file type '.csv'" in err and len(err.splitlines()) == 1
+    # the default file is wikitext's: another dataset must name its own
+    code, _, err = run_main(["--checkpoint", tmp_path / "m.pth", "--dataset", "org/data"])
+    assert code == 2 and "--dataset org/data needs --dataset_file" in err and len(err.splitlines()) == 1, err
+    args = calibrate.parse_args(["--checkpoint", "m.pth", "--dataset", "Salesforce/wikitext"])
+    assert args.dataset_file == "wikitext-2-raw-v1/train-00000-of-00001.parquet"
 
 
 def test_out_onto_the_other_scores_file_is_refused(tiny, tmp_path):
-    """--out may name the checkpoint's thresholds file of the run's own score, not the other score's."""
+    """--out may name the checkpoint's thresholds file of the run's own score, not the other score's; --plot not
+    the --out file."""
     ckpt, text = tiny
     code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--device", "cpu", "--out",
                              Path(ckpt).parent / "thresholds_weighted.json"])
     assert code == 1 and "would overwrite the checkpoint's own thresholds_weighted.json" in err, err
+    code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--device", "cpu", "--out", tmp_path / "t.png",
+                             "--plot", tmp_path / "t.png"])
+    assert code == 1 and "--plot and --out name the same file" in err and not (tmp_path / "t.png").exists(), err

@@ -102,7 +102,7 @@ def test_load_model_rejects_corrupt_config(good_ckpt, tmp_path, content):
 def test_optional_config_fields_may_be_null(good_ckpt, tmp_path):
     path = broken_copy(good_ckpt, tmp_path, cfg_edit=lambda c: c.update(rms_norm_eps=None, num_key_value_heads=None))
     c = checkpoint.load_config(path)
-    assert c.norm_eps == 1e-5 and c.n_local_heads == c.n_head
+    assert c.norm_eps == 1e-6 and c.n_local_heads == c.n_head
 
 
 def test_load_model_rejects_missing_checkpoint(tmp_path):
@@ -131,6 +131,12 @@ def hf_config(**overrides) -> dict:
     dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
     dict(hidden_size=60),  # head_dim 15: RoPE rotates pairs
     dict(head_dim=15),
+    # Python's json reads NaN and Infinity: numbers that would run silently wrong
+    dict(rms_norm_eps=float("nan")),
+    dict(rms_norm_eps=float("inf")),
+    dict(rope_theta=float("inf")),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": float("nan")}),
+    dict(rope_scaling={"rope_type": "llama3", "factor": float("inf")}),
 ])
 def test_from_hf_config_rejects_unsupported(overrides):
     with pytest.raises(CheckpointError):
@@ -139,9 +145,11 @@ def test_from_hf_config_rejects_unsupported(overrides):
 
 def test_from_hf_config_defaults():
     # HF's defaults where config.json leaves a key out
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
     a = checkpoint.from_hf_config(hf_config())
     assert not a.tie_embeddings and not a.qkv_bias and a.head_dim == 16 and a.n_local_heads == 2
-    assert a.norm_eps == 1e-5 and a.rope_base == 10000.0 and a.rope_scaling is None and a.block_size == 8192
+    assert a.norm_eps == 1e-6 and a.rope_base == 10000.0 and a.rope_scaling is None and a.block_size == 8192
+    assert {c().rms_norm_eps for c in (LlamaConfig, MistralConfig, Qwen2Config)} == {a.norm_eps}
     b = checkpoint.from_hf_config(hf_config(num_key_value_heads=None, max_position_embeddings=None))
     assert b.n_local_heads == 4 and b.block_size == 2048
 
@@ -227,6 +235,9 @@ def test_outputs_never_overwrite_the_checkpoint(good_ckpt, tmp_path):
     checkpoint.check_output(None, ckpt, "--json")
     with pytest.raises(ValueError, match="one of this command's input files"):  # e.g. --thresholds elsewhere
         checkpoint.check_output(tmp_path / "t.json", ckpt, "--profile", inputs=[None, tmp_path / "t.json"])
+    with pytest.raises(ValueError, match="--plot and --json name the same file"):  # two outputs of one command
+        checkpoint.check_output(tmp_path / "a.png", ckpt, "--plot", outputs={"--json": tmp_path / "." / "a.png"})
+    checkpoint.check_output(tmp_path / "a.png", ckpt, "--plot", outputs={"--json": None, "--out": tmp_path / "b"})
 
 
 def test_a_hugging_face_folder_is_sent_to_the_converter(tmp_path):

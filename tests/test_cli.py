@@ -64,6 +64,9 @@ def test_output_paths(tmp_path, capsys):
     assert parse(cli.out_file, str(tmp_path / "r.json")) == tmp_path / "r.json"
     assert "is a folder" in usage_error(cli.out_file, str(tmp_path), capsys)
     assert "does not exist" in usage_error(cli.out_file, str(tmp_path / "no" / "r.json"), capsys)
+    # a folder that takes no new files: refused before the work, not after it
+    assert "cannot write in folder /proc" in usage_error(cli.out_file, "/proc/r.json", capsys)
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
     # --plot: a format matplotlib writes, known before the work is done
     assert parse(cli.plot_file, str(tmp_path / "p.svg")) == tmp_path / "p.svg"
     assert "matplotlib writes" in usage_error(cli.plot_file, str(tmp_path / "p.txt"), capsys)

@@ -138,6 +138,9 @@ def test_tiny_model_dense_needs_no_thresholds_and_short_text_is_refused(tmp_path
     code, err = run_main(["--checkpoint", ckpt, "--sparsity", "0,0.4", "--text", tmp_path / "some.txt", "--device",
                           "cpu"])
     assert code == 1 and "thresholds file not found" in err, err
+    code, err = run_main(["--checkpoint", ckpt, "--sparsity", "0", "--text", tmp_path / "some.txt", "--device", "cpu",
+                          "--json", tmp_path / "r.png", "--plot", tmp_path / "r.png"])
+    assert code == 1 and "--plot and --json name the same file" in err and not (tmp_path / "r.png").exists(), err
 
 
 def test_seq_len_follows_the_model_context(tmp_path):

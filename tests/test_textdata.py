@@ -98,6 +98,7 @@ def test_dataset_files(tmp_path, suffix):
 
 def test_dataset_txt(tmp_path):
     assert textdata.text_from_file(write_dataset(tmp_path / "d.txt")) == "first row\n\n  second row  \nthird"
+    assert textdata.text_from_file(write_dataset(tmp_path / "e.txt"), max_chars=5) == "first"
 
 
 @pytest.mark.parametrize("name, content, message", [("d.csv", "a,b", "unsupported dataset file type"),
@@ -139,3 +140,25 @@ def test_load_hub_text(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unsupported dataset file type '.csv'"):  # refused before the download
         textdata.load_hub_text("org/data", "sub/train.csv")
     assert calls == []
+
+
+def test_encode_head_is_the_head_of_the_whole_encoding():
+    """encode_head(text, n) == encode(text)[:n], for a merging tokenizer (a byte-level BPE trained here on the
+    calibration text) and at every n, yet it encodes only a head of a long text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = textdata.calibration_text()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=2000, show_progress=False))
+    seen = []
+
+    class Tok:
+        def encode(self, t):
+            seen.append(len(t))
+            return bpe.encode(t).ids
+    whole = Tok().encode(text)
+    for n in (1, 100, 5000, len(whole) - 10, len(whole), len(whole) + 1000, None):
+        seen.clear()
+        assert textdata.encode_head(Tok(), text, n) == whole[:n], n
+        if n is not None and n <= 5000:
+            assert max(seen) < len(text) // 5, (n, seen)  # a head, not the whole text

@@ -64,6 +64,10 @@ def test_round_trip(saved):
     assert [list(layer) for layer in data["layers"]] == [list(PROJECTIONS)] * ARGS.n_layer
     assert data["model"] == {"n_layer": 2, "dim": 64, "intermediate_size": 128, "n_head": 4, "n_local_heads": 2,
                              "head_dim": 16, "vocab_size": 256, "rope_base": 10000.0}
+    # saved again over it: replaced whole (written beside it and renamed), nothing else left in the folder
+    thresholds.save(path, ARGS, LEVELS, table * 2, "again", 1, "magnitude")
+    assert torch.allclose(thresholds.load(path, ARGS)["table"], table * 2, rtol=1e-5, atol=0)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 def test_fingerprint_is_plain_json(tmp_path):
@@ -423,13 +427,33 @@ def test_sparse_aware_section(tmp_path):
     cal = thresholds.load(path, ARGS)
     for i, s in enumerate(sa_levels):
         assert torch.allclose(thresholds.thresholds_for(cal, s).double(), sa_table[..., i], rtol=1e-5)
-    # halfway to the first level: halfway to its thresholds (level 0 keeps everything)
-    assert torch.allclose(thresholds.thresholds_for(cal, 0.125).double(), sa_table[..., 0] / 2, rtol=1e-5)
     assert torch.allclose(thresholds.thresholds_for(cal, 0.75).double(), table[..., LEVELS.index(0.75)], rtol=1e-5)
     data = json.loads(path.read_text())
     data["sparse_aware"]["levels"] = [0.5, 0.25]
     path.write_text(json.dumps(data))
     assert "sparse_aware" in load_error(path)
+
+
+def test_sparse_aware_between_and_below_its_levels(tmp_path):
+    """Between the stored levels, and below the first, the corrected thresholds follow the dense activations'
+    quantile curve. Here the scores are exponential (threshold -log(1 - s) drops s of them) and the correction
+    moves every level to 0.9 of itself, so the corrected threshold for s is -log(1 - 0.9 s) at every s, not
+    only at the stored 0.25 and 0.5 (a line through the stored thresholds would be 7% high at 12.5%)."""
+    levels = [i / 200 for i in range(200)] + [0.999]  # calibrate.py's grid
+    curve = -torch.log1p(-torch.tensor(levels, dtype=torch.float64))
+    table = curve.expand(ARGS.n_layer, len(PROJECTIONS), -1).clone()
+    sa_levels = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    sa_table = (-torch.log1p(-0.9 * sa_levels)).expand(ARGS.n_layer, len(PROJECTIONS), -1).clone()
+    path = tmp_path / "t.json"
+    thresholds.save(path, ARGS, levels, table, "x", 1, "magnitude",
+                    sparse_aware={"levels": sa_levels.tolist(), "table": sa_table})
+    cal = thresholds.load(path, ARGS)
+    for s in (0.01, 0.125, 0.25, 0.3, 0.4, 0.5):
+        want = -math.log1p(-0.9 * s)
+        assert torch.allclose(thresholds.thresholds_for(cal, s).double(), torch.tensor(want, dtype=torch.float64),
+                              rtol=2e-3), s
+    assert torch.allclose(thresholds.thresholds_for(cal, 0.6).double(), torch.tensor(-math.log1p(-0.6)).double(),
+                          rtol=2e-3)  # above the stored levels: TEAL's own
 
 
 def test_sparse_aware_levels_start_above_zero(tmp_path):
