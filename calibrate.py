@@ -229,7 +229,7 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=cli.at_least(2), default=None,
                    help=f"tokens per forward pass {cli.SEQ_LEN_DEFAULT}")
     p.add_argument("--samples", type=cli.at_least(1000), default=500_000,
-                   help="scores sampled per layer and projection for the quantiles")
+                   help="scores sampled per layer and projection for the quantiles (at least 1000)")
     p.add_argument("--score", choices=thr_file.SCORES, default="magnitude",
                    help="magnitude: |x| (TEAL); weighted: |x_i| * ||W[:, i]||_2 per projection")
     p.add_argument("--greedy", action="store_true",

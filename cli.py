@@ -127,8 +127,11 @@ def sparsity(s: str) -> float:
 
 
 def sparsities(s: str) -> list:
-    """Comma-separated sparsity levels, each in [0, 1)."""
-    return [sparsity(x) for x in s.split(",")]
+    """Comma-separated sparsity levels, each in [0, 1), none twice (a typo that would run a level twice)."""
+    levels = [sparsity(x) for x in s.split(",")]
+    if len(set(levels)) < len(levels):
+        raise argparse.ArgumentTypeError(f"{s}: a level is repeated")
+    return levels
 
 
 def non_negative_float(s: str) -> float:
@@ -172,11 +175,16 @@ def out_file(s: str) -> Path:
         raise argparse.ArgumentTypeError(f"{p} is a folder; give a file name")
     if not p.parent.is_dir():
         raise argparse.ArgumentTypeError(f"folder {p.parent} does not exist")
-    try:
-        tempfile.TemporaryFile(dir=p.parent).close()
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot write in folder {p.parent}: {e.strerror or e}") from None
+    _check_writable(p.parent)
     return p
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a folder that takes no new files (read-only, no permission, /proc ...): a file made there and removed."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"folder {folder} does not take new files ({e.strerror or e})") from None
 
 
 def plot_file(s: str) -> Path:
@@ -191,8 +199,13 @@ def plot_file(s: str) -> Path:
 
 
 def out_folder(s: str) -> Path:
-    """A folder to write into: an existing folder, or a path to create."""
+    """A folder to write into: an existing folder, or a path to create, where the nearest folder that exists takes
+    new files (checked before any work is done)."""
     p = Path(s)
     if p.exists() and not p.is_dir():
         raise argparse.ArgumentTypeError(f"{p} exists and is not a folder")
+    existing = next(a for a in [p, *p.absolute().parents] if a.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is not a folder: {p} cannot be made")
+    _check_writable(existing)
     return p

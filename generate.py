@@ -163,6 +163,10 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+INTERACTIVE_CACHE = 4096  # tokens of the one cache that --interactive --compile captures (a 128K context's would
+# not fit: its causal mask alone is 17 GB)
+
+
 DEFAULT_PROMPT = "Hello, my name is"
 DEFAULT_CHAT_PROMPT = "Hello! What can you help me with?"
 
@@ -179,7 +183,8 @@ def parse_args(argv=None):
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input instead of --prompt, one per line, each decoded as "
                         "--prompt would be (with --chat, as the next turn of one conversation), until a blank line "
-                        "or the end of the input")
+                        f"or the end of the input; compiled, in one cache of up to {INTERACTIVE_CACHE} tokens; a "
+                        "refused prompt (too long, not UTF-8) makes the exit status 1 at the end")
     p.add_argument("--chat", action="store_true",
                    help="a chat model's format: the prompt is a user turn in the checkpoint's chat template "
                         "(chat_template.jinja, which the converters take from the model: its chat_template.jinja, "
@@ -244,10 +249,6 @@ def parse_args(argv=None):
     return args
 
 
-INTERACTIVE_CACHE = 4096  # tokens of the one cache that --interactive --compile captures (a 128K context's would
-# not fit: its causal mask alone is 17 GB)
-
-
 def encode_prompt(tokenizer, text: str, args, room: int, room_name: str, history: Optional[list] = None) -> tuple:
     """(ids, shown): the prompt's tokens, after BOS where the tokenizer adds one (or the prompt is empty), or with
     --chat, text as the next user turn in the chat template (after --system's turn and the conversation so far,
@@ -264,8 +265,8 @@ def encode_prompt(tokenizer, text: str, args, room: int, room_name: str, history
             dropped += 1  # the oldest exchange: a user turn and its reply
         if dropped and len(ids) + args.max_new_tokens <= room:
             del history[:2 * dropped]
-            print(f"(the conversation's first {dropped} exchange{'s' if dropped > 1 else ''} left out: the whole "
-                  f"would not fit {room_name})", file=sys.stderr)
+            oldest = f"oldest {dropped} exchanges" if dropped > 1 else "oldest exchange"
+            print(f"(the {oldest} left out of the conversation: the whole would not fit {room_name})", file=sys.stderr)
         shown = []
     else:
         bos = (tokenizer.add_bos or not text) and tokenizer.bos_id is not None  # as encode adds it
@@ -275,7 +276,9 @@ def encode_prompt(tokenizer, text: str, args, room: int, room_name: str, history
         raise ValueError("the prompt encodes to no tokens")
     if len(ids) + args.max_new_tokens > room:
         what = "chat prompt (its template included: " if args.chat else "prompt ("
-        raise ValueError(f"{what}{len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds {room_name}")
+        kept = "; the conversation goes on without it" if history else ""  # even alone the turn would not fit
+        raise ValueError(f"{what}{len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds "
+                         f"{room_name}{kept}")
     return ids, shown
 
 
@@ -289,9 +292,6 @@ def read_prompts():
             return
         if not text.strip():
             return
-        if not is_utf8(text):
-            print("error: the prompt is not valid UTF-8 text", file=sys.stderr)
-            continue
         yield text
 
 
@@ -382,13 +382,17 @@ def main(argv=None) -> None:
                                                           if device.type == "cuda" else [])
     n_warmup = 1 if args.compile or args.compile_prefill else 0  # the first run compiles and captures; not timed
     history = []  # --chat --interactive: the conversation so far, user turns and the replies to them
+    refused = []  # --interactive: the prompts refused, each with an error line, the session going on
     for text in read_prompts() if args.interactive else [args.prompt]:
         try:
+            if not is_utf8(text):
+                raise ValueError("the prompt is not valid UTF-8 text")
             ids, shown_ids = encoded or encode_prompt(tokenizer, text, args, room, room_name, history)
         except ValueError as e:  # an interactive prompt too long: say so, ask for the next
             if not args.interactive:
                 raise
             print(f"error: {e}", file=sys.stderr)
+            refused.append(text)
             continue
         T = len(ids)
         if not fixed_cache:
@@ -450,6 +454,8 @@ def main(argv=None) -> None:
         n_warmup = 0  # compiled once for every prompt
         if args.chat:
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": shown_text(seq)}]
+    if refused:  # a script that pipes prompts in learns it from the exit status
+        raise ValueError(f"{len(refused)} prompt{'s were' if len(refused) > 1 else ' was'} refused (the errors above)")
 
 if __name__ == "__main__":
     cli.run(main)

@@ -50,6 +50,7 @@ def test_sparsities(capsys):
     assert parse(cli.sparsity, "0.5") == 0.5
     for bad in ("abc", "0,1", "1.0", "-0.1", "nan", "inf", "0.2,"):
         usage_error(cli.sparsities, bad, capsys)
+    assert "a level is repeated" in usage_error(cli.sparsities, "0.5,0.50", capsys)
 
 
 def test_integers(capsys):
@@ -65,7 +66,7 @@ def test_output_paths(tmp_path, capsys):
     assert "is a folder" in usage_error(cli.out_file, str(tmp_path), capsys)
     assert "does not exist" in usage_error(cli.out_file, str(tmp_path / "no" / "r.json"), capsys)
     # a folder that takes no new files: refused before the work, not after it
-    assert "cannot write in folder /proc" in usage_error(cli.out_file, "/proc/r.json", capsys)
+    assert "folder /proc does not take new files" in usage_error(cli.out_file, "/proc/r.json", capsys)
     assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
     # --plot: a format matplotlib writes, known before the work is done
     assert parse(cli.plot_file, str(tmp_path / "p.svg")) == tmp_path / "p.svg"
@@ -75,6 +76,10 @@ def test_output_paths(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert parse(cli.out_folder, str(tmp_path / "new")) == tmp_path / "new"
     assert "not a folder" in usage_error(cli.out_folder, str(tmp_path / "f"), capsys)
+    assert parse(cli.out_folder, str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"  # made with its parents
+    assert "f is not a folder" in usage_error(cli.out_folder, str(tmp_path / "f" / "sub"), capsys)
+    # the converters' --out: refused before a conversion, not after it
+    assert "folder /proc does not take new files" in usage_error(cli.out_folder, "/proc/ckpt", capsys)
 
 
 def test_help_shows_defaults():

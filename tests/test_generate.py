@@ -636,7 +636,8 @@ def test_interactive_decodes_each_prompt_as_prompt_would(flags, tiny_ckpt, monke
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     real_setup = model.Transformer.setup_caches
     monkeypatch.setattr(model.Transformer, "setup_caches", lambda m, b, n: caches.append(n) or real_setup(m, b, n))
-    generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, *sampled, "--interactive", "--no_stream", *flags])
+    with pytest.raises(ValueError, match="^2 prompts were refused"):  # the exit status says it, after the session
+        generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, *sampled, "--interactive", "--no_stream", *flags])
     out, err = capsys.readouterr()
     assert next(left) == "never read"  # the empty line ended the session
     assert out.count("sample 1:") == 2 and out.count("sample 2:") == 2
@@ -699,10 +700,12 @@ def test_interactive_chat_is_one_conversation(tmp_path, monkeypatch, capsys):
         seqs.append(real_generate(m, prompt, *a))
         return seqs[-1]
     monkeypatch.setattr(generate, "generate", spy)
-    fake_stdin(monkeypatch, ["the cat", "the dog", "a hat"])
-    generate.main(["--checkpoint", str(ckpt), *INTERACTIVE, "--interactive", "--chat", "--system", "hi",
-                   "--no_stream"])
+    fake_stdin(monkeypatch, ["the cat", "the dog", "a hat", "x" * 40])  # the last too long even alone
+    with pytest.raises(ValueError, match="1 prompt was refused"):
+        generate.main(["--checkpoint", str(ckpt), *INTERACTIVE, "--interactive", "--chat", "--system", "hi",
+                       "--no_stream"])
     out, err = capsys.readouterr()
+    assert "exceeds the model's context of 48 tokens; the conversation goes on without it" in err, err
     replies = [tok.decode(s[0, len(p):].tolist()) for p, s in zip(prompts, seqs)]  # eos 0 is not among them
     assert [r for r in replies if r] == replies and out.count("sample 1:") == 3
     assert prompts[0] == tok.encode("s:hi\nu:the cat\na:")
@@ -710,7 +713,7 @@ def test_interactive_chat_is_one_conversation(tmp_path, monkeypatch, capsys):
     third = f"s:hi\nu:the cat\na:{replies[0]}\nu:the dog\na:{replies[1]}\nu:a hat\na:"
     assert len(tok.encode(third)) + 4 > 48  # so the first exchange goes
     assert prompts[2] == tok.encode(f"s:hi\nu:the dog\na:{replies[1]}\nu:a hat\na:")
-    assert err.count("(the conversation's first 1 exchange left out: the whole would not fit the model's "
+    assert err.count("(the oldest exchange left out of the conversation: the whole would not fit the model's "
                      "context of 48 tokens)") == 1, err
 
 
@@ -719,6 +722,15 @@ def test_interactive_ends_at_the_end_of_the_input(tiny_ckpt, monkeypatch, capsys
     generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, "--interactive", "--no_stream"])
     out = capsys.readouterr().out
     assert out.count("sample 1:") == 1 and out.endswith("\n\n")  # the prompt line left, then a line of its own
+
+
+def test_interactive_exit_status_tells_of_refused_prompts(tiny_ckpt, monkeypatch):
+    """A prompt refused in --interactive does not end the session, but the exit status is 1 (with a last error
+    line), so that a script piping prompts in sees it."""
+    fake_stdin(monkeypatch, ["the " * 40, "the cat"])
+    code, out, err = run_main(["--checkpoint", tiny_ckpt, *INTERACTIVE, "--interactive", "--no_stream"])
+    assert code == 1 and out.count("sample 1:") == 1, err
+    assert err.count("error:") == 2 and err.splitlines()[-1] == "error: 1 prompt was refused (the errors above)", err
 
 
 def test_interactive_windows_line_ends_and_a_blank_line(tiny_ckpt, monkeypatch, capsys):
