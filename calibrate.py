@@ -259,7 +259,7 @@ def parse_args(argv=None):
     # token budgets given: set_seq_len refuses one below a window, and raises a default to one window
     args.given = {f for f in ("tokens", "greedy_tokens", "sparse_aware_tokens") if getattr(args, f) is not None}
     args.tokens = TOKENS_DEFAULT if args.tokens is None else args.tokens
-    if args.dataset and args.dataset != WIKITEXT and args.dataset_file is None:
+    if args.dataset and args.dataset.lower() not in (WIKITEXT.lower(), "wikitext") and args.dataset_file is None:
         p.error(f"--dataset {args.dataset} needs --dataset_file (the default file is {WIKITEXT}'s)")
     # A flag whose pass is off would be ignored without a word (and a default calibration overwrite the file)
     for flag, needs in (("dataset_file", "dataset"), ("text_column", "dataset"), ("greedy_tokens", "greedy"),
@@ -314,6 +314,7 @@ def main(argv=None) -> None:
     config = load_config(args.checkpoint)  # flags and text checked against it before the weights load
     default_out = thr_file.default_path(args.checkpoint, args.score)
     out = args.out or default_out
+    cli.writable(out)  # the default too (a read-only checkpoint folder), before the work
     check_output(out, args.checkpoint, "--out", allowed=(default_out.name,), inputs=[args.text])
     check_output(args.plot, args.checkpoint, "--plot", inputs=[args.text], outputs={"--out": out})
     set_seq_len(args, config)
@@ -322,7 +323,7 @@ def main(argv=None) -> None:
     for flag in token_budgets(args):
         if flag in args.given and getattr(args, flag) > len(ids):  # a pass runs on the first tokens
             print(f"note: --{flag} {getattr(args, flag)}: the calibration has {len(ids)} tokens"
-                  + (" (the whole text)" if flag == "tokens" else ", all of which the pass uses"), file=sys.stderr)
+                  + ("" if flag == "tokens" else ", all of which the pass uses"), file=sys.stderr)
     replaced = replaced_sections(out, args)
     if replaced:  # the slow passes: a plain re-run would drop them without a word
         print(f"note: {out} holds {' and '.join(replaced)} that this run does not compute: the new file will not "

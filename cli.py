@@ -6,6 +6,7 @@ context, is settled from the checkpoint's config.json before the weights load (s
 """
 import argparse
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -167,24 +168,44 @@ def positive_ints(s: str) -> list:
     return [at_least(1)(x) for x in s.split(",")]
 
 
-def out_file(s: str) -> Path:
-    """A file to write: not a folder, in a folder that exists and takes new files (checked before any work is done:
-    a file made there and removed)."""
-    p = Path(s)
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{p} is a folder; give a file name")
-    if not p.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"folder {p.parent} does not exist")
-    _check_writable(p.parent)
-    return p
-
-
-def _check_writable(folder: Path) -> None:
-    """Refuse a folder that takes no new files (read-only, no permission, /proc ...): a file made there and removed."""
+def writable(p: Path, folder: bool = False) -> None:
+    """Refuse, with a ValueError, a file (or with `folder`, a folder to fill, made where missing) that the command
+    could not write, before any work is done: an existing file by its permission (/dev/stdout too), a new one by a
+    file made in its folder and removed (a read-only mount, /proc ...)."""
     try:
-        tempfile.TemporaryFile(dir=folder).close()
+        if folder:
+            if p.exists() and not p.is_dir():
+                raise ValueError(f"{p} exists and is not a folder")
+            where = next(a for a in [p, *p.absolute().parents] if a.exists())
+            if not where.is_dir():
+                raise ValueError(f"{where} is not a folder: {p} cannot be made")
+        else:
+            if p.is_dir():
+                raise ValueError(f"{p} is a folder; give a file name")
+            if p.exists():
+                if not os.access(p, os.W_OK):
+                    raise ValueError(f"{p} is not writable")
+                return
+            if not p.parent.is_dir():
+                raise ValueError(f"{p.parent} is not a folder" if p.parent.exists() else
+                                 f"folder {p.parent} does not exist")
+            where = p.parent
+    except OSError as e:  # a folder on the way that cannot be read
+        raise ValueError(f"cannot reach {p}: {e.strerror or e}") from None
+    try:
+        tempfile.TemporaryFile(dir=where).close()
     except OSError as e:
-        raise argparse.ArgumentTypeError(f"folder {folder} does not take new files ({e.strerror or e})") from None
+        raise ValueError(f"folder {where} does not take new files ({e.strerror or e})") from None
+
+
+def out_file(s: str) -> Path:
+    """--out, --json, --profile: a file the command can write (cli.writable)."""
+    p = Path(s)
+    try:
+        writable(p)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return p
 
 
 def plot_file(s: str) -> Path:
@@ -199,13 +220,10 @@ def plot_file(s: str) -> Path:
 
 
 def out_folder(s: str) -> Path:
-    """A folder to write into: an existing folder, or a path to create, where the nearest folder that exists takes
-    new files (checked before any work is done)."""
+    """The converters' --out: a folder the command can fill, made where missing (cli.writable)."""
     p = Path(s)
-    if p.exists() and not p.is_dir():
-        raise argparse.ArgumentTypeError(f"{p} exists and is not a folder")
-    existing = next(a for a in [p, *p.absolute().parents] if a.exists())
-    if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"{existing} is not a folder: {p} cannot be made")
-    _check_writable(existing)
+    try:
+        writable(p, folder=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return p

@@ -183,8 +183,9 @@ def parse_args(argv=None):
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input instead of --prompt, one per line, each decoded as "
                         "--prompt would be (with --chat, as the next turn of one conversation), until a blank line "
-                        f"or the end of the input; compiled, in one cache of up to {INTERACTIVE_CACHE} tokens; a "
-                        "refused prompt (too long, not UTF-8) makes the exit status 1 at the end")
+                        f"or the end of the input; with --compile or --compile_prefill one cache of up to "
+                        f"{INTERACTIVE_CACHE} tokens serves the session; a refused prompt (too long, not UTF-8) makes "
+                        "the exit status 1 at the end")
     p.add_argument("--chat", action="store_true",
                    help="a chat model's format: the prompt is a user turn in the checkpoint's chat template "
                         "(chat_template.jinja, which the converters take from the model: its chat_template.jinja, "
@@ -388,7 +389,7 @@ def main(argv=None) -> None:
             if not is_utf8(text):
                 raise ValueError("the prompt is not valid UTF-8 text")
             ids, shown_ids = encoded or encode_prompt(tokenizer, text, args, room, room_name, history)
-        except ValueError as e:  # an interactive prompt too long: say so, ask for the next
+        except ValueError as e:  # an interactive prompt refused (too long, not UTF-8 ...): say so, ask for the next
             if not args.interactive:
                 raise
             print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,6 @@ Version 1 had no vocab_size or rope_base in the fingerprint (Mistral-7B and Llam
 files are refused: re-run calibrate.py.
 """
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -63,11 +62,7 @@ def save(path, config: ModelArgs, levels: list, table: torch.Tensor, source: str
     if sparse_aware is not None:
         data["sparse_aware"] = {"levels": [round(x, 6) for x in sparse_aware["levels"]],
                                 "layers": _layers(sparse_aware["table"])}
-    # written beside it, then renamed over it: an interrupted save leaves the old file whole
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    Path(path).write_text(json.dumps(data))
 
 
 def load(path, config: ModelArgs) -> dict:
@@ -128,6 +123,10 @@ def load(path, config: ModelArgs) -> dict:
         sa_levels, sa_table = sa
         if not (torch.isfinite(sa_table).all() and (sa_table >= 0).all()):
             raise CheckpointError(f"{path}: malformed sparse_aware section: thresholds not finite and >= 0")
+        # thresholds_for reads them as levels of the dense quantile curve (calibrate.py takes them from it)
+        if (sa_table > table[..., -1:]).any():
+            raise CheckpointError(f"{path}: malformed sparse_aware section: a threshold above the dense table's "
+                                  f"last level ({float(levels[-1]):g})")
         # level 0 keeps everything: threshold 0, at most every stored one
         sa = {"levels": torch.cat([torch.zeros(1, dtype=torch.float64), sa_levels]),
               "table": torch.cat([torch.zeros(config.n_layer, len(PROJECTIONS), 1, dtype=torch.float64), sa_table], -1)}
@@ -260,8 +259,8 @@ def projection_sparsities(cal: dict, sparsity: float, greedy: bool) -> torch.Ten
 
 def thresholds_for(cal: dict, sparsity: float, greedy: bool = False, sparse_aware: bool = True) -> torch.Tensor:
     """(n_layer, 7) fp32 thresholds that drop `sparsity` of every projection's input (per its own level).
-    Uniform levels covered by a sparse_aware table come from it (thresholds interpolated between its levels),
-    unless sparse_aware is False: TEAL's own thresholds, the dense activations' quantiles."""
+    Uniform levels covered by a sparse_aware table come from it (between its levels, as below), unless sparse_aware
+    is False: TEAL's own thresholds, the dense activations' quantiles."""
     s = projection_sparsities(cal, sparsity, greedy)
     if sparse_aware and uses_sparse_aware(cal, sparsity, greedy):
         # Each corrected threshold is a level of the dense quantile curve; those levels are interpolated and read

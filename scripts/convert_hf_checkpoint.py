@@ -220,6 +220,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repo", help="download this Hugging Face repo (ORG/NAME) into --checkpoint_dir first, "
                                        "with huggingface_hub (HF_TOKEN for gated repos)")
     opts = parser.parse_args(argv)
+    cli.writable(opts.out or opts.checkpoint_dir, folder=True)  # the default too, before a download or conversion
     if opts.repo:
         download(opts.repo, opts.checkpoint_dir)
     path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, DTYPES[opts.dtype])

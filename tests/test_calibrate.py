@@ -188,6 +188,21 @@ def test_record_against_quantiles_of_the_inputs(score):
                 assert err < 0.03, (l, PROJECTIONS[p], err)
 
 
+def test_record_takes_every_score_where_the_sample_would_hold_more():
+    """With more samples per call than a call has scores, the table is the exact quantiles of all the scores (each
+    taken once), the same for any seed."""
+    from test_generate import TINY, dense_inputs, tiny_model
+    m = tiny_model(seed=3)
+    ids = torch.randint(0, TINY["vocab_size"], (64,), generator=torch.Generator().manual_seed(2)).tolist()
+    table, _, _ = calibrate.record(m, ids, 32, "magnitude", 10_000_000, "cpu", progress=False)
+    again, _, _ = calibrate.record(m, ids, 32, "magnitude", 10_000_000, "cpu", progress=False, seed=5)
+    assert torch.equal(table, again)
+    x = dense_inputs(m, torch.tensor(ids).view(2, 32))[(1, "w2")]  # layer 1's down input
+    want = torch.quantile(x.abs().flatten().double(), torch.tensor(calibrate.LEVELS).double())
+    # (the two runs batch the windows differently: float rounding, not sampling, which would be ~1e-2 off)
+    torch.testing.assert_close(table[1, PROJECTIONS.index("down"), 1:], want[1:], rtol=1e-5, atol=1e-6)
+
+
 def test_sparse_aware_thresholds_never_fall():
     """Anchors closer than the correction's noise: each anchor corrected on its own (one call per anchor) crosses
     its neighbours somewhere; together, each threshold is the running maximum of those, so none falls."""

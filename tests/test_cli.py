@@ -1,5 +1,7 @@
 """cli.py: the argument types turn bad values into a one-line usage error (exit status 2); --seq_len against the
 model's context."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -67,6 +69,10 @@ def test_output_paths(tmp_path, capsys):
     assert "does not exist" in usage_error(cli.out_file, str(tmp_path / "no" / "r.json"), capsys)
     # a folder that takes no new files: refused before the work, not after it
     assert "folder /proc does not take new files" in usage_error(cli.out_file, "/proc/r.json", capsys)
+    assert parse(cli.out_file, "/dev/null") == Path("/dev/null")  # a file that exists: its own permission
+    (tmp_path / "f").write_text("x")
+    assert "f is not a folder" in usage_error(cli.out_file, str(tmp_path / "f" / "r.json"), capsys)
+    (tmp_path / "f").unlink()
     assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
     # --plot: a format matplotlib writes, known before the work is done
     assert parse(cli.plot_file, str(tmp_path / "p.svg")) == tmp_path / "p.svg"
@@ -76,7 +82,7 @@ def test_output_paths(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert parse(cli.out_folder, str(tmp_path / "new")) == tmp_path / "new"
     assert "not a folder" in usage_error(cli.out_folder, str(tmp_path / "f"), capsys)
-    assert parse(cli.out_folder, str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"  # made with its parents
+    assert parse(cli.out_folder, str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"  # to be made, with its parents
     assert "f is not a folder" in usage_error(cli.out_folder, str(tmp_path / "f" / "sub"), capsys)
     # the converters' --out: refused before a conversion, not after it
     assert "folder /proc does not take new files" in usage_error(cli.out_folder, "/proc/ckpt", capsys)

@@ -64,10 +64,9 @@ def test_round_trip(saved):
     assert [list(layer) for layer in data["layers"]] == [list(PROJECTIONS)] * ARGS.n_layer
     assert data["model"] == {"n_layer": 2, "dim": 64, "intermediate_size": 128, "n_head": 4, "n_local_heads": 2,
                              "head_dim": 16, "vocab_size": 256, "rope_base": 10000.0}
-    # saved again over it: replaced whole (written beside it and renamed), nothing else left in the folder
+    # saved again over it: replaced
     thresholds.save(path, ARGS, LEVELS, table * 2, "again", 1, "magnitude")
     assert torch.allclose(thresholds.load(path, ARGS)["table"], table * 2, rtol=1e-5, atol=0)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 def test_fingerprint_is_plain_json(tmp_path):
@@ -432,6 +431,12 @@ def test_sparse_aware_section(tmp_path):
     data["sparse_aware"]["levels"] = [0.5, 0.25]
     path.write_text(json.dumps(data))
     assert "sparse_aware" in load_error(path)
+    # a corrected threshold is a level of the dense curve: one above its last level is no file calibrate.py writes
+    data = json.loads(path.read_text())
+    data["sparse_aware"]["levels"] = sa_levels
+    data["sparse_aware"]["layers"][1]["down"][-1] = float(table[1, -1, -1]) * 2
+    path.write_text(json.dumps(data))
+    assert "a threshold above the dense table's last level (0.999)" in load_error(path)
 
 
 def test_sparse_aware_between_and_below_its_levels(tmp_path):
