@@ -652,13 +652,9 @@ def test_interactive_decodes_each_prompt_as_prompt_would(flags, tiny_ckpt, monke
         assert sample_text(out, prompt) == sample_text(alone, prompt), (out, alone)
 
 
-def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, capsys):
-    """--chat: the prompt goes through the folder's chat template (no BOS of ours added) and only the reply is
-    printed; an --interactive line the same."""
-    ckpt = write_tiny_checkpoint(tmp_path / "chat")
-    (ckpt.parent / "chat_template.jinja").write_text("U:{{ messages[0]['content'] }}\n{% if add_generation_prompt "
-                                                     "%}A:{% endif %}")
-    tok = get_tokenizer(ckpt.parent)
+def spy_generate(monkeypatch) -> tuple:
+    """generate.generate recording each call's prompt (row 1) and returned sequence: (prompts, seqs), filled as it
+    runs."""
     prompts, seqs = [], []
     real_generate = generate.generate
 
@@ -667,6 +663,17 @@ def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, caps
         seqs.append(real_generate(m, prompt, *a))
         return seqs[-1]
     monkeypatch.setattr(generate, "generate", spy)
+    return prompts, seqs
+
+
+def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, capsys):
+    """--chat: the prompt goes through the folder's chat template (no BOS of ours added) and only the reply is
+    printed; an --interactive line the same."""
+    ckpt = write_tiny_checkpoint(tmp_path / "chat")
+    (ckpt.parent / "chat_template.jinja").write_text("U:{{ messages[0]['content'] }}\n{% if add_generation_prompt "
+                                                     "%}A:{% endif %}")
+    tok = get_tokenizer(ckpt.parent)
+    prompts, seqs = spy_generate(monkeypatch)
     assert generate.parse_args(["--checkpoint", str(ckpt), "--chat"]).prompt == generate.DEFAULT_CHAT_PROMPT
     generate.main(["--checkpoint", str(ckpt), *BASE[:-1], "the cat", "--chat", "--no_stream"])
     reply = capsys.readouterr().out.split("\n\nsample 1:")[0]
@@ -692,14 +699,7 @@ def test_interactive_chat_is_one_conversation(tmp_path, monkeypatch, capsys):
         "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}a:{% endif %}")
     tok = get_tokenizer(ckpt.parent)
-    prompts, seqs = [], []
-    real_generate = generate.generate
-
-    def spy(m, prompt, *a):
-        prompts.append(prompt[0].tolist())
-        seqs.append(real_generate(m, prompt, *a))
-        return seqs[-1]
-    monkeypatch.setattr(generate, "generate", spy)
+    prompts, seqs = spy_generate(monkeypatch)
     fake_stdin(monkeypatch, ["the cat", "the dog", "a hat", "x" * 40])  # the last too long even alone
     with pytest.raises(ValueError, match="1 prompt was refused"):
         generate.main(["--checkpoint", str(ckpt), *INTERACTIVE, "--interactive", "--chat", "--system", "hi",
