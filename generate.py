@@ -277,9 +277,9 @@ def encode_prompt(tokenizer, text: str, args, room: int, room_name: str, history
         raise ValueError("the prompt encodes to no tokens")
     if len(ids) + args.max_new_tokens > room:
         what = "chat prompt (its template included: " if args.chat else "prompt ("
-        kept = "; the conversation goes on without it" if history else ""  # even alone the turn would not fit
+        goes_on = "; the conversation goes on without it" if history else ""  # even alone it would not fit
         raise ValueError(f"{what}{len(ids)} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds "
-                         f"{room_name}{kept}")
+                         f"{room_name}{goes_on}")
     return ids, shown
 
 
@@ -383,7 +383,7 @@ def main(argv=None) -> None:
                                                           if device.type == "cuda" else [])
     n_warmup = 1 if args.compile or args.compile_prefill else 0  # the first run compiles and captures; not timed
     history = []  # --chat --interactive: the conversation so far, user turns and the replies to them
-    refused = []  # --interactive: the prompts refused, each with an error line, the session going on
+    refused = 0  # --interactive: prompts refused, each with an error line, the session going on
     for text in read_prompts() if args.interactive else [args.prompt]:
         try:
             if not is_utf8(text):
@@ -393,7 +393,7 @@ def main(argv=None) -> None:
             if not args.interactive:
                 raise
             print(f"error: {e}", file=sys.stderr)
-            refused.append(text)
+            refused += 1
             continue
         T = len(ids)
         if not fixed_cache:
@@ -456,7 +456,7 @@ def main(argv=None) -> None:
         if args.chat:
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": shown_text(seq)}]
     if refused:  # a script that pipes prompts in learns it from the exit status
-        raise ValueError(f"{len(refused)} prompt{'s were' if len(refused) > 1 else ' was'} refused (the errors above)")
+        raise ValueError(f"{refused} prompt{'s were' if refused > 1 else ' was'} refused (the errors above)")
 
 if __name__ == "__main__":
     cli.run(main)
