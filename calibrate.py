@@ -314,7 +314,8 @@ def main(argv=None) -> None:
     config = load_config(args.checkpoint)  # flags and text checked against it before the weights load
     default_out = thr_file.default_path(args.checkpoint, args.score)
     out = args.out or default_out
-    cli.writable(out)  # the default too (a read-only checkpoint folder), before the work
+    if args.out is None:  # --out was checked as it was parsed; the default beside the checkpoint may be read-only
+        cli.writable(out)
     check_output(out, args.checkpoint, "--out", allowed=(default_out.name,), inputs=[args.text])
     check_output(args.plot, args.checkpoint, "--plot", inputs=[args.text], outputs={"--out": out})
     set_seq_len(args, config)

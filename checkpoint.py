@@ -35,7 +35,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "rms_norm_eps"):
         v, real = cfg.get(key), key == "rms_norm_eps"
-        if v is not None and not (positive_number(v) if real else isinstance(v, int) and positive_number(v)):
+        if v is not None and not ((real or isinstance(v, int)) and positive_number(v)):
             raise CheckpointError(f"config.json: {key} must be a positive {'number' if real else 'integer'}, "
                                   f"got {v!r}")
     n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
