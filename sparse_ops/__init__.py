@@ -24,33 +24,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import _decode_attention_op, check_decode_attention, decode_attention_ref
-from .gemv import MAX_BATCH, SEGMENT_MULTIPLE, _check, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, pick_config, use_triton
+from .gemv import (MAX_BATCH, SEGMENT_MULTIPLE, _sparse_gemv_op, _sparse_gemv_pair_op, _sparse_glu_op, check_gemv,
+                   pick_config, use_triton)
 from .norm import LIST_GROUP, _add_rmsnorm_op, add_rmsnorm_ref, check_add_rmsnorm
 from .reference import keep_mask, rope, sparse_gemv_pair_ref, sparse_gemv_ref, sparse_glu_ref, sum_partials
 
-__all__ = ["MAX_BATCH", "SEGMENT_MULTIPLE", "LIST_GROUP", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref", "sparse_gemv_pair_ref",
-           "sparse_glu", "sparse_glu_ref", "keep_mask", "pick_config", "decode_attention", "decode_attention_ref",
-           "rope", "add_rmsnorm", "add_rmsnorm_ref"]
+__all__ = ["MAX_BATCH", "SEGMENT_MULTIPLE", "LIST_GROUP", "sparse_gemv", "sparse_gemv_pair", "sparse_gemv_ref",
+           "sparse_gemv_pair_ref", "sparse_glu", "sparse_glu_ref", "keep_mask", "pick_config", "decode_attention",
+           "decode_attention_ref", "rope", "add_rmsnorm", "add_rmsnorm_ref"]
 
 
 def sparse_gemv(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list, scale: Optional[Tensor] = None,
                 reduce: bool = True) -> Tensor:
     """reduce=False returns the kernel's split-K partial sums, (split, batch, N), for a consumer that sums them
     itself (decode_attention, add_rmsnorm); fp32 when split > 1."""
-    if not 1 <= len(seg_ends) <= 3 or seg_ends[-1] != wt.shape[-1] or list(seg_ends) != sorted(seg_ends):
-        raise ValueError(f"seg_ends {list(seg_ends)} must be 1-3 increasing offsets ending at N={wt.shape[-1]}")
-    _check(x, [wt], thresholds, len(seg_ends), scale)
+    ends = list(seg_ends)
+    if not 1 <= len(ends) <= 3 or not all(type(e) is int for e in ends) or ends[0] < 0 or ends != sorted(ends) \
+            or ends[-1] != wt.shape[-1]:
+        raise ValueError(f"seg_ends {ends} must be 1-3 non-decreasing int offsets from 0 ending at N={wt.shape[-1]}")
+    check_gemv(x, [wt], thresholds, len(seg_ends), scale)
     if use_triton(x):
-        parts = _sparse_gemv_op(x, wt, thresholds, list(seg_ends), scale)
+        parts = _sparse_gemv_op(x, wt, thresholds, ends, scale)
         return sum_partials(parts, x.dtype) if reduce else parts
-    y = sparse_gemv_ref(x, wt, thresholds, seg_ends, scale)
+    y = sparse_gemv_ref(x, wt, thresholds, ends, scale)
     return y if reduce else y[None]
 
 
 def sparse_gemv_pair(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
                      scale: Optional[Tensor] = None) -> Tensor:
     """Returns cat([y_a, y_b], dim=-1)."""
-    _check(x, [wt_a, wt_b], thresholds, 2, scale)
+    check_gemv(x, [wt_a, wt_b], thresholds, 2, scale)
     if use_triton(x):
         return sum_partials(_sparse_gemv_pair_op(x, wt_a, wt_b, thresholds, scale), x.dtype)
     return sparse_gemv_pair_ref(x, wt_a, wt_b, thresholds, scale)
@@ -62,7 +65,7 @@ def sparse_glu(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, sc
 
     With `kept` (one row) a single kernel computes it: each program holds the same columns of both weights, so it
     applies silu(gate) * up to whole sums and the elementwise kernel between the MLP's GEMVs goes away."""
-    _check(x, [wt_gate, wt_up], thresholds, 2, scale, kept)
+    check_gemv(x, [wt_gate, wt_up], thresholds, 2, scale, kept)
     if wt_gate.shape != wt_up.shape:
         raise ValueError(f"gate and up weights differ in shape: {tuple(wt_gate.shape)}, {tuple(wt_up.shape)}")
     if kept is not None and use_triton(x):
@@ -78,8 +81,9 @@ def decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cac
     qkv: (parts, B, (n_head + 2 H_kv) D), the projection's split-K partial sums (parts=1: the projection itself),
     q|k|v before the bias and RoPE; caches: (B_max >= B, H_kv, S, D), filled before input_pos (one position);
     freqs: (>= S, D/2, 2) fp32 RoPE table (cos, sin per position; the kernel reads row input_pos, so a CUDA graph
-    needs no index kernel per step). Writes the new token's rotated k and its v at input_pos into
-    the caches and returns (B, n_head, D): causal attention of rope(q) over positions 0 .. input_pos (GQA)."""
+    needs no index kernel per step); input_pos < S (past the cache the kernel writes nothing, the reference
+    raises). Writes the new token's rotated k and its v at input_pos into the caches and returns (B, n_head, D):
+    causal attention of rope(q) over positions 0 .. input_pos (GQA)."""
     check_decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
     if use_triton(qkv):
         return _decode_attention_op(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)

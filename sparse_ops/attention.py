@@ -45,7 +45,9 @@ def _decode_attention_kernel(
     hk = pid_bh % HKV
     dt = k_ptr.dtype.element_ty
     pos = tl.load(pos_ptr).to(tl.int32)
-    length = pos + 1  # attend positions 0 .. input_pos
+    # attend positions 0 .. input_pos; a position past the cache (a caller's bug, which a host check would find
+    # only with a sync per step) reads and writes nothing outside it
+    length = tl.minimum(pos + 1, S_MAX)
     base = pid_bh.to(tl.int64) * S_MAX * D
     chunk = tl.maximum(tl.cdiv(tl.cdiv(length, N_SPLIT), BLOCK_S), 1) * BLOCK_S
     s_lo = pid_s * chunk
@@ -54,8 +56,9 @@ def _decode_attention_kernel(
     rd = tl.arange(0, BLOCK_D)
     rh = tl.arange(0, BLOCK_D // 2)
     d_mask = rd < D
-    cos = tl.load(freqs_ptr + pos * D + 2 * rh, mask=rh < D // 2, other=0.0)  # the RoPE table's row pos
-    sin = tl.load(freqs_ptr + pos * D + 2 * rh + 1, mask=rh < D // 2, other=0.0)
+    f_mask = (rh < D // 2) & (pos < S_MAX)
+    cos = tl.load(freqs_ptr + pos * D + 2 * rh, mask=f_mask, other=0.0)  # the RoPE table's row pos
+    sin = tl.load(freqs_ptr + pos * D + 2 * rh + 1, mask=f_mask, other=0.0)
     row_ptr = qkv_ptr + b * STRIDE_B
     # q for the query heads that share this key/value head (GQA); a chunk past the current length attends to
     # nothing and loads no q (masked loads move no bytes)
@@ -63,7 +66,7 @@ def _decode_attention_kernel(
     q = partials_sum(row_ptr, bias_ptr, (hk * G + rg)[:, None] * D + rd[None, :], q_mask, STRIDE_P, N_PARTS,
                      HAS_BIAS, dt)
     # The chunk that holds the new token also sums its k and v (loads issued with q's), writes them to the cache
-    holds_new = (pos >= s_lo) & (pos < s_hi)
+    holds_new = (pos >= s_lo) & (pos < s_hi)  # false past the cache: s_hi <= S_MAX
     k_cols = H * D + hk * D + rd
     k = partials_sum(row_ptr, bias_ptr, k_cols[None, :], (d_mask & holds_new)[None, :], STRIDE_P, N_PARTS, HAS_BIAS,
                      dt)

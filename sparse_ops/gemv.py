@@ -267,9 +267,10 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
                 num_warps=num_warps, num_stages=num_stages)
 
 
-def _check(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Optional[Tensor],
+def check_gemv(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Optional[Tensor],
            kept: Optional[Tensor] = None) -> None:
-    """kept: sparse_glu's list of the channels gate or up keeps (sparse_ops.add_rmsnorm's)."""
+    """The GEMV ops' inputs, n_seg thresholds; kept: sparse_glu's list of the channels gate or up keeps
+    (sparse_ops.add_rmsnorm's)."""
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
         raise ValueError(f"x must be (batch<= {MAX_BATCH}, K), got {tuple(x.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -318,8 +319,7 @@ def _plan(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[di
         step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
         k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
     split = triton.cdiv(K, k_per_split)  # rounding up can leave a trailing share empty: drop it
-    # phase 1 scans the K range in chunks; with a batch, x tiles are BLOCK_B x CHUNK, so smaller ones
-    cfg["CHUNK"] = min(256 if cfg["BLOCK_B"] > 1 else 1024, triton.next_power_of_2(k_per_split))
+    cfg["CHUNK"] = min(1024, triton.next_power_of_2(k_per_split))  # the batch-1 listing scans its share in chunks
     if glu:
         return x.new_empty((1, n_a)), cfg, k_per_split
     out = x.new_empty((split, batch, n), dtype=torch.float32 if split > 1 else x.dtype)
@@ -334,8 +334,10 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
     out, cfg, k_per_split = _plan(x, n, n_a, seg1, seg2, config, glu)
     # a GLU program holds BLOCK_N // 2 columns of each weight
     grid = (triton.cdiv(n_a, cfg["BLOCK_N"] // 2), 1) if glu else (triton.cdiv(n, cfg["BLOCK_N"]), out.shape[0])
-    # kept-channel lists: given (sparse_ops.norm's), or the kernel's scratch, every read slot written first
-    idx = kept if glu else torch.empty((3, K), device=x.device, dtype=torch.int32)
+    # kept-channel lists: given (sparse_ops.norm's), or the scratch of a kernel that lists its own, every read
+    # slot written first (the windows and the batch tiles list nothing: out stands in)
+    lists = cfg["WINDOWS"] == 0 and cfg["BLOCK_B"] == 1
+    idx = kept if glu else torch.empty((3, K), device=x.device, dtype=torch.int32) if lists else out
     wrap_triton(_sparse_gemv_kernel)[grid](
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
         batch, K, n, n_a, seg1, seg2, k_per_split,

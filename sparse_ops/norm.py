@@ -3,7 +3,7 @@
 Between two block linears a decode step adds the last GEMV's output (split-K partial sums) to the residual
 stream and normalises it. Inductor fuses that into one kernel of its own, and this one is no faster (H100, 8 fp32
 partials of 4096: 3.5 us against 2.9): what it adds is the list. Given the next GEMV's thresholds, it lists the
-channels that any of its output segments keeps, and the GEMV streams their rows at once instead of listing them
+channels that gate or up keeps, and the GEMV streams their rows at once instead of listing them
 itself. Decode uses it at batch 1 before the gate|up GEMV (sparse_glu). That pays because the GEMV's own listing
 is slow there: each of its programs would scan all its K channels (4096: about 5 us), the list here costs about
 1 us (docs/benchmarks.md). The list's scattered 4-byte stores are slow from one SM (session 12 measured about
@@ -29,7 +29,7 @@ LIST_GROUP = 16  # channels per group of the list's two-level scan (D must be a 
 
 @triton.jit
 def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_ptr, kept_ptr, STRIDE_P, D, eps,
-                        SLICE, N_PARTS: tl.constexpr, N_SEG: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        SLICE, N_PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
                         BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
     lo = tl.program_id(0) * SLICE  # this program stores channels lo .. lo + SLICE - 1 (a multiple of GROUP)
     rd = tl.arange(0, BLOCK_D)
@@ -45,15 +45,14 @@ def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_
     normed = hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
     out = (tl.load(w_ptr + rd, mask=m, other=0.0).to(tl.float32) * normed).to(dt)
     tl.store(y_ptr + rd, out, mask=mine)
-    # The channels any segment keeps: per group of 16 channels a count, their prefix sums, and each kept
+    # The channels gate or up keeps: per group of 16 channels a count, their prefix sums, and each kept
     # channel's place inside its group; short scans instead of one over all D channels.
     absy = tl.abs(out.to(tl.float32))
-    keep = rd < 0
-    for s in tl.static_range(N_SEG):
-        score = absy
-        if HAS_SCALE:
-            score = score * tl.load(scale_ptr + s * D + rd, mask=m, other=0.0)
-        keep = keep | (score > tl.load(thr_ptr + s))
+    score_g, score_u = absy, absy
+    if HAS_SCALE:
+        score_g = absy * tl.load(scale_ptr + rd, mask=m, other=0.0)
+        score_u = absy * tl.load(scale_ptr + D + rd, mask=m, other=0.0)
+    keep = (score_g > tl.load(thr_ptr)) | (score_u > tl.load(thr_ptr + 1))
     keep = tl.reshape((keep & m).to(tl.int32), (BLOCK_D // GROUP, GROUP))
     ch = tl.reshape(rd, (BLOCK_D // GROUP, GROUP))
     rg = tl.arange(0, BLOCK_D // GROUP)
@@ -78,7 +77,7 @@ def _add_rmsnorm_op(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresh
     slice_d = max(256, triton.cdiv(triton.cdiv(D, 16), LIST_GROUP) * LIST_GROUP)
     wrap_triton(_add_rmsnorm_kernel)[(triton.cdiv(D, slice_d),)](
         parts, x, weight, h, y, thresholds, scale if scale is not None else weight, kept, parts.stride(0), D, eps,
-        slice_d, N_PARTS=parts.shape[0], N_SEG=thresholds.shape[0], HAS_SCALE=scale is not None,
+        slice_d, N_PARTS=parts.shape[0], HAS_SCALE=scale is not None,
         BLOCK_D=block_d, GROUP=LIST_GROUP, num_warps=max(4, min(32, block_d // 256)))
     return h, y, kept
 
@@ -123,9 +122,8 @@ def check_add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, thresholds: Tens
 def kept_list(y: Tensor, thresholds: Tensor, scale: Optional[Tensor]) -> Tensor:
     """The list above for one row y (1, D), in plain torch."""
     D = y.shape[1]
-    keep = torch.zeros(D, dtype=torch.bool, device=y.device)
-    for s in range(thresholds.shape[0]):
-        keep |= keep_mask(y[0], thresholds[s], None if scale is None else scale[s])
+    keep = keep_mask(y[0], thresholds[0], None if scale is None else scale[0])
+    keep |= keep_mask(y[0], thresholds[1], None if scale is None else scale[1])
     idx = torch.nonzero(keep).flatten().to(torch.int32)
     row = torch.full((1, D + 1), -1, dtype=torch.int32, device=y.device)
     row[0, :idx.numel()] = idx
@@ -136,7 +134,7 @@ def kept_list(y: Tensor, thresholds: Tensor, scale: Optional[Tensor]) -> Tensor:
 def add_rmsnorm_ref(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresholds: Tensor,
                     scale: Optional[Tensor] = None) -> tuple:
     """Plain-torch reference, the op's contract: h = x + (sum of parts, in x's dtype), y = RMSNorm(h) * weight,
-    and the list above of the channels of y that any segment keeps."""
+    and the list above of the channels of y that gate or up keeps."""
     h = x + sum_partials(parts, x.dtype)
     hf = h.float()
     y = (weight.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)

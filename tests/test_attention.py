@@ -71,9 +71,9 @@ def check(qkv, bias, k, v, p, f, H, fn=decode_attention):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("B,H,H_kv,D", [(1, 9, 3, 64), (2, 8, 8, 32), (3, 12, 4, 128), (1, 6, 2, 80)])
+@pytest.mark.parametrize("B,H,H_kv,D", [(1, 9, 3, 64), (2, 8, 8, 32), (3, 12, 4, 128), (1, 6, 2, 80), (2, 8, 1, 32)])
 def test_matches_sdpa(dtype, B, H, H_kv, D):
-    # SmolLM2's 9/3 heads of 64, multi-head, GQA with 128-wide heads, and a head size that is not a power of two;
+    # SmolLM2's 9/3 heads of 64, multi-head, GQA with 128-wide heads, a head size that is not a power of two, MQA;
     # split-K partials (fp32) or the projection itself; with and without a (Qwen2) bias
     for S, pos, parts, bias in [(40, 0, 1, False), (40, 17, 3, True), (100, 99, 5, False), (77, 63, 1, True),
                                 (16, 10, 2, False)]:  # a 16-slot cache: a single chunk
@@ -120,6 +120,19 @@ def test_strided_batch_rows():
     wide = torch.cat([qkv, torch.randn(2, 3, 64, device=DEV)], dim=2)[:, :, :qkv.shape[2]]
     assert not wide.is_contiguous()
     check(wide, bias, k, v, p, f, 4)
+
+
+def test_position_past_the_cache_writes_nothing():
+    # A caller's bug the op cannot see without a host sync per step: input_pos past the cache. The kernel must not
+    # write outside the cache (here it would land on the next head's first position) nor read past the RoPE table.
+    if not sparse_ops.use_triton(torch.empty(0, device=DEV)):
+        pytest.skip("the kernel runs on a GPU or in Triton's interpreter")
+    qkv, bias, k, v, _, f = random_case(2, 4, 2, 16, 32, torch.float32, 16, parts=2, bias=True)
+    kc, vc = k.clone(), v.clone()
+    decode_attention(qkv, bias, kc, vc, torch.tensor([16], device=DEV), f, 4)
+    assert torch.equal(kc, k) and torch.equal(vc.nan_to_num(), v.nan_to_num())
+    with pytest.raises(IndexError):  # the reference indexes the cache itself
+        decode_attention_ref(qkv, bias, kc, vc, torch.tensor([16], device=DEV), f, 4)
 
 
 def test_opcheck():

@@ -3,22 +3,19 @@ checked against transformers' own GGUF loader: logits, perplexity, greedy text a
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+import convert_gguf_checkpoint
+import textdata
+from checkpoint import load_model, permute_qk
+from conftest import GGUF_PATH, needs_gguf, run_script
+from tokenizer import get_tokenizer
 
-import convert_gguf_checkpoint  # noqa: E402
-import textdata  # noqa: E402
-from checkpoint import load_model, permute_qk  # noqa: E402
-from conftest import GGUF_PATH, needs_gguf, run_script  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 gguf = pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")

@@ -12,16 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoint
+import convert_hf_checkpoint
+from conftest import run_script
+from make_random_checkpoint import tokenizer_json
+from test_model import make_hf_model
 
-import checkpoint  # noqa: E402
-import convert_hf_checkpoint  # noqa: E402
-from conftest import run_script  # noqa: E402
-from make_random_checkpoint import tokenizer_json  # noqa: E402
-from test_model import make_hf_model  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = REPO / "scripts" / "convert_hf_checkpoint.py"
 TIKTOKEN_TEXT = "".join(f"{t} {i}\n" for i, t in enumerate(["IQ==", "Ig==", "Iw==", "JA==", "aGVsbG8=", "IHdvcmxk"]))

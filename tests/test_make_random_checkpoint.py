@@ -1,17 +1,14 @@
 """scripts/make_random_checkpoint.py: the folder loads with the runtime's own loaders and generate.py runs on it."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import generate  # noqa: E402
-import make_random_checkpoint  # noqa: E402
-from bench_decode import PRESETS  # noqa: E402
-from checkpoint import load_model  # noqa: E402
-from model import ModelArgs  # noqa: E402
-from tokenizer import get_tokenizer  # noqa: E402
+import generate
+import make_random_checkpoint
+from bench_decode import PRESETS
+from checkpoint import load_model
+from model import ModelArgs
+from tokenizer import get_tokenizer
 
 
 def test_random_checkpoint_loads_and_generates(tmp_path, capsys):

@@ -76,10 +76,45 @@ def test_windows_and_lists(scaled):
     assert pick_config(1, 4096, 4096, (), dev, listed=True)["WINDOWS"] == 0  # a given list is streamed
 
 
+def poisoned(wt, keep):
+    """wt with NaN in the rows of the channels no row keeps (keep (B, K)): an op that reads one returns NaN, where
+    a clean weight could not show it (its input there is zero)."""
+    wt = wt.clone()
+    wt[~keep.any(0)] = float("nan")
+    return wt
+
+
+@pytest.mark.parametrize("B,K,N", [(1, 128, 96), (1, 1024, 192), (3, 256, 96), (8, 200, 48)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_dropped_rows_are_never_read(B, K, N, scaled):
+    # What the kernels are for: the weight rows of dropped channels stay unread on every path (batch 1 in
+    # windows and listed, a batch's tiles, the pair and the GLU), or their NaN would reach the output
+    from sparse_ops.gemv import pick_config
+    g = torch.Generator().manual_seed(K + B)
+    x = torch.randn(B, K, generator=g).to(torch.bfloat16).to(DEV)
+    wt = (torch.randn(K, N, generator=g) / K ** 0.5).to(torch.bfloat16).to(DEV)
+    scale = torch.rand(2, K, generator=g).to(DEV) + 0.5 if scaled else None
+    thr = quantile_thresholds(x, [0.5, 0.6])
+    keep = [sparse_ops.keep_mask(x, thr[s], None if scale is None else scale[s]) for s in (0, 1)]
+    if B == 1:
+        windows = pick_config(1, K, N, (), torch.device(DEV))["WINDOWS"] > 0
+        assert windows == (K == 128)  # both batch-1 paths run
+    s0 = None if scale is None else scale[:1]
+    y = sparse_gemv(x, poisoned(wt, keep[0]), thr[:1], [N], s0)
+    assert rel_err(y, sparse_gemv_ref(x.double(), wt.double(), thr[:1], [N], s0)) < TOL[torch.bfloat16]
+    wt_b = wt.flip(1)  # a second weight: the pair (a list each) and the GLU (one list, gate's and up's union)
+    y = sparse_gemv_pair(x, poisoned(wt, keep[0]), poisoned(wt_b, keep[1]), thr, scale)
+    assert rel_err(y, sparse_gemv_pair_ref(x.double(), wt.double(), wt_b.double(), thr, scale)) < TOL[torch.bfloat16]
+    if B == 1:
+        both = keep[0] | keep[1]
+        y = sparse_glu(x, poisoned(wt, both), poisoned(wt_b, both), thr, scale, kept_list(x, thr, scale))
+        assert rel_err(y, glu_oracle(x, wt, wt_b, thr, scale)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 def test_zero_threshold_still_masks(scaled):
     # Threshold 0 (0% sparsity) on the listing path: inputs of exactly 0, NaN ones and (weighted) scores of 0 must
-    # still drop, as in the reference: a finite output equal to it
+    # still drop, as in the reference: their weight rows unread (NaN there would show), the output equal to it
     from sparse_ops.gemv import pick_config
     g = torch.Generator().manual_seed(7)
     K, N = (8192, 4096) if DEV == "cuda" else (1024, 192)  # large enough to list (pick_config), on either device
@@ -95,7 +130,7 @@ def test_zero_threshold_still_masks(scaled):
         scale[0, 1::7] = 0.0
         scale = scale.to(DEV)
     thr = torch.zeros(1, device=DEV)
-    y = sparse_gemv(x, wt, thr, [N], scale)
+    y = sparse_gemv(x, poisoned(wt, sparse_ops.keep_mask(x, thr, scale)), thr, [N], scale)
     ref = sparse_gemv_ref(x.double(), wt.double(), thr, [N], scale)
     assert torch.isfinite(ref).all() and rel_err(y, ref) < TOL[torch.bfloat16]
 
@@ -270,6 +305,12 @@ def test_bad_input():
         sparse_gemv(x, wt, torch.zeros(1, device=DEV, dtype=torch.float64), [32])
     with pytest.raises(ValueError, match="seg_ends"):
         sparse_gemv(x, wt, thr, [16])
+    with pytest.raises(ValueError, match="seg_ends"):
+        sparse_gemv(x, wt, torch.zeros(2, device=DEV), [-16, 32])  # the reference would slice from the end
+    with pytest.raises(ValueError, match="seg_ends"):
+        sparse_gemv(x, wt, torch.zeros(2, device=DEV), [16.0, 32])
+    with pytest.raises(ValueError, match="scale"):
+        sparse_gemv(x, wt, torch.zeros(2, device=DEV), [16, 32], torch.ones(1, 64, device=DEV))  # one per segment
     with pytest.raises(ValueError, match="multiples of 16"):
         sparse_gemv(x, wt, torch.zeros(2, device=DEV), [10, 32])
     with pytest.raises(TypeError, match="dtype"):
