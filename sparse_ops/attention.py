@@ -180,9 +180,11 @@ def check_decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor,
                          f"{tuple(bias.shape)}")
     if qkv.stride(2) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous() and freqs.is_contiguous()):
         raise ValueError("the caches, freqs and each row of qkv must be contiguous")
-    if qkv.dtype not in (k_cache.dtype, torch.float32) or v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"qkv dtype {qkv.dtype} and cache dtypes {k_cache.dtype}, {v_cache.dtype}: the caches "
-                        "must agree, and qkv be in their dtype or fp32 partial sums")
+    if qkv.dtype not in (k_cache.dtype, torch.float32) or v_cache.dtype != k_cache.dtype \
+            or (qkv.shape[0] > 1 and qkv.dtype != torch.float32):
+        raise TypeError(f"qkv dtype {qkv.dtype} ({qkv.shape[0]} parts) and cache dtypes {k_cache.dtype}, "
+                        f"{v_cache.dtype}: the caches must agree, and qkv be fp32 partial sums or one output in "
+                        "their dtype")
     if input_pos.numel() != 1 or input_pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"input_pos must hold one integer position, got {input_pos.dtype} {tuple(input_pos.shape)}")
     if freqs.dim() != 3 or tuple(freqs.shape[1:]) != (D // 2, 2) or freqs.shape[0] < k_cache.shape[2] \

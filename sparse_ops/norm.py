@@ -101,9 +101,9 @@ def check_add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, thresholds: Tens
         raise ValueError(f"kept-channel lists need one row and D a positive multiple of {LIST_GROUP}, got "
                          f"{tuple(x.shape)}")
     if parts.dim() != 3 or parts.shape[0] == 0 or tuple(parts.shape[1:]) != (B, D) or not parts.is_contiguous() \
-            or parts.dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"parts must be contiguous (parts >= 1, {B}, {D}) in {x.dtype} or fp32, got {parts.dtype} "
-                         f"{tuple(parts.shape)}")
+            or parts.dtype not in (x.dtype, torch.float32) or (parts.shape[0] > 1 and parts.dtype != torch.float32):
+        raise ValueError(f"parts must be contiguous (parts >= 1, {B}, {D}), fp32 partial sums or one {x.dtype} "
+                         f"output, got {parts.dtype} {tuple(parts.shape)}")
     # the kernel indexes weight, thresholds and scale as packed arrays: a strided view would be read wrongly
     if tuple(weight.shape) != (D,) or weight.dtype != x.dtype or not weight.is_contiguous():
         raise ValueError(f"weight must be contiguous ({D},) {x.dtype}, got {weight.dtype} {tuple(weight.shape)}")

@@ -152,6 +152,8 @@ def test_bad_input():
         decode_attention(qkv.expand(1, 2, -1), bias, k, v, p, f, 4)  # more rows than the cache
     with pytest.raises(TypeError, match="dtype"):
         decode_attention(qkv.half(), bias, k, v, p, f, 4)
+    with pytest.raises(TypeError, match="dtype"):
+        decode_attention(qkv.expand(2, -1, -1).contiguous(), bias, k, v, p, f, 4)  # several partials come in fp32
     with pytest.raises(ValueError, match="bias"):
         decode_attention(qkv, torch.zeros(10, device=DEV, dtype=torch.bfloat16), k, v, p, f, 4)
     with pytest.raises(ValueError, match="contiguous"):

@@ -164,6 +164,8 @@ def test_bad_input():
         add_rmsnorm(x, parts[:, :, :32], w, 1e-5, thr)
     with pytest.raises(ValueError, match="parts"):
         add_rmsnorm(x, parts.double(), w, 1e-5, thr)
+    with pytest.raises(ValueError, match="parts"):
+        add_rmsnorm(x, parts.to(x.dtype), w, 1e-5, thr)  # several partial sums come in fp32
     with pytest.raises(ValueError, match="weight"):
         add_rmsnorm(x, parts, w.float(), 1e-5, thr)
     with pytest.raises(ValueError, match="thresholds"):
