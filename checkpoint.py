@@ -5,6 +5,7 @@ weight against it (load_model); the converters write folders with save_checkpoin
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Optional
 import torch
 
 from model import PROJECTIONS, CheckpointError, ModelArgs, Transformer, to_column_major
-from tokenizer import (CHAT_TEMPLATE_FILE, SCHEMA_VERSION, SPECIAL_TOKENS_MAP_FILE,  # the folder as the runtime reads it
-                       TOKENIZER_CLASSES, TOKENIZER_CONFIG_FILE)
+from tokenizer import (CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, SCHEMA_VERSION,  # the folder as the runtime reads it
+                       SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CLASSES, TOKENIZER_CONFIG_FILE)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -26,6 +27,9 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         raise CheckpointError(f"unsupported model_type {mt!r} in config.json (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if cfg.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+    for key in ("attention_bias", "mlp_bias", "use_sliding_window", "tie_word_embeddings"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):  # "false" would read as true
+            raise CheckpointError(f"config.json: {key} must be true or false, got {cfg[key]!r}")
     # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here.
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise CheckpointError("unsupported attention_bias/mlp_bias in config.json (only qwen2's q/k/v biases)")
@@ -69,8 +73,17 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         rope_base=float(rope_base),
         rope_scaling=rope_scaling(cfg.get("rope_scaling") or params, cfg.get("max_position_embeddings")),
         qkv_bias=mt == "qwen2",
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_embeddings=cfg.get("tie_word_embeddings") is True,
     )
+
+
+def brief(e: Exception, limit: int = 160) -> str:
+    """An exception for a one-line error: its type and first sentence, without terminal colour codes, cut at limit
+    (torch's and safetensors' messages run long, with advice for other situations)."""
+    why = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(e).split())).split(". ")[0]
+    if len(why) > limit:
+        why = why[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {why}" if why else type(e).__name__
 
 
 def positive_number(v) -> bool:
@@ -100,8 +113,9 @@ def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
     return rs
 
 
-CHAT_FILES = (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)  # what generate.py --chat reads
-FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_weighted.json") + CHAT_FILES + \
+# a model's optional files that generate.py reads: --chat's template and special tokens, the stop ids
+EXTRA_FILES = (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, GENERATION_CONFIG_FILE)
+FOLDER_FILES = ("config.json", "tealfast.json", "thresholds.json", "thresholds_weighted.json") + EXTRA_FILES + \
     tuple(dict.fromkeys(c.file_name for c in TOKENIZER_CLASSES.values()))  # beside model.pth: what the runtime reads
 
 
@@ -121,10 +135,23 @@ def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=(), in
             raise ValueError(f"{flag} and {other} name the same file, {out}")
 
 
+def hf_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
 def is_hf_folder(folder: Path) -> bool:
     """A Hugging Face model folder (weights and config.json) that no converter has written to."""
-    weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-    return weights and (folder / "config.json").is_file() and not (folder / "tealfast.json").is_file()
+    return hf_weights(folder) and (folder / "config.json").is_file() and not (folder / "tealfast.json").is_file()
+
+
+def check_target(out_dir, source_dir=None) -> None:
+    """A converter's output folder, before the slow part: not the folder of Hugging Face weights other than the ones
+    converted (source_dir; converting in place is fine), whose config.json and tokenizer it would replace."""
+    out = Path(out_dir)
+    if out.is_dir() and hf_weights(out) and not (source_dir is not None and Path(source_dir).is_dir()
+                                                 and out.samefile(source_dir)):
+        raise CheckpointError(f"{out} holds another model's Hugging Face weights: converting into it would replace "
+                              f"their config.json and tokenizer (choose another output folder)")
 
 
 def load_config(checkpoint_path) -> ModelArgs:
@@ -155,13 +182,10 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, column_major
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises several kinds, with long messages, for truncated or foreign files
-        why = " ".join(str(e).split()).split(". ")[0]  # the first sentence: torch's messages run long
-        if "mmap can only be used" in why:  # what torch says of a file that is no zip archive: its advice misleads
-            why = "not the zip archive that torch.save writes"
-        elif len(why) > 160:
-            why = why[:160].rsplit(" ", 1)[0] + " ..."
+        # what torch says of a file that is no zip archive: its advice misleads
+        why = "not the zip archive that torch.save writes" if "mmap can only be used" in str(e) else brief(e)
         raise CheckpointError(f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only torch.save "
-                              f"file): {type(e).__name__}: {why}") from None
+                              f"file): {why}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                for k, v in state.items()):
         raise CheckpointError(f"{path} holds no state dict (a mapping from weight names to tensors)")
@@ -178,17 +202,18 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, column_major
 
 
 def read_config(path: Path) -> dict:
-    """A checkpoint's HF config.json, parsed; a clear error when it is absent or corrupt."""
+    """A checkpoint's HF config.json (or generation_config.json), parsed; a clear error when it is absent or
+    corrupt."""
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not the checkpoint's config.json")
+        raise CheckpointError(f"{path} is a folder, not the checkpoint's {path.name}")
     if not path.is_file():
-        raise CheckpointError(f"config.json not found: {path}")
+        raise CheckpointError(f"{path.name} not found: {path}")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt config.json ({path}): {e}") from None
+        raise CheckpointError(f"corrupt {path.name} ({path}): {e}") from None
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"corrupt config.json ({path}): a JSON object expected, got {type(cfg).__name__}")
+        raise CheckpointError(f"corrupt {path.name} ({path}): a JSON object expected, got {type(cfg).__name__}")
     return cfg
 
 
@@ -231,7 +256,7 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
         raise ValueError(f"unknown tokenizer kind {tokenizer_kind!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("model.pth", "config.json", "tealfast.json", *tokenizer_files, *CHAT_FILES):
+    for name in ("model.pth", "config.json", "tealfast.json", *tokenizer_files, *EXTRA_FILES):
         if (out / name).is_dir():  # found before anything in the folder is replaced
             raise CheckpointError(f"{out / name} is a folder: the conversion writes a file there")
     # model.pth takes its name last: prepare.sh takes a folder that has one as done, so a conversion cut short (a
@@ -246,7 +271,7 @@ def save_checkpoint(out_dir, state_dict: dict, config: dict, tokenizer_kind: str
                     shutil.copyfile(src, out / name)
             else:
                 (out / name).write_bytes(src.encode() if isinstance(src, str) else src)
-        for name in CHAT_FILES:
+        for name in EXTRA_FILES:
             if name not in tokenizer_files:  # the replaced model's
                 (out / name).unlink(missing_ok=True)
         meta = {"schema_version": SCHEMA_VERSION, "tokenizer": tokenizer_kind, "source": source}

@@ -11,12 +11,14 @@ import datetime
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 SCHEMA_VERSION = 1  # of tealfast.json (written by checkpoint.save_checkpoint)
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers saves a tokenizer's chat template under
 # Where a Hugging Face folder names the special tokens that a chat template writes (bos_token, eos_token ...):
 # tokenizer_config.json, older repos special_tokens_map.json too
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"  # a Hugging Face model's sampling defaults: its stop ids are read
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -255,14 +257,15 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
         raise TokenizerError(f"{path} is a folder, not the {kind} tokenizer file")
     if not path.is_file():
         raise TokenizerError(f"tokenizer file missing for kind {kind!r}: {path}")
-    tok = load_tokenizer(kind, path, config)
+    tok = load_tokenizer(kind, path, config, _read_json(ckpt / GENERATION_CONFIG_FILE, required=False))
     tok.folder = ckpt
     return tok
 
 
-def load_tokenizer(kind: str, path: Path, config: dict) -> Tokenizer:
-    """The tokenizer file of this kind with config.json's BOS/EOS ids. Refused where it does not fit config.json,
-    before anything runs (convert_hf_checkpoint.py checks its input with it too)."""
+def load_tokenizer(kind: str, path: Path, config: dict, generation: Optional[dict] = None) -> Tokenizer:
+    """The tokenizer file of this kind with config.json's BOS/EOS ids, and the stop ids of generation_config.json
+    (generation), as transformers' generate stops on both. Refused where it does not fit them, before anything
+    runs (convert_hf_checkpoint.py checks its input with it too)."""
     tok = TOKENIZER_CLASSES[kind](path)
     # The model's vocab_size is its embedding's rows. It may exceed the tokenizer's (padding rows), never the other
     # way round: the embedding would fail on the first id past its rows, mid-run.
@@ -274,14 +277,20 @@ def load_tokenizer(kind: str, path: Path, config: dict) -> Tokenizer:
     bos = config.get("bos_token_id")
     if bos is not None:
         tok.bos_id = bos
-    eos = config.get("eos_token_id")
-    # config.json eos first: it is what the model was trained to stop on; kind defaults follow.
-    eos_ids = ([] if eos is None else eos if isinstance(eos, list) else [eos]) + tok.eos_ids
+    def ids(cfg: dict) -> list:
+        eos = cfg.get("eos_token_id")
+        return [] if eos is None else eos if isinstance(eos, list) else [eos]
+
+    # config.json's and generation_config.json's eos first: what the model was trained to stop on; the kind's
+    # defaults and the usual end-of-turn tokens follow
+    named = [("eos_token_id", i) for i in ids(config)] + \
+        [(f"{GENERATION_CONFIG_FILE} eos_token_id", i) for i in ids(generation or {})]
+    eos_ids = [i for _, i in named] + tok.eos_ids
     eos_ids += [i for i in (tok.token_id(t) for t in EXTRA_STOP_TOKENS) if i is not None]
 
     # A config that does not match the tokenizer would otherwise fail much later, mid-generation. Ids below the
     # tokenizer's vocab_size are below the model's too (checked above).
-    for name, i in [("bos_token_id", tok.bos_id)] + [("eos_token_id", i) for i in eos_ids]:
+    for name, i in [("bos_token_id", tok.bos_id)] + named:
         if i is not None and not (type(i) is int and 0 <= i < tok.vocab_size):
             raise TokenizerError(f"{path.parent}: {name} {i!r} is not a token id of this {kind} tokenizer "
                                  f"(vocab_size {tok.vocab_size})")

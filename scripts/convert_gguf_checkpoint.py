@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
-from checkpoint import check_state_dict, from_hf_config, save_checkpoint  # noqa: E402
+from checkpoint import check_state_dict, check_target, from_hf_config, save_checkpoint  # noqa: E402
 from model import DTYPES, CheckpointError, Transformer  # noqa: E402
 from tokenizer import CHAT_TEMPLATE_FILE, LLAMA3_PAT_STR  # noqa: E402
 
@@ -181,6 +181,7 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
         raise ConversionError(f"{path} is a folder: give the .gguf file")
     if not path.is_file():
         raise ConversionError(f"GGUF file not found: {path}")
+    check_target(out_dir)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated file ...

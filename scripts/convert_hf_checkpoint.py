@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402
-from checkpoint import (check_state_dict, check_weights, from_hf_config, permute_qk, read_config,  # noqa: E402
-                        save_checkpoint)
+from checkpoint import (brief, check_state_dict, check_target, check_weights, from_hf_config,  # noqa: E402
+                        permute_qk, read_config, save_checkpoint)
 from model import DTYPES, CheckpointError, ModelArgs, Transformer  # noqa: E402
-from tokenizer import (CHAT_TEMPLATE_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CLASSES,  # noqa: E402
-                       TOKENIZER_CONFIG_FILE, load_tokenizer)
+from tokenizer import (CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE,  # noqa: E402
+                       TOKENIZER_CLASSES, TOKENIZER_CONFIG_FILE, load_tokenizer)
 
 # Buffers older exporters saved; RoPE frequencies come from config.json instead.
 HARMLESS = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -36,7 +36,7 @@ LAYER_MAP = {
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
-HF_TOKENIZER_EXTRAS = (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
+HF_EXTRAS = (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, GENERATION_CONFIG_FILE)
 
 
 def download(repo: str, local_dir: Path) -> None:
@@ -56,7 +56,10 @@ def download(repo: str, local_dir: Path) -> None:
                           allow_patterns=["*.json", weights, "tokenizer.model", "original/tokenizer.model",
                                           CHAT_TEMPLATE_FILE])
     except Exception as e:  # offline, unknown or gated repo: the hub raises many kinds, with long messages
-        raise ValueError(f"cannot download {repo}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+        have = (f" ({local_dir} holds a model already: convert it without --repo)"
+                if (local_dir / "config.json").is_file() else "")
+        raise ValueError(f"cannot download {repo}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}{have}") \
+            from None
 
 
 def load_hf_weights(d: Path) -> dict:
@@ -64,13 +67,27 @@ def load_hf_weights(d: Path) -> dict:
     (sharded or single). A repo may carry both kinds; download() fetches one."""
     from safetensors.torch import load_file
 
+    def read(p: Path, loader) -> dict:
+        try:
+            state = loader(p)
+        except Exception as e:  # corrupt safetensors or pickle files raise assorted types, with long messages
+            raise CheckpointError(f"cannot read {p} (truncated, corrupt, or holding more than tensors?): "
+                                  f"{brief(e)}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{p} holds no flat mapping from weight names to tensors")
+        return state
+
     def sharded(index_name: str, loader) -> dict:
-        weight_map = json.loads((d / index_name).read_text())["weight_map"]
+        try:
+            weight_map = json.loads((d / index_name).read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"corrupt {d / index_name} (no weight_map of shard files): {brief(e)}") from None
         state = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in shards:
             if not (d / shard).is_file():
                 raise CheckpointError(f"shard {shard} listed in {index_name} is missing")
-            state.update(loader(d / shard))
+            state.update(read(d / shard, loader))
         return state
 
     def load_bin(p: Path) -> dict:
@@ -79,11 +96,11 @@ def load_hf_weights(d: Path) -> dict:
     if (d / "model.safetensors.index.json").is_file():
         return sharded("model.safetensors.index.json", load_file)
     if (d / "model.safetensors").is_file():
-        return load_file(d / "model.safetensors")
+        return read(d / "model.safetensors", load_file)
     if (d / "pytorch_model.bin.index.json").is_file():
         return sharded("pytorch_model.bin.index.json", load_bin)
     if (d / "pytorch_model.bin").is_file():
-        return load_bin(d / "pytorch_model.bin")
+        return read(d / "pytorch_model.bin", load_bin)
     raise CheckpointError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {d}")
 
 
@@ -111,7 +128,8 @@ def find_tokenizer(d: Path):
         if cand is None:
             raise CheckpointError(f"no tokenizer.json or tokenizer.model in {d} (or {d / 'original'})")
         kind, files = ("tiktoken" if is_tiktoken_file(cand) else "sentencepiece"), {"tokenizer.model": cand}
-    files.update({n: d / n for n in HF_TOKENIZER_EXTRAS if (d / n).is_file()})  # --chat reads the special tokens
+    # --chat reads the special tokens, every run generation_config.json's stop ids
+    files.update({n: d / n for n in HF_EXTRAS if (d / n).is_file()})
     template = find_chat_template(d)
     if template is not None:
         files[CHAT_TEMPLATE_FILE] = template
@@ -188,19 +206,15 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"--checkpoint_dir {checkpoint_dir} is not a folder"
                               + ("" if checkpoint_dir.exists() else " (it does not exist)"))
+    check_target(out_dir, checkpoint_dir)
     config = read_config(checkpoint_dir / "config.json")
     args = from_hf_config(config)
     kind, tok_files = find_tokenizer(checkpoint_dir)
     # Loaded as the runtime will load it: a tokenizer with more ids than the model's vocab_size, or BOS/EOS ids it
     # lacks, is refused now rather than by every later run
-    load_tokenizer(kind, tok_files[TOKENIZER_CLASSES[kind].file_name], config)
-    try:
-        hf = load_hf_weights(checkpoint_dir)
-    except (CheckpointError, OSError):
-        raise
-    except Exception as e:  # corrupt safetensors / pickle files raise assorted types
-        raise CheckpointError(f"cannot read weights in {checkpoint_dir}: {type(e).__name__}: {e}") from None
-    state = convert_state_dict(hf, args)
+    generation = read_config(tok_files[GENERATION_CONFIG_FILE]) if GENERATION_CONFIG_FILE in tok_files else None
+    load_tokenizer(kind, tok_files[TOKENIZER_CLASSES[kind].file_name], config, generation)
+    state = convert_state_dict(load_hf_weights(checkpoint_dir), args)
     state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):  # last check against the model itself, so the output always loads
         check_state_dict(Transformer(args), state)

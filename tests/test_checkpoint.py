@@ -137,6 +137,8 @@ def hf_config(**overrides) -> dict:
     dict(rope_theta=float("inf")),
     dict(rope_parameters={"rope_type": "default", "rope_theta": float("nan")}),
     dict(rope_scaling={"rope_type": "llama3", "factor": float("inf")}),
+    dict(tie_word_embeddings="false"),  # a string would read as true
+    dict(use_sliding_window=1),
 ])
 def test_from_hf_config_rejects_unsupported(overrides):
     with pytest.raises(CheckpointError):
@@ -240,6 +242,21 @@ def test_outputs_never_overwrite_the_checkpoint(good_ckpt, tmp_path):
     checkpoint.check_output(tmp_path / "a.png", ckpt, "--plot", outputs={"--json": None, "--out": tmp_path / "b"})
 
 
+def test_a_conversion_into_another_models_hf_folder_is_refused(tmp_path):
+    # its weights would stay beside the converted model's config.json and tokenizer; converting in place is fine
+    (tmp_path / "config.json").write_text("{}")
+    for weights in ("model-00001-of-00002.safetensors", "pytorch_model.bin"):
+        (tmp_path / weights).write_bytes(b"x")
+        with pytest.raises(CheckpointError, match="another model's Hugging Face weights"):
+            checkpoint.check_target(tmp_path)  # a GGUF conversion's output
+        with pytest.raises(CheckpointError, match="another model's Hugging Face weights"):
+            checkpoint.check_target(tmp_path, tmp_path.parent)
+        checkpoint.check_target(tmp_path, tmp_path)
+        (tmp_path / weights).unlink()
+    checkpoint.check_target(tmp_path)
+    checkpoint.check_target(tmp_path / "new")
+
+
 def test_a_hugging_face_folder_is_sent_to_the_converter(tmp_path):
     """An unconverted HF folder (or a file in it) given as the checkpoint: one line that says to convert it."""
     (tmp_path / "config.json").write_text("{}")
@@ -248,5 +265,5 @@ def test_a_hugging_face_folder_is_sent_to_the_converter(tmp_path):
         with pytest.raises(checkpoint.CheckpointError, match="Hugging Face model folder.*convert_hf_checkpoint"):
             checkpoint.load_config(given)
     (tmp_path / "cfg").mkdir()
-    with pytest.raises(checkpoint.CheckpointError, match="is a folder, not the checkpoint's config.json"):
+    with pytest.raises(checkpoint.CheckpointError, match="cfg is a folder, not the checkpoint's cfg"):
         checkpoint.read_config(tmp_path / "cfg")

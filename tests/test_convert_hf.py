@@ -1,5 +1,6 @@
 """scripts/convert_hf_checkpoint.py: output folder layout, tokenizer detection, weight formats, and one clear
 `error:` line (non-zero exit, no traceback) for every bad input."""
+import argparse
 import base64
 import io
 import json
@@ -17,6 +18,7 @@ import convert_hf_checkpoint
 from conftest import run_script
 from make_random_checkpoint import tokenizer_json
 from test_model import make_hf_model
+from tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,6 +91,31 @@ def test_output_folder(hf_dir, tmp_path, capsys):
     assert checkpoint.load_model(out / "model.pth").config.head_dim == 32
 
 
+def test_generation_config_stop_ids(hf_dir, tmp_path, capsys):
+    # transformers' generate stops on generation_config.json's eos_token_id too: copied, and read as stop ids
+    (hf_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 257], "do_sample": True}))
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "out")
+    assert rc == 0, err
+    copied = tmp_path / "out" / "generation_config.json"
+    assert copied.read_bytes() == (hf_dir / "generation_config.json").read_bytes()
+    assert 257 in get_tokenizer(tmp_path / "out").eos_ids
+    # a model converted over it without one leaves none behind
+    (hf_dir / "generation_config.json").unlink()
+    assert run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "out")[0] == 0
+    assert not (tmp_path / "out" / "generation_config.json").exists()
+    assert 257 not in get_tokenizer(tmp_path / "out").eos_ids
+
+
+def test_out_folder_of_another_hf_model_is_refused(hf_dir, hf_src, tmp_path, capsys):
+    # converting into another model's HF folder would leave its weights beside this model's config and tokenizer
+    other = tmp_path / "other"
+    shutil.copytree(hf_src, other)
+    before = {f.name: f.read_bytes() for f in other.iterdir()}
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", other)
+    assert rc == 1 and "another model's Hugging Face weights" in err and err.count("\n") == 1, err
+    assert {f.name: f.read_bytes() for f in other.iterdir()} == before
+
+
 def test_in_place_and_dtypes(hf_dir, capsys):
     for name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
         rc, err = run_main("--checkpoint_dir", hf_dir, "--dtype", name)  # default out: the folder
@@ -142,6 +169,20 @@ def test_safetensors_preferred_to_a_bin_index(hf_dir, tmp_path, capsys):
     (hf_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "pytorch_model-1.bin"}}))
     rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("what", ["truncated shard", "corrupt index"])
+def test_bad_shards_are_named(tmp_path, capsys, what):
+    make_hf_model("mistral", tmp_path / "hf")  # saved with a small max_shard_size
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    shard = tmp_path / "hf" / sorted(json.loads(index.read_text())["weight_map"].values())[-1]
+    if what == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        index.write_text('{"weight_map": [')
+    rc, err = run_main("--checkpoint_dir", tmp_path / "hf", "--out", tmp_path / "o")
+    assert rc == 1 and err.count("\n") == 1 and (shard.name if what == "truncated shard" else index.name) in err, err
+    assert len(err) < 400, err
 
 
 def test_sharded_safetensors(tmp_path, capsys):
@@ -257,6 +298,17 @@ def _truncate(d: Path) -> None:
     p.write_bytes(p.read_bytes()[:5000])
 
 
+def _as_bin(d: Path, wrap) -> None:
+    """The weights as pytorch_model.bin, wrap(state) saved."""
+    torch.save(wrap(load_file(d / "model.safetensors")), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+
+
+def _pickled_object(d: Path) -> None:
+    """A .bin that a weights-only load refuses: torch's message is long, with advice for other situations."""
+    _as_bin(d, lambda s: {**s, "extra": argparse.Namespace(a=1)})
+
+
 BAD_INPUTS = {
     "unknown model_type": (lambda d: edit_config(d, lambda c: c.update(model_type="gpt_neox")), "model_type"),
     "wrong shape": (lambda d: edit_weights(d, lambda s: s.update(
@@ -271,11 +323,17 @@ BAD_INPUTS = {
     "missing lm_head": (lambda d: edit_weights(d, lambda s: s.pop("lm_head.weight")), "lm_head"),
     "missing config.json": (lambda d: (d / "config.json").unlink(), "config.json"),
     "corrupt config.json": (lambda d: (d / "config.json").write_text("{"), "config.json"),
-    "truncated safetensors": (_truncate, "weights"),
+    "truncated safetensors": (_truncate, "cannot read"),
+    "bin of another kind": (_pickled_object, "holding more than tensors?): UnpicklingError"),
+    "nested bin": (lambda d: _as_bin(d, lambda s: {"model": s}), "no flat mapping"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
     "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer"),
     # a padding row of the model's 300, but not one of the tokenizer's 258 ids
     "eos past the tokenizer": (lambda d: edit_config(d, lambda c: c.update(eos_token_id=280)), "eos_token_id 280"),
+    "generation_config eos past the tokenizer": (lambda d: (d / "generation_config.json").write_text(
+        '{"eos_token_id": [2, 290]}'), "generation_config.json eos_token_id 290"),
+    "corrupt generation_config.json": (lambda d: (d / "generation_config.json").write_text("{"),
+                                       "corrupt generation_config.json"),
     "folder missing": (lambda d: shutil.rmtree(d), "does not exist"),
 }
 
@@ -342,3 +400,8 @@ def test_download_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
     rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
     assert rc == 1 and err.strip() == "error: cannot download org/model: OSError: [Errno -2] Name or service not known"
+    # the files already there (prepare.sh ORG/REPO offline): the error says how to convert them
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
+    assert rc == 1 and err.count("\n") == 1 and "holds a model already: convert it without --repo" in err, err

@@ -577,6 +577,22 @@ def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, caps
     assert "compiled and warmed up" in captured.err and "sample 1:" in captured.out and "sample 2" not in captured.out
 
 
+def test_compiled_prefill_serves_every_prompt_length(tiny_ckpt):
+    """Dynamic shapes with the cache's sizes fixed (setup_caches): a first prompt as long as one of their dims (2:
+    RoPE's cos|sin) is no symbol shared with them, so a later length does not recompile. Dynamo's guards alone
+    (no inductor: seconds, not minutes on a CPU)."""
+    m = checkpoint.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
+    m.setup_caches(1, 32)
+    graphs = []
+    torch._dynamo.reset()
+    compiled = torch.compile(generate.prefill, fullgraph=True, dynamic=True,
+                             backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    for t in (2, 5, 11):
+        tok, _ = compiled(m, torch.arange(t)[None] + 3, torch.arange(t), 0.0, None)
+        assert torch.equal(tok, generate.prefill(m, torch.arange(t)[None] + 3, torch.arange(t), 0.0, None)[0])
+    assert len(graphs) == 1
+
+
 @pytest.mark.parametrize("sparsity", ["0", "0.4"])
 def test_dense_decode_keeps_row_major_weights(sparsity, tiny_ckpt, tmp_path, monkeypatch):
     """The sparse ops read column-major block weights; dense decode keeps them as stored, where inductor's one-row
