@@ -202,18 +202,17 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, column_major
 
 
 def read_config(path: Path) -> dict:
-    """A checkpoint's HF config.json (or generation_config.json), parsed; a clear error when it is absent or
-    corrupt."""
+    """A checkpoint's HF config.json, parsed; a clear error when it is absent or corrupt."""
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not the checkpoint's {path.name}")
+        raise CheckpointError(f"{path} is a folder, not the checkpoint's config.json")
     if not path.is_file():
-        raise CheckpointError(f"{path.name} not found: {path}")
+        raise CheckpointError(f"config.json not found: {path}")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt {path.name} ({path}): {e}") from None
+        raise CheckpointError(f"corrupt config.json ({path}): {e}") from None
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"corrupt {path.name} ({path}): a JSON object expected, got {type(cfg).__name__}")
+        raise CheckpointError(f"corrupt config.json ({path}): a JSON object expected, got {type(cfg).__name__}")
     return cfg
 
 

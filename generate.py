@@ -59,7 +59,7 @@ def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, tempera
 def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int]):
     """decode_one_token over the whole prompt, with the prefill's sparsity (dense unless --sparse_prefill) even
     for a prompt of one token: a function of its own, so that --compile_prefill compiles it apart from decode,
-    with dynamic shapes (one compile serves every prompt length)."""
+    its length dynamic (one compile serves every prompt of two or more tokens)."""
     return decode_one_token(model, prompt, input_pos, temperature, top_k, prefill=True)
 
 
@@ -73,7 +73,12 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
     device = prompt.device
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     seq[:, :T] = prompt
-    tok, finite = prefill_fn(model, prompt, torch.arange(T, device=device), temperature, top_k)
+    positions = torch.arange(T, device=device)
+    if T > 1:  # --compile_prefill: the length alone is symbolic, so that no other size equal to it by chance (the
+        # batch, RoPE's cos|sin, a threshold count) shares its symbol and a later length recompiles
+        torch._dynamo.mark_dynamic(prompt, 1)
+        torch._dynamo.mark_dynamic(positions, 0)
+    tok, finite = prefill_fn(model, prompt, positions, temperature, top_k)
     seq[:, T:T + 1] = tok
     all_finite = finite
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
@@ -377,7 +382,7 @@ def main(argv=None) -> None:
     if args.compile:
         decode_fn = compile_decode(device)
     if args.compile_prefill:
-        prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
+        prefill_fn = torch.compile(prefill, fullgraph=True)  # generate() marks the prompt's length dynamic
     stop_ids = tuple(tokenizer.eos_ids)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])

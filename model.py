@@ -112,10 +112,6 @@ class Transformer(nn.Module):
             b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype, device)
         self.freqs_cis = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling).to(device)
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
-        # Fixed sizes for a prefill compiled with dynamic shapes: else a prompt as long as one of their dims (2, the
-        # kv heads, head_dim ...) is taken for the same symbol, and the next prompt length recompiles
-        for t in [self.freqs_cis, self.causal_mask] + [c for b in self.layers for c in b.attention.kv_cache.buffers()]:
-            torch._dynamo.mark_static(t)
 
     def forward(self, idx: Tensor, input_pos: Tensor, prefill: Optional[bool] = None) -> Tensor:
         """idx: (B, T) token ids at positions input_pos (T,). Returns fp32 logits (B, T, vocab). prefill: whether

@@ -1,7 +1,7 @@
 """Tokenizers for tealfast checkpoints: one small class per kind, same interface.
 
 The kind comes only from the checkpoint's tealfast.json ("hf", "sentencepiece" or "tiktoken");
-BOS/EOS ids come from its config.json where present; a tokenizer with more ids than config.json's vocab_size (the
+BOS/EOS ids come from its config.json where present, more stop ids from its generation_config.json; a tokenizer with more ids than config.json's vocab_size (the
 model's embedding rows) is refused. A chat model's prompt format is the folder's chat_template.jinja (the converters
 take it from the model's own chat_template.jinja, its tokenizer_config.json or the GGUF), rendered as transformers'
 apply_chat_template does.
@@ -100,7 +100,7 @@ class Tokenizer:
         if any(f.exists() for f in files):
             specials = {}
             for f in files:  # tokenizer_config.json's over the map's
-                config = _read_json(f, required=False)
+                config = read_json(f, required=False)
                 # a token is a string or an AddedToken's {"content": ...}; null or absent: not passed, as transformers
                 specials.update({k: v.get("content") if isinstance(v, dict) else v for k in SPECIAL_TOKEN_KEYS
                                  if (v := config.get(k)) is not None})
@@ -243,7 +243,7 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
     ckpt = Path(checkpoint_dir)
     if not ckpt.is_dir():
         raise TokenizerError(f"checkpoint folder not found: {ckpt}")
-    meta = _read_json(ckpt / "tealfast.json", required=True)
+    meta = read_json(ckpt / "tealfast.json", required=True)
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise TokenizerError(f"{ckpt / 'tealfast.json'}: schema_version {meta.get('schema_version')!r}, "
                              f"expected {SCHEMA_VERSION}")
@@ -251,13 +251,13 @@ def get_tokenizer(checkpoint_dir) -> Tokenizer:
     if not isinstance(kind, str) or kind not in TOKENIZER_CLASSES:  # a list or object is unhashable
         raise TokenizerError(f"{ckpt / 'tealfast.json'}: unknown tokenizer kind {kind!r}, "
                              f"expected one of {sorted(TOKENIZER_CLASSES)}")
-    config = _read_json(ckpt / "config.json", required=False)
+    config = read_json(ckpt / "config.json", required=False)
     path = ckpt / TOKENIZER_CLASSES[kind].file_name
     if path.is_dir():
         raise TokenizerError(f"{path} is a folder, not the {kind} tokenizer file")
     if not path.is_file():
         raise TokenizerError(f"tokenizer file missing for kind {kind!r}: {path}")
-    tok = load_tokenizer(kind, path, config, _read_json(ckpt / GENERATION_CONFIG_FILE, required=False))
+    tok = load_tokenizer(kind, path, config, read_json(ckpt / GENERATION_CONFIG_FILE, required=False))
     tok.folder = ckpt
     return tok
 
@@ -334,7 +334,8 @@ def render_chat(template, messages: list[dict], specials: dict) -> str:
         raise TokenizerError(f"the chat template fails: {type(e).__name__}: {_one_line(e)}") from None
 
 
-def _read_json(path: Path, required: bool) -> dict:
+def read_json(path: Path, required: bool) -> dict:
+    """A JSON object of a checkpoint folder (tealfast.json, config.json, generation_config.json ...)."""
     if path.is_dir():
         raise TokenizerError(f"{path} is a folder, not a JSON file")
     if not path.is_file():

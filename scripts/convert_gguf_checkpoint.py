@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
-from checkpoint import check_state_dict, check_target, from_hf_config, save_checkpoint  # noqa: E402
+from checkpoint import brief, check_state_dict, check_target, from_hf_config, save_checkpoint  # noqa: E402
 from model import DTYPES, CheckpointError, Transformer  # noqa: E402
 from tokenizer import CHAT_TEMPLATE_FILE, LLAMA3_PAT_STR  # noqa: E402
 
@@ -185,8 +185,7 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated file ...
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConversionError(f"cannot read GGUF {path} (not a GGUF file, or cut short?): {why}") from None
+        raise ConversionError(f"cannot read GGUF {path} (not a GGUF file, or cut short?): {brief(e)}") from None
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise ConversionError(f"unsupported architecture {arch!r} (only llama)")

@@ -4,7 +4,8 @@
     python scripts/convert_hf_checkpoint.py --repo meta-llama/Llama-3.1-8B --checkpoint_dir DIR   # download first
 
 Writes model.pth (gpt-fast names, q/k rows permuted for interleaved RoPE, q|k|v fused into wqkv),
-config.json (unchanged), the tokenizer files and tealfast.json. Any mismatch is one `error:` line.
+config.json (unchanged), the tokenizer files, the chat template and generation_config.json where the model has
+them, and tealfast.json. Any mismatch is one `error:` line.
 """
 import base64
 import json
@@ -20,10 +21,10 @@ sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402
 from checkpoint import (brief, check_state_dict, check_target, check_weights, from_hf_config,  # noqa: E402
-                        permute_qk, read_config, save_checkpoint)
+                        is_hf_folder, permute_qk, read_config, save_checkpoint)
 from model import DTYPES, CheckpointError, ModelArgs, Transformer  # noqa: E402
 from tokenizer import (CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE,  # noqa: E402
-                       TOKENIZER_CLASSES, TOKENIZER_CONFIG_FILE, load_tokenizer)
+                       TOKENIZER_CLASSES, TOKENIZER_CONFIG_FILE, load_tokenizer, read_json)
 
 # Buffers older exporters saved; RoPE frequencies come from config.json instead.
 HARMLESS = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -56,8 +57,8 @@ def download(repo: str, local_dir: Path) -> None:
                           allow_patterns=["*.json", weights, "tokenizer.model", "original/tokenizer.model",
                                           CHAT_TEMPLATE_FILE])
     except Exception as e:  # offline, unknown or gated repo: the hub raises many kinds, with long messages
-        have = (f" ({local_dir} holds a model already: convert it without --repo)"
-                if (local_dir / "config.json").is_file() else "")
+        have = (f" ({local_dir} holds a model already: python scripts/convert_hf_checkpoint.py --checkpoint_dir "
+                f"{local_dir} converts it)" if is_hf_folder(local_dir) else "")
         raise ValueError(f"cannot download {repo}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}{have}") \
             from None
 
@@ -70,6 +71,8 @@ def load_hf_weights(d: Path) -> dict:
     def read(p: Path, loader) -> dict:
         try:
             state = loader(p)
+        except (OSError, MemoryError):  # not the file's fault: cli.run says what they are
+            raise
         except Exception as e:  # corrupt safetensors or pickle files raise assorted types, with long messages
             raise CheckpointError(f"cannot read {p} (truncated, corrupt, or holding more than tensors?): "
                                   f"{brief(e)}") from None
@@ -80,14 +83,14 @@ def load_hf_weights(d: Path) -> dict:
     def sharded(index_name: str, loader) -> dict:
         try:
             weight_map = json.loads((d / index_name).read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
+            shards = [d / name for name in sorted(set(weight_map.values()))]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"corrupt {d / index_name} (no weight_map of shard files): {brief(e)}") from None
         state = {}
         for shard in shards:
-            if not (d / shard).is_file():
-                raise CheckpointError(f"shard {shard} listed in {index_name} is missing")
-            state.update(read(d / shard, loader))
+            if not shard.is_file():
+                raise CheckpointError(f"shard {shard.name} listed in {index_name} is missing")
+            state.update(read(shard, loader))
         return state
 
     def load_bin(p: Path) -> dict:
@@ -212,7 +215,8 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
     kind, tok_files = find_tokenizer(checkpoint_dir)
     # Loaded as the runtime will load it: a tokenizer with more ids than the model's vocab_size, or BOS/EOS ids it
     # lacks, is refused now rather than by every later run
-    generation = read_config(tok_files[GENERATION_CONFIG_FILE]) if GENERATION_CONFIG_FILE in tok_files else None
+    generation = read_json(tok_files[GENERATION_CONFIG_FILE], required=False) if GENERATION_CONFIG_FILE in tok_files \
+        else None
     load_tokenizer(kind, tok_files[TOKENIZER_CLASSES[kind].file_name], config, generation)
     state = convert_state_dict(load_hf_weights(checkpoint_dir), args)
     state = {k: v.to(dtype) for k, v in state.items()}
@@ -235,6 +239,7 @@ def main(argv=None) -> None:
                                        "with huggingface_hub (HF_TOKEN for gated repos)")
     opts = parser.parse_args(argv)
     cli.writable(opts.out or opts.checkpoint_dir, folder=True)  # the default too, before a download or conversion
+    check_target(opts.out or opts.checkpoint_dir, opts.checkpoint_dir)
     if opts.repo:
         download(opts.repo, opts.checkpoint_dir)
     path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, DTYPES[opts.dtype])

@@ -42,7 +42,7 @@ def sparse_gemv(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list, scale
     if not 1 <= len(ends) <= 3 or not all(type(e) is int for e in ends) or ends[0] < 0 or ends != sorted(ends) \
             or ends[-1] != wt.shape[-1]:
         raise ValueError(f"seg_ends {ends} must be 1-3 non-decreasing int offsets from 0 ending at N={wt.shape[-1]}")
-    check_gemv(x, [wt], thresholds, len(seg_ends), scale)
+    check_gemv(x, [wt], thresholds, len(ends), scale)
     if use_triton(x):
         parts = _sparse_gemv_op(x, wt, thresholds, ends, scale)
         return sum_partials(parts, x.dtype) if reduce else parts

@@ -56,7 +56,7 @@ def _decode_attention_kernel(
     rd = tl.arange(0, BLOCK_D)
     rh = tl.arange(0, BLOCK_D // 2)
     d_mask = rd < D
-    f_mask = (rh < D // 2) & (pos < S_MAX)
+    f_mask = (rh < D // 2) & (pos >= 0) & (pos < S_MAX)
     cos = tl.load(freqs_ptr + pos * D + 2 * rh, mask=f_mask, other=0.0)  # the RoPE table's row pos
     sin = tl.load(freqs_ptr + pos * D + 2 * rh + 1, mask=f_mask, other=0.0)
     row_ptr = qkv_ptr + b * STRIDE_B

@@ -268,7 +268,7 @@ def pick_config(batch: int, K: int, N: int, boundaries: tuple, device: torch.dev
 
 
 def check_gemv(x: Tensor, weights: list, thresholds: Tensor, n_seg: int, scale: Optional[Tensor],
-           kept: Optional[Tensor] = None) -> None:
+               kept: Optional[Tensor] = None) -> None:
     """The GEMV ops' inputs, n_seg thresholds; kept: sparse_glu's list of the channels gate or up keeps
     (sparse_ops.add_rmsnorm's)."""
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:

@@ -124,7 +124,7 @@ def test_strided_batch_rows():
 
 def test_position_past_the_cache_writes_nothing():
     # A caller's bug the op cannot see without a host sync per step: input_pos past the cache. The kernel must not
-    # write outside the cache (here it would land on the next head's first position) nor read past the RoPE table.
+    # write outside the cache (here it would land on the next head's first position).
     if not sparse_ops.use_triton(torch.empty(0, device=DEV)):
         pytest.skip("the kernel runs on a GPU or in Triton's interpreter")
     qkv, bias, k, v, _, f = random_case(2, 4, 2, 16, 32, torch.float32, 16, parts=2, bias=True)

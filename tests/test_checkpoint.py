@@ -265,5 +265,5 @@ def test_a_hugging_face_folder_is_sent_to_the_converter(tmp_path):
         with pytest.raises(checkpoint.CheckpointError, match="Hugging Face model folder.*convert_hf_checkpoint"):
             checkpoint.load_config(given)
     (tmp_path / "cfg").mkdir()
-    with pytest.raises(checkpoint.CheckpointError, match="cfg is a folder, not the checkpoint's cfg"):
+    with pytest.raises(checkpoint.CheckpointError, match="is a folder, not the checkpoint's config.json"):
         checkpoint.read_config(tmp_path / "cfg")

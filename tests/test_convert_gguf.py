@@ -418,6 +418,17 @@ def test_errors_are_one_line(tmp_path, case):
     assert not (tmp_path / "out" / "model.pth").exists()
 
 
+def test_output_folder_of_a_hugging_face_model_is_refused(tmp_path):
+    # its weights would stay beside this model's config.json and tokenizer; refused before the GGUF is read
+    f = tmp_path / "m.gguf"
+    write_tiny_gguf(f)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"x")
+    code, _, err = run_script("scripts/convert_gguf_checkpoint.py", ["--gguf", f, "--out", tmp_path / "hf"])
+    assert code == 1 and "another model's Hugging Face weights" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["model.safetensors"]
+
+
 def test_output_path_that_is_a_file(tmp_path, capsys):
     (tmp_path / "out").write_text("x")
     with pytest.raises(SystemExit) as e:

@@ -333,7 +333,7 @@ BAD_INPUTS = {
     "generation_config eos past the tokenizer": (lambda d: (d / "generation_config.json").write_text(
         '{"eos_token_id": [2, 290]}'), "generation_config.json eos_token_id 290"),
     "corrupt generation_config.json": (lambda d: (d / "generation_config.json").write_text("{"),
-                                       "corrupt generation_config.json"),
+                                       "generation_config.json: Expecting property name"),
     "folder missing": (lambda d: shutil.rmtree(d), "does not exist"),
 }
 
@@ -404,4 +404,14 @@ def test_download_offline_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
-    assert rc == 1 and err.count("\n") == 1 and "holds a model already: convert it without --repo" in err, err
+    assert rc == 1 and "holds a model" not in err, err  # no weights: a download cut short
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"x")
+    rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
+    assert rc == 1 and err.count("\n") == 1 and "--checkpoint_dir " + str(tmp_path / "m") + " converts it" in err, err
+
+
+def test_out_folder_of_another_hf_model_is_refused_before_a_download(hf_src, tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda *a, **k: pytest.fail("downloaded"))
+    rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "dl", "--out", hf_src)
+    assert rc == 1 and "another model's Hugging Face weights" in err, err

@@ -571,25 +571,27 @@ def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, caps
     monkeypatch.setattr(torch, "compile", fake_compile)
     generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--prompt", "the cat sat", "--compile_prefill",
                    "--no_stream"])
-    assert compiled == [(generate.prefill, {"fullgraph": True, "dynamic": True})]
+    assert compiled == [(generate.prefill, {"fullgraph": True})]
     assert [fn for fn, _ in calls] == [generate.prefill] * 2 and all(t > 1 for _, t in calls)  # warm-up, sample
     captured = capsys.readouterr()
     assert "compiled and warmed up" in captured.err and "sample 1:" in captured.out and "sample 2" not in captured.out
 
 
 def test_compiled_prefill_serves_every_prompt_length(tiny_ckpt):
-    """Dynamic shapes with the cache's sizes fixed (setup_caches): a first prompt as long as one of their dims (2:
-    RoPE's cos|sin) is no symbol shared with them, so a later length does not recompile. Dynamo's guards alone
-    (no inductor: seconds, not minutes on a CPU)."""
+    """generate() makes the prompt's length a dynamic dim of its own: a first prompt as long as another size (the
+    batch, RoPE's cos|sin, the 7 thresholds of sparse prefill) shares no symbol with it, so a later length does not
+    recompile. Dynamo's guards alone (no inductor: seconds, not minutes on a CPU)."""
     m = checkpoint.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
-    m.setup_caches(1, 32)
+    m.set_sparse(decode=True, prefill=True)  # the thresholds buffer enters the prefill's graph
+    m.setup_caches(2, 32)
     graphs = []
     torch._dynamo.reset()
-    compiled = torch.compile(generate.prefill, fullgraph=True, dynamic=True,
+    compiled = torch.compile(generate.prefill, fullgraph=True,
                              backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
-    for t in (2, 5, 11):
-        tok, _ = compiled(m, torch.arange(t)[None] + 3, torch.arange(t), 0.0, None)
-        assert torch.equal(tok, generate.prefill(m, torch.arange(t)[None] + 3, torch.arange(t), 0.0, None)[0])
+    for t in (2, 7, 5, 11):
+        prompt = torch.arange(2 * t).view(2, t) % 50 + 3
+        want = generate.generate(m, prompt, 1, generate.decode_one_token)
+        assert torch.equal(generate.generate(m, prompt, 1, generate.decode_one_token, prefill_fn=compiled), want)
     assert len(graphs) == 1
 
 

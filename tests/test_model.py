@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 import checkpoint
 import convert_hf_checkpoint
 import model

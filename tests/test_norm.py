@@ -26,7 +26,7 @@ def oracle(x, parts, w, eps):
 
 
 def kept_from_scores(y, thr, scale):
-    """Channel ids that any segment keeps, from scratch (independent of the op's list format)."""
+    """Channel ids that gate or up keeps, from scratch (independent of the op's list format)."""
     keep = torch.zeros(y.shape[1], dtype=torch.bool, device=y.device)
     for s in range(thr.shape[0]):
         keep |= (y[0].abs().float() * (1 if scale is None else scale[s])) > thr[s]
@@ -34,7 +34,7 @@ def kept_from_scores(y, thr, scale):
 
 
 def check_lists(kept, y, thr, scale):
-    """The list holds exactly the channels any segment keeps, in order, then -1s, then their count."""
+    """The list holds exactly the channels gate or up keeps, in order, then -1s, then their count."""
     D = y.shape[1]
     assert kept.shape == (1, D + 1) and kept.dtype == torch.int32
     want = kept_from_scores(y, thr, scale)
