@@ -20,8 +20,8 @@ def sum_partials(parts: Tensor, dtype: torch.dtype) -> Tensor:
     if parts.shape[0] > 1 and torch.compiler.is_compiling():
         # Pointwise adds, which inductor fuses into the consumer (the next norm, say). It fuses a sum(0) only
         # below 8 partials (unroll_reductions_threshold) and would otherwise launch a kernel of its own.
-        y = parts[0]  # several partials are fp32 (the ops' checks require it); a no-op .float() here slowed
-        # inductor's fused norm after the down GEMV from 3.1 to 4.5 us (docs/benchmarks.md, session 28)
+        y = parts[0]  # several partials are fp32 (the ops' checks require it): no cast (docs/benchmarks.md,
+        # session 28, timed a run with one)
         for i in range(1, parts.shape[0]):
             y = y + parts[i]
         return y.to(dtype)
