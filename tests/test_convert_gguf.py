@@ -130,7 +130,10 @@ def test_perplexity_matches_transformers(ours, our_tok, hf_model):
 
 
 @needs_gguf
-def test_greedy_generation(ours, our_tok, hf_model):
+def test_greedy_generation(ours, our_tok, hf_model, monkeypatch):
+    # the reference ops: the interpreted kernels would take 2 minutes here (decode through the kernels is compared
+    # with transformers at small sizes in test_model.py)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     prompt = our_tok.encode(PROMPT).ids
     new = greedy(ours, prompt, 20)
     text = our_tok.decode(new)
@@ -180,9 +183,10 @@ def test_chat_prompt_matches_transformers(converted, hf_tok):
 
 
 @needs_gguf
-def test_chat_reply_matches_transformers(converted, hf_model, hf_tok):
+def test_chat_reply_matches_transformers(converted, hf_model, hf_tok, monkeypatch):
     """generate.py --chat prints the reply alone: transformers' greedy continuation of its chat prompt, up to the
     end of the turn."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as in test_greedy_generation (3.5 minutes with the kernels)
     question = "What is the capital of France?"
     ids = hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                      tokenize=True)
