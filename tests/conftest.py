@@ -68,6 +68,10 @@ def smollm2_dir(tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    # Triton's interpreter converts index arrays to ints as NumPy 1.25 deprecates, thousands of times per run: a
+    # warning of its own code that would bury any other
+    config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar:"
+                            "DeprecationWarning:triton.runtime.interpreter")
 
 
 def pytest_collection_modifyitems(config, items):
