@@ -1,6 +1,9 @@
 """Real English text for calibration and evaluation: the topic help texts in Python's stdlib (pydoc_data).
 
-The split is fixed: topics sorted by key, every fifth one (sorted index i with i % 5 == 4) is held out.
+The split is fixed: topics sorted by key, every fifth one (sorted index i with i % 5 == 4) is held out. Topics
+quote one another word for word ("compound" holds all of "class", "comparisons" all of "in"), so the calibration
+part leaves out each of its paragraphs that stands anywhere in the held-out part: without that, about 40% of
+the held-out text stood in the calibration part too.
 """
 from pathlib import Path
 from typing import Optional
@@ -10,16 +13,14 @@ from pydoc_data.topics import topics as _TOPICS
 _KEYS = sorted(_TOPICS)
 
 
-def _join(heldout: bool) -> str:
-    return "\n\n".join(_TOPICS[k] for i, k in enumerate(_KEYS) if (i % 5 == 4) == heldout)
-
-
 def calibration_text() -> str:
-    return _join(heldout=False)
+    held = heldout_text()
+    topics = [_TOPICS[k] for i, k in enumerate(_KEYS) if i % 5 != 4]
+    return "\n\n".join("\n\n".join(p for p in t.split("\n\n") if p.strip() not in held) for t in topics)
 
 
 def heldout_text() -> str:
-    return _join(heldout=True)
+    return "\n\n".join(_TOPICS[k] for i, k in enumerate(_KEYS) if i % 5 == 4)
 
 
 def read_text_file(path) -> str:
