@@ -49,10 +49,10 @@ def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
 
 
 def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, temperature: float,
-                     top_k: Optional[int], prefill: bool = False):
+                     top_k: Optional[int], is_prefill: bool = False):
     """cur (B, T) at positions input_pos (T,) -> the token after the last one (B, 1), and whether all logits were
     finite. Decode calls it with T = 1 (compiled with --compile); prefill once over the prompt."""
-    logits = model(cur, input_pos, prefill=prefill)[:, -1]
+    logits = model(cur, input_pos, prefill=is_prefill)[:, -1]
     return sample(logits, temperature, top_k), torch.isfinite(logits).all()
 
 
@@ -60,7 +60,7 @@ def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, temperature: 
     """decode_one_token over the whole prompt, with the prefill's sparsity (dense unless --sparse_prefill) even
     for a prompt of one token: a function of its own, so that --compile_prefill compiles it apart from decode,
     its length dynamic (one compile serves every prompt of two or more tokens)."""
-    return decode_one_token(model, prompt, input_pos, temperature, top_k, prefill=True)
+    return decode_one_token(model, prompt, input_pos, temperature, top_k, is_prefill=True)
 
 
 @torch.no_grad()
@@ -168,8 +168,8 @@ def is_utf8(text: str) -> bool:
     return True
 
 
-INTERACTIVE_CACHE = 4096  # tokens of the one cache that --interactive --compile captures (a 128K context's would
-# not fit: its causal mask alone is 17 GB)
+INTERACTIVE_CACHE = 4096  # tokens of the one cache of a compiled --interactive session (--compile or
+# --compile_prefill); a 128K context's would not fit: its causal mask alone is 17 GB
 
 
 DEFAULT_PROMPT = "Hello, my name is"
@@ -301,7 +301,7 @@ def read_prompts():
         yield text
 
 
-def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, dt: float, sample: int,
+def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, dt: float, sample_no: int,
            stop_ids: tuple) -> None:
     """A sample's statistics: tokens/s, bandwidth and, with a calibration, the sparsity its decode steps achieved."""
     total_bytes, linear_bytes = model_bytes(model)
@@ -310,7 +310,7 @@ def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, d
     last_stop = max(next((j for j, t in enumerate(row) if t in stop_ids), n_new - 1) for row in seq[:, T:].tolist())
     past_stop = n_new - 1 - last_stop
     rows = "every row's" if args.batch_size > 1 else "the"
-    print(f"\n\nsample {sample}: {n_new} tokens x {args.batch_size} rows in {dt:.2f}s: "
+    print(f"\n\nsample {sample_no}: {n_new} tokens x {args.batch_size} rows in {dt:.2f}s: "
           f"{n_new * args.batch_size / dt:.1f} tokens/s (prefill included)"
           + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else "")
           + (f"; {past_stop} decoded after {rows} end-of-sequence token (this sample was not streamed: decoding "

@@ -3,8 +3,9 @@
 Names follow gpt-fast. TEAL zeroes the input entries of every block linear whose magnitude is at or below a
 per-projection threshold. `sparse_linear` does it for prefill and for the decode GEMVs of q|k|v, o and down:
 with one token per row it is a sparse GEMV custom op that reads only the weight columns it needs. Decode also
-runs gate|up as one op (`sparse_ops.sparse_glu`, silu(gate) * up in its kernel), at batch 1 on the channels that
-the norm before it listed (`add_norm`), and attention as one kernel (`sparse_ops.decode_attention`).
+runs gate|up as one op (`sparse_ops.sparse_glu`; at batch 1 a single kernel that streams the channels the norm
+before it listed, `add_norm`, and applies silu(gate) * up itself), and attention as one kernel
+(`sparse_ops.decode_attention`).
 """
 import math
 from contextlib import contextmanager

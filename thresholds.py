@@ -23,7 +23,6 @@ files are refused: re-run calibrate.py.
 """
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -106,8 +105,10 @@ def load(path, config: ModelArgs) -> dict:
     greedy = _section(data, "greedy", config, path, lowest=0.0)
     if greedy is not None:  # levels from 0; each projection's own sparsity at each
         g_levels, g = greedy
-        if not ((g >= 0) & (g < 1)).all():
-            raise CheckpointError(f"{path}: malformed greedy section: sparsities outside [0, 1)")
+        # each sparsity is read off the threshold table: above its last level it would drop less than asked
+        if not ((g >= 0) & (g <= levels[-1])).all():
+            raise CheckpointError(f"{path}: malformed greedy section: sparsities outside [0, {float(levels[-1]):g}] "
+                                  f"(the threshold table's levels)")
         # greedy.search only ever raises a projection's sparsity as the block sparsity grows
         _check_non_decreasing(g, g_levels, path, "greedy sparsities")
         greedy = {"levels": g_levels, "table": g}
@@ -294,10 +295,10 @@ def cats_thresholds_for(cal: dict, sparsity: float) -> torch.Tensor:
     return interp(cal["levels"], cal["cats"], x).float()
 
 
-def check_sparsity(sparsity: float, levels: Optional[torch.Tensor] = None, grid: str = "") -> None:
-    """A sparsity in [0, 1), and with a grid's levels not above its last: interpolation would hold the last
-    level's values there, and drop less than asked."""
+def check_sparsity(sparsity: float, levels: torch.Tensor, grid: str) -> None:
+    """A sparsity in [0, 1), not above the last of the grid's levels: interpolation would hold the last level's
+    values there, and drop less than asked."""
     if not (0.0 <= sparsity < 1.0):  # also rejects NaN
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if levels is not None and sparsity > levels[-1]:
+    if sparsity > levels[-1]:
         raise CheckpointError(f"sparsity {sparsity} is above the {grid}'s last level ({levels[-1].item():g})")

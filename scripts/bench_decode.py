@@ -143,7 +143,7 @@ def main(argv=None):
     p.add_argument("--calib_tokens", type=cli.at_least(2), default=2048, help="tokens for the on-the-fly calibration")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="weight and activation dtype")
     p.add_argument("--profile", action="store_true",
-                   help="after each row, profile 20 decode steps and print device time by kernel kind")
+                   help="after each row, profile 20 decode steps and print device time by kernel kind (GPU only)")
     p.add_argument("--json", type=cli.out_file, help="write results here")
     p.add_argument("--device", type=cli.device, default=None,
                    help="cuda[:N] (default: cuda); cpu only as a smoke test of the script, with --preset smollm2-135m "
@@ -164,6 +164,8 @@ def main(argv=None):
     if dev.type == "cpu" and args.preset != "smollm2-135m":
         p.error(f"--device cpu is a smoke test of the script: use --preset smollm2-135m ({args.preset} would take "
                 f"many minutes and most of the memory)")
+    if dev.type == "cpu" and args.profile:
+        p.error("--profile times the kernels of a GPU's decode step; the CPU smoke test has none")
     dtype = DTYPES[args.dtype]
     if dev.type == "cpu":
         print("CPU smoke test: eager reference ops; the timings below are no speed figures", flush=True)
@@ -199,7 +201,7 @@ def main(argv=None):
         print(f"[{time.perf_counter() - t0:4.0f}s] {name:20s} s={s:.2f} achieved={w:.3f} {tok_s:8.2f} tok/s "
               f"x{r['speedup']:.3f}{against_best} {r['gb_s_read']:7.1f} GB/s read  "
               f"(graphs compiled so far: {r['graphs_compiled_so_far']})", flush=True)
-        if args.profile and dev.type == "cuda":
+        if args.profile:
             r["kernel_breakdown"] = kernel_breakdown(model, decode_fn, args)
 
     # Dense baselines: row-major weights, F.linear; cuBLAS, then at batch 1 inductor's GEMVs, as generate.py compiles

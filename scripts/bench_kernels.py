@@ -29,7 +29,7 @@ from model import DTYPES  # noqa: E402
 # the pair op (listing in the kernel) and, at batch 1, as decode runs it: the GLU op streaming the list that the
 # MLP norm made (sparse_ops.add_rmsnorm; the list's cost, about 1 us, is in the norm) and applying silu(gate) * up.
 SHAPES = [
-    ("attn.o / 7B-8B wqkv(MHA)", 4096, 4096),
+    ("attn.o (7B/8B)", 4096, 4096),
     ("llama-3 wqkv", 4096, 6144),
     ("llama-2 gate|up", 4096, 11008),
     ("llama-2 down", 11008, 4096),
@@ -152,7 +152,7 @@ def run(args):
 
 def sweep(args):
     """Time many tile configs per shape/batch/sparsity; print the best and how the default compares."""
-    dtype = torch.bfloat16
+    dtype = DTYPES[args.dtype]
     g = torch.Generator(device="cuda").manual_seed(0)
     n_sm = num_sms(torch.device("cuda"))
     out = []
@@ -205,7 +205,7 @@ def sweep(args):
                         results.append((t, cfg))
                 results.sort(key=lambda r: r[0])
                 union = (x.abs().float() > thr).any(0).float().mean().item()
-                need = union * K * N * 2
+                need = union * K * N * wt0.element_size()
                 print(f"K={K} segs={segs} B={batch} s={s:.2f} cuBLAS={t_cublas:7.2f}us default={t_def:7.2f}us "
                       f"{default}", flush=True)
                 for t, cfg in results[:6]:
@@ -230,6 +230,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if max(args.batch) > sparse_ops.MAX_BATCH:
         p.error(f"--batch values must be in 1..{sparse_ops.MAX_BATCH}")
+    if args.sweep and args.compiled_baseline:
+        p.error("--compiled_baseline is a column of the standard table, not of --sweep")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     rows = sweep(args) if args.sweep else run(args)

@@ -68,9 +68,11 @@ def sparse_glu(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, sc
     check_gemv(x, [wt_gate, wt_up], thresholds, 2, scale, kept)
     if wt_gate.shape != wt_up.shape:
         raise ValueError(f"gate and up weights differ in shape: {tuple(wt_gate.shape)}, {tuple(wt_up.shape)}")
-    if kept is not None and use_triton(x):
+    if not use_triton(x):
+        return sparse_glu_ref(x, wt_gate, wt_up, thresholds, scale)
+    if kept is not None:
         return _sparse_glu_op(x, wt_gate, wt_up, thresholds, scale, kept)
-    g, u = sparse_gemv_pair(x, wt_gate, wt_up, thresholds, scale).chunk(2, dim=-1)
+    g, u = sparse_gemv_pair(x, wt_gate, wt_up, thresholds, scale).chunk(2, dim=-1)  # a batch: the pair kernel
     return F.silu(g) * u
 
 

@@ -16,9 +16,11 @@ import bench_kernels
     (bench_decode.main, ["--batch_size", "9", "--device", "cpu", "--preset", "smollm2-135m"]),
     (bench_decode.main, ["--device", "bogus"]),
     (bench_decode.main, ["--device", "cpu"]),  # llama-3-8b: minutes and 16 GB for a smoke test
+    (bench_decode.main, ["--device", "cpu", "--preset", "smollm2-135m", "--profile"]),  # no kernels to profile
     (bench_kernels.main, ["--batch", "abc"]),
     (bench_kernels.main, ["--batch", "16"]),
     (bench_kernels.main, ["--sparsity", "x"]),
+    (bench_kernels.main, ["--sweep", "--compiled_baseline"]),  # the sweep has no such column
     (bench_attention.main, ["--context", "0"]),
     (bench_attention.main, ["--batch", "1,99"]),
 ])

@@ -343,6 +343,11 @@ def test_malformed_optional_sections(saved):
     # a projection at sparsity 1 (everything dropped) is no allocation either
     rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 1.0] for p in PROJECTIONS}] * 2})
     assert "greedy" in load_error(path)
+    # nor one above the threshold table's last level (0.999), which interpolation would hold at that level's
+    rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 0.9995] for p in PROJECTIONS}] * 2})
+    assert "greedy section: sparsities outside [0, 0.999]" in load_error(path)
+    rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 0.999] for p in PROJECTIONS}] * 2})
+    thresholds.load(path, ARGS)  # at the last level: read off exactly
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -377,7 +382,7 @@ def test_set_thresholds_rejects_bad_tables():
 @pytest.mark.parametrize("s", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
 def test_check_sparsity_rejects(saved, s):
     with pytest.raises(ValueError):
-        thresholds.check_sparsity(s)
+        thresholds.check_sparsity(s, torch.tensor([0.0, 0.9999]), "calibration")
     path, _ = saved
     with pytest.raises(ValueError):
         thresholds.thresholds_for(thresholds.load(path, ARGS), s)
@@ -402,7 +407,7 @@ def test_sparsity_above_the_last_level_is_refused(tmp_path):
 
 @pytest.mark.parametrize("s", [0.0, 0.5, 0.999, 0.9999])
 def test_check_sparsity_accepts(s):
-    thresholds.check_sparsity(s)
+    thresholds.check_sparsity(s, torch.tensor([0.0, 0.9999]), "calibration")
     assert not math.isnan(s)
 
 
