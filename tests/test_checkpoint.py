@@ -129,6 +129,8 @@ def hf_config(**overrides) -> dict:
     dict(rope_parameters="llama3"),
     dict(rope_scaling={"rope_type": "llama3"}),  # no factor
     dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+    dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 2.0}),
+    dict(num_attention_heads=6, num_key_value_heads=4),  # GQA needs whole groups of query heads
     dict(hidden_size=60),  # head_dim 15: RoPE rotates pairs
     dict(head_dim=15),
     # Python's json reads NaN and Infinity: numbers that would run silently wrong
@@ -172,6 +174,9 @@ def test_from_hf_config_rope_formats():
     no_orig = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
     args = checkpoint.from_hf_config(hf_config(rope_scaling={"rope_type": "llama3", **no_orig}))
     assert args.rope_scaling["original_max_position_embeddings"] == 8192
+    # and to its own defaults for the band's two factors
+    args = checkpoint.from_hf_config(hf_config(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+    assert (args.rope_scaling["low_freq_factor"], args.rope_scaling["high_freq_factor"]) == (1.0, 4.0)
 
 
 def test_from_hf_config_sliding_window_caps_context():

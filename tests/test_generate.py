@@ -1079,3 +1079,42 @@ def test_loaded_line_names_the_thresholds_in_use(tiny_ckpt, tmp_path):
     code, _, err = run_main(["--checkpoint", tiny_ckpt, *BASE, "--sparsity", "0.4", "--thresholds",
                              tmp_path / "plain.json"])
     assert code == 0 and "(magnitude scores)" in err, err
+
+
+@pytest.mark.parametrize("rows", [sparse_ops.MAX_BATCH, sparse_ops.MAX_BATCH + 1])
+def test_decode_takes_the_sparse_gemv_up_to_max_batch(rows, monkeypatch):
+    """A decode step of up to MAX_BATCH rows runs the sparse GEMV op (its kernel on a GPU); more rows the masked
+    dense reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = tiny_model()
+    m.set_thresholds(torch.full((TINY["n_layer"], len(PROJECTIONS)), 0.1))
+    m.set_sparse(decode=True, prefill=False)
+    calls = []
+    gemv = sparse_ops.sparse_gemv
+    monkeypatch.setattr(sparse_ops, "sparse_gemv", lambda *a, **k: calls.append(1) or gemv(*a, **k))
+    m.setup_caches(rows, 8)
+    idx = torch.randint(0, TINY["vocab_size"], (rows, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m(idx[:, :4], torch.arange(4))
+        assert not calls  # prefill is dense
+        m(idx[:, 4:], torch.tensor([4]))
+    # q|k|v, o and down per layer
+    assert len(calls) == (3 * TINY["n_layer"] if rows <= sparse_ops.MAX_BATCH else 0)
+    m.set_sparse(decode=False, prefill=False)
+
+
+def test_chat_history_is_cut_only_where_it_does_not_fit(capsys):
+    """encode_prompt keeps the whole conversation while it and --max_new_tokens fit the room exactly; one token
+    more and the oldest exchange goes, with a note."""
+    import argparse
+
+    class Turns:  # a token per character of each turn
+        def encode_chat(self, text, system, history):
+            return [0] * (len(text) + sum(len(t["content"]) for t in history))
+
+    args = argparse.Namespace(chat=True, system=None, max_new_tokens=5)
+    history = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "defg"}]
+    ids, _ = generate.encode_prompt(Turns(), "hi", args, 2 + 7 + 5, "the room", history)
+    assert len(ids) == 9 and len(history) == 2 and "left out" not in capsys.readouterr().err
+    ids, _ = generate.encode_prompt(Turns(), "hi!", args, 2 + 7 + 5, "the room", history)
+    assert len(ids) == 3 and history == [] and "oldest exchange left out" in capsys.readouterr().err

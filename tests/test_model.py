@@ -174,3 +174,26 @@ def test_model_bytes(tied):
     # a step gathers one row of the embedding table, unless the output layer reads all of it (tied)
     emb = 0 if tied else 4 * c.vocab_size * c.dim
     assert torch.equal(per, want) and total == 4 * sum(p.numel() for p in m.parameters()) - emb
+
+
+def test_rmsnorm_eps():
+    """eps inside the root, as transformers' LlamaRMSNorm: a zero row stays zero, and a large eps damps."""
+    norm = model.RMSNorm(4, eps=1.0)
+    x = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    assert torch.allclose(norm(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1.0))
+    assert torch.equal(model.RMSNorm(4, eps=1e-5)(torch.zeros(2, 4)), torch.zeros(2, 4))
+
+
+@torch.inference_mode()
+def test_cache_with_more_rows_than_the_batch():
+    """A cache set up for more rows than a forward brings: attention reads the forward's rows of it only."""
+    c = model.ModelArgs(vocab_size=300, dim=64, n_layer=2, n_head=4, n_local_heads=2, head_dim=16,
+                        intermediate_size=128, block_size=32)
+    torch.manual_seed(0)
+    m = model.Transformer(c).eval()
+    randomize_(m, 0)
+    idx = torch.randint(0, 300, (1, 9))
+    m.setup_caches(1, 32)
+    want = m(idx, torch.arange(9))
+    m.setup_caches(3, 32)
+    assert torch.equal(m(idx, torch.arange(9)), want)

@@ -310,6 +310,8 @@ def test_bad_input():
         sparse_gemv(x, wt, torch.zeros(2, device=DEV), [-16, 32])  # the reference would slice from the end
     with pytest.raises(ValueError, match="seg_ends"):
         sparse_gemv(x, wt, torch.zeros(2, device=DEV), [16.0, 32])
+    with pytest.raises(ValueError, match="seg_ends"):
+        sparse_gemv(x, wt, torch.zeros(3, device=DEV), [32, 16, 32])  # segments out of order
     with pytest.raises(ValueError, match="scale"):
         sparse_gemv(x, wt, torch.zeros(2, device=DEV), [16, 32], torch.ones(1, 64, device=DEV))  # one per segment
     with pytest.raises(ValueError, match="multiples of 16"):

@@ -331,6 +331,8 @@ def test_malformed_optional_sections(saved):
     path, _ = saved
     rewrite(path, cats=[[0.0] * len(LEVELS)])  # one layer only
     assert "cats" in load_error(path)
+    rewrite(path, cats=[[0.0] * len(LEVELS), [0.0, float("nan")] + [1.0] * (len(LEVELS) - 2)])
+    assert "cats" in load_error(path)
     rewrite(path, cats=None, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 1.5] for p in PROJECTIONS}] * 2})
     assert "greedy" in load_error(path)
     # levels that are not numbers, not increasing or not from 0: each a one-line error naming the section
@@ -343,6 +345,8 @@ def test_malformed_optional_sections(saved):
     # a projection at sparsity 1 (everything dropped) is no allocation either
     rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 1.0] for p in PROJECTIONS}] * 2})
     assert "greedy" in load_error(path)
+    rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [-0.1, 0.5] for p in PROJECTIONS}] * 2})
+    assert "greedy section: sparsities outside" in load_error(path)
     # nor one above the threshold table's last level (0.999), which interpolation would hold at that level's
     rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 0.9995] for p in PROJECTIONS}] * 2})
     assert "greedy section: sparsities outside [0, 0.999]" in load_error(path)
@@ -375,6 +379,10 @@ def test_set_thresholds_rejects_bad_tables():
         m.set_thresholds(torch.zeros(3, len(PROJECTIONS)))
     with pytest.raises(CheckpointError):
         m.set_thresholds(torch.full((ARGS.n_layer, len(PROJECTIONS)), -1.0))
+    one_negative = torch.zeros(ARGS.n_layer, len(PROJECTIONS))
+    one_negative[1, 3] = -1.0
+    with pytest.raises(CheckpointError):
+        m.set_thresholds(one_negative)
     with pytest.raises(CheckpointError):
         m.set_thresholds(torch.full((ARGS.n_layer, len(PROJECTIONS)), float("nan")))
 
@@ -487,3 +495,12 @@ def test_greedy_ignores_the_sparse_aware_table(tmp_path):
     got = thresholds.thresholds_for(cal, 0.5, greedy=True).double()
     want = torch.stack([table[:, i, 2 + i % 2] for i in range(len(PROJECTIONS))], dim=1)  # grid levels: stored
     assert torch.allclose(got, want, rtol=1e-5)
+
+
+def test_inverse_interp_takes_the_far_end_of_a_flat_stretch():
+    """Where the quantile curve is flat (tied scores), a threshold of that value drops everything up to the
+    stretch's far end: the level it stands for is that end, not its start."""
+    xs = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    ys = torch.tensor([[0.0, 1.0, 1.0], [0.0, 2.0, 4.0]], dtype=torch.float64)
+    got = thresholds.inverse_interp(xs, ys, torch.tensor([[1.0], [1.0]], dtype=torch.float64))
+    assert got.flatten().tolist() == [1.0, 0.25]
