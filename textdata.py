@@ -13,14 +13,17 @@ from pydoc_data.topics import topics as _TOPICS
 _KEYS = sorted(_TOPICS)
 
 
+def _topics(heldout: bool) -> list:
+    return [_TOPICS[k] for i, k in enumerate(_KEYS) if (i % 5 == 4) == heldout]
+
+
 def calibration_text() -> str:
     held = heldout_text()
-    topics = [_TOPICS[k] for i, k in enumerate(_KEYS) if i % 5 != 4]
-    return "\n\n".join("\n\n".join(p for p in t.split("\n\n") if p.strip() not in held) for t in topics)
+    return "\n\n".join("\n\n".join(p for p in t.split("\n\n") if p.strip() not in held) for t in _topics(False))
 
 
 def heldout_text() -> str:
-    return "\n\n".join(_TOPICS[k] for i, k in enumerate(_KEYS) if i % 5 == 4)
+    return "\n\n".join(_topics(True))
 
 
 def read_text_file(path) -> str:
