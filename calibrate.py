@@ -212,7 +212,8 @@ PASS_DEFAULTS = {"dataset_file": "wikitext-2-raw-v1/train-00000-of-00001.parquet
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
+    p.add_argument("--checkpoint", "--checkpoint_path", type=Path, required=True,
+                   help="checkpoints/<name>/model.pth (config.json beside it); --checkpoint_path is gpt-fast's name")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", type=Path, help="calibrate on this UTF-8 text file "
                                                "(default: the calibration part of pydoc_data.topics)")

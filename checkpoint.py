@@ -18,6 +18,10 @@ from tokenizer import (CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, SCHEMA_VERSIO
                        SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CLASSES, TOKENIZER_CONFIG_FILE)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# transformers' defaults for keys a config.json may leave out: the context and the sliding window (Mistral's, and
+# Qwen2's where use_sliding_window is set)
+HF_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+HF_WINDOW = 4096
 
 
 def from_hf_config(cfg: dict) -> ModelArgs:
@@ -45,9 +49,10 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
     if n_head % (cfg.get("num_key_value_heads") or 1):
         raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
-    # No sliding-window attention here: cap the context where it equals full attention.
-    window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
-    max_pos = cfg.get("max_position_embeddings") or 2048
+    # No sliding-window attention here: cap the context where it equals full attention. A key the file leaves
+    # out takes transformers' default for its model_type (a null sliding_window: no window).
+    window = cfg.get("sliding_window", HF_WINDOW) if mt == "mistral" or cfg.get("use_sliding_window") else None
+    max_pos = cfg.get("max_position_embeddings") or HF_MAX_POSITIONS[mt]
     block_size = min(max_pos, window or max_pos)
     params = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
     if not isinstance(params, dict):
@@ -220,7 +225,13 @@ def check_state_dict(model: Transformer, state: dict) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         expected.pop("output.weight")
-    check_weights(state, expected)
+    try:
+        check_weights(state, expected)
+    except CheckpointError as e:  # the output weight's presence follows the config's tie_word_embeddings
+        if set(state) ^ set(expected) == {"output.weight"}:
+            raise CheckpointError(f"{e} (config.json's tie_word_embeddings is "
+                                  f"{str(model.config.tie_embeddings).lower()}: it does not fit the weights)") from None
+        raise
 
 
 def check_weights(state: dict, expected: dict) -> None:

@@ -78,6 +78,8 @@ def load(path, config: ModelArgs) -> dict:
         raise CheckpointError(f"corrupt thresholds file {path}: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"corrupt thresholds file {path}: a JSON object expected, got {type(data).__name__}")
+    if "schema_version" not in data:
+        raise CheckpointError(f"{path} is not a thresholds file (no schema_version; calibrate.py writes them)")
     version = data.get("schema_version")
     if type(version) is int and 1 <= version < SCHEMA_VERSION:  # type: a JSON true equals 1 but is no version
         raise CheckpointError(f"{path} has an older schema (version {version}, this runtime reads {SCHEMA_VERSION}): "

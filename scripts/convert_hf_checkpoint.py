@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -205,7 +206,9 @@ def convert_state_dict(hf: dict, args: ModelArgs) -> dict:
     return out
 
 
-def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
+def convert(checkpoint_dir: Path, out_dir: Path, dtype: Optional[torch.dtype] = None) -> Path:
+    """dtype: of the stored weights; None keeps the source's (gpt-fast's converter does too: an fp16 model
+    stays exact, and the runtime's --dtype casts at load)."""
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"--checkpoint_dir {checkpoint_dir} is not a folder"
                               + ("" if checkpoint_dir.exists() else " (it does not exist)"))
@@ -219,7 +222,8 @@ def convert(checkpoint_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
         else None
     load_tokenizer(kind, tok_files[TOKENIZER_CLASSES[kind].file_name], config, generation)
     state = convert_state_dict(load_hf_weights(checkpoint_dir), args)
-    state = {k: v.to(dtype) for k, v in state.items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):  # last check against the model itself, so the output always loads
         check_state_dict(Transformer(args), state)
     return save_checkpoint(out_dir, state, config, kind, tok_files, source=str(checkpoint_dir.resolve()))
@@ -233,8 +237,9 @@ def main(argv=None) -> None:
                              "and tokenizer files (with --repo: where they are downloaded)")
     parser.add_argument("--out", type=cli.out_folder, default=None,
                         help="output folder (default: the checkpoint folder itself)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                        help="dtype of the stored weights")
+    parser.add_argument("--dtype", choices=["source"] + sorted(DTYPES), default="source",
+                        help="dtype of the stored weights (default: the source's own; generate.py's --dtype "
+                             "casts at load)")
     parser.add_argument("--repo", help="download this Hugging Face repo (ORG/NAME) into --checkpoint_dir first, "
                                        "with huggingface_hub (HF_TOKEN for gated repos)")
     opts = parser.parse_args(argv)
@@ -242,7 +247,7 @@ def main(argv=None) -> None:
     check_target(opts.out or opts.checkpoint_dir, opts.checkpoint_dir)
     if opts.repo:
         download(opts.repo, opts.checkpoint_dir)
-    path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, DTYPES[opts.dtype])
+    path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, DTYPES.get(opts.dtype))
     print(f"wrote {path}")
 
 

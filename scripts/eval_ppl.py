@@ -90,7 +90,8 @@ def configure(model: Transformer, method: str, sparsity: float, cals: dict) -> N
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoints/<name>/model.pth")
+    p.add_argument("--checkpoint", "--checkpoint_path", type=Path, required=True,
+                   help="checkpoints/<name>/model.pth (config.json beside it); --checkpoint_path is gpt-fast's name")
     p.add_argument("--sparsity", type=cli.sparsities, default="0,0.25,0.4,0.5,0.65",
                    help="comma-separated levels in [0, 1)")
     p.add_argument("--method", default="uniform", help=f"comma-separated, from {', '.join(METHODS)}")
@@ -168,7 +169,8 @@ def main(argv=None) -> list:
     _, linear_bytes = model_bytes(model)
     results = []
     dense = None
-    print(f"{'method':16s} {'sparsity':>8s} {'achieved':>8s} {'ppl':>9s}   per projection (q k v o gate up down)")
+    w = max(len("method"), *map(len, args.method))  # the column fits the longest name asked for
+    print(f"{'method':{w}s} {'sparsity':>8s} {'achieved':>8s} {'ppl':>9s}   per projection (q k v o gate up down)")
     for method in args.method:
         for s in args.sparsity:
             if s == 0 and dense is not None:
@@ -184,7 +186,7 @@ def main(argv=None) -> list:
             results.append({"method": method, "sparsity": s, "achieved_sparsity": round(ach, 5),
                             "achieved_per_projection": dict(zip(PROJECTIONS, [round(v, 5) for v in per])),
                             "ppl": round(ppl, 5), "tokens": len(ids)})
-            print(f"{method:16s} {s:8.2f} {ach:8.3f} {ppl:9.4f}   " + " ".join(f"{v:.3f}" for v in per), flush=True)
+            print(f"{method:{w}s} {s:8.2f} {ach:8.3f} {ppl:9.4f}   " + " ".join(f"{v:.3f}" for v in per), flush=True)
     configure(model, "uniform", 0, cals)
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "text": source, "python": sys.version.split()[0],

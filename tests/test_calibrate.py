@@ -381,6 +381,10 @@ def test_dataset_file_type_refused_at_parse_time(tmp_path):
     assert args.dataset_file == "wikitext-2-raw-v1/train-00000-of-00001.parquet"
 
 
+def test_checkpoint_path_is_gpt_fasts_name_for_checkpoint():
+    assert calibrate.parse_args(["--checkpoint_path", "m.pth"]).checkpoint == Path("m.pth")
+
+
 def test_out_onto_the_other_scores_file_is_refused(tiny, tmp_path):
     """--out may name the checkpoint's thresholds file of the run's own score, not the other score's; --plot not
     the --out file."""

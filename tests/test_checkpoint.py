@@ -71,6 +71,17 @@ def test_load_model_rejects_bad_checkpoint(good_ckpt, tmp_path, case):
         assert str(e.value).endswith("not the zip archive that torch.save writes"), str(e.value)
 
 
+@pytest.mark.parametrize("edit, says", [
+    (dict(cfg_edit=lambda c: _set(c, "tie_word_embeddings", True)), "unknown weights: output.weight"),
+    (dict(state_edit=lambda s: s.pop("output.weight")), "missing weights: output.weight"),  # a tied model's weights
+])
+def test_load_model_names_tie_word_embeddings(good_ckpt, tmp_path, edit, says):
+    path = broken_copy(good_ckpt, tmp_path, **edit)
+    with pytest.raises(CheckpointError, match="tie_word_embeddings") as e:
+        checkpoint.load_model(path, dtype=torch.float32)
+    assert str(e.value).startswith(says)
+
+
 @pytest.mark.parametrize("content", [torch.zeros(3), [torch.zeros(3)], {0: torch.zeros(3)}, {"w": 3}])
 def test_load_model_rejects_a_file_that_is_no_state_dict(good_ckpt, tmp_path, content):
     path = broken_copy(good_ckpt, tmp_path)
@@ -156,6 +167,19 @@ def test_from_hf_config_defaults():
     assert {c().rms_norm_eps for c in (LlamaConfig, MistralConfig, Qwen2Config)} == {a.norm_eps}
     b = checkpoint.from_hf_config(hf_config(num_key_value_heads=None, max_position_embeddings=None))
     assert b.n_local_heads == 4 and b.block_size == 2048
+
+
+@pytest.mark.parametrize("model_type, extra", [("llama", {}), ("mistral", {}), ("qwen2", {}),
+                                               ("qwen2", {"use_sliding_window": True})])
+def test_from_hf_config_context_defaults_follow_transformers(model_type, extra):
+    # a config.json without max_position_embeddings or sliding_window: the context transformers would use
+    import transformers
+    cfg = {k: v for k, v in hf_config(model_type=model_type, **extra).items() if k != "max_position_embeddings"}
+    ref = transformers.AutoConfig.for_model(**cfg)
+    window = ref.sliding_window if model_type == "mistral" or extra else None
+    expect = min(ref.max_position_embeddings, window or ref.max_position_embeddings)
+    args = checkpoint.from_hf_config(cfg)
+    assert (args.block_size, args.window_capped) == (expect, expect < ref.max_position_embeddings)
 
 
 def test_from_hf_config_rope_formats():

@@ -85,7 +85,7 @@ def test_output_folder(hf_dir, tmp_path, capsys):
     meta = json.loads((out / "tealfast.json").read_text())
     assert meta["tokenizer"] == "hf" and meta["schema_version"] >= 1
     state = torch.load(out / "model.pth", weights_only=True)
-    assert all(v.dtype == torch.bfloat16 for v in state.values())  # default dtype
+    assert {v.dtype for v in state.values()} == {v.dtype for v in load_file(hf_dir / "model.safetensors").values()}
     assert state["layers.0.attention.wqkv.weight"].shape == (4 * 32 + 2 * 2 * 32, 64)
     assert "layers.0.attention.wqkv.bias" not in state
     assert checkpoint.load_model(out / "model.pth").config.head_dim == 32
@@ -114,6 +114,17 @@ def test_out_folder_of_another_hf_model_is_refused(hf_dir, hf_src, tmp_path, cap
     rc, err = run_main("--checkpoint_dir", hf_dir, "--out", other)
     assert rc == 1 and "another model's Hugging Face weights" in err and err.count("\n") == 1, err
     assert {f.name: f.read_bytes() for f in other.iterdir()} == before
+
+
+def test_default_keeps_the_source_dtype(hf_dir, tmp_path, capsys):
+    # an fp16 model stays exact (bf16 would drop 3 bits of every weight's mantissa)
+    edit_weights(hf_dir, lambda st: st.update({k: v.to(torch.float16) for k, v in st.items()}))
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "out")
+    assert rc == 0, err
+    state = torch.load(tmp_path / "out" / "model.pth", weights_only=True)
+    src = load_file(hf_dir / "model.safetensors")
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    assert torch.equal(state["layers.1.feed_forward.w2.weight"], src["model.layers.1.mlp.down_proj.weight"])
 
 
 def test_in_place_and_dtypes(hf_dir, capsys):

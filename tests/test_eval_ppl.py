@@ -120,6 +120,10 @@ def test_bad_args(tmp_path, argv):
     assert len([l for l in err.splitlines() if "error:" in l]) == 1 and "Traceback" not in err, err
 
 
+def test_checkpoint_path_is_gpt_fasts_name_for_checkpoint():
+    assert eval_ppl.parse_args(["--checkpoint_path", "m.pth"]).checkpoint == Path("m.pth")
+
+
 def test_missing_checkpoint(tmp_path):
     code, err = run_main(["--checkpoint", tmp_path / "model.pth"])
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err

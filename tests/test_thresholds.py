@@ -186,6 +186,13 @@ def test_older_schema_asks_to_recalibrate(saved):
     assert "older schema" in msg and "version 1" in msg and "re-run calibrate.py" in msg, msg
 
 
+def test_another_json_file(tmp_path):
+    # e.g. --thresholds config.json: named for what it is, not for a schema version it lacks
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert "is not a thresholds file" in load_error(path)
+
+
 @pytest.mark.parametrize("content", ["[]", "3", '"text"', "null"])
 def test_not_an_object(tmp_path, content):
     path = tmp_path / "thresholds.json"
