@@ -395,3 +395,77 @@ def test_out_onto_the_other_scores_file_is_refused(tiny, tmp_path):
     code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--device", "cpu", "--out", tmp_path / "t.png",
                              "--plot", tmp_path / "t.png"])
     assert code == 1 and "--plot and --out name the same file" in err and not (tmp_path / "t.png").exists(), err
+
+
+def test_record_weighted_scores_with_uneven_column_norms():
+    """Weighted scores are |x_i| * ||W[:, i]|| with each projection's own column norms. The tiny model's columns all
+    have norms near 1; scaled here to norms 0.25..4.25 apart (as a real model's are), each threshold still drops its
+    level's fraction of the true scores (computed here from the weights)."""
+    from test_generate import TINY, dense_inputs, modules, segments, tiny_model
+    m = tiny_model(seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for l in range(m.config.n_layer):
+            for lin in modules(m, l).values():
+                lin.weight.mul_(torch.rand(lin.weight.shape[1], generator=g) * 4 + 0.25)
+    ids = torch.randint(0, TINY["vocab_size"], (128,), generator=torch.Generator().manual_seed(2)).tolist()
+    table, _, _ = calibrate.record(m, ids, 32, "weighted", 200_000, "cpu", progress=False)
+    xs = dense_inputs(m, torch.tensor(ids).view(4, 32))
+    levels = torch.tensor(calibrate.LEVELS, dtype=torch.float64)
+    mid = (levels >= 0.05) & (levels <= 0.95)
+    for l in range(m.config.n_layer):
+        for name, segs in segments(m, l).items():
+            x = xs[(l, name)].reshape(-1, xs[(l, name)].shape[-1]).double()
+            W = modules(m, l)[name].weight.double()
+            for p, rows in segs:
+                s = x.abs() * W[rows].norm(dim=0)
+                frac = (s.flatten()[:, None] <= table[l, p, mid][None]).double().mean(0)
+                err = (frac - levels[mid]).abs().max().item()
+                assert err < 0.03, (l, PROJECTIONS[p], err)
+
+
+@pytest.mark.parametrize("flag", ["greedy", "sparse_aware"])
+def test_a_pass_runs_on_the_first_of_the_tokens(tiny, tmp_path, monkeypatch, flag):
+    """--greedy_tokens / --sparse_aware_tokens N: the pass sees the first N calibration tokens, not all of --tokens."""
+    import greedy
+    ckpt, text = tiny
+    module, name = (greedy, "search") if flag == "greedy" else (calibrate, "sparse_aware")
+    real, seen = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda model, ids, *a, **k: seen.append(list(ids)) or real(model, ids, *a, **k))
+    extra = ["--sparse_aware_levels", "0.5"] if flag == "sparse_aware" else []
+    calibrate.main(["--checkpoint", str(ckpt), "--text", str(text), "--tokens", "256", "--seq_len", "64",
+                    "--samples", "2000", "--dtype", "fp32", "--device", "cpu", "--out", str(tmp_path / "t.json"),
+                    f"--{flag}", f"--{flag}_tokens", "128", *extra])
+    assert seen == [get_tokenizer(Path(ckpt).parent).encode(text.read_text())[:128]]
+
+
+def test_a_default_budget_past_the_text_is_no_note(tiny, tmp_path):
+    """No --tokens: a text shorter than the default budget is calibrated on whole, without a note about a flag the
+    user did not give."""
+    ckpt, text = tiny
+    code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--seq_len", "64", "--samples", "2000",
+                             "--dtype", "fp32", "--device", "cpu", "--out", tmp_path / "t.json"])
+    assert code == 0, err
+    n = len(get_tokenizer(Path(ckpt).parent).encode(text.read_text()))
+    assert n < calibrate.TOKENS_DEFAULT and "note:" not in err, err
+    assert json.loads((tmp_path / "t.json").read_text())["calibration"]["tokens"] == n // 64 * 64
+
+
+def test_dataset_text_column(tiny, tmp_path, monkeypatch):
+    """--dataset ... --text_column: the text is that column of the downloaded file (the download stood in for here:
+    no network)."""
+    import huggingface_hub
+    ckpt, text = tiny
+    rows = [p for p in text.read_text().split("\n\n") if p.strip()]
+
+    def download(repo_id, filename, repo_type=None):
+        f = tmp_path / Path(filename).name
+        f.write_text("\n".join(json.dumps({"content": r, "id": i}) for i, r in enumerate(rows)))
+        return str(f)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    out = tmp_path / "t.json"
+    calibrate.main(["--checkpoint", str(ckpt), "--dataset", "org/data", "--dataset_file", "train.jsonl",
+                    "--text_column", "content", "--tokens", "256", "--seq_len", "64", "--samples", "2000",
+                    "--dtype", "fp32", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["calibration"] == {"source": "hf-dataset:org/data/train.jsonl", "tokens": 256,
+                                                          "score": "magnitude"}

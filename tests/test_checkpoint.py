@@ -286,6 +286,21 @@ def test_a_conversion_into_another_models_hf_folder_is_refused(tmp_path):
     checkpoint.check_target(tmp_path / "new")
 
 
+def test_a_conversion_in_place_however_the_folder_is_spelt(tmp_path, monkeypatch):
+    """--out naming the --checkpoint_dir itself by another path (absolute against relative, through a symlink) is
+    converting in place, not another model's folder."""
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    for out in (src, tmp_path / "link", Path("hf") / ".." / "hf"):
+        checkpoint.check_target(out, "hf")
+    with pytest.raises(CheckpointError, match="another model's Hugging Face weights"):
+        checkpoint.check_target(src, tmp_path)
+
+
 def test_a_hugging_face_folder_is_sent_to_the_converter(tmp_path):
     """An unconverted HF folder (or a file in it) given as the checkpoint: one line that says to convert it."""
     (tmp_path / "config.json").write_text("{}")

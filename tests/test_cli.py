@@ -34,6 +34,15 @@ def test_device(capsys):
         assert "CUDA GPUs" in usage_error(cli.device, f"cuda:{torch.cuda.device_count()}", capsys)
 
 
+def test_device_index_past_the_gpus_is_refused(monkeypatch, capsys):
+    """On a machine with one GPU (stood in for here), cuda:0 is taken and cuda:1 refused while the flags are parsed,
+    not when the model is moved there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert parse(cli.device, "cuda") == "cuda" and parse(cli.device, "cuda:0") == "cuda:0"
+    assert "there are 1 CUDA GPUs" in usage_error(cli.device, "cuda:1", capsys)
+
+
 def test_use_device_makes_a_numbered_gpu_current(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", calls.append)
@@ -61,6 +70,7 @@ def test_integers(capsys):
     for fn, bad in ((cli.positive_ints, "abc"), (cli.positive_ints, "1,0"), (cli.at_least(2), "1"),
                     (cli.at_least(1), "1.5"), (cli.non_negative_float, "-1"), (cli.non_negative_float, "nan")):
         usage_error(fn, bad, capsys)
+    assert parse(cli.non_negative_float, "0") == 0.0  # generate.py --temperature 0: greedy decoding
 
 
 def test_output_paths(tmp_path, capsys):

@@ -231,12 +231,13 @@ def tiny_tokens() -> list:
 
 
 def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bool = False, extra=(),
-                    rows: int = None, bos: int = None, eos: int = None, meta=None) -> tuple:
+                    rows: int = None, bos: int = None, eos: int = None, meta=None, end_type: int = 3) -> tuple:
     """A one-layer llama GGUF with every supported tensor type; ffn_length: the metadata's feed_forward_length
     (default: the tensors' own); n_head heads of 32 (with 4, head_dim != dim / n_head, stated in the metadata);
     eot: an end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors; rows: of the embedding and
     output (default: one per token); bos: a BOS id, added to every prompt; eos (default: the end token); meta:
-    llama.* metadata written instead of the tensors' own (GGUFWriter's add_<key> names). Returns
+    llama.* metadata written instead of the tensors' own (GGUFWriter's add_<key> names); end_type: the end token's
+    llama.cpp type (3 control, 4 user-defined). Returns
     (tokens, specs, the unquantized weights)."""
     Q = gguf.GGMLQuantizationType
     dim, n_kv, head_dim, ffn = 64, 1, 32, 96
@@ -264,7 +265,7 @@ def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bo
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_types([1] * (len(tokens) - 1) + [end_type])
     w.add_token_merges(["\u0120 t"])
     w.add_eos_token_id(len(tokens) - 1 if eos is None else eos)
     if eot:
@@ -347,14 +348,27 @@ def test_tokenizer_against_the_embedding_rows(tmp_path):
     assert not (tmp_path / "short").exists()
 
 
+@pytest.mark.parametrize("past", [0, 3])  # 0: the id one past the last token
 @pytest.mark.parametrize("key", ["bos", "eos"])
-def test_special_token_past_the_tokens_is_refused(tmp_path, key):
+def test_special_token_past_the_tokens_is_refused(tmp_path, key, past):
     # (the BOS template once indexed the token list with the id: an IndexError traceback)
-    write_tiny_gguf(tmp_path / "m.gguf", **{key: len(tiny_tokens()) + 3})
+    write_tiny_gguf(tmp_path / "m.gguf", **{key: len(tiny_tokens()) + past})
     code, _, err = run_script("scripts/convert_gguf_checkpoint.py", ["--gguf", tmp_path / "m.gguf", "--out",
                                                                      tmp_path / "out"])
     assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert f"tokenizer.ggml.{key}_token_id" in err, err
+
+
+def test_user_defined_token_matches_whole(tmp_path):
+    """A user-defined token (llama.cpp type 4) is matched whole, as llama.cpp matches it, not spelt out byte by byte;
+    unlike a control token it is not special: decoding without special tokens keeps it."""
+    tokens, _, _ = write_tiny_gguf(tmp_path / "tiny.gguf", end_type=4)
+    out = tmp_path / "ckpt"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(out), "--dtype", "fp32"])
+    tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    ids = tok.encode("a<|end|>b").ids
+    assert ids == [tokens.index("a"), len(tokens) - 1, tokens.index("b")]
+    assert tok.decode(ids, skip_special_tokens=True) == "a<|end|>b"
 
 
 # ---- errors ------------------------------------------------------------------------------------------------

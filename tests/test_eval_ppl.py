@@ -317,3 +317,24 @@ def test_uniform_is_teal_and_sparse_aware_its_own_method(tmp_path):
         with pytest.raises(ValueError, match=want), redirect_stdout(out):
             eval_ppl.main([*base[:-1], sparsity, "--thresholds", str(path), "--method", "sparse_aware"])
         assert out.getvalue() == ""
+
+
+def test_uniform_after_cats_is_teal(tmp_path):
+    """--method cats,uniform: CATS replaces the MLP's forward for its rows; the uniform rows after them are those of
+    uniform alone (TEAL on all seven projections), not CATS's MLP left in place."""
+    import thresholds
+    from test_generate import tiny_thresholds, write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    config = load_model(ckpt, "cpu", torch.float32).config
+    cal = thresholds.load(tiny_thresholds(ckpt, tmp_path / "plain.json"), config)
+    thresholds.save(ckpt.parent / "thresholds.json", config, cal["levels"].tolist(), cal["table"], "test", 1,
+                    "magnitude", cats=cal["table"][:, 4] * 2)
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    base = ["--checkpoint", str(ckpt), "--text", str(tmp_path / "some.txt"), "--device", "cpu", "--seq_len", "16",
+            "--sparsity", "0.5"]
+    with redirect_stdout(io.StringIO()):
+        alone = eval_ppl.main([*base, "--method", "uniform"])
+        both = eval_ppl.main([*base, "--method", "cats,uniform"])
+    assert [r["method"] for r in both] == ["cats", "uniform"]
+    assert both[1]["ppl"] == alone[0]["ppl"] and both[1]["achieved_sparsity"] == alone[0]["achieved_sparsity"]
+    assert both[0]["ppl"] != alone[0]["ppl"]

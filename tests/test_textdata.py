@@ -174,3 +174,18 @@ def test_encode_head_is_the_head_of_the_whole_encoding():
         assert textdata.encode_head(Tok(), text, n) == whole[:n], n
         if n is not None and n <= 5000:
             assert max(seen) < len(text) // 5, (n, seen)  # a head, not the whole text
+
+
+def test_encode_head_of_a_text_of_long_tokens():
+    """More than 8 characters per token (long words, runs of whitespace): the head is grown until the n tokens end
+    before its cut, so the last of them is not a word cut in two. A word-level tokenizer: a cut word is another id."""
+    text = " ".join(f"{'x' * (20 + i % 13)}{i}" for i in range(3000))
+
+    class Tok:
+        vocab = {}
+
+        def encode(self, t):
+            return [self.vocab.setdefault(w, len(self.vocab)) for w in t.split()]
+    whole = Tok().encode(text)
+    for n in range(1, 400):
+        assert textdata.encode_head(Tok(), text, n) == whole[:n], n

@@ -354,6 +354,22 @@ def test_chat_special_tokens_from_an_older_repos_map(tmp_path, hf_json):
     assert tok.decode(tok.encode_chat("hi")) == "<|endoftext|>hi<|im_end|>"
 
 
+def test_chat_special_tokens_without_tokenizer_config(tmp_path, hf_json):
+    """A folder without tokenizer_config.json (a GGUF's): the template's bos_token and eos_token are the tokens of
+    config.json's ids, as transformers takes a GGUF's, not another stop token of the vocab (<|endoftext|> here)."""
+    from transformers import PreTrainedTokenizerFast
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_json), bos_token="<|im_start|>", eos_token="<|im_end|>")
+    ref.chat_template = template
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 2},
+                                         {"tokenizer.json": hf_json.read_bytes(),
+                                          "chat_template.jinja": template.encode()}))
+    assert tok.eos_ids == [2, 0]  # <|endoftext|> stops generation too
+    want = ref.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
+    assert tok.encode_chat("hi") == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert tok.decode(tok.encode_chat("hi")) == "<|im_start|>hi<|im_end|>"
+
+
 def test_sentencepiece_control_pieces_match_whole(tmp_path):
     """A control piece that begins another one does not split it (the tokenizers library matches the longest)."""
     import sentencepiece as spm
@@ -489,5 +505,7 @@ def test_errors_tiktoken_ranks_not_contiguous(tmp_path):
 
 def test_errors_config_ids_out_of_vocab(tmp_path, hf_json, sp_model):
     assert "eos_token_id 5000" in error_message(hf_checkpoint(tmp_path, hf_json, {"eos_token_id": [2, 5000]}))
+    # one past the last id (the hf tokenizer's 1000 ids: 0..999)
+    assert "bos_token_id 1000" in error_message(hf_checkpoint(tmp_path / "edge", hf_json, {"bos_token_id": 1000}))
     ckpt = write_checkpoint(tmp_path / "sp", "sentencepiece", {"bos_token_id": -1}, {"tokenizer.model": sp_model})
     assert "bos_token_id -1" in error_message(ckpt)
