@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU machine's runs (docs/benchmarks.md names the stage behind each figure), one stage per call (each fits
 # the device's 10-minute limit per command):
-#   tests:   GPU tests of the norm, attention and GEMV ops, of the compiled model, generate.py and bench_decode.py
-#            (or of the test files named after it)
+#   tests:   GPU tests: "ops" (default) of the norm, attention and GEMV ops and the compiled model, "cli" of
+#            generate.py and bench_decode.py, or the test files named after it (all at once can pass the
+#            10 minutes on a freshly started machine)
 #   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%, batch 1)
 #   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included; arguments after the timeout
 #            go to it (e.g. kernels 560 --compiled_baseline --sparsity 0,0.5)
@@ -15,11 +16,12 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee -a $OUT/gpu.txt
 case "$1" in
 tests)
-  # all of them take about 9 minutes, near the device's 10 per command: test files may be named to split the run
-  files="${*:2}"
-  timeout 570 python3 -m pytest ${files:-tests/test_norm.py tests/test_attention.py tests/test_sparse_ops.py \
-    tests/test_model.py tests/test_generate.py tests/test_bench_scripts.py} -q -p no:warnings 2>&1 | tail -15 \
-    | tee $OUT/tests.txt
+  case "${2:-ops}" in
+  ops) files="tests/test_norm.py tests/test_attention.py tests/test_sparse_ops.py tests/test_model.py" ;;
+  cli) files="tests/test_generate.py tests/test_bench_scripts.py" ;;
+  *) files="${*:2}" ;;
+  esac
+  timeout 570 python3 -m pytest $files -q -p no:warnings 2>&1 | tail -15 | tee $OUT/tests.txt
   ;;
 decode)
   preset=${2:-llama-3-8b}
@@ -49,6 +51,6 @@ kernels)
     | grep -v -i warn | tee $OUT/bench_kernels_b1.txt
   ;;
 *)
-  echo "usage: gpu_stages.sh tests [test files] | decode [preset] [levels] [timeout_s] [batch] | kernels [timeout_s] [flags] | generate [flags]" >&2; exit 2
+  echo "usage: gpu_stages.sh tests [ops|cli|test files] | decode [preset] [levels] [timeout_s] [batch] | kernels [timeout_s] [flags] | generate [flags]" >&2; exit 2
   ;;
 esac
