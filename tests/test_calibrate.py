@@ -161,12 +161,19 @@ def run_main(argv) -> tuple:
     return run_script("calibrate.py", argv)
 
 
-@pytest.mark.parametrize("score", ["magnitude", "weighted"])
-def test_record_against_quantiles_of_the_inputs(score):
+@pytest.mark.parametrize("score, uneven", [("magnitude", False), ("weighted", False), ("weighted", True)])
+def test_record_against_quantiles_of_the_inputs(score, uneven):
     """calibrate.record against quantiles of each projection's dense input scores, taken here with hooks of
-    test_generate (the recorder samples with replacement, hence the tolerance; a wrong input or norm is far off)."""
+    test_generate (the recorder samples with replacement, hence the tolerance; a wrong input or norm is far off).
+    uneven: the tiny model's column norms are all near 1; scaled to 0.25..4.25 apart, as a real model's are, a
+    weighted score that left out a projection's norms would be far off too."""
     from test_generate import TINY, dense_inputs, modules, segments, tiny_model
     m = tiny_model(seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for l in range(m.config.n_layer * uneven):
+            for lin in modules(m, l).values():
+                lin.weight.mul_(torch.rand(lin.weight.shape[1], generator=g) * 4 + 0.25)
     ids = torch.randint(0, TINY["vocab_size"], (128,), generator=torch.Generator().manual_seed(2)).tolist()
     table, n_tokens, _ = calibrate.record(m, ids, 32, score, 200_000, "cpu", progress=False)
     assert n_tokens == 128 and (table[..., 0] == 0).all()
@@ -395,33 +402,6 @@ def test_out_onto_the_other_scores_file_is_refused(tiny, tmp_path):
     code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--device", "cpu", "--out", tmp_path / "t.png",
                              "--plot", tmp_path / "t.png"])
     assert code == 1 and "--plot and --out name the same file" in err and not (tmp_path / "t.png").exists(), err
-
-
-def test_record_weighted_scores_with_uneven_column_norms():
-    """Weighted scores are |x_i| * ||W[:, i]|| with each projection's own column norms. The tiny model's columns all
-    have norms near 1; scaled here to norms 0.25..4.25 apart (as a real model's are), each threshold still drops its
-    level's fraction of the true scores (computed here from the weights)."""
-    from test_generate import TINY, dense_inputs, modules, segments, tiny_model
-    m = tiny_model(seed=3)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for l in range(m.config.n_layer):
-            for lin in modules(m, l).values():
-                lin.weight.mul_(torch.rand(lin.weight.shape[1], generator=g) * 4 + 0.25)
-    ids = torch.randint(0, TINY["vocab_size"], (128,), generator=torch.Generator().manual_seed(2)).tolist()
-    table, _, _ = calibrate.record(m, ids, 32, "weighted", 200_000, "cpu", progress=False)
-    xs = dense_inputs(m, torch.tensor(ids).view(4, 32))
-    levels = torch.tensor(calibrate.LEVELS, dtype=torch.float64)
-    mid = (levels >= 0.05) & (levels <= 0.95)
-    for l in range(m.config.n_layer):
-        for name, segs in segments(m, l).items():
-            x = xs[(l, name)].reshape(-1, xs[(l, name)].shape[-1]).double()
-            W = modules(m, l)[name].weight.double()
-            for p, rows in segs:
-                s = x.abs() * W[rows].norm(dim=0)
-                frac = (s.flatten()[:, None] <= table[l, p, mid][None]).double().mean(0)
-                err = (frac - levels[mid]).abs().max().item()
-                assert err < 0.03, (l, PROJECTIONS[p], err)
 
 
 @pytest.mark.parametrize("flag", ["greedy", "sparse_aware"])
