@@ -76,7 +76,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         window_capped=block_size < max_pos,
         norm_eps=cfg.get("rms_norm_eps") or 1e-6,  # transformers' default for Llama, Mistral and Qwen2
         rope_base=float(rope_base),
-        rope_scaling=rope_scaling(cfg.get("rope_scaling") or params, cfg.get("max_position_embeddings")),
+        rope_scaling=rope_scaling(cfg.get("rope_scaling") or params, max_pos),
         qkv_bias=mt == "qwen2",
         tie_embeddings=cfg.get("tie_word_embeddings") is True,
     )

@@ -198,6 +198,10 @@ def test_from_hf_config_rope_formats():
     no_orig = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
     args = checkpoint.from_hf_config(hf_config(rope_scaling={"rope_type": "llama3", **no_orig}))
     assert args.rope_scaling["original_max_position_embeddings"] == 8192
+    # which, left out as well, is the model type's default
+    cfg = {k: v for k, v in hf_config(rope_scaling={"rope_type": "llama3", **no_orig}).items()
+           if k != "max_position_embeddings"}
+    assert checkpoint.from_hf_config(cfg).rope_scaling["original_max_position_embeddings"] == 2048
     # and to its own defaults for the band's two factors
     args = checkpoint.from_hf_config(hf_config(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
     assert (args.rope_scaling["low_freq_factor"], args.rope_scaling["high_freq_factor"]) == (1.0, 4.0)
