@@ -225,13 +225,11 @@ def check_state_dict(model: Transformer, state: dict) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         expected.pop("output.weight")
-    try:
-        check_weights(state, expected)
-    except CheckpointError as e:  # the output weight's presence follows the config's tie_word_embeddings
-        if set(state) ^ set(expected) == {"output.weight"}:
-            raise CheckpointError(f"{e} (config.json's tie_word_embeddings is "
-                                  f"{str(model.config.tie_embeddings).lower()}: it does not fit the weights)") from None
-        raise
+    if set(state) ^ set(expected) == {"output.weight"}:  # its presence follows the config's tie_word_embeddings
+        raise CheckpointError(f"{'unknown' if 'output.weight' in state else 'missing'} weights: output.weight "
+                              f"(config.json's tie_word_embeddings is {str(model.config.tie_embeddings).lower()}: "
+                              f"it does not fit the weights)")
+    check_weights(state, expected)
 
 
 def check_weights(state: dict, expected: dict) -> None:
