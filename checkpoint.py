@@ -49,11 +49,8 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
     if n_head % (cfg.get("num_key_value_heads") or 1):
         raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
-    # No sliding-window attention here: cap the context where it equals full attention. A key the file leaves
-    # out takes transformers' default for its model_type (a null sliding_window: no window).
-    window = cfg.get("sliding_window", HF_WINDOW) if mt == "mistral" or cfg.get("use_sliding_window") else None
     max_pos = cfg.get("max_position_embeddings") or HF_MAX_POSITIONS[mt]
-    block_size = min(max_pos, window or max_pos)
+    window, first_window_layer = sliding_window(cfg, mt)
     params = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
     if not isinstance(params, dict):
         raise CheckpointError(f"config.json: rope_parameters must be an object, got {params!r}")
@@ -72,14 +69,37 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         n_local_heads=cfg.get("num_key_value_heads") or n_head,
         head_dim=head_dim,
         intermediate_size=cfg["intermediate_size"],
-        block_size=block_size,
-        window_capped=block_size < max_pos,
+        block_size=max_pos,
+        sliding_window=window,
+        first_window_layer=first_window_layer,
         norm_eps=cfg.get("rms_norm_eps") or 1e-6,  # transformers' default for Llama, Mistral and Qwen2
         rope_base=float(rope_base),
         rope_scaling=rope_scaling(cfg.get("rope_scaling") or params, max_pos),
         qkv_bias=mt == "qwen2",
         tie_embeddings=cfg.get("tie_word_embeddings") is True,
     )
+
+
+def sliding_window(cfg: dict, model_type: str) -> tuple:
+    """(window, first windowed layer) as transformers reads a config: Mistral windows every layer (a 4,096-token
+    window where the key is left out, none where it is null); Qwen2 only with use_sliding_window, the layers from
+    max_window_layers on (or those its layer_types names); Llama never."""
+    if model_type == "llama" or (model_type == "qwen2" and not cfg.get("use_sliding_window")):
+        return 0, 0
+    window = cfg.get("sliding_window", HF_WINDOW) or 0
+    if model_type == "mistral" or not window:  # Mistral's attention ignores layer_types
+        return window, 0
+    n, types = cfg["num_hidden_layers"], cfg.get("layer_types")
+    if types is None:
+        first = cfg.get("max_window_layers", 28)  # transformers' default
+        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+            raise CheckpointError(f"config.json: max_window_layers must be an integer >= 0, got {first!r}")
+        return window, min(first, n)
+    first = types.count("full_attention") if isinstance(types, list) else -1
+    if first < 0 or types != ["full_attention"] * first + ["sliding_attention"] * (n - first):
+        raise CheckpointError(f"config.json: layer_types must list {n} layers, full_attention ones before "
+                              f"sliding_attention ones (Qwen2's max_window_layers), got {types!r}")
+    return window, first
 
 
 def brief(e: Exception, limit: int = 160) -> str:

@@ -39,7 +39,8 @@ class ModelArgs:
     head_dim: int
     intermediate_size: int
     block_size: int = 2048  # the context
-    window_capped: bool = False  # block_size is the config's sliding_window (attention past it is not implemented)
+    sliding_window: int = 0  # positions a windowed layer attends to, its own included (0: no window)
+    first_window_layer: int = 0  # the layers from this one on use the window (Qwen2's max_window_layers)
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     rope_scaling: Optional[dict] = None
@@ -48,8 +49,11 @@ class ModelArgs:
 
     def context(self) -> str:
         """block_size as the error messages name it."""
-        return f"the model's context of {self.block_size} tokens" + (
-            " (its sliding_window; attention past the window is not implemented)" if self.window_capped else "")
+        return f"the model's context of {self.block_size} tokens"
+
+    def window(self, layer: int) -> int:
+        """The sliding window of a layer's attention (0: full attention)."""
+        return self.sliding_window if layer >= self.first_window_layer else 0
 
 
 def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list, sparse: bool,
@@ -94,7 +98,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(TransformerBlock(config, config.window(i)) for i in range(config.n_layer))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -202,9 +206,9 @@ def model_bytes(model: Transformer) -> tuple:
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelArgs) -> None:
+    def __init__(self, config: ModelArgs, window: int = 0) -> None:
         super().__init__()
-        self.attention = Attention(config)
+        self.attention = Attention(config, window)
         self.feed_forward = FeedForward(config)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
@@ -256,10 +260,11 @@ def column_norms(w: Tensor, seg_ends: list) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelArgs) -> None:
+    def __init__(self, config: ModelArgs, window: int = 0) -> None:
         super().__init__()
         c = config
         self.n_head, self.n_local_heads, self.head_dim = c.n_head, c.n_local_heads, c.head_dim
+        self.window = window  # sliding window: attend to the last `window` positions only (0: all)
         self.q_size, self.kv_size = c.n_head * c.head_dim, c.n_local_heads * c.head_dim
         self.wqkv = nn.Linear(c.dim, self.q_size + 2 * self.kv_size, bias=c.qkv_bias)
         self.wo = nn.Linear(self.q_size, c.dim, bias=False)
@@ -284,7 +289,7 @@ class Attention(nn.Module):
             qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats,
                                 partials=True)
             y = sparse_ops.decode_attention(qkv, self.wqkv.bias, self.kv_cache.k_cache, self.kv_cache.v_cache,
-                                            input_pos, freqs_cis, self.n_head)
+                                            input_pos, freqs_cis, self.n_head, self.window)
         else:
             qkv = sparse_linear(x, self.wqkv, thr[0:3], self.qkv_ends, sparse, self.qkv_scale, qkv_stats)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -294,6 +299,8 @@ class Attention(nn.Module):
             v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             k, v = self.kv_cache.update(input_pos, k, v)
+            if self.window:  # transformers' sliding-window mask: key position > query position - window
+                mask = mask & (torch.arange(mask.shape[-1], device=mask.device) > input_pos[:, None] - self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
                                                enable_gqa=self.n_head != self.n_local_heads).transpose(1, 2)
         y = y.contiguous().view(bsz, seqlen, self.q_size)

@@ -1,6 +1,6 @@
 """Decode attention benchmark: sparse_ops.decode_attention against SDPA with gpt-fast's mask, same run.
 
-    python scripts/bench_attention.py [--context 256,1024,4096,8192] [--batch 1,4] [--json OUT]
+    python scripts/bench_attention.py [--context 256,1024,4096,8192] [--batch 1,4] [--window W] [--json OUT]
 
 One layer's attention for one new token per row against a KV cache of max_seq_length = 8192 positions filled up
 to `context`. SDPA (gpt-fast's decode attention; model.py runs it for prefill) gets q (B, H, 128) and the boolean
@@ -8,7 +8,8 @@ mask row of the causal mask, so it reads the whole cache; decode_attention reads
 is captured 20 times in a CUDA graph over cache copies that L2 cannot hold; median replay per call. Both
 times are whole ops. decode_attention (its kernel and the chunk merge) does more: it takes the qkv projection
 as 5 fp32 split-K partials (Llama-3-8B's qkv GEMV at batch 1), sums them, rotates q and k and writes k and v
-into the cache, all of which the SDPA path leaves to separate kernels in the model.
+into the cache, all of which the SDPA path leaves to separate kernels in the model. `--window W` times
+decode_attention with a sliding window of W positions too (Mistral-7B v0.1: 4096), which reads only those.
 """
 import json
 import sys
@@ -51,8 +52,13 @@ def run(args) -> list:
                                  decode_attention_us=round(t_ours, 2), speedup=round(t_sdpa / t_ours, 2),
                                  tb_s_needed=round(gb / t_ours * 1e6 / 1e3, 2)))
                 r = rows[-1]
-                print(f"| {name} | {B} | {ctx} | {r['sdpa_us']} | {r['decode_attention_us']} | {r['speedup']}x "
-                      f"| {r['tb_s_needed']} |", flush=True)
+                line = f"| {name} | {B} | {ctx} | {r['sdpa_us']} | {r['decode_attention_us']} | {r['speedup']}x " \
+                       f"| {r['tb_s_needed']} |"
+                if args.window:
+                    r["window_us"] = round(time_us(lambda i: sparse_ops.decode_attention(
+                        qkv, None, ks[i], vs[i], pos, freqs, H, args.window), n), 2)
+                    line += f" {r['window_us']} |"
+                print(line, flush=True)
             ks = vs = causal = None  # frees the copies before the next model
             torch.cuda.empty_cache()
     return rows
@@ -64,6 +70,8 @@ def main(argv=None) -> None:
                    help=f"comma-separated filled positions, 1-{MAX_SEQ}")
     p.add_argument("--batch", type=cli.positive_ints, default="1,4",
                    help=f"comma-separated batch sizes (decode rows), 1-{sparse_ops.MAX_BATCH}")
+    p.add_argument("--window", type=cli.at_least(1), default=None,
+                   help="also time decode_attention with a sliding window of this many positions (default: none)")
     p.add_argument("--json", type=cli.out_file, help="write the rows as JSON here")
     args = p.parse_args(argv)
     if max(args.context) > MAX_SEQ or max(args.batch) > sparse_ops.MAX_BATCH:
@@ -71,12 +79,14 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, cache of {MAX_SEQ} positions")
-    print("| model | batch | context | SDPA + mask (us) | decode_attention (us) | speed-up | TB/s on filled k/v |")
-    print("|---|---|---|---|---|---|---|")
+    window = f" window {args.window} (us) |" if args.window else ""
+    print(f"| model | batch | context | SDPA + mask (us) | decode_attention (us) | speed-up | TB/s on filled k/v |"
+          f"{window}")
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.window else ""))
     rows = run(args)
     if args.json:
         args.json.write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                                             max_seq=MAX_SEQ, rows=rows), indent=1))
+                                             max_seq=MAX_SEQ, window=args.window, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 #   decode:  decode for one preset at the levels given, profiled (default: Llama-3-8B at 0-65%, batch 1)
 #   kernels: the batch-1 kernel table (scripts/bench_kernels.py), GLU rows included; arguments after the timeout
 #            go to it (e.g. kernels 560 --compiled_baseline --sparsity 0,0.5)
+#   attention: the decode attention table (scripts/bench_attention.py), with Mistral-7B v0.1's 4,096-token window
 #   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%);
 #             more arguments go to generate.py (e.g. --compile_prefill)
 # Timing stages clear inductor's cache first: the cache keys the graph that calls a triton_op, not the op's
@@ -45,12 +46,16 @@ generate)
   done
   grep -v "^ *$" $log | tail -40
   ;;
+attention)
+  timeout ${2:-560} python3 scripts/bench_attention.py --window 4096 --json $OUT/bench_attention.json 2>&1 \
+    | grep -v -i warn | tee $OUT/bench_attention.txt
+  ;;
 kernels)
   rm -rf /tmp/torchinductor_$(whoami)
   timeout ${2:-560} python3 scripts/bench_kernels.py --batch 1 --json $OUT/bench_kernels_b1.json "${@:3}" 2>&1 \
     | grep -v -i warn | tee $OUT/bench_kernels_b1.txt
   ;;
 *)
-  echo "usage: gpu_stages.sh tests [ops|cli|test files] | decode [preset] [levels] [timeout_s] [batch] | kernels [timeout_s] [flags] | generate [flags]" >&2; exit 2
+  echo "usage: gpu_stages.sh tests [ops|cli|test files] | decode [preset] [levels] [timeout_s] [batch] | attention [timeout_s] | kernels [timeout_s] [flags] | generate [flags]" >&2; exit 2
   ;;
 esac

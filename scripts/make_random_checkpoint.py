@@ -30,8 +30,8 @@ def hf_config(preset: str, n_layer: int | None = None) -> dict:
         rms_norm_eps=a["norm_eps"], rope_theta=a["rope_base"], tie_word_embeddings=a["tie_embeddings"],
         hidden_act="silu", bos_token_id=256, eos_token_id=257,
     )
-    if mistral:
-        cfg["sliding_window"] = a["block_size"]
+    if mistral:  # null: no window (v0.2 on); bench_decode's presets set none
+        cfg["sliding_window"] = a["sliding_window"] or None
     return cfg
 
 

@@ -5,9 +5,10 @@
     sparse_gemv_pair(x, wt_a, wt_b, thresholds, scale=None)     two weights on one input (gate, up)
     sparse_glu(x, wt_gate, wt_up, thresholds, scale=None, kept=None)
                                                                 silu(gate) * up, the MLP's hidden activation
-    decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
+    decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head, window=0)
                                                                 one new token: qkv's partials summed, RoPE, cache
-                                                                write and attention over the filled cache
+                                                                write and attention over the filled cache (or
+                                                                its last `window` positions)
     add_rmsnorm(x, parts, weight, eps, thresholds, scale=None)
                                                                 residual add of a GEMV's partials and RMSNorm,
                                                                 listing the channels that gate or up keeps
@@ -77,7 +78,7 @@ def sparse_glu(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, sc
 
 
 def decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
-                     freqs: Tensor, n_head: int) -> Tensor:
+                     freqs: Tensor, n_head: int, window: int = 0) -> Tensor:
     """One decode step of attention, from the qkv projection to the attention output.
 
     qkv: (parts, B, (n_head + 2 H_kv) D), the projection's split-K partial sums (parts=1: the projection itself),
@@ -85,11 +86,12 @@ def decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cac
     freqs: (>= S, D/2, 2) fp32 RoPE table (cos, sin per position; the kernel reads row input_pos, so a CUDA graph
     needs no index kernel per step); input_pos < S (past the cache the kernel writes nothing, the reference
     raises). Writes the new token's rotated k and its v at input_pos into the caches and returns (B, n_head, D):
-    causal attention of rope(q) over positions 0 .. input_pos (GQA)."""
-    check_decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
+    causal attention of rope(q) over positions 0 .. input_pos (GQA); with a sliding window (window > 0), over the
+    last `window` of them, input_pos included, as transformers' sliding-window mask."""
+    check_decode_attention(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head, window)
     if use_triton(qkv):
-        return _decode_attention_op(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
-    return decode_attention_ref(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head)
+        return _decode_attention_op(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head, window)
+    return decode_attention_ref(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head, window)
 
 
 def add_rmsnorm(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresholds: Tensor,

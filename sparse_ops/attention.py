@@ -4,6 +4,7 @@ SDPA with gpt-fast's mask reads the whole cache (max_seq_length) every step and,
 kernels, costs about 10 us per layer at a 200-token context. Here a split-sequence kernel (flash-decoding) gives
 each program one key/value head with its group of query heads and one chunk of the filled positions (chunks are
 sized at run time from input_pos, so a CUDA graph serves every length); a second small kernel merges the chunks.
+A sliding window (Mistral's, Qwen2's) only moves the first position attended: the chunks cover the window.
 The kernel also takes the qkv projection as it comes out of the sparse GEMV, split-K partial sums: it sums
 them, adds the bias, applies RoPE to q and k and writes the new k and v into the cache, work that otherwise runs
 as four small kernels per layer.
@@ -35,9 +36,9 @@ def _rotated(x, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 @triton.jit
 def _decode_attention_kernel(
     qkv_ptr, bias_ptr, k_ptr, v_ptr, pos_ptr, freqs_ptr, m_ptr, l_ptr, acc_ptr,
-    STRIDE_P, STRIDE_B, H, HKV, S_MAX, N_SPLIT, qk_scale,
-    N_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr,
+    STRIDE_P, STRIDE_B, H, HKV, S_MAX, N_SPLIT, WINDOW, qk_scale,
+    N_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch row * HKV + key/value head
     pid_s = tl.program_id(1)
@@ -45,12 +46,13 @@ def _decode_attention_kernel(
     hk = pid_bh % HKV
     dt = k_ptr.dtype.element_ty
     pos = tl.load(pos_ptr).to(tl.int32)
-    # attend positions 0 .. input_pos; a position past the cache (a caller's bug, which a host check would find
-    # only with a sync per step) reads and writes nothing outside it
+    # attend positions start .. input_pos (start: 0, or the window's first); a position past the cache (a caller's
+    # bug, which a host check would find only with a sync per step) reads and writes nothing outside it
     length = tl.minimum(pos + 1, S_MAX)
+    start = tl.maximum(length - WINDOW, 0) if HAS_WINDOW else 0  # a constexpr: full attention's code as before
     base = pid_bh.to(tl.int64) * S_MAX * D
-    chunk = tl.maximum(tl.cdiv(tl.cdiv(length, N_SPLIT), BLOCK_S), 1) * BLOCK_S
-    s_lo = pid_s * chunk
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(length - start, N_SPLIT), BLOCK_S), 1) * BLOCK_S
+    s_lo = start + pid_s * chunk
     s_hi = tl.minimum(s_lo + chunk, length)
     rg = tl.arange(0, BLOCK_G)
     rd = tl.arange(0, BLOCK_D)
@@ -111,7 +113,8 @@ def _decode_attention_kernel(
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, N_SPLIT, D: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     # One program per (batch row, query head): rescale each chunk to the common max and normalise. Chunk 0
-    # always holds position 0, so the max is finite; chunks past the current length have m = -inf, weight 0.
+    # always holds the first attended position, so the max is finite; chunks past the current length have
+    # m = -inf, weight 0.
     row = tl.program_id(0)
     rs = tl.arange(0, BLOCK_SPLIT)
     rd = tl.arange(0, BLOCK_D)
@@ -126,7 +129,8 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, N_SPLIT, D: tl.constexpr, BLOC
 
 def pick_split(batch: int, n_kv_heads: int, max_len: int, device: torch.device) -> tuple:
     """(BLOCK_S, N_SPLIT): positions per loop step, and chunks per head, about two programs per SM on a GPU.
-    The filled length is split evenly at run time, so short contexts use fewer, still full, chunks."""
+    The attended length (up to max_len) is split evenly at run time, so short contexts use fewer, still full,
+    chunks."""
     if device.type == "cuda":
         block_s = 64
         target = 2 * num_sms(device)
@@ -138,11 +142,11 @@ def pick_split(batch: int, n_kv_heads: int, max_len: int, device: torch.device) 
 
 @triton_op("tealfast::decode_attention", mutates_args={"k_cache", "v_cache"})
 def _decode_attention_op(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
-                         freqs: Tensor, n_head: int) -> Tensor:
+                         freqs: Tensor, n_head: int, window: int) -> Tensor:
     n_parts, B, _ = qkv.shape
     HKV, S, D = k_cache.shape[1:]
     H = n_head
-    block_s, n_split = pick_split(B, HKV, S, qkv.device)
+    block_s, n_split = pick_split(B, HKV, min(S, window or S), qkv.device)
     m = torch.empty((B, H, n_split), device=qkv.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty((B, H, n_split, D), device=qkv.device, dtype=torch.float32)
@@ -150,10 +154,10 @@ def _decode_attention_op(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v
     block_d = max(16, triton.next_power_of_2(D))
     wrap_triton(_decode_attention_kernel)[(B * HKV, n_split)](
         qkv, bias if bias is not None else freqs, k_cache, v_cache, input_pos, freqs, m, l, acc,
-        qkv.stride(0), qkv.stride(1), H, HKV, S, n_split, math.log2(math.e) / math.sqrt(D),
-        N_PARTS=n_parts, HAS_BIAS=bias is not None, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_D=block_d, BLOCK_S=block_s, DOT_F32=k_cache.dtype == torch.float32 or not qkv.is_cuda,
-        num_warps=4, num_stages=2)
+        qkv.stride(0), qkv.stride(1), H, HKV, S, n_split, window, math.log2(math.e) / math.sqrt(D),
+        N_PARTS=n_parts, HAS_BIAS=bias is not None, HAS_WINDOW=window > 0, G=G, D=D,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_S=block_s,
+        DOT_F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, num_warps=4, num_stages=2)
     out = torch.empty((B, H, D), device=qkv.device, dtype=k_cache.dtype)
     wrap_triton(_merge_kernel)[(B * H,)](m, l, acc, out, n_split, D=D,
                                           BLOCK_SPLIT=triton.next_power_of_2(n_split), BLOCK_D=block_d)
@@ -161,12 +165,14 @@ def _decode_attention_op(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v
 
 
 @_decode_attention_op.register_fake
-def _(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head):
+def _(qkv, bias, k_cache, v_cache, input_pos, freqs, n_head, window):
     return k_cache.new_empty((qkv.shape[1], n_head, k_cache.shape[3]))
 
 
 def check_decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cache: Tensor,
-                           input_pos: Tensor, freqs: Tensor, n_head: int) -> None:
+                           input_pos: Tensor, freqs: Tensor, n_head: int, window: int) -> None:
+    if type(window) is not int or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0: no window), got {window!r}")
     if qkv.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"qkv must be (parts, B, N) and the caches equal (B_max, H_kv, S, D), got "
                          f"{tuple(qkv.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -197,9 +203,10 @@ def check_decode_attention(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor,
 
 
 def decode_attention_ref(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
-                         freqs: Tensor, n_head: int) -> Tensor:
+                         freqs: Tensor, n_head: int, window: int = 0) -> Tensor:
     """Plain-torch reference, the same contract as the op: sum the partials, add the bias, rotate k and write k, v
-    at input_pos into the caches (in place); return softmax(rope(q) k^T / sqrt(D)) v over 0 .. input_pos."""
+    at input_pos into the caches (in place); return softmax(rope(q) k^T / sqrt(D)) v over 0 .. input_pos, or
+    over its last `window` positions."""
     _, B, _ = qkv.shape
     HKV, S, D = k_cache.shape[1:]
     dtype = k_cache.dtype
@@ -213,7 +220,8 @@ def decode_attention_ref(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v
     v_cache[:B, :, pos] = v.reshape(B, HKV, D)
     q = rope(q.reshape(B, n_head, D), f).float()
     rep = n_head // HKV
-    keep = (torch.arange(S, device=q.device) <= pos)[:, None]
+    s = torch.arange(S, device=q.device)
+    keep = ((s <= pos) & ((s > pos - window) if window else True))[:, None]
     k = k_cache[:B].float().masked_fill(~keep, 0).repeat_interleave(rep, dim=1)  # (B, H, S, D); unfilled slots zeroed
     v = v_cache[:B].float().masked_fill(~keep, 0).repeat_interleave(rep, dim=1)
     scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(D)

@@ -37,8 +37,9 @@ def rotate(x, freqs):
     return torch.view_as_real(xc * torch.view_as_complex(freqs.double().contiguous())).flatten(-2)
 
 
-def oracle(qkv, bias, k_cache, v_cache, pos, table, H):
-    """In fp64 with PyTorch's SDPA, independent of decode_attention_ref: (attention output, new k, new v)."""
+def oracle(qkv, bias, k_cache, v_cache, pos, table, H, window=0):
+    """In fp64 with PyTorch's SDPA, independent of decode_attention_ref: (attention output, new k, new v). A
+    window keeps the last `window` positions, the new one included."""
     B = qkv.shape[1]
     freqs = table[int(pos.item())]
     H_kv, _, D = k_cache.shape[1:]
@@ -49,19 +50,20 @@ def oracle(qkv, bias, k_cache, v_cache, pos, table, H):
     k_new = rotate(k.reshape(B, H_kv, D), freqs)
     v_new = v.reshape(B, H_kv, D)
     L = int(pos.item()) + 1
-    keys = torch.cat([k_cache[:B, :, :L - 1].double(), k_new[:, :, None]], dim=2)
-    values = torch.cat([v_cache[:B, :, :L - 1].double(), v_new[:, :, None]], dim=2)
+    lo = max(0, L - window) if window else 0
+    keys = torch.cat([k_cache[:B, :, lo:L - 1].double(), k_new[:, :, None]], dim=2)
+    values = torch.cat([v_cache[:B, :, lo:L - 1].double(), v_new[:, :, None]], dim=2)
     out = F.scaled_dot_product_attention(rotate(q.reshape(B, H, D), freqs)[:, :, None], keys, values,
                                          enable_gqa=H != H_kv)
     return out[:, :, 0], k_new, v_new
 
 
-def check(qkv, bias, k, v, p, f, H, fn=decode_attention):
+def check(qkv, bias, k, v, p, f, H, fn=decode_attention, window=0):
     """Run fn on copies of the caches; compare its output and the cache writes with the oracle."""
     dtype = k.dtype
-    want, k_new, v_new = oracle(qkv, bias, k, v, p, f, H)
+    want, k_new, v_new = oracle(qkv, bias, k, v, p, f, H, window)
     kc, vc = k.clone(), v.clone()
-    y = fn(qkv, bias, kc, vc, p, f, H)
+    y = fn(qkv, bias, kc, vc, p, f, H, window)
     assert y.shape == want.shape and y.dtype == dtype
     assert rel_err(y, want) < TOL[dtype]
     B, pos = qkv.shape[1], int(p.item())
@@ -83,6 +85,20 @@ def test_matches_sdpa(dtype, B, H, H_kv, D):
 def test_reference_matches_sdpa():
     case = random_case(2, 8, 2, 50, 32, torch.float32, 30, parts=3, bias=True)
     check(*case, 8, fn=decode_attention_ref)
+    check(*case, 8, fn=decode_attention_ref, window=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sliding_window(dtype):
+    # Mistral's and Qwen2's windows: the last `window` positions, the new one included. Positions before the
+    # window hold random keys, so attending to them shows. A window of one (the token itself), windows that
+    # split into several chunks or start mid-chunk, one longer than the positions filled, one as long as the cache.
+    for S, pos, window in [(40, 17, 5), (40, 17, 1), (100, 99, 30), (100, 70, 33), (40, 3, 8), (48, 47, 48),
+                           (64, 40, 16)]:
+        case = random_case(2, 8, 2, S, 32, dtype, pos, parts=3, bias=True, seed=S + pos + window)
+        check(*case, 8, window=window)
+        if window <= pos:  # the window must matter: the full attention differs
+            assert rel_err(oracle(*case, 8)[0], oracle(*case, 8, window)[0]) > 10 * TOL[dtype]
 
 
 def test_cache_write_rounds_like_the_linear():
@@ -139,7 +155,8 @@ def test_opcheck():
     args = random_case(2, 4, 2, 48, 32, torch.bfloat16, 20, parts=3, bias=True)
     # AOT tracing runs the op's body on fake tensors, which Triton's CPU interpreter cannot; GPU runs them all.
     utils = "ALL" if DEV == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.tealfast.decode_attention.default, (*args, 4), test_utils=utils)
+    for window in (0, 5):
+        torch.library.opcheck(torch.ops.tealfast.decode_attention.default, (*args, 4, window), test_utils=utils)
 
 
 def test_bad_input():
@@ -170,14 +187,20 @@ def test_bad_input():
         decode_attention(qkv, bias, k, v, p, f[3], 4)  # one position's row, not the table
     with pytest.raises(ValueError, match="freqs"):
         decode_attention(qkv, bias, k, v, p, f.double(), 4)
+    for window in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="window"):
+            decode_attention(qkv, bias, k, v, p, f, 4, window)
 
 
 # ---- GPU only ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,H,H_kv,S,parts", [(1, 32, 8, 4096, 5), (4, 32, 32, 1024, 1), (8, 32, 8, 300, 3)])
-def test_llama_shapes_gpu(B, H, H_kv, S, parts):
+@pytest.mark.parametrize("B,H,H_kv,S,parts,window", [(1, 32, 8, 4096, 5, 0), (4, 32, 32, 1024, 1, 0),
+                                                     (8, 32, 8, 300, 3, 0), (1, 32, 8, 8192, 5, 4096),
+                                                     (2, 28, 4, 1024, 2, 100)])
+def test_llama_shapes_gpu(B, H, H_kv, S, parts, window):
+    # Llama-2/3, Mistral-7B v0.1's 4,096-token window in an 8K cache, Qwen2-7B's 28/4 heads with a short window
     for pos in (0, 1, S // 3, S - 1):
-        check(*random_case(B, H, H_kv, S, 128, torch.bfloat16, pos, parts, seed=pos), H)
+        check(*random_case(B, H, H_kv, S, 128, torch.bfloat16, pos, parts, seed=pos), H, window=window)
 
 
 @pytest.mark.gpu

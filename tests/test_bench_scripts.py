@@ -23,6 +23,7 @@ import bench_kernels
     (bench_kernels.main, ["--sweep", "--compiled_baseline"]),  # the sweep has no such column
     (bench_attention.main, ["--context", "0"]),
     (bench_attention.main, ["--batch", "1,99"]),
+    (bench_attention.main, ["--window", "0"]),
 ])
 def test_bad_values_are_usage_errors(main, argv, capsys):
     with pytest.raises(SystemExit) as e:

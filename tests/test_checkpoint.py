@@ -169,17 +169,36 @@ def test_from_hf_config_defaults():
     assert b.n_local_heads == 4 and b.block_size == 2048
 
 
-@pytest.mark.parametrize("model_type, extra", [("llama", {}), ("mistral", {}), ("qwen2", {}),
-                                               ("qwen2", {"use_sliding_window": True})])
-def test_from_hf_config_context_defaults_follow_transformers(model_type, extra):
-    # a config.json without max_position_embeddings or sliding_window: the context transformers would use
+def hf_windows(ref) -> list:
+    """Each layer's sliding window (0: none) as transformers' modeling code applies it: Mistral's attention takes
+    config.sliding_window in every layer, Qwen2's in the layers its layer_types calls sliding_attention."""
+    window = getattr(ref, "sliding_window", None) or 0
+    if ref.model_type == "qwen2":
+        return [window if t == "sliding_attention" else 0 for t in ref.layer_types]
+    return [window if ref.model_type == "mistral" else 0] * ref.num_hidden_layers
+
+
+def our_windows(args) -> list:
+    return [args.window(i) for i in range(args.n_layer)]
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen2", {"use_sliding_window": True}),
+    ("mistral", {"sliding_window": None}), ("mistral", {"sliding_window": 64}), ("llama", {"sliding_window": 64}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1, "num_hidden_layers": 3}),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 64, "max_window_layers": 0}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "num_hidden_layers": 3,
+               "layer_types": ["full_attention"] * 2 + ["sliding_attention"]}),
+])
+def test_from_hf_config_context_and_windows_follow_transformers(model_type, extra):
+    # a config.json without max_position_embeddings (and sliding_window where not given): the context and the
+    # windows transformers would use
     import transformers
     cfg = {k: v for k, v in hf_config(model_type=model_type, **extra).items() if k != "max_position_embeddings"}
     ref = transformers.AutoConfig.for_model(**cfg)
-    window = ref.sliding_window if model_type == "mistral" or extra else None
-    expect = min(ref.max_position_embeddings, window or ref.max_position_embeddings)
     args = checkpoint.from_hf_config(cfg)
-    assert (args.block_size, args.window_capped) == (expect, expect < ref.max_position_embeddings)
+    assert args.block_size == ref.max_position_embeddings
+    assert our_windows(args) == hf_windows(ref)
 
 
 def test_from_hf_config_rope_formats():
@@ -207,16 +226,20 @@ def test_from_hf_config_rope_formats():
     assert (args.rope_scaling["low_freq_factor"], args.rope_scaling["high_freq_factor"]) == (1.0, 4.0)
 
 
-def test_from_hf_config_sliding_window_caps_context():
-    # full attention equals sliding-window attention only up to the window
-    capped = checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=4096))
-    assert (capped.block_size, capped.window_capped) == (4096, True) and "sliding_window" in capped.context()
-    full = checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=None))
-    assert (full.block_size, full.window_capped) == (8192, False) and "sliding_window" not in full.context()
-    wide = checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=32768))  # past the context
-    assert (wide.block_size, wide.window_capped) == (8192, False)
-    qwen = hf_config(model_type="qwen2", sliding_window=4096, use_sliding_window=False)
-    assert checkpoint.from_hf_config(qwen).block_size == 8192
+def test_from_hf_config_sliding_window():
+    # the window no longer caps the context: attention past it is the window's
+    m = checkpoint.from_hf_config(hf_config(model_type="mistral", sliding_window=4096))
+    assert m.block_size == 8192 and our_windows(m) == [4096, 4096]
+    q = checkpoint.from_hf_config(hf_config(model_type="qwen2", sliding_window=16, use_sliding_window=True,
+                                            max_window_layers=1))
+    assert our_windows(q) == [0, 16]
+    for bad in (dict(layer_types=["sliding_attention", "full_attention"]),  # interleaved the other way
+                dict(layer_types=["full_attention"]),  # one layer short
+                dict(layer_types=["full_attention", "chunked_attention"]),
+                dict(layer_types="full_attention"),
+                dict(max_window_layers=-1), dict(max_window_layers=True), dict(max_window_layers=1.5)):
+        with pytest.raises(CheckpointError, match="layer_types|max_window_layers"):
+            checkpoint.from_hf_config(hf_config(model_type="qwen2", use_sliding_window=True, **bad))
 
 
 def test_a_conversion_cut_short_leaves_no_model_pth(tmp_path):

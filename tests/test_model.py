@@ -26,8 +26,10 @@ CASES = {
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=16)), {}),
     "llama_tied": ("Llama", dict(tie_word_embeddings=True), {}),
-    "mistral": ("Mistral", dict(head_dim=24, sliding_window=128), {"max_shard_size": "40KB"}),
-    "qwen2": ("Qwen2", dict(num_hidden_layers=3, rope_theta=1000000.0), {}),
+    # sliding windows shorter than the prompt: every layer's (Mistral), the layers from max_window_layers on (Qwen2)
+    "mistral": ("Mistral", dict(head_dim=24, sliding_window=5), {"max_shard_size": "40KB"}),
+    "qwen2": ("Qwen2", dict(num_hidden_layers=3, rope_theta=1000000.0, use_sliding_window=True, sliding_window=6,
+                            max_window_layers=1), {}),
 }
 
 
@@ -100,6 +102,10 @@ def test_prefill_matches_hf(pair, tokens):
     ref = hf(tokens).logits.float()
     assert logits.shape == ref.shape
     assert rel_err(logits, ref) <= TOL, name
+    if any(b.attention.window for b in ours.layers):  # windows shorter than the sequence: they must matter here
+        for b in ours.layers:
+            b.attention.window = 0
+        assert rel_err(ours(tokens, torch.arange(TOTAL)), ref) > 100 * TOL, name
 
 
 @torch.inference_mode()
