@@ -19,9 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
-
-from .gemv import partials_sum
+from .gemv import launch, partials_sum, pdl_start, register_op
 from .reference import keep_mask, sum_partials
 
 LIST_GROUP = 16  # channels per group of the list's two-level scan (D must be a multiple)
@@ -30,7 +28,8 @@ LIST_GROUP = 16  # channels per group of the list's two-level scan (D must be a 
 @triton.jit
 def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_ptr, kept_ptr, STRIDE_P, D, eps,
                         SLICE, N_PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                        BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
+                        BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     lo = tl.program_id(0) * SLICE  # this program stores channels lo .. lo + SLICE - 1 (a multiple of GROUP)
     rd = tl.arange(0, BLOCK_D)
     m = rd < D
@@ -66,7 +65,7 @@ def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_
         tl.store(kept_ptr + D, n)
 
 
-@triton_op("tealfast::add_rmsnorm", mutates_args={})
+@register_op("tealfast::add_rmsnorm", mutates_args=())
 def _add_rmsnorm_op(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresholds: Tensor,
                     scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     D = x.shape[1]
@@ -75,7 +74,7 @@ def _add_rmsnorm_op(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresh
     # At least 256 channels per program and at most 16 programs; a multiple of the group, so that each group's list
     # entries have one writer
     slice_d = max(256, triton.cdiv(triton.cdiv(D, 16), LIST_GROUP) * LIST_GROUP)
-    wrap_triton(_add_rmsnorm_kernel)[(triton.cdiv(D, slice_d),)](
+    launch(_add_rmsnorm_kernel, (triton.cdiv(D, slice_d),), x.is_cuda,
         parts, x, weight, h, y, thresholds, scale if scale is not None else weight, kept, parts.stride(0), D, eps,
         slice_d, N_PARTS=parts.shape[0], HAS_SCALE=scale is not None,
         BLOCK_D=block_d, GROUP=LIST_GROUP, num_warps=max(4, min(32, block_d // 256)))
