@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from .gemv import launch, num_sms, partials_sum, pdl_start, register_op
+from torch.library import triton_op, wrap_triton
+
+from .gemv import num_sms, partials_sum
 from .reference import rope, sum_partials
 
 MAX_SPLIT = 64  # chunks per head: enough to fill an H100 at batch 1 with 8 key/value heads; the merge's tile
@@ -36,9 +38,8 @@ def _decode_attention_kernel(
     qkv_ptr, bias_ptr, k_ptr, v_ptr, pos_ptr, freqs_ptr, m_ptr, l_ptr, acc_ptr,
     STRIDE_P, STRIDE_B, H, HKV, S_MAX, N_SPLIT, WINDOW, qk_scale,
     N_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    pdl_start(PDL)
     pid_bh = tl.program_id(0)  # batch row * HKV + key/value head
     pid_s = tl.program_id(1)
     b = pid_bh // HKV
@@ -110,8 +111,7 @@ def _decode_attention_kernel(
 
 @triton.jit
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, N_SPLIT, D: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
+                  BLOCK_D: tl.constexpr):
     # One program per (batch row, query head): rescale each chunk to the common max and normalise. Chunk 0
     # always holds the first attended position, so the max is finite; chunks past the current length have
     # m = -inf, weight 0.
@@ -140,7 +140,7 @@ def pick_split(batch: int, n_kv_heads: int, max_len: int, device: torch.device) 
     return block_s, max(1, min(n_split, MAX_SPLIT, triton.cdiv(max_len, block_s)))
 
 
-@register_op("tealfast::decode_attention", mutates_args=("k_cache", "v_cache"))
+@triton_op("tealfast::decode_attention", mutates_args={"k_cache", "v_cache"})
 def _decode_attention_op(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
                          freqs: Tensor, n_head: int, window: int) -> Tensor:
     n_parts, B, _ = qkv.shape
@@ -152,14 +152,14 @@ def _decode_attention_op(qkv: Tensor, bias: Optional[Tensor], k_cache: Tensor, v
     acc = torch.empty((B, H, n_split, D), device=qkv.device, dtype=torch.float32)
     G = H // HKV
     block_d = max(16, triton.next_power_of_2(D))
-    launch(_decode_attention_kernel, (B * HKV, n_split), qkv.is_cuda,
+    wrap_triton(_decode_attention_kernel)[(B * HKV, n_split)](
         qkv, bias if bias is not None else freqs, k_cache, v_cache, input_pos, freqs, m, l, acc,
         qkv.stride(0), qkv.stride(1), H, HKV, S, n_split, window, math.log2(math.e) / math.sqrt(D),
         N_PARTS=n_parts, HAS_BIAS=bias is not None, HAS_WINDOW=window > 0, G=G, D=D,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_S=block_s,
         DOT_F32=k_cache.dtype == torch.float32 or not qkv.is_cuda, num_warps=4, num_stages=2)
     out = torch.empty((B, H, D), device=qkv.device, dtype=k_cache.dtype)
-    launch(_merge_kernel, (B * H,), qkv.is_cuda, m, l, acc, out, n_split, D=D,
+    wrap_triton(_merge_kernel)[(B * H,)](m, l, acc, out, n_split, D=D,
                                           BLOCK_SPLIT=triton.next_power_of_2(n_split), BLOCK_D=block_d)
     return out
 

@@ -21,30 +21,6 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-# EXPERIMENT (session 32): opaque custom ops launched with programmatic dependent launch
-PDL_OPS = os.environ.get("TEALFAST_OPAQUE_PDL") == "1"
-
-
-def register_op(name: str, mutates_args):
-    return torch.library.custom_op(name, mutates_args=mutates_args) if PDL_OPS else \
-        triton_op(name, mutates_args=mutates_args)
-
-
-def launch(kernel, grid, on_cuda: bool, *args, **kwargs) -> None:
-    if PDL_OPS:
-        extra = dict(launch_pdl=True) if on_cuda else {}
-        kernel[grid](*args, PDL=on_cuda, **extra, **kwargs)
-    else:
-        wrap_triton(kernel)[grid](*args, PDL=False, **kwargs)
-
-
-@triton.jit
-def pdl_start(PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
 MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked reference (prefill)
 SEGMENT_MULTIPLE = 16  # the smallest output tile: where thresholds change (q|k|v, gate|up) a tile must end
 
@@ -55,9 +31,7 @@ def _sparse_gemv_kernel(
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, GLU: tl.constexpr,
     WINDOWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_lo = pid_k * K_PER_SPLIT
@@ -364,7 +338,7 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
     # slot written first (the windows and the batch tiles list nothing: out stands in)
     lists = cfg["WINDOWS"] == 0 and cfg["BLOCK_B"] == 1
     idx = kept if glu else torch.empty((3, K), device=x.device, dtype=torch.int32) if lists else out
-    launch(_sparse_gemv_kernel, grid, x.is_cuda,
+    wrap_triton(_sparse_gemv_kernel)[grid](
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
         batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
@@ -376,14 +350,14 @@ def _segments(seg_ends: list, n: int) -> tuple:
     return (seg_ends[0] if len(seg_ends) > 1 else n), (seg_ends[1] if len(seg_ends) > 2 else n)
 
 
-@register_op("tealfast::sparse_gemv", mutates_args=())
+@triton_op("tealfast::sparse_gemv", mutates_args={})
 def _sparse_gemv_op(x: Tensor, wt: Tensor, thresholds: Tensor, seg_ends: list[int],
                     scale: Optional[Tensor]) -> Tensor:
     n = wt.shape[1]
     return _launch(x.contiguous(), wt, wt, n, n, thresholds, *_segments(seg_ends, n), scale)
 
 
-@register_op("tealfast::sparse_gemv_pair", mutates_args=())
+@triton_op("tealfast::sparse_gemv_pair", mutates_args={})
 def _sparse_gemv_pair_op(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tensor,
                          scale: Optional[Tensor]) -> Tensor:
     n_a = wt_a.shape[1]
@@ -391,7 +365,7 @@ def _sparse_gemv_pair_op(x: Tensor, wt_a: Tensor, wt_b: Tensor, thresholds: Tens
     return _launch(x.contiguous(), wt_a, wt_b, n_a, n, thresholds, n_a, n, scale)
 
 
-@register_op("tealfast::sparse_glu", mutates_args=())
+@triton_op("tealfast::sparse_glu", mutates_args={})
 def _sparse_glu_op(x: Tensor, wt_gate: Tensor, wt_up: Tensor, thresholds: Tensor, scale: Optional[Tensor],
                    kept: Tensor) -> Tensor:
     n_a = wt_gate.shape[1]

@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from .gemv import launch, partials_sum, pdl_start, register_op
+from torch.library import triton_op, wrap_triton
+
+from .gemv import partials_sum
 from .reference import keep_mask, sum_partials
 
 LIST_GROUP = 16  # channels per group of the list's two-level scan (D must be a multiple)
@@ -28,8 +30,7 @@ LIST_GROUP = 16  # channels per group of the list's two-level scan (D must be a 
 @triton.jit
 def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_ptr, kept_ptr, STRIDE_P, D, eps,
                         SLICE, N_PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                        BLOCK_D: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
+                        BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
     lo = tl.program_id(0) * SLICE  # this program stores channels lo .. lo + SLICE - 1 (a multiple of GROUP)
     rd = tl.arange(0, BLOCK_D)
     m = rd < D
@@ -65,7 +66,7 @@ def _add_rmsnorm_kernel(parts_ptr, res_ptr, w_ptr, h_ptr, y_ptr, thr_ptr, scale_
         tl.store(kept_ptr + D, n)
 
 
-@register_op("tealfast::add_rmsnorm", mutates_args=())
+@triton_op("tealfast::add_rmsnorm", mutates_args={})
 def _add_rmsnorm_op(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresholds: Tensor,
                     scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     D = x.shape[1]
@@ -74,7 +75,7 @@ def _add_rmsnorm_op(x: Tensor, parts: Tensor, weight: Tensor, eps: float, thresh
     # At least 256 channels per program and at most 16 programs; a multiple of the group, so that each group's list
     # entries have one writer
     slice_d = max(256, triton.cdiv(triton.cdiv(D, 16), LIST_GROUP) * LIST_GROUP)
-    launch(_add_rmsnorm_kernel, (triton.cdiv(D, slice_d),), x.is_cuda,
+    wrap_triton(_add_rmsnorm_kernel)[(triton.cdiv(D, slice_d),)](
         parts, x, weight, h, y, thresholds, scale if scale is not None else weight, kept, parts.stride(0), D, eps,
         slice_d, N_PARTS=parts.shape[0], HAS_SCALE=scale is not None,
         BLOCK_D=block_d, GROUP=LIST_GROUP, num_warps=max(4, min(32, block_d // 256)))
