@@ -102,16 +102,18 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
 
 
 @torch.no_grad()
-def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor) -> Tensor:
+def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor, prompt_cached: bool = False) -> Tensor:
     """(2, 7) per projection on the decode steps of `seq`: the fraction of inputs dropped, then the fraction of
     weight rows skipped (those no batch row keeps; the same for one row). Measured by replaying the steps: the
-    prompt as prefill ran it, then the generated tokens with their per-token masks, as decode ran them."""
+    prompt as prefill ran it (prompt_cached: the KV cache holds it still, as right after generate(), whose decode
+    writes only past the prompt), then the generated tokens with their per-token masks, as decode ran them."""
     B, L = seq.shape
     if L <= prompt_len + 1:
         return torch.zeros(2, len(PROJECTIONS))
     dev = seq.device
     with restored(model):
-        model(seq[:, :prompt_len], torch.arange(prompt_len, device=dev), prefill=True)
+        if not prompt_cached:
+            model(seq[:, :prompt_len], torch.arange(prompt_len, device=dev), prefill=True)
         model.set_sparse(decode=True, prefill=True)
         model.start_stats()
         model(seq[:, prompt_len:L - 1], torch.arange(prompt_len, L - 1, device=dev))
@@ -319,7 +321,7 @@ def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, d
     if cal is not None and n_new < 2:
         print("achieved sparsity (decode): no decode steps (the prefill made the only token)")
     elif cal is not None:
-        s, skipped = achieved_sparsity(model, T, seq).double()
+        s, skipped = achieved_sparsity(model, T, seq, prompt_cached=True).double()  # right after generate()
         skipped_bytes = float((linear_bytes * skipped).sum())
         weighted = float((linear_bytes * s).sum() / linear_bytes.sum())
         print("achieved sparsity (decode): " + ", ".join(f"{p} {v:.1%}" for p, v in zip(PROJECTIONS, s.tolist()))

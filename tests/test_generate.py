@@ -306,7 +306,14 @@ def test_generate_greedy_matches_naive_loop(sparse, monkeypatch):
         got = generate.generate(m, prompt, n, generate.decode_one_token, temperature=0.0)
     assert torch.equal(got, want)
     if thr is not None:
+        # generate.py's report replays the decode steps on the prompt's keys and values that generate() left in
+        # the cache; they must be what the full replay's prompt pass writes again (a cache zeroed instead differs)
+        cached = generate.achieved_sparsity(m, PROMPT, got, prompt_cached=True)
         ach = achieved_as_reference(m, got, thr, False)  # replays the decode steps that generate ran
+        assert torch.equal(cached, ach)
+        for b in m.layers:
+            b.attention.kv_cache.k_cache.zero_()
+        assert not torch.equal(generate.achieved_sparsity(m, PROMPT, got, prompt_cached=True), ach)
         # two rows: a weight row is skipped only where both rows drop its channel
         assert (ach[0] > 0).all() and (ach[1] > 0).all() and (ach[1] < ach[0]).all()
     m.set_sparse(decode=False, prefill=False)
