@@ -483,7 +483,7 @@ def test_cli_reports_parameter_weighted_sparsity(tiny_ckpt, tmp_path, monkeypatc
     thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
     s = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     skipped = s / 2
-    monkeypatch.setattr(generate, "achieved_sparsity", lambda *a: torch.stack([s, skipped]))
+    monkeypatch.setattr(generate, "achieved_sparsity", lambda *a, **k: torch.stack([s, skipped]))
     generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--sparsity", "0.4", "--thresholds", str(thr),
                    "--batch_size", "2", "--no_stream"])
     out = capsys.readouterr().out
@@ -813,7 +813,7 @@ def test_warns_when_the_achieved_sparsity_is_far_from_the_asked(dropped, tiny_ck
     """Thresholds of another model with the same shapes pass the fingerprint; the run says so when the inputs it
     dropped are more than 10 points from --sparsity."""
     thr = tiny_thresholds(tiny_ckpt, tmp_path / "t.json")
-    monkeypatch.setattr(generate, "achieved_sparsity", lambda *a: torch.full((2, len(PROJECTIONS)), dropped))
+    monkeypatch.setattr(generate, "achieved_sparsity", lambda *a, **k: torch.full((2, len(PROJECTIONS)), dropped))
     generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--sparsity", "0.4", "--thresholds", str(thr), "--no_stream",
                    "--max_new_tokens", "20"])
     err = capsys.readouterr().err
