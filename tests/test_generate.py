@@ -937,6 +937,10 @@ def test_bad_input_subprocess(tmp_path):
     assert r.stdout.startswith("the") and r.stdout.endswith("\n")  # streamed text, then a line of its own for the error
 
 
+def achieved_line(out: str) -> str:
+    return next((line for line in out.splitlines() if line.startswith("achieved sparsity (decode): ")), "")
+
+
 @pytest.mark.gpu
 def test_compiled_decode_and_prefill_on_the_gpu(tiny_ckpt, tmp_path, monkeypatch):
     """--compile (CUDA graphs) and --compile_prefill give the eager run's greedy text, dense and sparse (fp32: the
@@ -953,6 +957,8 @@ def test_compiled_decode_and_prefill_on_the_gpu(tiny_ckpt, tmp_path, monkeypatch
                                     "--profile", tmp_path / "trace.json"])
         assert code == 0, err
         assert comp.split("\n\nsample")[0] == eager.split("\n\nsample")[0], (eager, comp)
+        if sparsity != "0":  # the report replays on the prompt's keys and values that the CUDA graphs left in the cache
+            assert achieved_line(comp) and achieved_line(comp) == achieved_line(eager), (eager, comp)
         events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
         assert any(e.get("cat") == "kernel" for e in events)  # the GPU's kernels, not only the host's calls
     lines = iter(["the dog", "the cat sat on the mat", ""])
