@@ -206,7 +206,7 @@ def model_bytes(model: Transformer) -> tuple:
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelArgs, window: int = 0) -> None:
+    def __init__(self, config: ModelArgs, window: int) -> None:
         super().__init__()
         self.attention = Attention(config, window)
         self.feed_forward = FeedForward(config)
@@ -260,7 +260,7 @@ def column_norms(w: Tensor, seg_ends: list) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelArgs, window: int = 0) -> None:
+    def __init__(self, config: ModelArgs, window: int) -> None:
         super().__init__()
         c = config
         self.n_head, self.n_local_heads, self.head_dim = c.n_head, c.n_local_heads, c.head_dim

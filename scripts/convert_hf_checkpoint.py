@@ -247,7 +247,8 @@ def main(argv=None) -> None:
     check_target(opts.out or opts.checkpoint_dir, opts.checkpoint_dir)
     if opts.repo:
         download(opts.repo, opts.checkpoint_dir)
-    path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, None if opts.dtype == "source" else DTYPES[opts.dtype])
+    dtype = None if opts.dtype == "source" else DTYPES[opts.dtype]
+    path = convert(opts.checkpoint_dir, opts.out or opts.checkpoint_dir, dtype)
     print(f"wrote {path}")
 
 
