@@ -22,6 +22,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Qwen2's where use_sliding_window is set)
 HF_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
 HF_WINDOW = 4096
+HF_KV_HEADS = {"mistral": 8, "qwen2": 32}  # transformers' num_key_value_heads where config.json has no such key
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def from_hf_config(cfg: dict) -> ModelArgs:
@@ -37,6 +39,11 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here.
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise CheckpointError("unsupported attention_bias/mlp_bias in config.json (only qwen2's q/k/v biases)")
+    if cfg.get("quantization_config") is not None:
+        q = cfg["quantization_config"]
+        method = q.get("quant_method") if isinstance(q, dict) else None
+        raise CheckpointError(f"config.json has a quantization_config{f' ({method})' if method else ''}: quantized "
+                              f"weights are not supported; convert the unquantized model")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if cfg.get(key) is None:  # absent or null
             raise CheckpointError(f"config.json lacks {key!r}")
@@ -47,7 +54,9 @@ def from_hf_config(cfg: dict) -> ModelArgs:
             raise CheckpointError(f"config.json: {key} must be a positive {'number' if real else 'integer'}, "
                                   f"got {v!r}")
     n_head, dim = cfg["num_attention_heads"], cfg["hidden_size"]
-    if n_head % (cfg.get("num_key_value_heads") or 1):
+    # absent: the model type's default; null: every head has its own (as transformers reads both)
+    n_kv = cfg.get("num_key_value_heads", HF_KV_HEADS.get(mt)) or n_head
+    if n_head % n_kv:
         raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
     max_pos = cfg.get("max_position_embeddings") or HF_MAX_POSITIONS[mt]
     window, first_window_layer = sliding_window(cfg, mt)
@@ -66,7 +75,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         dim=dim,
         n_layer=cfg["num_hidden_layers"],
         n_head=n_head,
-        n_local_heads=cfg.get("num_key_value_heads") or n_head,
+        n_local_heads=n_kv,
         head_dim=head_dim,
         intermediate_size=cfg["intermediate_size"],
         block_size=max_pos,
@@ -263,6 +272,9 @@ def check_weights(state: dict, expected: dict) -> None:
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
             raise CheckpointError(f"weight {k} has shape {tuple(state[k].shape)}, config.json implies {shape}")
+        if state[k].dtype not in WEIGHT_DTYPES:  # integer or fp8 codes would cast to numbers that mean nothing
+            raise CheckpointError(f"weight {k} is {str(state[k].dtype).removeprefix('torch.')}, not a float tensor "
+                                  f"(bfloat16, float16, float32 or float64; quantized weights are not supported)")
 
 
 # ---- writing (the converters) -------------------------------------------------------------------

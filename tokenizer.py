@@ -1,8 +1,9 @@
 """Tokenizers for tealfast checkpoints: one small class per kind, same interface.
 
 The kind comes only from the checkpoint's tealfast.json ("hf", "sentencepiece" or "tiktoken");
-BOS/EOS ids come from its config.json where present, more stop ids from its generation_config.json; a tokenizer with more ids than config.json's vocab_size (the
-model's embedding rows) is refused. A chat model's prompt format is the folder's chat_template.jinja (the converters
+BOS/EOS ids come from its config.json where present (but a tokenizer.json whose post-processor prepends a BOS keeps
+that one, as transformers encodes prompts), more stop ids from its generation_config.json; a tokenizer with more ids
+than config.json's vocab_size (the model's embedding rows) is refused. A chat model's prompt format is the folder's chat_template.jinja (the converters
 take it from the model's own chat_template.jinja, its tokenizer_config.json or the GGUF), rendered as transformers'
 apply_chat_template does.
 """
@@ -145,8 +146,10 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.eos_ids = []
         # BOS where the post-processor prepends one (Llama-3's tokenizer.json), none where it does not (SmolLM2,
-        # Qwen2), as transformers encodes prompts
-        self.add_bos = self.tok.encode("a").ids[:1] != self.tok.encode("a", add_special_tokens=False).ids[:1]
+        # Qwen2), as transformers encodes prompts: the token it prepends, whatever config.json's bos_token_id says
+        first = self.tok.encode("a").ids[:1]
+        self.add_bos = first != self.tok.encode("a", add_special_tokens=False).ids[:1]
+        self.bos_id = first[0] if self.add_bos else None
 
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -274,9 +277,6 @@ def load_tokenizer(kind: str, path: Path, config: dict, generation: Optional[dic
         raise TokenizerError(f"{path}: the {kind} tokenizer has {tok.vocab_size} token ids, more than the model's "
                              f"vocab_size {rows} (config.json)")
 
-    bos = config.get("bos_token_id")
-    if bos is not None:
-        tok.bos_id = bos
     def ids(cfg: dict) -> list:
         eos = cfg.get("eos_token_id")
         return [] if eos is None else eos if isinstance(eos, list) else [eos]
@@ -290,10 +290,13 @@ def load_tokenizer(kind: str, path: Path, config: dict, generation: Optional[dic
 
     # A config that does not match the tokenizer would otherwise fail much later, mid-generation. Ids below the
     # tokenizer's vocab_size are below the model's too (checked above).
-    for name, i in [("bos_token_id", tok.bos_id)] + named:
+    bos = config.get("bos_token_id")
+    for name, i in [("bos_token_id", bos)] + named:
         if i is not None and not (type(i) is int and 0 <= i < tok.vocab_size):
             raise TokenizerError(f"{path.parent}: {name} {i!r} is not a token id of this {kind} tokenizer "
                                  f"(vocab_size {tok.vocab_size})")
+    if bos is not None and not (kind == "hf" and tok.add_bos):  # an HF post-processor's own BOS stands
+        tok.bos_id = bos
     tok.eos_ids = list(dict.fromkeys(eos_ids))
     return tok
 

@@ -84,9 +84,13 @@ def load_hf_weights(d: Path) -> dict:
     def sharded(index_name: str, loader) -> dict:
         try:
             weight_map = json.loads((d / index_name).read_text())["weight_map"]
-            shards = [d / name for name in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"corrupt {d / index_name} (no weight_map of shard files): {brief(e)}") from None
+        for name in names:  # a shard is a file of this folder: no absolute path, no way out of it
+            if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise CheckpointError(f"{d / index_name}: shard {name!r} is not a file name inside {d}")
+        shards = [d / name for name in names]
         state = {}
         for shard in shards:
             if not shard.is_file():

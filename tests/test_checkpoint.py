@@ -58,6 +58,9 @@ BAD_CHECKPOINTS = {
     "config bool size": dict(cfg_edit=lambda c: _set(c, "intermediate_size", True)),
     "config heads not a multiple": dict(cfg_edit=lambda c: _set(c, "num_key_value_heads", 3)),
     "config eps as text": dict(cfg_edit=lambda c: _set(c, "rms_norm_eps", "1e-6")),
+    "int8 weight": dict(state_edit=lambda s: _set(s, "layers.1.feed_forward.w2.weight",
+                                                  torch.ones(64, 128, dtype=torch.int8))),
+    "quantization_config": dict(cfg_edit=lambda c: _set(c, "quantization_config", {"quant_method": "fp8"})),
 }
 
 
@@ -151,6 +154,7 @@ def hf_config(**overrides) -> dict:
     dict(rope_parameters={"rope_type": "default", "rope_theta": float("nan")}),
     dict(rope_scaling={"rope_type": "llama3", "factor": float("inf")}),
     dict(tie_word_embeddings="false"),  # a string would read as true
+    dict(quantization_config={"quant_method": "gptq", "bits": 4}),  # the weights would be codes, not numbers
     dict(use_sliding_window=1),
 ])
 def test_from_hf_config_rejects_unsupported(overrides):
@@ -167,6 +171,17 @@ def test_from_hf_config_defaults():
     assert {c().rms_norm_eps for c in (LlamaConfig, MistralConfig, Qwen2Config)} == {a.norm_eps}
     b = checkpoint.from_hf_config(hf_config(num_key_value_heads=None, max_position_embeddings=None))
     assert b.n_local_heads == 4 and b.block_size == 2048
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_from_hf_config_kv_heads_default_follows_transformers(model_type):
+    # a config.json without num_key_value_heads: transformers' default differs by model type (Mistral 8, Qwen2 32)
+    import transformers
+    cfg = {k: v for k, v in hf_config(model_type=model_type, hidden_size=512, num_attention_heads=32).items()
+           if k != "num_key_value_heads"}
+    ref = transformers.AutoConfig.for_model(**cfg)
+    assert checkpoint.from_hf_config(cfg).n_local_heads == ref.num_key_value_heads
+    assert len({8, 32, ref.num_key_value_heads}) == 2 or model_type == "llama"  # the defaults this test is about
 
 
 def hf_windows(ref) -> list:

@@ -346,6 +346,17 @@ BAD_INPUTS = {
     "corrupt generation_config.json": (lambda d: (d / "generation_config.json").write_text("{"),
                                        "generation_config.json: Expecting property name"),
     "folder missing": (lambda d: shutil.rmtree(d), "does not exist"),
+    "int8 weight": (lambda d: edit_weights(d, lambda s: s.update(
+        {"model.layers.1.mlp.down_proj.weight": torch.ones(64, 128, dtype=torch.int8)})), "is int8, not a float"),
+    "fp8 weights with a quantization_config": (lambda d: (edit_config(d, lambda c: c.update(
+        quantization_config={"quant_method": "fp8"})), edit_weights(d, lambda s: s.update(
+            {"model.layers.1.mlp.down_proj.weight": torch.ones(64, 128).to(torch.float8_e4m3fn)}))),
+        "quantization_config (fp8)"),
+    # an index that names a file outside the folder: refused before anything is opened
+    "shard outside the folder": (lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "/etc/passwd"}})), "shard '/etc/passwd' is not a file name inside"),
+    "shard up the tree": (lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "../hf/model.safetensors"}})), "is not a file name inside"),
 }
 
 

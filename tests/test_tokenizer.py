@@ -99,18 +99,28 @@ def test_hf_add_bos_follows_the_post_processor(tmp_path, hf_json):
     assert not tok.add_bos and tok.bos_id == 1
 
 
-def test_hf_bos_eos_from_config(tmp_path, hf_json):
-    tok = get_tokenizer(hf_checkpoint(tmp_path, hf_json, {"bos_token_id": 0, "eos_token_id": [0, 2]}))
-    assert tok.bos_id == 0
+@pytest.mark.parametrize("config", [{"bos_token_id": 0, "eos_token_id": [0, 2]}, {"eos_token_id": [0, 2]}])
+def test_hf_bos_is_the_post_processors(tmp_path, hf_json, config):
+    # This tokenizer.json prepends <|im_start|> (1): transformers' prompts start with it whatever config.json's
+    # bos_token_id says (another id, or none), and so do ours.
+    from transformers import PreTrainedTokenizerFast
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_json))
+    tok = get_tokenizer(hf_checkpoint(tmp_path, hf_json, config))
+    assert tok.add_bos and tok.bos_id == 1
+    assert tok.encode("hello", bos=True) == ref.encode("hello") and tok.encode("", bos=True) == ref.encode("") == [1]
     # config order first; known end-of-turn tokens present in the vocab (<|im_end|>=2, <|endoftext|>=0) deduped.
     assert tok.eos_ids == [0, 2]
-    assert tok.encode("", bos=True) == [0]
 
 
-def test_hf_no_bos_in_config(tmp_path, hf_json):
-    tok = get_tokenizer(hf_checkpoint(tmp_path, hf_json, {"eos_token_id": 2}))
-    assert tok.bos_id is None
-    assert tok.encode("hello", bos=True) == tok.encode("hello")
+def test_hf_bos_from_config_where_the_tokenizer_adds_none(tmp_path, hf_json):
+    from tokenizers import Tokenizer as HFTok, processors
+    plain = HFTok.from_file(str(hf_json))
+    plain.post_processor = processors.ByteLevel(trim_offsets=False)
+    plain.save(str(tmp_path / "tokenizer.json"))
+    tok = get_tokenizer(hf_checkpoint(tmp_path / "a", tmp_path / "tokenizer.json", {"bos_token_id": 0}))
+    assert not tok.add_bos and tok.encode("", bos=True) == [0]  # an empty prompt starts from config.json's BOS
+    tok = get_tokenizer(hf_checkpoint(tmp_path / "b", tmp_path / "tokenizer.json", {"eos_token_id": 2}))
+    assert tok.bos_id is None and tok.encode("hello", bos=True) == tok.encode("hello")
     assert tok.eos_ids == [2, 0]
 
 
