@@ -284,7 +284,7 @@ def replaced_sections(out: Path, args) -> list:
     """The optional sections of an existing thresholds file at `out` that this run's flags do not compute again."""
     try:
         data = json.loads(out.read_text())
-    except (OSError, ValueError):  # no file, or one that is not JSON: nothing of value is replaced
+    except (OSError, ValueError, RecursionError):  # no file, or one that is not JSON: nothing of value is replaced
         return []
     if not isinstance(data, dict):
         return []

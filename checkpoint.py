@@ -243,7 +243,7 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"config.json not found: {path}")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # the last: nested past the parser
         raise CheckpointError(f"corrupt config.json ({path}): {e}") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"corrupt config.json ({path}): a JSON object expected, got {type(cfg).__name__}")

@@ -114,6 +114,8 @@ def seq_len(requested, config) -> int:
 
 def _number(s: str) -> float:
     try:
+        if "_" in s:  # float() reads 0_4 as 4.0: a typo for 0.4, not a number written with a separator
+            raise ValueError
         return float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None

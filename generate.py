@@ -7,7 +7,9 @@ with CUDA graphs when --compile is given on a GPU. With --sparsity > 0 every blo
 columns whose input survives the calibrated threshold (thresholds.json beside the checkpoint, from calibrate.py).
 """
 import contextlib
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -339,6 +341,16 @@ def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, d
         print(f"peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
 
 
+def save_trace(profiler, path: Path) -> None:
+    """The profiler's trace written into `path` as the other outputs are: torch writes a new file and moves it over
+    the name, which would replace a device file (/dev/null) or a link rather than write through it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / ("trace" + "".join(path.suffixes))  # .json.gz: torch compresses by the name
+        profiler.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = cli.use_device(args.device)
@@ -457,7 +469,7 @@ def main(argv=None) -> None:
                 stream(seq, final=True)
             report(model, cal, args, T, seq, dt, i + 1 - n_warmup, stop_ids)
             if profiling:
-                profiler.export_chrome_trace(str(args.profile))
+                save_trace(profiler, args.profile)
                 print(f"profiler trace of this sample (timing includes the profiler's overhead) in {args.profile}")
         n_warmup = 0  # compiled once for every prompt
         if args.chat:

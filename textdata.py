@@ -93,7 +93,7 @@ def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000
                     records += [json.loads(line)] if line.strip() else []
                 except ValueError as e:
                     raise ValueError(f"line {i + 1}: {e}") from None
-        except ValueError as e:  # not UTF-8, not JSON
+        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested past the parser
             raise ValueError(f"{path.name}: not a {suffix} file: {e}") from None
         try:
             rows = [r[column] for r in records]

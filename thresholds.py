@@ -69,12 +69,14 @@ def load(path, config: ModelArgs) -> dict:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"thresholds file {path} is a folder")
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"thresholds file {path} is not a regular file")
     if not path.is_file():
         how = "calibrate.py --score weighted" if path.name == default_path(path, "weighted").name else "calibrate.py"
         raise CheckpointError(f"thresholds file not found: {path} (run {how} first)")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # the last: nested past the parser
         raise CheckpointError(f"corrupt thresholds file {path}: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"corrupt thresholds file {path}: a JSON object expected, got {type(data).__name__}")

@@ -348,7 +348,7 @@ def read_json(path: Path, required: bool) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # the last: nested too deep
         raise TokenizerError(f"cannot read {path}: {_one_line(e)}") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")

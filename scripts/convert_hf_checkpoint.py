@@ -85,7 +85,7 @@ def load_hf_weights(d: Path) -> dict:
         try:
             weight_map = json.loads((d / index_name).read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"corrupt {d / index_name} (no weight_map of shard files): {brief(e)}") from None
         for name in names:  # a shard is a file of this folder: no absolute path, no way out of it
             if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
@@ -154,7 +154,7 @@ def find_chat_template(d: Path):
         return None
     try:
         template = json.loads(config.read_text()).get("chat_template")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"cannot read {config}: {e}") from None
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),

@@ -29,6 +29,7 @@ from checkpoint import check_output, load_config, load_model  # noqa: E402
 from model import DTYPES, PROJECTIONS, FeedForward, Transformer, drop_counts, model_bytes  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
+FEW_TOKENS = 1024  # fewer tokens than this to score: a warning
 METHODS = ("uniform", "sparse_aware", "greedy", "weighted", "sparse_aware+weighted", "greedy+weighted", "cats")
 
 
@@ -117,6 +118,8 @@ def parse_args(argv=None):
     bad = [m for m in args.method if m not in METHODS]
     if bad:
         p.error(f"unknown --method {bad[0]!r} (choose from {', '.join(METHODS)})")
+    if len(set(args.method)) < len(args.method):  # as --sparsity: a typo that would run a method twice
+        p.error(f"--method {','.join(args.method)}: a method is repeated")
     args.scores = {score_of(m) for m in args.method}  # the thresholds files the methods read
     # a file that no method reads would be ignored without a word
     if args.weighted_thresholds and "weighted" not in args.scores:
@@ -142,6 +145,9 @@ def main(argv=None) -> list:
     ids = textdata.encode_head(tokenizer, text, args.max_tokens)
     if len(ids) < 2:
         raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
+    if len(ids) < FEW_TOKENS:
+        print(f"warning: {len(ids)} tokens: perplexity and achieved sparsity over so few are noisy (--max_tokens, "
+              f"--text)", file=sys.stderr)
     cals = {}
     sparse = any(s > 0 for s in args.sparsity)  # the dense model needs no thresholds; a file named is checked
     if (sparse and "magnitude" in args.scores) or args.thresholds:

@@ -105,7 +105,7 @@ def test_load_model_rejects_missing_config(good_ckpt, tmp_path):
         checkpoint.load_model(path)
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null", b"\xff\xfe{}"])
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null", b"\xff\xfe{}", b"[" * 100000 + b"]" * 100000])
 def test_load_model_rejects_corrupt_config(good_ckpt, tmp_path, content):
     path = broken_copy(good_ckpt, tmp_path)
     (path.parent / "config.json").write_bytes(content)

@@ -62,6 +62,8 @@ def test_sparsities(capsys):
     for bad in ("abc", "0,1", "1.0", "-0.1", "nan", "inf", "0.2,"):
         usage_error(cli.sparsities, bad, capsys)
     assert "a level is repeated" in usage_error(cli.sparsities, "0.5,0.50", capsys)
+    assert "'0_4' is not a number" in usage_error(cli.sparsity, "0_4", capsys)  # float() would read 4.0
+    usage_error(cli.sparsity, "0.0_4", capsys)
 
 
 def test_integers(capsys):

@@ -847,6 +847,13 @@ def test_profile_writes_a_trace_of_the_last_sample(tiny_ckpt, tmp_path, capsys):
     events = json.loads(trace.read_text())["traceEvents"]
     assert any("aten::" in e.get("name", "") for e in events)
     assert out.count("profiler trace") == 1 and out.index("profiler trace") > out.index("sample 2:")
+    # written through a link into its target, as the other outputs are (torch's writer would replace the link: a
+    # device file such as /dev/null, which a command run as root would have turned into a plain file)
+    link, target = tmp_path / "link.json", tmp_path / "target.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    generate.main(["--checkpoint", str(tiny_ckpt), *BASE, "--no_stream", "--profile", str(link)])
+    assert link.is_symlink() and "traceEvents" in json.loads(target.read_text())
 
 
 def test_sparsity_0_is_dense_with_every_flag(tiny_ckpt, tmp_path, capsys):

@@ -4,6 +4,7 @@ Round trip, interpolation against the stored grid, and every way a file can fail
 CheckpointError with a one-line message."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,9 +161,11 @@ def test_missing_file(tmp_path):
     msg = load_error(tmp_path / "nope.json")
     assert "not found" in msg and "calibrate.py" in msg
     assert "is a folder" in load_error(tmp_path)
+    assert "is not a regular file" in load_error(Path("/dev/zero"))  # read, never written
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe\x00garbage", b'{"schema_version": 1, "mod'])
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe\x00garbage", b'{"schema_version": 1, "mod',
+                                     b"[" * 100000 + b"]" * 100000])  # nested past Python's parser: RecursionError
 def test_corrupt_json(tmp_path, content):
     path = tmp_path / "thresholds.json"
     path.write_bytes(content)
