@@ -3,9 +3,9 @@
 The kind comes only from the checkpoint's tealfast.json ("hf", "sentencepiece" or "tiktoken");
 BOS/EOS ids come from its config.json where present (but a tokenizer.json whose post-processor prepends a BOS keeps
 that one, as transformers encodes prompts), more stop ids from its generation_config.json; a tokenizer with more ids
-than config.json's vocab_size (the model's embedding rows) is refused. A chat model's prompt format is the folder's chat_template.jinja (the converters
-take it from the model's own chat_template.jinja, its tokenizer_config.json or the GGUF), rendered as transformers'
-apply_chat_template does.
+than config.json's vocab_size (the model's embedding rows) is refused. A chat model's prompt format is the folder's
+chat_template.jinja (the converters take it from the model's own chat_template.jinja, its tokenizer_config.json or
+the GGUF), rendered as transformers' apply_chat_template does.
 """
 import base64
 import datetime
