@@ -38,6 +38,9 @@ TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "o
 GPT2_PRE = ("default", "gpt-2", "gpt2", "mpt", "olmo", "jais")
 DIGITS_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3")
+# Of those, llama.cpp takes a word that is a vocab entry whole, before any merge (HF's Llama-3 tokenizer.json:
+# ignore_merges), and adds BOS unless the file says otherwise (tokenizer.ggml.add_bos_token)
+LLAMA3_WHOLE_WORDS = ("llama-bpe", "llama3", "llama-v3", "falcon3")
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -90,9 +93,10 @@ def read_config(reader: gguf.GGUFReader, has_output: bool) -> dict:
     eot = field(reader, "tokenizer.ggml.eot_token_id")
     if bos is not None:
         cfg["bos_token_id"] = bos
-    if eos is not None:
-        # chat models may end a turn with a separate end-of-turn token; stop on either
-        cfg["eos_token_id"] = [eos, eot] if eot is not None and eot != eos else eos
+    # chat models may end a turn with a separate end-of-turn token: stop on either, or on it alone
+    ends = list(dict.fromkeys(i for i in (eos, eot) if i is not None))
+    if ends:
+        cfg["eos_token_id"] = ends if len(ends) > 1 else ends[0]
     return cfg
 
 
@@ -113,6 +117,8 @@ def read_weights(reader: gguf.GGUFReader, cfg: dict, dtype: torch.dtype) -> dict
             qkv = [raw.pop(p + n + ".weight") for n in ("attn_q", "attn_k", "attn_v")]
         except KeyError as e:
             raise ConversionError(f"GGUF lacks tensor {e.args[0]}") from None
+        if len({w.shape[1:] for w in qkv}) > 1:  # checked against the config after the fusion, which needs this
+            raise ConversionError(f"{p}attn_q/k/v have shapes {[tuple(w.shape) for w in qkv]}: not one input width")
         state[f"layers.{i}.attention.wqkv.weight"] = torch.cat(qkv)
         for src, dst in BLOCK_NAMES.items():
             if p + src + ".weight" not in raw:
@@ -141,11 +147,20 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     for key in ("bos", "eos", "eot"):  # ids of this list (the runtime refuses any other)
         i = field(reader, f"tokenizer.ggml.{key}_token_id")
-        if i is not None and not 0 <= i < len(tokens):
-            raise ConversionError(f"tokenizer.ggml.{key}_token_id {i} is not a token id ({len(tokens)} tokens)")
+        if i is not None and not (type(i) is int and 0 <= i < len(tokens)):
+            raise ConversionError(f"tokenizer.ggml.{key}_token_id {i!r} is not a token id ({len(tokens)} tokens)")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) < len(tokens):  # a token written twice: one of its ids could never be encoded or decoded
+        twice = next(t for i, t in enumerate(tokens) if vocab[t] != i)
+        raise ConversionError(f"GGUF tokenizer lists the token {twice!r} twice")
+    pairs = [m.split(" ") for m in merges]
+    bad = next((m for m, pair in zip(merges, pairs)
+                if len(pair) != 2 or not all(s in vocab for s in pair) or "".join(pair) not in vocab), None)
+    if bad is not None:
+        raise ConversionError(f"GGUF tokenizer merge {bad!r} is not two tokens of its list that make a third")
 
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                               merges=[tuple(m.split(" ")) for m in merges]))
+    whole_words = pre in LLAMA3_WHOLE_WORDS
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(pair) for pair in pairs], ignore_merges=whole_words))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre in GPT2_PRE:
         tok.pre_tokenizer = byte_level
@@ -167,7 +182,7 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
                     for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
 
     bos = field(reader, "tokenizer.ggml.bos_token_id")
-    if field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if field(reader, "tokenizer.ggml.add_bos_token", whole_words) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])
     else:
@@ -196,6 +211,9 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     cfg = read_config(reader, has_output)
     tokenizer = build_tokenizer(reader)
+    template = field(reader, "tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ConversionError(f"{path.name}: tokenizer.chat_template is no text ({type(template).__name__})")
     # Token ids are list positions; the embedding may have more rows (padding), not fewer. Its rows from the
     # tensor's header (GGUF lists dimensions innermost first), before the slow dequantization.
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
@@ -214,7 +232,6 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     except CheckpointError as e:
         raise ConversionError(f"{path.name}: {e}") from None
     files = {"tokenizer.json": tokenizer.to_str()}
-    template = field(reader, "tokenizer.chat_template")
     if template is not None:
         files[CHAT_TEMPLATE_FILE] = template
     return save_checkpoint(out_dir, state, cfg, "hf", files, f"gguf:{path.name}")

@@ -231,17 +231,21 @@ def tiny_tokens() -> list:
 
 
 def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bool = False, extra=(),
-                    rows: int = None, bos: int = None, eos: int = None, meta=None, end_type: int = 3) -> tuple:
+                    rows: int = None, bos: int = None, eos: int = None, meta=None, end_type: int = 3,
+                    pre: str = "default", more_tokens=(), merges=("\u0120 t",), add_bos=True, no_eos=False,
+                    shapes=None, raw_kv=()) -> tuple:
     """A one-layer llama GGUF with every supported tensor type; ffn_length: the metadata's feed_forward_length
     (default: the tensors' own); n_head heads of 32 (with 4, head_dim != dim / n_head, stated in the metadata);
     eot: an end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors; rows: of the embedding and
     output (default: one per token); bos: a BOS id, added to every prompt; eos (default: the end token); meta:
     llama.* metadata written instead of the tensors' own (GGUFWriter's add_<key> names); end_type: the end token's
-    llama.cpp type (3 control, 4 user-defined). Returns
+    llama.cpp type (3 control, 4 user-defined); pre: tokenizer.ggml.pre; more_tokens: before the end token;
+    add_bos: the add_bos_token key written with bos (None: not written); no_eos: no EOS id at all; shapes: GGUF
+    name -> torch shape, replacing a tensor's; raw_kv: (GGUFWriter method, key, value) written as well. Returns
     (tokens, specs, the unquantized weights)."""
     Q = gguf.GGMLQuantizationType
     dim, n_kv, head_dim, ffn = 64, 1, 32, 96
-    tokens = tiny_tokens()
+    tokens = tiny_tokens()[:-1] + list(more_tokens) + tiny_tokens()[-1:]
     rows = rows or len(tokens)
     rng = np.random.default_rng(0)
     # (GGUF name, our key, torch shape, type); quantized rows are multiples of 32 wide
@@ -257,22 +261,27 @@ def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bo
              ("blk.0.ffn_gate", "layers.0.feed_forward.w1", (ffn, dim), Q.Q4_0),
              ("blk.0.ffn_up", "layers.0.feed_forward.w3", (ffn, dim), Q.Q4_1),
              ("blk.0.ffn_down", "layers.0.feed_forward.w2", (dim, ffn), Q.F16)]
+    specs = [(n, k, (shapes or {}).get(n, s), q) for n, k, s, q in specs]
     w = gguf.GGUFWriter(str(path), "llama")
     for key, value in {"block_count": 1, "context_length": 64, "embedding_length": dim,
                        "feed_forward_length": ffn_length or ffn, "head_count": n_head, "head_count_kv": n_kv,
                        "layer_norm_rms_eps": 1e-6, "rope_freq_base": 5000.0, **(meta or {})}.items():
         getattr(w, f"add_{key}")(value)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([1] * (len(tokens) - 1) + [end_type])
-    w.add_token_merges(["\u0120 t"])
-    w.add_eos_token_id(len(tokens) - 1 if eos is None else eos)
+    w.add_token_merges(list(merges))
+    if not no_eos:
+        w.add_eos_token_id(len(tokens) - 1 if eos is None else eos)
     if eot:
         w.add_eot_token_id(len(tokens) - 2)
     if bos is not None:
         w.add_bos_token_id(bos)
-        w.add_add_bos_token(True)
+        if add_bos is not None:
+            w.add_add_bos_token(add_bos)
+    for method, key, value in raw_kv:
+        getattr(w, method)(key, value)
     if n_head * head_dim != dim:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -371,6 +380,29 @@ def test_user_defined_token_matches_whole(tmp_path):
     assert tok.decode(ids, skip_special_tokens=True) == "a<|end|>b"
 
 
+@pytest.mark.parametrize("pre", ["llama-bpe", "default"])
+def test_llama3_pre_takes_vocab_words_whole_and_adds_bos(tmp_path, pre):
+    """llama.cpp's Llama-3 tokenizer (pre llama-bpe) takes a word that is a vocab entry whole, with no merge leading to
+    it (HF's Llama-3 tokenizer.json: ignore_merges), and adds BOS where the file has no add_bos_token key."""
+    tokens, _, _ = write_tiny_gguf(tmp_path / "m.gguf", pre=pre, more_tokens=["\u0120xyz"], bos=0, add_bos=None)
+    out = tmp_path / "ckpt"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "m.gguf"), "--out", str(out), "--dtype", "fp32"])
+    tok = get_tokenizer(out)
+    whole = [tokens.index("\u0120xyz")]
+    if pre == "llama-bpe":
+        assert tok.encode(" xyz") == whole and tok.add_bos and tok.encode("a", bos=True)[0] == 0
+    else:  # GPT-2's rule: merges only (none reaches the word), and BOS only where the file asks for it
+        assert tok.encode(" xyz") != whole and not tok.add_bos
+
+
+def test_end_of_turn_without_eos_is_a_stop_id(tmp_path):
+    tokens, _, _ = write_tiny_gguf(tmp_path / "m.gguf", eot=True, no_eos=True)
+    out = tmp_path / "ckpt"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "m.gguf"), "--out", str(out), "--dtype", "fp32"])
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == len(tokens) - 2
+    assert len(tokens) - 2 in get_tokenizer(out).eos_ids
+
+
 # ---- errors ------------------------------------------------------------------------------------------------
 def write_gguf(path: Path, arch: str, tensor_type=None) -> None:
     w = gguf.GGUFWriter(str(path), arch)
@@ -415,9 +447,21 @@ def test_tensors_the_model_lacks_are_refused(tmp_path):
     assert not (tmp_path / "out" / "model.pth").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "not_gguf", "truncated", "arch", "qtype"])
+MALFORMED = {  # write_tiny_gguf's arguments, and words of the one-line error
+    "token listed twice": (dict(more_tokens=["a"]), "lists the token 'a' twice"),
+    "merge of an unknown token": (dict(merges=["\u0120 t", "q q"]), "merge 'q q' is not two tokens"),
+    "merge of three parts": (dict(merges=["\u0120 t t"]), "is not two tokens"),
+    "bos id as text": (dict(raw_kv=[("add_string", "tokenizer.ggml.bos_token_id", "5")]), "bos_token_id '5'"),
+    "chat template as a number": (dict(raw_kv=[("add_uint32", "tokenizer.chat_template", 7)]), "chat_template is no"),
+    "q of another input width": (dict(shapes={"blk.0.attn_q": (64, 32)}), "attn_q/k/v have shapes"),
+}
+
+
+@pytest.mark.parametrize("case", ["missing", "not_gguf", "truncated", "arch", "qtype", *MALFORMED])
 def test_errors_are_one_line(tmp_path, case):
     f = tmp_path / "m.gguf"
+    if case in MALFORMED:
+        write_tiny_gguf(f, **MALFORMED[case][0])
     if case == "not_gguf":
         f.write_bytes(b"definitely not a gguf file" * 10)
     elif case == "truncated":  # a download cut short: the header reads, a tensor runs past the end
@@ -433,7 +477,9 @@ def test_errors_are_one_line(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     if case == "truncated":
         assert "cut short" in err, err
-    assert not (tmp_path / "out" / "model.pth").exists()
+    if case in MALFORMED:
+        assert MALFORMED[case][1] in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
 
 
 def test_output_folder_of_a_hugging_face_model_is_refused(tmp_path):
