@@ -117,7 +117,7 @@ def read_weights(reader: gguf.GGUFReader, cfg: dict, dtype: torch.dtype) -> dict
             qkv = [raw.pop(p + n + ".weight") for n in ("attn_q", "attn_k", "attn_v")]
         except KeyError as e:
             raise ConversionError(f"GGUF lacks tensor {e.args[0]}") from None
-        if len({w.shape[1:] for w in qkv}) > 1:  # checked against the config after the fusion, which needs this
+        if len({w.shape[1:] for w in qkv}) > 1:  # the fusion needs one input width (the config is checked after)
             raise ConversionError(f"{p}attn_q/k/v have shapes {[tuple(w.shape) for w in qkv]}: not one input width")
         state[f"layers.{i}.attention.wqkv.weight"] = torch.cat(qkv)
         for src, dst in BLOCK_NAMES.items():
