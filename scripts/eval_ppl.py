@@ -145,9 +145,6 @@ def main(argv=None) -> list:
     ids = textdata.encode_head(tokenizer, text, args.max_tokens)
     if len(ids) < 2:
         raise ValueError(f"{source} has {len(ids)} token(s); perplexity needs at least 2")
-    if len(ids) < FEW_TOKENS:
-        print(f"warning: {len(ids)} tokens: perplexity and achieved sparsity over so few are noisy (--max_tokens, "
-              f"--text)", file=sys.stderr)
     cals = {}
     sparse = any(s > 0 for s in args.sparsity)  # the dense model needs no thresholds; a file named is checked
     if (sparse and "magnitude" in args.scores) or args.thresholds:
@@ -175,6 +172,9 @@ def main(argv=None) -> list:
     _, linear_bytes = model_bytes(model)
     results = []
     dense = None
+    if len(ids) < FEW_TOKENS:  # after every check: a refused run stays one error line
+        print(f"warning: {len(ids)} tokens: perplexity and achieved sparsity over so few are noisy (--max_tokens, "
+              f"--text)", file=sys.stderr)
     w = max(len("method"), *map(len, args.method))  # the column fits the longest name asked for
     print(f"{'method':{w}s} {'sparsity':>8s} {'achieved':>8s} {'ppl':>9s}   per projection (q k v o gate up down)")
     for method in args.method:
