@@ -88,14 +88,21 @@ def test_hf_matches_transformers(tmp_path, hf_json):
     assert tok.encode("a<|im_end|>b")[1] == 2
 
 
-def test_hf_add_bos_follows_the_post_processor(tmp_path, hf_json):
-    """generate.py prepends BOS where transformers' encode would: this tokenizer.json's post-processor adds one."""
+@pytest.fixture(scope="module")
+def hf_json_no_bos(hf_json, tmp_path_factory) -> Path:
+    """hf_json with a post-processor that adds nothing (SmolLM2's, from its GGUF)."""
     from tokenizers import Tokenizer as HFTok, processors
-    assert get_tokenizer(hf_checkpoint(tmp_path / "a", hf_json, {"bos_token_id": 1})).add_bos
     plain = HFTok.from_file(str(hf_json))
-    plain.post_processor = processors.ByteLevel(trim_offsets=False)  # SmolLM2's (from its GGUF): adds nothing
-    plain.save(str(tmp_path / "tokenizer.json"))
-    tok = get_tokenizer(hf_checkpoint(tmp_path / "b", tmp_path / "tokenizer.json", {"bos_token_id": 1}))
+    plain.post_processor = processors.ByteLevel(trim_offsets=False)
+    path = tmp_path_factory.mktemp("hf_no_bos") / "tokenizer.json"
+    plain.save(str(path))
+    return path
+
+
+def test_hf_add_bos_follows_the_post_processor(tmp_path, hf_json, hf_json_no_bos):
+    """generate.py prepends BOS where transformers' encode would: this tokenizer.json's post-processor adds one."""
+    assert get_tokenizer(hf_checkpoint(tmp_path / "a", hf_json, {"bos_token_id": 1})).add_bos
+    tok = get_tokenizer(hf_checkpoint(tmp_path / "b", hf_json_no_bos, {"bos_token_id": 1}))
     assert not tok.add_bos and tok.bos_id == 1
 
 
@@ -112,14 +119,10 @@ def test_hf_bos_is_the_post_processors(tmp_path, hf_json, config):
     assert tok.eos_ids == [0, 2]
 
 
-def test_hf_bos_from_config_where_the_tokenizer_adds_none(tmp_path, hf_json):
-    from tokenizers import Tokenizer as HFTok, processors
-    plain = HFTok.from_file(str(hf_json))
-    plain.post_processor = processors.ByteLevel(trim_offsets=False)
-    plain.save(str(tmp_path / "tokenizer.json"))
-    tok = get_tokenizer(hf_checkpoint(tmp_path / "a", tmp_path / "tokenizer.json", {"bos_token_id": 0}))
+def test_hf_bos_from_config_where_the_tokenizer_adds_none(tmp_path, hf_json_no_bos):
+    tok = get_tokenizer(hf_checkpoint(tmp_path / "a", hf_json_no_bos, {"bos_token_id": 0}))
     assert not tok.add_bos and tok.encode("", bos=True) == [0]  # an empty prompt starts from config.json's BOS
-    tok = get_tokenizer(hf_checkpoint(tmp_path / "b", tmp_path / "tokenizer.json", {"eos_token_id": 2}))
+    tok = get_tokenizer(hf_checkpoint(tmp_path / "b", hf_json_no_bos, {"eos_token_id": 2}))
     assert tok.bos_id is None and tok.encode("hello", bos=True) == tok.encode("hello")
     assert tok.eos_ids == [2, 0]
 
