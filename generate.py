@@ -67,20 +67,23 @@ def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, temperature: 
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn, temperature: float = 0.0,
-             top_k: Optional[int] = None, stop_ids=(), on_token=None, prefill_fn=prefill) -> Tensor:
+             top_k: Optional[int] = None, stop_ids=(), on_token=None, prefill_fn=prefill, cached: int = 0) -> Tensor:
     """prompt (B, T). Returns (B, T + n), n <= max_new_tokens the tokens decoded: it stops early once every row
     hit a stop id, checked every step when streaming, else every 16 steps (a host sync), so up to 15 steps past
-    the last stop may be decoded, timed and counted; the text shown ends at each row's stop."""
+    the last stop may be decoded, timed and counted; the text shown ends at each row's stop. cached (< T): the
+    KV cache holds the prompt's first `cached` positions already (a conversation's earlier turns), so the prefill
+    runs over the rest."""
     B, T = prompt.shape
     device = prompt.device
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     seq[:, :T] = prompt
-    positions = torch.arange(T, device=device)
-    if T > 1:  # --compile_prefill: the length alone is symbolic, so that no other size equal to it by chance (the
-        # batch, RoPE's cos|sin, a threshold count) shares its symbol and a later length recompiles
-        torch._dynamo.mark_dynamic(prompt, 1)
+    new = prompt[:, cached:].contiguous()  # (a batch's rows: one stride, as every other prompt's)
+    positions = torch.arange(cached, T, device=device)
+    if T - cached > 1:  # --compile_prefill: the length alone is symbolic, so that no other size equal to it by
+        # chance (the batch, RoPE's cos|sin, a threshold count) shares its symbol and a later length recompiles
+        torch._dynamo.mark_dynamic(new, 1)
         torch._dynamo.mark_dynamic(positions, 0)
-    tok, finite = prefill_fn(model, prompt, positions, temperature, top_k)
+    tok, finite = prefill_fn(model, new, positions, temperature, top_k)
     seq[:, T:T + 1] = tok
     all_finite = finite
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
@@ -200,7 +203,9 @@ def parse_args(argv=None):
                         "(chat_template.jinja, which the converters take from the model: its chat_template.jinja, "
                         "tokenizer_config.json or GGUF metadata), and only the reply is printed; with --interactive "
                         "one conversation, each line the next user turn after the earlier ones and their replies "
-                        "(the last sample's, row 1), its oldest exchanges left out where the whole would not fit")
+                        "(the last sample's, row 1), its oldest exchanges left out where the whole would not fit; "
+                        "the KV cache keeps the last turn, so a turn prefills only where its prompt departs from it "
+                        "(with one row the reply's keys and values are decode's own, sparse with --sparsity)")
     p.add_argument("--system", default=None,
                    help="with --chat, a system turn that opens the conversation (default: none, but what the "
                         "template adds itself)")
@@ -292,6 +297,16 @@ def encode_prompt(tokenizer, text: str, args, room: int, room_name: str, history
     return ids, shown
 
 
+def common_prefix(a: list, b: list) -> int:
+    """How many leading tokens the two lists share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def read_prompts():
     """--interactive: prompts from standard input until a blank line, its end or Ctrl-C."""
     while True:
@@ -306,8 +321,9 @@ def read_prompts():
 
 
 def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, dt: float, sample_no: int,
-           stop_ids: tuple) -> None:
-    """A sample's statistics: tokens/s, bandwidth and, with a calibration, the sparsity its decode steps achieved."""
+           stop_ids: tuple, cached: int = 0) -> None:
+    """A sample's statistics: tokens/s, bandwidth and, with a calibration, the sparsity its decode steps achieved.
+    cached: the prompt's positions that were in the KV cache already (not prefilled)."""
     total_bytes, linear_bytes = model_bytes(model)
     n_new = seq.shape[1] - T
     # decoding ends once every row has stopped: the steps after the last row's stop are timed but not shown
@@ -315,7 +331,8 @@ def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, d
     past_stop = n_new - 1 - last_stop
     rows = "every row's" if args.batch_size > 1 else "the"
     print(f"\n\nsample {sample_no}: {n_new} tokens x {args.batch_size} rows in {dt:.2f}s: "
-          f"{n_new * args.batch_size / dt:.1f} tokens/s (prefill included)"
+          f"{n_new * args.batch_size / dt:.1f} tokens/s (prefill included"
+          + (f": {T - cached} of the prompt's {T} tokens, the rest cached from the conversation)" if cached else ")")
           + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else "")
           + (f"; {past_stop} decoded after {rows} end-of-sequence token (this sample was not streamed: decoding "
              f"looks for it every 16 steps)" if past_stop else ""))
@@ -402,6 +419,7 @@ def main(argv=None) -> None:
                                                           if device.type == "cuda" else [])
     n_warmup = 1 if args.compile or args.compile_prefill else 0  # the first run compiles and captures; not timed
     history = []  # --chat --interactive: the conversation so far, user turns and the replies to them
+    in_cache = []  # --chat --interactive: the tokens whose keys and values the KV cache holds for every row
     refused = 0  # --interactive: prompts refused, each with an error line, the session going on
     for text in read_prompts() if args.interactive else [args.prompt]:
         try:
@@ -415,8 +433,11 @@ def main(argv=None) -> None:
             refused += 1
             continue
         T = len(ids)
+        # a conversation: the cache still holds the last turn, of which this prompt repeats the start (at least one
+        # token left to prefill: its logits give the first new token)
+        cached = min(common_prefix(in_cache, ids), T - 1) if args.chat else 0
         if not fixed_cache:
-            model.setup_caches(args.batch_size, T + args.max_new_tokens)
+            model.setup_caches(args.batch_size, T + args.max_new_tokens, keep=cached)
         prompt = torch.tensor(ids, dtype=torch.long, device=device).repeat(args.batch_size, 1)
 
         def shown_text(seq: Tensor) -> str:
@@ -452,7 +473,7 @@ def main(argv=None) -> None:
             try:
                 with profiler:
                     seq = generate(model, prompt, args.max_new_tokens, decode_fn, args.temperature, args.top_k,
-                                   stop_ids, on_token, prefill_fn)
+                                   stop_ids, on_token, prefill_fn, cached)
             except BaseException:
                 if shown[0]:
                     print(flush=True)  # an error's line starts below the streamed text
@@ -467,13 +488,16 @@ def main(argv=None) -> None:
                 print(shown_text(seq), end="")
             else:
                 stream(seq, final=True)
-            report(model, cal, args, T, seq, dt, i + 1 - n_warmup, stop_ids)
+            report(model, cal, args, T, seq, dt, i + 1 - n_warmup, stop_ids, cached)
             if profiling:
                 save_trace(profiler, args.profile)
                 print(f"profiler trace of this sample (timing includes the profiler's overhead) in {args.profile}")
         n_warmup = 0  # compiled once for every prompt
         if args.chat:
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": shown_text(seq)}]
+            # the prompt, and with one row its reply as decode made it (each decode step writes its input token's
+            # keys and values: all but the last token); the rows of a batch have replies of their own
+            in_cache = seq[0, :-1].tolist() if args.batch_size == 1 else ids
     if refused:  # a script that pipes prompts in learns it from the exit status
         raise ValueError(f"{refused} prompt{'s were' if refused > 1 else ' was'} refused (the errors above)")
 

@@ -107,14 +107,22 @@ class Transformer(nn.Module):
         self.max_seq_length = -1
         self.freqs_cis: Optional[Tensor] = None
 
-    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, keep: int = 0) -> None:
+        """New KV caches; keep: positions [0, keep) carried over from the old ones (a conversation's earlier turns)."""
         if max_seq_length > self.config.block_size:
             raise ValueError(f"sequence length {max_seq_length} exceeds {self.config.context()}")
+        if keep and not (max_batch_size == self.max_batch_size and keep <= min(max_seq_length, self.max_seq_length)):
+            raise ValueError(f"cannot keep {keep} positions of a ({self.max_batch_size}, {self.max_seq_length}) cache "
+                             f"in a ({max_batch_size}, {max_seq_length}) one")
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         c = self.config
         dtype, device = self.output.weight.dtype, self.output.weight.device
         for b in self.layers:
+            old = b.attention.kv_cache
             b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype, device)
+            if keep:
+                b.attention.kv_cache.k_cache[:, :, :keep] = old.k_cache[:, :, :keep]
+                b.attention.kv_cache.v_cache[:, :, :keep] = old.v_cache[:, :, :keep]
         self.freqs_cis = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling).to(device)
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
 

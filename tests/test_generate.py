@@ -710,7 +710,8 @@ def test_interactive_decodes_each_prompt_as_prompt_would(flags, tiny_ckpt, monke
     compiled, caches = [], []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     real_setup = model.Transformer.setup_caches
-    monkeypatch.setattr(model.Transformer, "setup_caches", lambda m, b, n: caches.append(n) or real_setup(m, b, n))
+    monkeypatch.setattr(model.Transformer, "setup_caches",
+                        lambda m, b, n, keep=0: caches.append(n) or real_setup(m, b, n, keep))
     with pytest.raises(ValueError, match="^2 prompts were refused"):  # the exit status says it, after the session
         generate.main(["--checkpoint", str(tiny_ckpt), *INTERACTIVE, *sampled, "--interactive", "--no_stream", *flags])
     out, err = capsys.readouterr()
@@ -728,17 +729,18 @@ def test_interactive_decodes_each_prompt_as_prompt_would(flags, tiny_ckpt, monke
 
 
 def spy_generate(monkeypatch) -> tuple:
-    """generate.generate recording each call's prompt (row 1) and returned sequence: (prompts, seqs), filled as it
-    runs."""
-    prompts, seqs = [], []
+    """generate.generate recording each call's prompt (row 1), returned sequence and positions cached before the
+    prefill: (prompts, seqs, cached), filled as it runs."""
+    prompts, seqs, cached = [], [], []
     real_generate = generate.generate
 
     def spy(m, prompt, *a):
         prompts.append(prompt[0].tolist())
+        cached.append(a[-1])
         seqs.append(real_generate(m, prompt, *a))
         return seqs[-1]
     monkeypatch.setattr(generate, "generate", spy)
-    return prompts, seqs
+    return prompts, seqs, cached
 
 
 def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, capsys):
@@ -748,7 +750,7 @@ def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, caps
     (ckpt.parent / "chat_template.jinja").write_text("U:{{ messages[0]['content'] }}\n{% if add_generation_prompt "
                                                      "%}A:{% endif %}")
     tok = get_tokenizer(ckpt.parent)
-    prompts, seqs = spy_generate(monkeypatch)
+    prompts, seqs, _ = spy_generate(monkeypatch)
     assert generate.parse_args(["--checkpoint", str(ckpt), "--chat"]).prompt == generate.DEFAULT_CHAT_PROMPT
     generate.main(["--checkpoint", str(ckpt), *BASE[:-1], "the cat", "--chat", "--no_stream"])
     reply = capsys.readouterr().out.split("\n\nsample 1:")[0]
@@ -774,7 +776,7 @@ def test_interactive_chat_is_one_conversation(tmp_path, monkeypatch, capsys):
         "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}a:{% endif %}")
     tok = get_tokenizer(ckpt.parent)
-    prompts, seqs = spy_generate(monkeypatch)
+    prompts, seqs, _ = spy_generate(monkeypatch)
     fake_stdin(monkeypatch, ["the cat", "the dog", "a hat", "x" * 40])  # the last too long even alone
     with pytest.raises(ValueError, match="1 prompt was refused"):
         generate.main(["--checkpoint", str(ckpt), *INTERACTIVE, "--interactive", "--chat", "--system", "hi",
@@ -790,6 +792,51 @@ def test_interactive_chat_is_one_conversation(tmp_path, monkeypatch, capsys):
     assert prompts[2] == tok.encode(f"s:hi\nu:the dog\na:{replies[1]}\nu:a hat\na:")
     assert err.count("(the oldest exchange left out of the conversation: the whole would not fit the model's "
                      "context of 48 tokens)") == 1, err
+
+
+@pytest.mark.parametrize("flags", [[], ["--compile_prefill"], ["--batch_size", "2", "--sparsity", "0.4",
+                                                                  "--sparse_prefill"]])
+def test_interactive_chat_prefills_only_what_the_cache_lacks(flags, tmp_path, monkeypatch, capsys):
+    """--interactive --chat keeps the last turn in the KV cache (its prompt, and with one row the reply as decoded):
+    a turn prefills from the first token where its prompt differs (after the oldest exchange is left out, from
+    there), and the replies are those of a session that prefills every turn whole. --compile_prefill: one cache
+    serves the session (compiled eagerly here); else each turn's cache takes the cached positions over from the
+    last."""
+    ckpt = write_tiny_checkpoint(tmp_path / "chat", max_pos=48)
+    (ckpt.parent / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}")
+    if "--sparsity" in flags:
+        flags = [*flags, "--thresholds", str(tiny_thresholds(ckpt, tmp_path / "t.json"))]
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+
+    def session(reuse: bool) -> tuple:
+        with monkeypatch.context() as mp:
+            fake_stdin(mp, ["the cat", "the dog", "a hat"])
+            if not reuse:
+                mp.setattr(generate, "common_prefix", lambda a, b: 0)
+            prompts, seqs, cached = spy_generate(mp)
+            generate.main(["--checkpoint", str(ckpt), *INTERACTIVE, "--interactive", "--chat", "--system", "hi",
+                           "--no_stream", *flags])
+        return prompts, seqs, cached, capsys.readouterr()
+
+    prompts, seqs, cached, (out, err) = session(reuse=True)
+    assert "oldest exchange left out" in err  # the third turn's prompt starts differing after the system turn
+    # a turn's last call (a compile's warm-up repeats the first): what it leaves in the cache
+    turns = [i for i, p in enumerate(prompts) if i + 1 == len(prompts) or prompts[i + 1] != p]
+    rows = 2 if "--batch_size" in flags else 1
+    left = [prompts[i] if rows > 1 else seqs[i][0, :-1].tolist() for i in turns]
+    lcp = [len(os.path.commonprefix([a, prompts[i]])) for a, i in zip(left, turns[1:])]
+    assert 0 < lcp[1] < lcp[0] and (lcp[0] == len(prompts[0]) if rows > 1 else lcp[0] > len(prompts[0])), lcp
+    assert cached == [0 if p == prompts[0] else lcp[turns.index(i) - 1] for i, p in enumerate(prompts)], (cached, lcp)
+    for c, i in zip(lcp, turns[1:]):
+        n = len(prompts[i])
+        assert f"(prefill included: {n - c} of the prompt's {n} tokens, the rest cached" in out, out
+    whole_prompts, whole_seqs, whole_cached, (whole_out, _) = session(reuse=False)
+    assert whole_cached == [0] * len(prompts) and whole_prompts == prompts
+    for a, b in zip(seqs, whole_seqs):
+        assert torch.equal(a, b), (a, b)
+    assert achieved_line(out) == achieved_line(whole_out)  # '' where dense
 
 
 def test_interactive_ends_at_the_end_of_the_input(tiny_ckpt, monkeypatch, capsys):
@@ -1023,6 +1070,27 @@ def test_compiled_decode_and_prefill_on_the_gpu(tiny_ckpt, tmp_path, monkeypatch
     code, chat, err = run_main([*base, "--sparsity", "0.4", "--compile", "--interactive"])
     assert code == 0 and err.count("compiled and warmed up") == 1, err
     assert chat.startswith("the dog") and "\n" + eager.split("\n\nsample")[0] + "\n\nsample" in chat, (eager, chat)
+
+
+@pytest.mark.gpu
+def test_compiled_chat_keeps_the_conversation_on_the_gpu(tmp_path, monkeypatch):
+    """--interactive --chat --compile --compile_prefill: the turns after the first prefill only what they add to the
+    captured graphs' cache, and the replies are the eager session's (sparse, fp32)."""
+    ckpt = write_tiny_checkpoint(tmp_path / "chat", max_pos=64)
+    (ckpt.parent / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}")
+    base = ["--checkpoint", ckpt, "--device", "cuda", "--dtype", "fp32", "--temperature", "0", "--max_new_tokens",
+            "6", "--no_stream", "--interactive", "--chat", "--sparsity", "0.4",
+            "--thresholds", tiny_thresholds(ckpt, tmp_path / "t.json")]
+    outs = []
+    for flags in ([], ["--compile", "--compile_prefill"]):
+        lines = iter(["the cat", "the dog", "a hat", ""])
+        monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+        code, out, err = run_main([*base, *flags])
+        assert code == 0 and out.count("the rest cached from the conversation") == 2, (out, err)
+        outs.append([line for line in out.splitlines() if not line.startswith(("sample", "bandwidth", "peak"))])
+    assert outs[0] == outs[1], outs
 
 
 @pytest.mark.gpu

@@ -121,6 +121,23 @@ def test_decode_with_kv_cache_matches_hf(pair, tokens):
 
 
 @torch.inference_mode()
+def test_prefill_after_kept_positions_matches_hf(pair, tokens):
+    """A chat's next turn: the cache grows keeping the positions where the new prompt repeats the last one, and
+    the prefill runs from there (windows included)."""
+    name, hf, path = pair
+    ours = checkpoint.load_model(path, dtype=torch.float32)
+    ref = hf(tokens).logits.float()
+    ours.setup_caches(BATCH, PROMPT + 1)
+    ours(tokens[:, :PROMPT], torch.arange(PROMPT))
+    keep = PROMPT - 2  # the last prompt's final positions are rewritten
+    ours.setup_caches(BATCH, TOTAL, keep=keep)
+    assert rel_err(ours(tokens[:, keep:], torch.arange(keep, TOTAL)), ref[:, keep:]) <= TOL, name
+    for rows, length, k in ((BATCH, TOTAL, TOTAL + 1), (BATCH, keep - 1, keep), (1, TOTAL, keep)):
+        with pytest.raises(ValueError, match="cannot keep"):
+            ours.setup_caches(rows, length, keep=k)
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("rows", [1, BATCH])
 def test_sparse_decode_at_threshold_zero_matches_hf(pair, tokens, rows):
     # Sparse decode keeps every non-zero input at threshold 0: its ops (the Triton kernels, in the interpreter on
