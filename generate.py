@@ -61,7 +61,7 @@ def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, tempera
 def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, temperature: float, top_k: Optional[int]):
     """decode_one_token over the whole prompt, with the prefill's sparsity (dense unless --sparse_prefill) even
     for a prompt of one token: a function of its own, so that --compile_prefill compiles it apart from decode,
-    its length dynamic (one compile serves every prompt of two or more tokens)."""
+    its length dynamic (one compile serves every prompt of two or more tokens; generate() prefills one eagerly)."""
     return decode_one_token(model, prompt, input_pos, temperature, top_k, is_prefill=True)
 
 
@@ -83,7 +83,9 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
         # chance (the batch, RoPE's cos|sin, a threshold count) shares its symbol and a later length recompiles
         torch._dynamo.mark_dynamic(new, 1)
         torch._dynamo.mark_dynamic(positions, 0)
-    tok, finite = prefill_fn(model, new, positions, temperature, top_k)
+    # one token runs eagerly: dynamo specialises a dim of size 1, so a compiled prefill would compile a second
+    # graph for it (a minute on a GPU) to save milliseconds
+    tok, finite = (prefill_fn if T - cached > 1 else prefill)(model, new, positions, temperature, top_k)
     seq[:, T:T + 1] = tok
     all_finite = finite
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
@@ -223,7 +225,7 @@ def parse_args(argv=None):
                         "CPU it takes a minute or two to compile and gains little)")
     p.add_argument("--compile_prefill", action="store_true",
                    help="compile the prefill too (dynamic shapes: one compile serves every prompt of two or more "
-                        "tokens)")
+                        "tokens; a one-token prompt prefills eagerly)")
     p.add_argument("--profile", type=cli.out_file, default=None, metavar="FILE",
                    help="write a torch.profiler trace of the last sample here (JSON for chrome://tracing or "
                         "Perfetto; that sample's timing then includes the profiler's overhead, and its text is "

@@ -637,7 +637,8 @@ def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, caps
 def test_compiled_prefill_serves_every_prompt_length(tiny_ckpt):
     """generate() makes the prompt's length a dynamic dim of its own: a first prompt as long as another size (the
     batch, RoPE's cos|sin, the 7 thresholds of sparse prefill) shares no symbol with it, so a later length does not
-    recompile. Dynamo's guards alone (no inductor: seconds, not minutes on a CPU)."""
+    recompile; a one-token prompt runs the eager prefill (no second graph for dynamo's size-1 rule). Dynamo's guards
+    alone (no inductor: seconds, not minutes on a CPU)."""
     m = checkpoint.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
     m.set_sparse(decode=True, prefill=True)  # the thresholds buffer enters the prefill's graph
     m.setup_caches(2, 32)
@@ -645,7 +646,7 @@ def test_compiled_prefill_serves_every_prompt_length(tiny_ckpt):
     torch._dynamo.reset()
     compiled = torch.compile(generate.prefill, fullgraph=True,
                              backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
-    for t in (2, 7, 5, 11):
+    for t in (2, 7, 1, 5, 11):
         prompt = torch.arange(2 * t).view(2, t) % 50 + 3
         want = generate.generate(m, prompt, 1, generate.decode_one_token)
         assert torch.equal(generate.generate(m, prompt, 1, generate.decode_one_token, prefill_fn=compiled), want)
