@@ -221,8 +221,9 @@ def parse_args(argv=None):
     p.add_argument("--top_k", type=cli.at_least(1), default=200, help="sample from the k most likely tokens")
     p.add_argument("--compile", action="store_true",
                    help="compile decode as gpt-fast does (fullgraph; on a GPU, where it is the fast path, CUDA "
-                        "graphs and inductor's coordinate-descent tuning: one to two minutes for a 7B/8B model; on a "
-                        "CPU it takes a minute or two to compile and gains little)")
+                        "graphs and inductor's coordinate-descent tuning: about two minutes for a 7B/8B model, 30-50 s "
+                        "in later runs, which reuse inductor's on-disk cache; on a CPU it takes a minute or two to "
+                        "compile and gains little)")
     p.add_argument("--compile_prefill", action="store_true",
                    help="compile the prefill too (dynamic shapes: one compile serves every prompt of two or more "
                         "tokens; a one-token prompt prefills eagerly)")
