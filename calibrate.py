@@ -241,7 +241,7 @@ def parse_args(argv=None):
     p.add_argument("--sparse_aware", action="store_true",
                    help="also correct the uniform thresholds so each projection hits its level on the sparse "
                         "model's own activations (each layer sees the sparse layers before it); generate.py uses "
-                        "them for --sparsity within --sparse_aware_levels")
+                        "them for uniform --sparsity up to the last of --sparse_aware_levels")
     p.add_argument("--sparse_aware_levels", type=cli.sparsities,
                    help="comma-separated, increasing sparsity levels in (0, 1) for --sparse_aware "
                         "(default: 0.05,0.1,...,0.9)")

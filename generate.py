@@ -77,7 +77,9 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
     device = prompt.device
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     seq[:, :T] = prompt
-    new = prompt[:, cached:].contiguous()  # (a batch's rows: one stride, as every other prompt's)
+    # a copy with its own strides: a slice keeps the prompt's row stride, T, which --compile_prefill's graph would
+    # guard on (a second compile for the first turn with cached positions)
+    new = prompt[:, cached:].clone(memory_format=torch.contiguous_format)
     positions = torch.arange(cached, T, device=device)
     if T - cached > 1:  # --compile_prefill: the length alone is symbolic, so that no other size equal to it by
         # chance (the batch, RoPE's cos|sin, a threshold count) shares its symbol and a later length recompiles
@@ -113,11 +115,16 @@ def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor, prompt_c
     """(2, 7) per projection on the decode steps of `seq`: the fraction of inputs dropped, then the fraction of
     weight rows skipped (those no batch row keeps; the same for one row). Measured by replaying the steps: the
     prompt as prefill ran it (prompt_cached: the KV cache holds it still, as right after generate(), whose decode
-    writes only past the prompt), then the generated tokens with their per-token masks, as decode ran them."""
+    writes only past the prompt), then the generated tokens with their per-token masks, as decode ran them. The
+    cache positions it writes are put back as they were: a chat's next turn reuses decode's own keys and values,
+    and the replay, one multi-token forward, rounds differently (enough to flip a keep decision at its threshold)."""
     B, L = seq.shape
     if L <= prompt_len + 1:
         return torch.zeros(2, len(PROJECTIONS))
     dev = seq.device
+    first = prompt_len if prompt_cached else 0
+    caches = [b.attention.kv_cache for b in model.layers]
+    saved = [(c.k_cache[:B, :, first:L - 1].clone(), c.v_cache[:B, :, first:L - 1].clone()) for c in caches]
     with restored(model):
         if not prompt_cached:
             model(seq[:, :prompt_len], torch.arange(prompt_len, device=dev), prefill=True)
@@ -125,6 +132,9 @@ def achieved_sparsity(model: Transformer, prompt_len: int, seq: Tensor, prompt_c
         model.start_stats()
         model(seq[:, prompt_len:L - 1], torch.arange(prompt_len, L - 1, device=dev))
         c = model.pop_stats().sum(0)
+    for cache, (k, v) in zip(caches, saved):
+        cache.k_cache[:B, :, first:L - 1] = k
+        cache.v_cache[:B, :, first:L - 1] = v
     return torch.stack([c[:, 0] / c[:, 1], c[:, 2] / c[:, 3]]).float()
 
 

@@ -103,8 +103,9 @@ def parse_args(argv=None):
                           "(a second text the calibration never saw)")
     p.add_argument("--max_tokens", type=cli.at_least(2), default=None, help="evaluate only the first N tokens (default: all)")
     p.add_argument("--seq_len", type=cli.at_least(2), default=None, help=f"window length {cli.SEQ_LEN_DEFAULT}")
-    p.add_argument("--thresholds", type=Path, help="magnitude thresholds JSON (default: beside the checkpoint; "
-                                                   "checked even where every level is 0)")
+    p.add_argument("--thresholds", type=Path, help="magnitude thresholds JSON (default: thresholds.json beside "
+                                                   "the checkpoint; a file named here is checked even where every "
+                                                   "level is 0)")
     p.add_argument("--weighted_thresholds", type=Path,
                    help="weighted-score thresholds JSON (default: thresholds_weighted.json beside the checkpoint)")
     p.add_argument("--device", type=cli.device, default=cli.default_device(), help="cpu or cuda[:N]")

@@ -634,22 +634,25 @@ def test_compile_prefill_compiles_the_prefill_apart(tiny_ckpt, monkeypatch, caps
     assert "compiled and warmed up" in captured.err and "sample 1:" in captured.out and "sample 2" not in captured.out
 
 
-def test_compiled_prefill_serves_every_prompt_length(tiny_ckpt):
+@pytest.mark.parametrize("rows", [1, 2])
+def test_compiled_prefill_serves_every_prompt_length(rows, tiny_ckpt):
     """generate() makes the prompt's length a dynamic dim of its own: a first prompt as long as another size (the
     batch, RoPE's cos|sin, the 7 thresholds of sparse prefill) shares no symbol with it, so a later length does not
-    recompile; a one-token prompt runs the eager prefill (no second graph for dynamo's size-1 rule). Dynamo's guards
-    alone (no inductor: seconds, not minutes on a CPU)."""
+    recompile, nor a prompt whose first positions are cached (a chat's turn); a one-token prompt runs the eager
+    prefill (no second graph for dynamo's size-1 rule). Dynamo's guards alone (no inductor: seconds, not minutes
+    on a CPU)."""
     m = checkpoint.load_model(tiny_ckpt, torch.device("cpu"), torch.float32)
     m.set_sparse(decode=True, prefill=True)  # the thresholds buffer enters the prefill's graph
-    m.setup_caches(2, 32)
+    m.setup_caches(rows, 32)
     graphs = []
     torch._dynamo.reset()
     compiled = torch.compile(generate.prefill, fullgraph=True,
                              backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
-    for t in (2, 7, 1, 5, 11):
-        prompt = torch.arange(2 * t).view(2, t) % 50 + 3
-        want = generate.generate(m, prompt, 1, generate.decode_one_token)
-        assert torch.equal(generate.generate(m, prompt, 1, generate.decode_one_token, prefill_fn=compiled), want)
+    for t, cached in ((2, 0), (7, 0), (1, 0), (9, 4), (5, 0), (11, 3), (12, 11)):
+        prompt = torch.arange(rows * t).view(rows, t) % 50 + 3
+        want = generate.generate(m, prompt, 1, generate.decode_one_token, cached=cached)
+        got = generate.generate(m, prompt, 1, generate.decode_one_token, prefill_fn=compiled, cached=cached)
+        assert torch.equal(got, want)
     assert len(graphs) == 1
 
 
@@ -1200,6 +1203,24 @@ def test_report_counts_the_steps_past_the_stop(tiny_ckpt, capsys):
     assert "5 tokens x 2 rows" in out and "3 decoded after every row's end-of-sequence token" in out, out
     generate.report(m, None, args, 2, torch.tensor([[1, 2, 0, 7, 7, 7, 7], [1, 2, 5, 6, 7, 7, 7]]), 1.0, 1, (0,))
     assert "after every row's" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prompt_cached", [True, False])
+def test_achieved_sparsity_puts_the_cache_back(prompt_cached, tiny_ckpt):
+    """The report's replay writes the cache (its steps attend to one another) and puts back what decode wrote: a
+    chat's next turn reuses decode's own keys and values, which the replay's one multi-token forward would round
+    otherwise."""
+    m = checkpoint.load_model(tiny_ckpt, torch.device("cpu"), torch.float32, column_major=True)
+    m.set_sparse(decode=True)
+    m.set_thresholds(torch.full((m.config.n_layer, len(PROJECTIONS)), 0.3))
+    m.setup_caches(2, 24)
+    prompt = torch.tensor([[5, 9, 13, 2, 7], [5, 9, 13, 2, 7]])
+    seq = generate.generate(m, prompt, 12, generate.decode_one_token)
+    before = [(b.attention.kv_cache.k_cache.clone(), b.attention.kv_cache.v_cache.clone()) for b in m.layers]
+    dropped = generate.achieved_sparsity(m, prompt.shape[1], seq, prompt_cached)
+    assert 0 < dropped[0].mean() < 1
+    for b, (k, v) in zip(m.layers, before):
+        assert torch.equal(b.attention.kv_cache.k_cache, k) and torch.equal(b.attention.kv_cache.v_cache, v)
 
 
 def test_loaded_line_names_the_thresholds_in_use(tiny_ckpt, tmp_path):
