@@ -772,13 +772,20 @@ def test_chat_wraps_each_prompt_and_prints_the_reply(tmp_path, monkeypatch, caps
     assert "--system is a turn of --chat's template" in capsys.readouterr().err
 
 
-def test_interactive_chat_is_one_conversation(tmp_path, monkeypatch, capsys):
-    """--interactive --chat: each line is the next user turn after the earlier turns and their replies (what was
-    printed); where the whole would not fit the context, the oldest exchanges are left out, with a note."""
-    ckpt = write_tiny_checkpoint(tmp_path / "chat", max_pos=48)
+def write_chat_checkpoint(d: Path, max_pos: int) -> Path:
+    """A tiny checkpoint whose chat template writes each turn as "<role's initial>:<content>" on a line of its own,
+    then "a:" for the reply."""
+    ckpt = write_tiny_checkpoint(d, max_pos=max_pos)
     (ckpt.parent / "chat_template.jinja").write_text(
         "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}a:{% endif %}")
+    return ckpt
+
+
+def test_interactive_chat_is_one_conversation(tmp_path, monkeypatch, capsys):
+    """--interactive --chat: each line is the next user turn after the earlier turns and their replies (what was
+    printed); where the whole would not fit the context, the oldest exchanges are left out, with a note."""
+    ckpt = write_chat_checkpoint(tmp_path / "chat", max_pos=48)
     tok = get_tokenizer(ckpt.parent)
     prompts, seqs, _ = spy_generate(monkeypatch)
     fake_stdin(monkeypatch, ["the cat", "the dog", "a hat", "x" * 40])  # the last too long even alone
@@ -806,10 +813,7 @@ def test_interactive_chat_prefills_only_what_the_cache_lacks(flags, tmp_path, mo
     there), and the replies are those of a session that prefills every turn whole. --compile_prefill: one cache
     serves the session (compiled eagerly here); else each turn's cache takes the cached positions over from the
     last."""
-    ckpt = write_tiny_checkpoint(tmp_path / "chat", max_pos=48)
-    (ckpt.parent / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}a:{% endif %}")
+    ckpt = write_chat_checkpoint(tmp_path / "chat", max_pos=48)
     if "--sparsity" in flags:
         flags = [*flags, "--thresholds", str(tiny_thresholds(ckpt, tmp_path / "t.json"))]
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
@@ -1080,10 +1084,7 @@ def test_compiled_decode_and_prefill_on_the_gpu(tiny_ckpt, tmp_path, monkeypatch
 def test_compiled_chat_keeps_the_conversation_on_the_gpu(tmp_path, monkeypatch):
     """--interactive --chat --compile --compile_prefill: the turns after the first prefill only what they add to the
     captured graphs' cache, and the replies are the eager session's (sparse, fp32)."""
-    ckpt = write_tiny_checkpoint(tmp_path / "chat", max_pos=64)
-    (ckpt.parent / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}a:{% endif %}")
+    ckpt = write_chat_checkpoint(tmp_path / "chat", max_pos=64)
     base = ["--checkpoint", ckpt, "--device", "cuda", "--dtype", "fp32", "--temperature", "0", "--max_new_tokens",
             "6", "--no_stream", "--interactive", "--chat", "--sparsity", "0.4",
             "--thresholds", tiny_thresholds(ckpt, tmp_path / "t.json")]
