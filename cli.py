@@ -40,12 +40,17 @@ class ArgumentParser(argparse.ArgumentParser):
 def run(main) -> None:
     """Run a command line's main(). A bad file or value (the loaders' errors are ValueErrors: CheckpointError,
     TokenizerError, ...), a file that cannot be read or written (OSError), non-finite activations or memory running
-    out end it with a one-line error and exit status 1; Ctrl-C ends it with status 130."""
+    out end it with a one-line error and exit status 1; Ctrl-C ends it with status 130; a reader of its output that
+    goes away (`generate.py ... | head`) ends it quietly with 141, as SIGPIPE ends a shell tool."""
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: the shell's status for it, without a traceback
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # stdout to nowhere: Python's own flush of it at exit would fail and complain again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except (ValueError, OSError, FloatingPointError) as e:
         print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         sys.exit(1)
@@ -211,10 +216,11 @@ def out_file(s: str) -> Path:
 
 
 def plot_file(s: str) -> Path:
-    """--plot: an out_file in a format matplotlib writes (.png, .pdf, .svg, ...), known before the work is done."""
+    """--plot: an out_file in a format matplotlib writes (.png, .pdf, .svg, ...), known before the work is done;
+    not .pgf, whose writer runs LaTeX (xelatex), which few machines have."""
     p = out_file(s)
     from matplotlib.figure import Figure
-    formats = Figure().canvas.get_supported_filetypes()
+    formats = set(Figure().canvas.get_supported_filetypes()) - {"pgf"}
     if p.suffix.lstrip(".").lower() not in formats:
         raise argparse.ArgumentTypeError(f"{p}: matplotlib writes {', '.join('.' + f for f in sorted(formats))}, "
                                          f"not {p.suffix or 'a file without an extension'}")

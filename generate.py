@@ -152,6 +152,33 @@ def check_kernel_widths(config: ModelArgs, device: torch.device) -> None:
                          f"this model has {', '.join(bad)} (--sparsity 0 decodes it dense)")
 
 
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes a run can still take on the device: CUDA's free memory, or a Linux CPU's MemAvailable (None elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_memory(config: ModelArgs, dtype: torch.dtype, device: torch.device, batch: int, seq: int) -> None:
+    """Refuse, before the load, a --batch_size whose KV cache cannot fit in the device's free memory (with the causal
+    mask and, on a GPU, the weights; a CPU may map those from the file): a CPU process would be killed without a
+    word, and a size past any memory would overflow torch's size arithmetic with a traceback."""
+    # keys and values, and the causal mask's bool per pair of positions
+    need = 2 * config.n_layer * batch * config.n_local_heads * config.head_dim * seq * dtype.itemsize + seq * seq
+    if device.type == "cuda":
+        with torch.device("meta"):
+            need += sum(p.numel() for p in Transformer(config).parameters()) * dtype.itemsize
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"--batch_size {batch} with a {seq}-token KV cache needs at least {need / 1e9:.3g} GB"
+                         + (" with the weights" if device.type == "cuda" else "")
+                         + f", more than the {free / 1e9:.3g} GB free on the {device.type}")
+
+
 def compile_decode(device: torch.device):
     """decode_one_token compiled as gpt-fast compiles it: one graph, and on a GPU CUDA graphs (mode="reduce-overhead")
     and inductor's coordinate-descent tuning, with which inductor turns a one-row linear into a GEMV of its own, fused
@@ -225,7 +252,8 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=cli.at_least(1), default=1,
                    help="how many times to generate (timed separately; with --interactive, per prompt)")
     p.add_argument("--batch_size", type=cli.at_least(1), default=1,
-                   help="rows decoded together (the prompt repeated); sparse decode takes up to 8")
+                   help="rows decoded together (the prompt repeated); sparse decode takes up to 8; refused before "
+                        "the load where their KV cache cannot fit in the device's free memory")
     p.add_argument("--temperature", type=cli.non_negative_float, default=0.8,
                    help="sampling temperature; 0 (or below 1e-6) means greedy")
     p.add_argument("--top_k", type=cli.at_least(1), default=200, help="sample from the k most likely tokens")
@@ -274,6 +302,8 @@ def parse_args(argv=None):
         p.error(f"sparse decode takes --batch_size up to {sparse_ops.MAX_BATCH}")
     if args.interactive and args.profile:
         p.error("--profile traces one --prompt's last sample, not --interactive")
+    if args.interactive and sys.stdin is None:
+        p.error("--interactive reads prompts from standard input, which is closed")
     return args
 
 
@@ -405,6 +435,9 @@ def main(argv=None) -> None:
         if template_tokens + args.max_new_tokens >= room:
             raise ValueError(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt in {room_name}"
                              + (f" (the chat template takes {template_tokens} tokens)" if args.chat else ""))
+    # the longest cache the run sets up (an interactive one without --compile: at least this long)
+    longest = room if fixed_cache else args.max_new_tokens + (len(encoded[0]) if encoded else 1)
+    check_memory(config, DTYPES[args.dtype], device, args.batch_size, longest)
     # dense decode keeps the row-major weights: inductor's one-row GEMVs reduce along their contiguous rows (8%
     # faster than cuBLAS on Llama-3-8B); across the sparse ops' column-major layout they read slowly
     # (docs/benchmarks.md, "generate.py on the GPU")

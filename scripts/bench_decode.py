@@ -86,6 +86,13 @@ def time_decode(model, decode_fn, batch: int, prompt_len: int, n_tokens: int, wa
 
 
 PROFILE_STEPS = 20  # decode steps that --profile times
+MAX_CALIB_TOKENS = 1 << 20  # random tokens: more would only take longer
+WARMUP_ROOM = 16  # cache positions past the timed steps, for the warm-up steps
+
+
+def cache_length(args) -> int:
+    """The KV cache's length: the prompt, then the longer of the timed and the profiled runs, and the warm-up."""
+    return args.prompt_len + max(args.tokens, PROFILE_STEPS if args.profile else 0) + WARMUP_ROOM
 
 
 def kernel_breakdown(model, decode_fn, args, steps: int = PROFILE_STEPS) -> dict:
@@ -140,7 +147,8 @@ def main(argv=None):
                    help=f"rows decoded together (1-{sparse_ops.MAX_BATCH}); tokens/s counts decode steps, i.e. per row")
     p.add_argument("--tokens", type=cli.at_least(1), default=200, help="timed decode steps")
     p.add_argument("--prompt_len", type=cli.at_least(1), default=16, help="random prompt tokens before decoding")
-    p.add_argument("--calib_tokens", type=cli.at_least(2), default=2048, help="tokens for the on-the-fly calibration")
+    p.add_argument("--calib_tokens", type=cli.at_least(2), default=2048,
+                   help=f"random tokens for the on-the-fly calibration (at most {MAX_CALIB_TOKENS})")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="weight and activation dtype")
     p.add_argument("--profile", action="store_true",
                    help="after each row, profile 20 decode steps and print device time by kernel kind (GPU only)")
@@ -160,6 +168,12 @@ def main(argv=None):
         p.error(f"--variants must be from {', '.join(VARIANTS)}")
     if args.batch_size > sparse_ops.MAX_BATCH:
         p.error(f"--batch_size must be at most {sparse_ops.MAX_BATCH}")
+    if args.calib_tokens > MAX_CALIB_TOKENS:
+        p.error(f"--calib_tokens must be at most {MAX_CALIB_TOKENS}")
+    context = PRESETS[args.preset]["block_size"]
+    if cache_length(args) > context:  # known before minutes of building and timing
+        p.error(f"--prompt_len {args.prompt_len} and --tokens {args.tokens} need a {cache_length(args)}-token cache "
+                f"(with the warm-up's), more than {args.preset}'s context of {context} tokens")
     dev = cli.use_device(args.device)
     if dev.type == "cpu" and args.preset != "smollm2-135m":
         p.error(f"--device cpu is a smoke test of the script: use --preset smollm2-135m ({args.preset} would take "
@@ -177,8 +191,7 @@ def main(argv=None):
                 else compile_decode(dev))
     t0 = time.perf_counter()
     model = build(ModelArgs(**PRESETS[args.preset]), dtype, dev)
-    # room for the warm-up steps and the longer of the timed and the profiled runs
-    model.setup_caches(args.batch_size, args.prompt_len + max(args.tokens, PROFILE_STEPS if args.profile else 0) + 16)
+    model.setup_caches(args.batch_size, cache_length(args))
     total_bytes, linear_bytes = model_bytes(model)
     rows = []
 

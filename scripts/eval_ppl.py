@@ -54,6 +54,9 @@ def perplexity(model: Transformer, ids: list, seq_len: int, batch: int = 4) -> t
         nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
                                reduction="sum").item()
         count += x[:, 1:].numel()
+    if nll / count > math.log(sys.float_info.max):  # finite logits, yet predictions no working model makes
+        raise FloatingPointError(f"the perplexity overflows: a mean loss of {nll / count:.0f} nats per token (a broken "
+                                 f"checkpoint?)")
     return math.exp(nll / count), model.pop_stats(), count
 
 

@@ -13,8 +13,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 from bench_decode import PRESETS, build  # noqa: E402
-from checkpoint import from_hf_config, save_checkpoint  # noqa: E402
-from model import DTYPES, ModelArgs  # noqa: E402
+from checkpoint import check_target, from_hf_config, save_checkpoint  # noqa: E402
+from model import DTYPES, CheckpointError, ModelArgs  # noqa: E402
+from tokenizer import read_json  # noqa: E402
+
+SOURCE = "random weights"  # tealfast.json's source starts so: a folder this script may write over
 
 
 def hf_config(preset: str, n_layer: int | None = None) -> dict:
@@ -49,10 +52,24 @@ def tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
+def check_out(out: Path) -> None:
+    """Random weights go into a new folder or over random weights, never over a model's: Hugging Face weights
+    (whose config and tokenizer would be replaced) or a converted checkpoint."""
+    check_target(out)
+    if (out / "model.pth").exists():
+        try:
+            source = str(read_json(out / "tealfast.json", required=False).get("source", ""))
+        except ValueError:  # unreadable: of unknown source
+            source = ""
+        if not source.startswith(SOURCE):
+            raise CheckpointError(f"{out} holds a checkpoint ({source or 'of unknown source'}): random weights would "
+                                  f"replace it (choose another folder)")
+
+
 def main(argv=None) -> None:
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=list(PRESETS), required=True, help="model shapes (scripts/bench_decode.py)")
-    p.add_argument("--out", type=cli.out_folder, required=True, help="checkpoint folder to write")
+    p.add_argument("--out", type=cli.out_folder, required=True, help="checkpoint folder to write: a new one, or one of random weights (a model's is refused)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype in model.pth")
     p.add_argument("--n_layer", type=cli.at_least(1), default=None,
                    help="fewer layers than the preset, for tests and smoke runs (default: the preset's)")
@@ -61,13 +78,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.n_layer is not None and args.n_layer > PRESETS[args.preset]["n_layer"]:
         p.error(f"--n_layer {args.n_layer}: the preset has {PRESETS[args.preset]['n_layer']} layers")
+    check_out(args.out)
     cfg = hf_config(args.preset, args.n_layer)
     cfg["torch_dtype"] = str(DTYPES[args.dtype]).removeprefix("torch.")  # as transformers writes it
     model = build(from_hf_config(cfg), DTYPES[args.dtype], cli.use_device(args.device))
     state = {k: v.cpu() for k, v in model.state_dict().items()
              if not (k == "output.weight" and model.config.tie_embeddings)}
     out = save_checkpoint(args.out, state, cfg, "hf", {"tokenizer.json": tokenizer_json(cfg["vocab_size"])},
-                          source=f"random weights, preset {args.preset}")
+                          source=f"{SOURCE}, preset {args.preset}")
     print(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e9:.2f} B parameters)")
 
 

@@ -17,6 +17,9 @@ import bench_kernels
     (bench_decode.main, ["--device", "bogus"]),
     (bench_decode.main, ["--device", "cpu"]),  # llama-3-8b: minutes and 16 GB for a smoke test
     (bench_decode.main, ["--device", "cpu", "--preset", "smollm2-135m", "--profile"]),  # no kernels to profile
+    # past the preset's context, or past any use: refused before minutes of building and timing
+    (bench_decode.main, ["--device", "cpu", "--preset", "smollm2-135m", "--tokens", "8177"]),
+    (bench_decode.main, ["--device", "cpu", "--preset", "smollm2-135m", "--calib_tokens", str(10 ** 20)]),
     (bench_kernels.main, ["--batch", "abc"]),
     (bench_kernels.main, ["--batch", "16"]),
     (bench_kernels.main, ["--sparsity", "x"]),

@@ -1,11 +1,14 @@
 """cli.py: the argument types turn bad values into a one-line usage error (exit status 2); --seq_len against the
 model's context."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import cli
+from conftest import ROOT
 from model import ModelArgs
 
 
@@ -91,6 +94,7 @@ def test_output_paths(tmp_path, capsys):
     assert "matplotlib writes" in usage_error(cli.plot_file, str(tmp_path / "p.txt"), capsys)
     assert "without an extension" in usage_error(cli.plot_file, str(tmp_path / "p"), capsys)
     assert "does not exist" in usage_error(cli.plot_file, str(tmp_path / "no" / "p.png"), capsys)
+    assert "not .pgf" in usage_error(cli.plot_file, str(tmp_path / "p.pgf"), capsys)  # its writer runs LaTeX
     (tmp_path / "f").write_text("x")
     assert parse(cli.out_folder, str(tmp_path / "new")) == tmp_path / "new"
     assert "not a folder" in usage_error(cli.out_folder, str(tmp_path / "f"), capsys)
@@ -121,6 +125,15 @@ def test_run_ends_quietly_on_ctrl_c(capsys):
     with pytest.raises(SystemExit) as e:
         cli.run(main)
     assert e.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n"
+
+
+def test_run_ends_quietly_when_the_reader_goes_away():
+    """`generate.py ... | head`: status 141, as SIGPIPE ends a shell tool, and nothing on stderr."""
+    code = "import cli\ndef main():\n    while True:\n        print('x' * 1000, flush=True)\ncli.run(main)"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()
+    assert p.wait(timeout=60) == 141 and p.stderr.read() == b""
 
 
 @pytest.mark.parametrize("exc", [ValueError("bad\nvalue"), OSError(13, "Permission denied", "/x/out.json"),

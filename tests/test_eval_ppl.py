@@ -212,6 +212,20 @@ def test_perplexity_scores_every_window_whole(tmp_path, n_ids):
     assert stats.shape == (m.config.n_layer, len(PROJECTIONS), 4)
 
 
+def test_a_perplexity_past_the_float_range_is_an_error(tmp_path):
+    """Finite logits, yet a mean loss whose exp overflows (a badly scaled checkpoint): one line, not OverflowError."""
+    from test_generate import write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    state = torch.load(ckpt)
+    state["norm.weight"] *= 1e5
+    torch.save(state, ckpt)
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    code, err = run_main(["--checkpoint", ckpt, "--sparsity", "0", "--text", tmp_path / "some.txt", "--seq_len", "8",
+                          "--device", "cpu"])
+    line = [l for l in err.splitlines() if not l.startswith("warning: ")]
+    assert code == 1 and len(line) == 1 and "perplexity overflows" in line[0], err
+
+
 def test_method_without_its_table_fails_before_any_work(tmp_path):
     from test_generate import tiny_thresholds, write_tiny_checkpoint
     ckpt = write_tiny_checkpoint(tmp_path / "tiny")

@@ -1,5 +1,7 @@
 """generate.py: sparse decode against an independent masked-activation reference, greedy generate() against a
 naive loop, achieved_sparsity(), the command line on the real SmolLM2 and every bad input as one `error:` line."""
+import builtins
+import io
 import json
 import os
 import shutil
@@ -951,8 +953,9 @@ def test_empty_prompt_starts_from_bos(tmp_path, capsys):
                                   "temperature", "top_k", "max_new_tokens_0", "device", "batch_size_9",
                                   "checkpoint_folder", "thresholds_checked_when_dense", "greedy_without_table",
                                   "prompt_not_utf8", "score_not_the_files", "score_file_missing_when_dense",
-                                  "interactive_profile", "interactive_prompt", "profile_onto_config"])
-def test_bad_input(case, tiny_ckpt, tmp_path):
+                                  "interactive_profile", "interactive_prompt", "profile_onto_config",
+                                  "interactive_stdin_closed"])
+def test_bad_input(case, tiny_ckpt, tmp_path, monkeypatch):
     ckpt, extra, exit_code = tiny_ckpt, [], 1
     if case == "missing_checkpoint":
         ckpt = tmp_path / "none" / "model.pth"
@@ -1000,6 +1003,9 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
         extra = ["--profile", tiny_ckpt.parent / "config.json"]
     elif case == "score_file_missing_when_dense":  # --score names thresholds_weighted.json: checked at 0% too
         extra = ["--sparsity", "0", "--score", "weighted"]
+    elif case == "interactive_stdin_closed":  # `generate.py --interactive <&-`: input() would raise RuntimeError
+        monkeypatch.setattr(sys, "stdin", None)
+        extra, exit_code = ["--interactive"], 2
     code, out, err = run_main(["--checkpoint", ckpt, *(INTERACTIVE if case.startswith("interactive") else BASE),
                                *extra])
     line = assert_one_error(code, err, exit_code)
@@ -1012,12 +1018,13 @@ def test_bad_input(case, tiny_ckpt, tmp_path):
               "prompt_not_utf8": "--prompt", "score_not_the_files": "holds magnitude scores, not the --score weighted",
               "score_file_missing_when_dense": "calibrate.py --score weighted", "interactive_profile": "--profile",
               "interactive_prompt": "--prompt and --interactive exclude each other",
-              "profile_onto_config": "would overwrite the checkpoint's own config.json"}[case]
+              "profile_onto_config": "would overwrite the checkpoint's own config.json",
+              "interactive_stdin_closed": "standard input, which is closed"}[case]
     assert expect in line, line
 
 
 @pytest.mark.parametrize("case", ["thresholds_other_model", "past_block_size", "tokenizer_missing",
-                                  "no_chat_template"])
+                                  "no_chat_template", "batch_past_memory", "batch_past_free_memory"])
 def test_inputs_checked_before_the_weights_load(case, tiny_ckpt, tmp_path, monkeypatch):
     """Thresholds file, prompt length and tokenizer are checked against config.json alone: a mistake is reported
     before the weights load (seconds to minutes for a large model)."""
@@ -1031,12 +1038,45 @@ def test_inputs_checked_before_the_weights_load(case, tiny_ckpt, tmp_path, monke
         extra = ["--max_new_tokens", "40"]  # block size 32
     elif case == "no_chat_template":
         extra = ["--chat"]
+    elif case == "batch_past_memory":  # past any memory: torch's size arithmetic would overflow with a traceback
+        extra = ["--batch_size", str(10 ** 22)]
+    elif case == "batch_past_free_memory":  # a CPU process would be killed without a word
+        monkeypatch.setattr(builtins, "open", fake_meminfo(open, available_kb=1000))
+        extra = ["--batch_size", "1000"]  # a few MB of cache, against 1 MB available
     else:
         ckpt = write_tiny_checkpoint(tmp_path / "no_tok")
         (ckpt.parent / "tokenizer.json").unlink()
     line = assert_one_error(*run_main(["--checkpoint", ckpt, *BASE, *extra])[::2])
     assert {"thresholds_other_model": "another model", "past_block_size": "exceeds", "tokenizer_missing": "tokenizer",
-            "no_chat_template": "chat_template.jinja: the model has no chat template"}[case] in line, line
+            "no_chat_template": "chat_template.jinja: the model has no chat template",
+            "batch_past_memory": "GB free on the cpu", "batch_past_free_memory": "--batch_size 1000 with a"}[case] \
+        in line, line
+
+
+def fake_meminfo(real_open, available_kb: int):
+    """open() with /proc/meminfo saying that available_kb are available."""
+    def fake(path, *a, **k):
+        if str(path) == "/proc/meminfo":
+            return io.StringIO(f"MemTotal: 99999999 kB\nMemAvailable: {available_kb} kB\n")
+        return real_open(path, *a, **k)
+    return fake
+
+
+def test_memory_check_counts_the_cache(tiny_ckpt, monkeypatch):
+    """The estimate is the KV cache that setup_caches allocates, the causal mask, and on a GPU the weights."""
+    from checkpoint import load_config
+    config = load_config(tiny_ckpt)
+    m = model.Transformer(config)
+    m.setup_caches(3, 20)
+    cache = sum(b.numel() * b.element_size() for n, b in m.named_buffers() if "cache" in n) + 20 * 20
+    free_memory = generate.free_memory
+    monkeypatch.setattr(generate, "free_memory", lambda device: cache)
+    generate.check_memory(config, torch.float32, torch.device("cpu"), 3, 20)  # fits exactly
+    monkeypatch.setattr(generate, "free_memory", lambda device: cache - 1)
+    with pytest.raises(ValueError, match="--batch_size 3 with a 20-token KV cache needs at least"):
+        generate.check_memory(config, torch.float32, torch.device("cpu"), 3, 20)
+    monkeypatch.setattr(builtins, "open", fake_meminfo(open, available_kb=7))
+    assert free_memory(torch.device("cpu")) == 7 * 1024
 
 
 def test_bad_input_subprocess(tmp_path):

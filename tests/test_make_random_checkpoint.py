@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import generate
+from conftest import run_script
 import make_random_checkpoint
 from bench_decode import PRESETS
 from checkpoint import load_model
@@ -39,3 +40,27 @@ def test_bad_values(tmp_path, capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
         make_random_checkpoint.main(["--preset", "smollm2-135m", "--out", str(tmp_path / "o"), *argv])
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_models_folder_is_never_overwritten(tmp_path, capsys):
+    """Random weights go into a new folder or over random weights: never over Hugging Face weights or a converted
+    model (a typo in --out would replace a real model's weights and drop its chat template)."""
+    from test_generate import write_tiny_checkpoint
+    argv = ["--preset", "smollm2-135m", "--n_layer", "1", "--device", "cpu", "--out"]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"x")
+    converted = write_tiny_checkpoint(tmp_path / "converted").parent  # tealfast.json's source: "test"
+    unknown = write_tiny_checkpoint(tmp_path / "unknown").parent
+    (unknown / "tealfast.json").write_text("{")
+    for folder, needle in ((hf, "Hugging Face weights"), (converted, "holds a checkpoint (test)"),
+                           (unknown, "of unknown source")):
+        before = {f.name: f.read_bytes() for f in folder.iterdir()}
+        code, _, err = run_script("scripts/make_random_checkpoint.py", [*argv, folder])
+        assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    rnd = tmp_path / "rnd"
+    for _ in range(2):  # over its own random weights: fine
+        make_random_checkpoint.main([*argv, str(rnd)])
+    assert (rnd / "model.pth").is_file()
