@@ -69,7 +69,8 @@ def check_out(out: Path) -> None:
 def main(argv=None) -> None:
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--preset", choices=list(PRESETS), required=True, help="model shapes (scripts/bench_decode.py)")
-    p.add_argument("--out", type=cli.out_folder, required=True, help="checkpoint folder to write: a new one, or one of random weights (a model's is refused)")
+    p.add_argument("--out", type=cli.out_folder, required=True,
+                   help="checkpoint folder to write: a new one, or one of random weights (a model's is refused)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="weight dtype in model.pth")
     p.add_argument("--n_layer", type=cli.at_least(1), default=None,
                    help="fewer layers than the preset, for tests and smoke runs (default: the preset's)")
