@@ -48,29 +48,36 @@ class ConversionError(ValueError):
     """Anything about the input file that this converter does not handle."""
 
 
-def field(reader: gguf.GGUFReader, key: str, default=None):
+def field(reader: gguf.GGUFReader, key: str, default=None, kind: type = None):
+    """A metadata value, default where the key is absent; with kind (int, float, bool or str) a value of another type,
+    a per-layer array say, is an error naming the key (an int serves as a float)."""
     f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    if f is None:
+        return default
+    v = f.contents()
+    if kind is not None and not (type(v) is kind or (kind is float and type(v) is int)):
+        raise ConversionError(f"GGUF metadata {key} is {v!r}, not {'an' if kind is int else 'a'} {kind.__name__}")
+    return v
 
 
 def read_config(reader: gguf.GGUFReader, has_output: bool) -> dict:
-    def need(key):
-        v = field(reader, f"llama.{key}")
+    def need(key, kind=int):
+        v = field(reader, f"llama.{key}", kind=kind)
         if v is None:
             raise ConversionError(f"GGUF metadata lacks llama.{key}")
         return v
 
-    if field(reader, "llama.expert_count", 0):
+    if field(reader, "llama.expert_count", 0, int):
         raise ConversionError("mixture-of-experts models are not supported")
-    scaling = field(reader, "llama.rope.scaling.type", "none")
+    scaling = field(reader, "llama.rope.scaling.type", "none", str)
     if scaling != "none":
         raise ConversionError(f"unsupported rope scaling {scaling!r}")
     dim, n_head = need("embedding_length"), need("attention.head_count")
-    if not all(type(v) is int and v > 0 for v in (dim, n_head)):  # per-layer arrays too: one value each expected
+    if not all(v > 0 for v in (dim, n_head)):
         raise ConversionError(f"GGUF metadata: llama.embedding_length {dim!r} and llama.attention.head_count "
                               f"{n_head!r} must be positive integers")
-    head_dim = field(reader, "llama.attention.key_length", dim // n_head)
-    if field(reader, "llama.rope.dimension_count", head_dim) != head_dim:
+    head_dim = field(reader, "llama.attention.key_length", dim // n_head, int)
+    if field(reader, "llama.rope.dimension_count", head_dim, int) != head_dim:
         raise ConversionError("partial rotary embeddings are not supported")
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -79,18 +86,17 @@ def read_config(reader: gguf.GGUFReader, has_output: bool) -> dict:
         "intermediate_size": need("feed_forward_length"),
         "num_hidden_layers": need("block_count"),
         "num_attention_heads": n_head,
-        "num_key_value_heads": field(reader, "llama.attention.head_count_kv", n_head),
+        "num_key_value_heads": field(reader, "llama.attention.head_count_kv", n_head, int),
         "head_dim": head_dim,
         # float32 metadata: 7 significant digits give back the intended value (1e-05, not 9.9999997e-06)
-        "rms_norm_eps": float(f'{need("attention.layer_norm_rms_epsilon"):.7g}'),
-        "rope_theta": float(f'{field(reader, "llama.rope.freq_base", 10000.0):.7g}'),
+        "rms_norm_eps": float(f'{need("attention.layer_norm_rms_epsilon", float):.7g}'),
+        "rope_theta": float(f'{field(reader, "llama.rope.freq_base", 10000.0, float):.7g}'),
         "max_position_embeddings": need("context_length"),
         "vocab_size": None,  # filled in from the embedding's shape, which is what the model really has
         "tie_word_embeddings": not has_output,
         "hidden_act": "silu",
     }
-    bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
-    eot = field(reader, "tokenizer.ggml.eot_token_id")
+    bos, eos, eot = (field(reader, f"tokenizer.ggml.{key}_token_id", kind=int) for key in ("bos", "eos", "eot"))
     if bos is not None:
         cfg["bos_token_id"] = bos
     # chat models may end a turn with a separate end-of-turn token: stop on either, or on it alone
@@ -146,8 +152,8 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
         raise ConversionError("GGUF tokenizer lacks tokens or merges")
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     for key in ("bos", "eos", "eot"):  # ids of this list (the runtime refuses any other)
-        i = field(reader, f"tokenizer.ggml.{key}_token_id")
-        if i is not None and not (type(i) is int and 0 <= i < len(tokens)):
+        i = field(reader, f"tokenizer.ggml.{key}_token_id", kind=int)
+        if i is not None and not 0 <= i < len(tokens):
             raise ConversionError(f"tokenizer.ggml.{key}_token_id {i!r} is not a token id ({len(tokens)} tokens)")
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) < len(tokens):  # a token written twice: one of its ids could never be encoded or decoded
@@ -182,7 +188,7 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
                     for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
 
     bos = field(reader, "tokenizer.ggml.bos_token_id")
-    if field(reader, "tokenizer.ggml.add_bos_token", whole_words) and bos is not None:
+    if field(reader, "tokenizer.ggml.add_bos_token", whole_words, bool) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])
     else:
@@ -204,6 +210,10 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise ConversionError(f"unsupported architecture {arch!r} (only llama)")
+    shards = field(reader, "split.count", 1)
+    if shards != 1:  # llama.cpp's gguf-split writes name-00001-of-0000N.gguf
+        raise ConversionError(f"{path.name} is one of {shards!r} shards of a split GGUF: merge them into one file first "
+                              f"(llama.cpp: llama-gguf-split --merge)")
     for t in reader.tensors:  # before any slow work
         if t.tensor_type not in SUPPORTED_TYPES:
             raise ConversionError(f"tensor {t.name} has unsupported type {t.tensor_type.name} "
@@ -211,14 +221,14 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     cfg = read_config(reader, has_output)
     tokenizer = build_tokenizer(reader)
-    template = field(reader, "tokenizer.chat_template")
-    if template is not None and not isinstance(template, str):
-        raise ConversionError(f"{path.name}: tokenizer.chat_template is no text ({type(template).__name__})")
+    template = field(reader, "tokenizer.chat_template", kind=str)
     # Token ids are list positions; the embedding may have more rows (padding), not fewer. Its rows from the
     # tensor's header (GGUF lists dimensions innermost first), before the slow dequantization.
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise ConversionError(f"{path.name}: no token_embd.weight tensor")
+    if len(embd.shape) != 2:
+        raise ConversionError(f"{path.name}: token_embd.weight has {len(embd.shape)} dimensions, not 2")
     cfg["vocab_size"] = int(embd.shape[-1])
     n_tokens = len(field(reader, "tokenizer.ggml.tokens"))
     if n_tokens > cfg["vocab_size"]:

@@ -238,7 +238,7 @@ def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bo
     (default: the tensors' own); n_head heads of 32 (with 4, head_dim != dim / n_head, stated in the metadata);
     eot: an end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors; rows: of the embedding and
     output (default: one per token); bos: a BOS id, added to every prompt; eos (default: the end token); meta:
-    llama.* metadata written instead of the tensors' own (GGUFWriter's add_<key> names); end_type: the end token's
+    llama.* metadata written instead of the tensors' own (GGUFWriter's add_<key> names; None: left out); end_type: the end token's
     llama.cpp type (3 control, 4 user-defined); pre: tokenizer.ggml.pre; more_tokens: before the end token;
     add_bos: the add_bos_token key written with bos (None: not written); no_eos: no EOS id at all; shapes: GGUF
     name -> torch shape, replacing a tensor's; raw_kv: (GGUFWriter method, key, value) written as well. Returns
@@ -266,7 +266,8 @@ def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bo
     for key, value in {"block_count": 1, "context_length": 64, "embedding_length": dim,
                        "feed_forward_length": ffn_length or ffn, "head_count": n_head, "head_count_kv": n_kv,
                        "layer_norm_rms_eps": 1e-6, "rope_freq_base": 5000.0, **(meta or {})}.items():
-        getattr(w, f"add_{key}")(value)
+        if value is not None:  # None: not written (raw_kv may write it otherwise)
+            getattr(w, f"add_{key}")(value)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -451,8 +452,22 @@ MALFORMED = {  # write_tiny_gguf's arguments, and words of the one-line error
     "token listed twice": (dict(more_tokens=["a"]), "lists the token 'a' twice"),
     "merge of an unknown token": (dict(merges=["\u0120 t", "q q"]), "merge 'q q' is not two tokens"),
     "merge of three parts": (dict(merges=["\u0120 t t"]), "is not two tokens"),
-    "bos id as text": (dict(raw_kv=[("add_string", "tokenizer.ggml.bos_token_id", "5")]), "bos_token_id '5'"),
-    "chat template as a number": (dict(raw_kv=[("add_uint32", "tokenizer.chat_template", 7)]), "chat_template is no"),
+    "bos id as text": (dict(raw_kv=[("add_string", "tokenizer.ggml.bos_token_id", "5")]),
+                       "tokenizer.ggml.bos_token_id is '5', not an int"),
+    "chat template as a number": (dict(raw_kv=[("add_uint32", "tokenizer.chat_template", 7)]),
+                                  "tokenizer.chat_template is 7, not a str"),
+    # a value of the wrong type, read as it came, gave a traceback or (a bool as text) silently the wrong tokenizer
+    "rope base per layer": (dict(meta={"rope_freq_base": None}, raw_kv=[("add_array", "llama.rope.freq_base",
+                                                                          [1e4, 1e4])]),
+                            "llama.rope.freq_base is [10000.0, 10000.0], not a float"),
+    "norm eps as text": (dict(meta={"layer_norm_rms_eps": None},
+                              raw_kv=[("add_string", "llama.attention.layer_norm_rms_epsilon", "1e-6")]),
+                         "llama.attention.layer_norm_rms_epsilon is '1e-6', not a float"),
+    "add_bos as text": (dict(bos=0, add_bos=None, raw_kv=[("add_string", "tokenizer.ggml.add_bos_token", "false")]),
+                        "tokenizer.ggml.add_bos_token is 'false', not a bool"),
+    "one shard of a split file": (dict(raw_kv=[("add_uint16", "split.count", 3)]), "one of 3 shards of a split GGUF"),
+    "embedding of 3 dimensions": (dict(shapes={"token_embd": (2, len(tiny_tokens()), 64)}),
+                                  "token_embd.weight has 3 dimensions, not 2"),
     "q of another input width": (dict(shapes={"blk.0.attn_q": (64, 32)}), "attn_q/k/v have shapes"),
 }
 
