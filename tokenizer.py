@@ -180,7 +180,9 @@ class SentencePieceTokenizer(Tokenizer):
         # Fallbacks when config.json has no ids; sentencepiece uses -1 for "none".
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_ids = [self.sp.eos_id()] if self.sp.eos_id() >= 0 else []
-        self.controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        # control pieces (<s>, </s>) and <unk>, which the HF tokenizers of these models also match whole
+        self.controls = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                         if self.sp.is_control(i) or self.sp.is_unknown(i)}
         longest_first = sorted(self.controls, key=len, reverse=True)  # a piece that starts another matches whole
         self.controls_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self.controls else None
 
@@ -193,7 +195,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
 
     def _encode(self, text: str) -> list[int]:
-        # Control pieces written in the text (<s>, </s>: chat templates write them) are encoded as such, as the
+        # Control pieces written in the text (<s>, </s>: chat templates write them; <unk>) are encoded as such, as the
         # HF tokenizers of these models do; sentencepiece alone would spell them out. The text between them is
         # encoded piece by piece, as Meta's reference builds a Llama-2 chat prompt.
         if self.controls_re is None:

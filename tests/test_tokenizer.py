@@ -160,6 +160,8 @@ def test_sentencepiece_matches_transformers(tmp_path, sp_model):
         assert ids == ref.encode(text, add_special_tokens=False)
         assert tok.encode(text, bos=True) == [1] + ids
         assert tok.decode(ids) == text
+    # <unk> written in the text is the unknown piece, as transformers reads it, not spelt out
+    assert tok.encode("x <unk>") == ref.encode("x <unk>", add_special_tokens=False) and tok.encode("x <unk>")[-1] == 0
     # Byte fallback really used: unseen characters become <0x..> byte pieces, not <unk> (0).
     ids = tok.encode("🚀")
     assert 0 not in ids and len(ids) >= 4
