@@ -238,11 +238,11 @@ def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bo
     (default: the tensors' own); n_head heads of 32 (with 4, head_dim != dim / n_head, stated in the metadata);
     eot: an end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors; rows: of the embedding and
     output (default: one per token); bos: a BOS id, added to every prompt; eos (default: the end token); meta:
-    llama.* metadata written instead of the tensors' own (GGUFWriter's add_<key> names; None: left out); end_type: the end token's
-    llama.cpp type (3 control, 4 user-defined); pre: tokenizer.ggml.pre; more_tokens: before the end token;
-    add_bos: the add_bos_token key written with bos (None: not written); no_eos: no EOS id at all; shapes: GGUF
-    name -> torch shape, replacing a tensor's; raw_kv: (GGUFWriter method, key, value) written as well. Returns
-    (tokens, specs, the unquantized weights)."""
+    llama.* metadata written instead of the tensors' own (GGUFWriter's add_<key> names; None: left out);
+    end_type: the end token's llama.cpp type (3 control, 4 user-defined); pre: tokenizer.ggml.pre; more_tokens:
+    before the end token; add_bos: the add_bos_token key written with bos (None: not written); no_eos: no EOS id at
+    all; shapes: GGUF name -> torch shape, replacing a tensor's; raw_kv: (GGUFWriter method, key, value) written as
+    well. Returns (tokens, specs, the unquantized weights)."""
     Q = gguf.GGMLQuantizationType
     dim, n_kv, head_dim, ffn = 64, 1, 32, 96
     tokens = tiny_tokens()[:-1] + list(more_tokens) + tiny_tokens()[-1:]

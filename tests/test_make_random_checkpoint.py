@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import generate
-from conftest import run_script
 import make_random_checkpoint
 from bench_decode import PRESETS
 from checkpoint import load_model
+from conftest import run_script
 from model import ModelArgs
 from tokenizer import get_tokenizer
 
@@ -42,7 +42,7 @@ def test_bad_values(tmp_path, capsys, argv, needle):
     assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
-def test_a_models_folder_is_never_overwritten(tmp_path, capsys):
+def test_a_models_folder_is_never_overwritten(tmp_path):
     """Random weights go into a new folder or over random weights: never over Hugging Face weights or a converted
     model (a typo in --out would replace a real model's weights and drop its chat template)."""
     from test_generate import write_tiny_checkpoint
