@@ -10,6 +10,7 @@ as the runtime calls it (sparse prefill), with the KV cache holding every positi
 output at those positions is exact. Keys and values only change with the k and v sparsities, which move a few
 times per block, so they are computed once per (k, v) pair and copied back into the cache before each call.
 """
+import math
 import sys
 from contextlib import contextmanager
 
@@ -138,6 +139,8 @@ def search_block(error, counts: torch.Tensor, grid: list) -> torch.Tensor:
             cand = s.clone()
             cand[p] = min(CAP, s[p].item() + steps[p].item())
             err = error(cand)
+            if not math.isfinite(err):  # an overflow: every comparison would fail, and q would win by order
+                raise FloatingPointError(f"the greedy search's block error is {err} (activations overflowed?)")
             if err < best_err or best is None:  # ties: the first in PROJECTIONS order
                 best, best_err = cand, err
         if best is None:  # everything at the cap: only reachable by rounding at a grid level of CAP

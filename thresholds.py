@@ -119,9 +119,9 @@ def load(path, config: ModelArgs) -> dict:
     cats = data.get("cats")
     if cats is not None:
         cats = _numbers(cats, path, "cats section")
-        if cats.shape != (config.n_layer, n) or not torch.isfinite(cats).all():
-            raise CheckpointError(f"{path}: malformed cats section: shape {tuple(cats.shape)} or non-finite values; "
-                                  f"expected ({config.n_layer}, {n})")
+        if cats.shape != (config.n_layer, n) or not torch.isfinite(cats).all() or (cats < 0).any():
+            raise CheckpointError(f"{path}: malformed cats section: shape {tuple(cats.shape)}, or values not finite "
+                                  f"and >= 0; expected ({config.n_layer}, {n})")
         _check_non_decreasing(cats, levels, path, "cats thresholds")
     sa = _section(data, "sparse_aware", config, path, lowest=None)
     if sa is not None:  # levels above 0; a threshold at each

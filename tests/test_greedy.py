@@ -170,3 +170,11 @@ def test_bad_grid(setup, grid):
     m, ids, table, _, _ = setup
     with pytest.raises(ValueError, match="greedy grid"):
         greedy.search(m, ids, SEQ_LEN, table, calibrate.LEVELS, "magnitude", grid=grid, progress=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_block_error_that_overflowed_is_an_error(bad):
+    """Every comparison with NaN fails (and inf ties with inf): the search would raise q first and write a
+    valid-looking allocation."""
+    with pytest.raises(FloatingPointError, match="block error"):
+        greedy.search_block(lambda s: bad, torch.ones(len(model.PROJECTIONS)), [0.0, 0.5])

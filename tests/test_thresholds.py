@@ -514,3 +514,10 @@ def test_inverse_interp_takes_the_far_end_of_a_flat_stretch():
     ys = torch.tensor([[0.0, 1.0, 1.0], [0.0, 2.0, 4.0]], dtype=torch.float64)
     got = thresholds.inverse_interp(xs, ys, torch.tensor([[1.0], [1.0]], dtype=torch.float64))
     assert got.flatten().tolist() == [1.0, 0.25]
+
+
+def test_negative_cats_thresholds_are_refused(tmp_path):
+    """|silu(gate)| is never negative: a negative CATS threshold would drop nothing, the baseline silently dense."""
+    path = tmp_path / "t.json"
+    thresholds.save(path, ARGS, LEVELS, random_table(), "x", 1, "magnitude", cats=random_table()[:, 0] - 100)
+    assert "malformed cats section" in load_error(path)
