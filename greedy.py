@@ -188,7 +188,7 @@ def search(model: Transformer, ids: list, seq_len: int, table: torch.Tensor, lev
         positions = query_positions(seq_len, batch, seed, device)
         for l in tqdm(range(n_layer), desc="greedy search", unit="layer", disable=not progress, file=sys.stderr):
             error = BlockError(model, l, xs[l], table, levels, positions)
-            alloc = search_block(error, projection_sizes(model.layers[l]), grid)
+            alloc = search_block(error, projection_sizes(model.config), grid)
             layers.append({p: [round(float(v), 6) for v in alloc[:, j]] for j, p in enumerate(PROJECTIONS)})
             xs[l] = None  # free as we go
     return {"levels": [round(g, 6) for g in grid], "layers": layers}

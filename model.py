@@ -194,12 +194,10 @@ def restored(model: Transformer):
             model.setup_caches(*caches)
 
 
-def projection_sizes(block: "TransformerBlock") -> Tensor:
+def projection_sizes(c: ModelArgs) -> Tensor:
     """(7,) float64 weight count of each projection of a block, PROJECTIONS order (q, k, v are rows of wqkv)."""
-    a, f = block.attention, block.feed_forward
-    dim = a.wqkv.in_features
-    return torch.tensor([a.q_size * dim, a.kv_size * dim, a.kv_size * dim] +
-                        [lin.weight.numel() for lin in (a.wo, f.w1, f.w3, f.w2)], dtype=torch.float64)
+    q, kv, ff = c.n_head * c.head_dim * c.dim, c.n_local_heads * c.head_dim * c.dim, c.intermediate_size * c.dim
+    return torch.tensor([q, kv, kv, q, ff, ff, ff], dtype=torch.float64)
 
 
 def model_bytes(model: Transformer) -> tuple:
@@ -209,7 +207,7 @@ def model_bytes(model: Transformer) -> tuple:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if not model.config.tie_embeddings:
         total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
-    per = sum(projection_sizes(b) for b in model.layers) * model.output.weight.element_size()
+    per = projection_sizes(model.config) * model.config.n_layer * model.output.weight.element_size()
     return total, per
 
 

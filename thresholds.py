@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from model import PROJECTIONS, CheckpointError, ModelArgs, Transformer
+from model import PROJECTIONS, CheckpointError, ModelArgs, Transformer, projection_sizes
 
 SCHEMA_VERSION = 2
 SCORES = ("magnitude", "weighted")
@@ -115,6 +115,12 @@ def load(path, config: ModelArgs) -> dict:
                                   f"(the threshold table's levels)")
         # greedy.search only ever raises a projection's sparsity as the block sparsity grows
         _check_non_decreasing(g, g_levels, path, "greedy sparsities")
+        # and mixes its steps so that each level is the block's parameter-weighted sparsity, exactly
+        w = projection_sizes(config) / projection_sizes(config).sum()
+        miss = float(((w[None, :, None] * g).sum(1) - g_levels).abs().max())
+        if miss > 1e-4:
+            raise CheckpointError(f"{path}: malformed greedy section: a block's parameter-weighted sparsity misses its "
+                                  f"level by {miss:.3g}")
         greedy = {"levels": g_levels, "table": g}
     cats = data.get("cats")
     if cats is not None:

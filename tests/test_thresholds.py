@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import thresholds
-from model import PROJECTIONS, CheckpointError, ModelArgs
+from model import PROJECTIONS, CheckpointError, ModelArgs, projection_sizes
 
 ARGS = ModelArgs(vocab_size=256, dim=64, n_layer=2, n_head=4, n_local_heads=2, head_dim=16,
                  intermediate_size=128, block_size=128)
@@ -360,8 +360,11 @@ def test_malformed_optional_sections(saved):
     # nor one above the threshold table's last level (0.999), which interpolation would hold at that level's
     rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 0.9995] for p in PROJECTIONS}] * 2})
     assert "greedy section: sparsities outside [0, 0.999]" in load_error(path)
-    rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 0.999] for p in PROJECTIONS}] * 2})
+    rewrite(path, greedy={"levels": [0.0, 0.999], "layers": [{p: [0.0, 0.999] for p in PROJECTIONS}] * 2})
     thresholds.load(path, ARGS)  # at the last level: read off exactly
+    # an allocation whose parameter-weighted sparsity is not its level: a run "at greedy 50%" would run at another
+    rewrite(path, greedy={"levels": [0.0, 0.5], "layers": [{p: [0.0, 0.25] for p in PROJECTIONS}] * 2})
+    assert "parameter-weighted sparsity misses its level by 0.25" in load_error(path)
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -496,13 +499,16 @@ def test_greedy_ignores_the_sparse_aware_table(tmp_path):
     """Greedy allocations interpolate the dense table at each projection's own level, even where a sparse-aware
     table covers the block sparsity asked for."""
     table = random_table()
-    greedy = {"levels": [0.0, 0.5], "layers": [{p: [0.0, LEVELS[2 + i % 2]] for i, p in enumerate(PROJECTIONS)}
-                                               for _ in range(ARGS.n_layer)]}
+    alloc = [LEVELS[2 + i % 2] for i in range(len(PROJECTIONS))]
+    sizes = projection_sizes(ARGS)
+    block = float(sizes @ torch.tensor(alloc, dtype=torch.float64) / sizes.sum())  # 0.35, in the sparse-aware range
+    greedy = {"levels": [0.0, block], "layers": [{p: [0.0, a] for p, a in zip(PROJECTIONS, alloc)}
+                                                 for _ in range(ARGS.n_layer)]}
     path = tmp_path / "t.json"
     thresholds.save(path, ARGS, LEVELS, table, "x", 1, "magnitude", greedy=greedy,
                     sparse_aware={"levels": [0.25, 0.5], "table": random_table(levels=[0.1, 0.2], seed=3)})
     cal = thresholds.load(path, ARGS)
-    got = thresholds.thresholds_for(cal, 0.5, greedy=True).double()
+    got = thresholds.thresholds_for(cal, block, greedy=True).double()
     want = torch.stack([table[:, i, 2 + i % 2] for i in range(len(PROJECTIONS))], dim=1)  # grid levels: stored
     assert torch.allclose(got, want, rtol=1e-5)
 
