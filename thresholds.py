@@ -116,7 +116,8 @@ def load(path, config: ModelArgs) -> dict:
         # greedy.search only ever raises a projection's sparsity as the block sparsity grows
         _check_non_decreasing(g, g_levels, path, "greedy sparsities")
         # and mixes its steps so that each level is the block's parameter-weighted sparsity, exactly
-        w = projection_sizes(config) / projection_sizes(config).sum()
+        sizes = projection_sizes(config)
+        w = sizes / sizes.sum()
         miss = float(((w[None, :, None] * g).sum(1) - g_levels).abs().max())
         if miss > 1e-4:
             raise CheckpointError(f"{path}: malformed greedy section: a block's parameter-weighted sparsity misses its "

@@ -210,9 +210,9 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise ConversionError(f"unsupported architecture {arch!r} (only llama)")
-    shards = field(reader, "split.count", 1)
+    shards = field(reader, "split.count", 1, int)
     if shards != 1:  # llama.cpp's gguf-split writes name-00001-of-0000N.gguf
-        raise ConversionError(f"{path.name} is one of {shards!r} shards of a split GGUF: merge them into one file first "
+        raise ConversionError(f"{path.name} is one of {shards} shards of a split GGUF: merge them into one file first "
                               f"(llama.cpp: llama-gguf-split --merge)")
     for t in reader.tensors:  # before any slow work
         if t.tensor_type not in SUPPORTED_TYPES:
