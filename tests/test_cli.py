@@ -1,5 +1,6 @@
 """cli.py: the argument types turn bad values into a one-line usage error (exit status 2); --seq_len against the
 model's context."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,8 @@ def test_integers(capsys):
     assert parse(cli.positive_ints, "1,2,8") == [1, 2, 8]
     assert parse(cli.at_least(2), "2") == 2
     for fn, bad in ((cli.positive_ints, "abc"), (cli.positive_ints, "1,0"), (cli.at_least(2), "1"),
-                    (cli.at_least(1), "1.5"), (cli.non_negative_float, "-1"), (cli.non_negative_float, "nan")):
+                    (cli.at_least(1), "1.5"), (cli.non_negative_float, "-1"), (cli.non_negative_float, "nan"),
+                    (cli.non_negative_float, "inf")):
         usage_error(fn, bad, capsys)
     assert parse(cli.non_negative_float, "0") == 0.0  # generate.py --temperature 0: greedy decoding
 
@@ -102,6 +104,16 @@ def test_output_paths(tmp_path, capsys):
     assert "f is not a folder" in usage_error(cli.out_folder, str(tmp_path / "f" / "sub"), capsys)
     # the converters' --out: refused before a conversion, not after it
     assert "folder /proc does not take new files" in usage_error(cli.out_folder, "/proc/ckpt", capsys)
+
+
+def test_read_only_file_is_refused(tmp_path, capsys):
+    """An existing file the user may not write (a result of another user's run) is refused before the work."""
+    f = tmp_path / "r.json"
+    f.write_text("x")
+    f.chmod(0o444)
+    if os.access(f, os.W_OK):
+        pytest.skip("this user may write any file (root)")
+    assert "is not writable" in usage_error(cli.out_file, str(f), capsys)
 
 
 def test_help_shows_defaults():

@@ -203,7 +203,7 @@ def test_sharded_safetensors(tmp_path, capsys):
     assert rc == 0, err
     (next(tmp_path.glob("hf/model-0000[2-9]-of-*.safetensors"))).unlink()
     rc, err = run_main("--checkpoint_dir", tmp_path / "hf", "--out", tmp_path / "o")
-    assert rc != 0 and "shard" in err
+    assert rc != 0 and "listed in model.safetensors.index.json is missing" in err, err  # the path has "shard" in it
 
 
 @pytest.mark.parametrize("where,kind", [("tokenizer.model", "sentencepiece"), ("tokenizer.model", "tiktoken"),
@@ -267,6 +267,24 @@ def test_chat_template_from_tokenizer_config(hf_dir, tmp_path, sp_bytes, form):
         assert rc == 0 and not (out / "tokenizer_config.json").exists()  # the replaced model's is gone too
     else:
         assert (out / "chat_template.jinja").read_text() == CHAT
+
+
+def test_chat_template_file_over_tokenizer_config(hf_dir, tmp_path):
+    """A repo with both (an older template left in tokenizer_config.json): chat_template.jinja is the one, as
+    transformers loads it."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    saved = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"), bos_token="A", eos_token="Z")
+    saved.chat_template = CHAT
+    saved.save_pretrained(hf_dir)
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "old {{ eos_token }}"}))
+    rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
+    assert rc == 0, err
+    want = AutoTokenizer.from_pretrained(hf_dir).apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                      add_generation_prompt=True, tokenize=True)
+    ids = get_tokenizer(tmp_path / "o").encode_chat("hi")
+    assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert (tmp_path / "o" / "chat_template.jinja").read_text() == CHAT
 
 
 def test_chat_template_in_place(hf_dir):
@@ -357,6 +375,13 @@ BAD_INPUTS = {
         {"weight_map": {"model.norm.weight": "/etc/passwd"}})), "shard '/etc/passwd' is not a file name inside"),
     "shard up the tree": (lambda d: (d / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.norm.weight": "../hf/model.safetensors"}})), "is not a file name inside"),
+    # indexes of the right JSON but the wrong layout: no weight_map, a list, shard names that are lists
+    "index without a weight_map": (lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'),
+                                   "corrupt"),
+    "weight_map a list": (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}'),
+                          "corrupt"),
+    "weight_map of lists": (lambda d: (d / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"model.norm.weight": ["model.safetensors"]}}'), "corrupt"),
 }
 
 
@@ -430,6 +455,14 @@ def test_download_offline_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"x")
     rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
     assert rc == 1 and err.count("\n") == 1 and "--checkpoint_dir " + str(tmp_path / "m") + " converts it" in err, err
+
+
+def test_unwritable_folder_is_refused_before_a_download(tmp_path, monkeypatch):
+    """Without --out the model goes into --checkpoint_dir: one that takes no files is refused before a download."""
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda *a, **k: pytest.fail("downloaded"))
+    rc, err = run_main("--repo", "org/model", "--checkpoint_dir", "/proc/tealfast-model")
+    assert rc == 1 and err.count("\n") == 1 and "folder /proc does not take new files" in err, err
 
 
 def test_out_folder_of_another_hf_model_is_refused_before_a_download(hf_src, tmp_path, monkeypatch):

@@ -42,6 +42,15 @@ def test_bad_values(tmp_path, capsys, argv, needle):
     assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
+def test_n_layer_of_the_whole_preset(tmp_path, monkeypatch):
+    """--n_layer up to the preset's own count is taken: a preset of 2 layers (smollm2-135m's shapes otherwise)
+    with --n_layer 2."""
+    monkeypatch.setitem(PRESETS, "two-layers", dict(PRESETS["smollm2-135m"], n_layer=2))
+    make_random_checkpoint.main(["--preset", "two-layers", "--out", str(tmp_path / "o"), "--n_layer", "2",
+                                 "--device", "cpu"])
+    assert load_model(tmp_path / "o" / "model.pth").config.n_layer == 2
+
+
 def test_a_models_folder_is_never_overwritten(tmp_path):
     """Random weights go into a new folder or over random weights: never over Hugging Face weights or a converted
     model (a typo in --out would replace a real model's weights and drop its chat template)."""

@@ -127,6 +127,30 @@ def test_hf_bos_from_config_where_the_tokenizer_adds_none(tmp_path, hf_json_no_b
     assert tok.eos_ids == [2, 0]
 
 
+
+def test_hf_added_tokens_past_the_base_vocab(tmp_path):
+    """Special tokens added after the BPE vocab (Qwen2's <|im_start|>, <|im_end|>: ids past the model's vocab) are
+    token ids of the tokenizer: counted in its size, encoded, decoded and taken as config.json's EOS, as
+    transformers does."""
+    from tokenizers import AddedToken, Tokenizer as HFTok, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+    tok_json = HFTok(models.BPE(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[]))
+    tok_json.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok_json.decoder = decoders.ByteLevel()
+    tok_json.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tok_json.save(str(tmp_path / "tokenizer.json"))
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    data = {"tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()}
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "hf", {"vocab_size": 258, "eos_token_id": 257}, data))
+    assert tok.vocab_size == len(ref) == 258 and tok.eos_ids[0] == 257
+    text = "<|im_start|>user hi<|im_end|>"
+    ids = tok.encode(text)
+    assert ids == ref.encode(text, add_special_tokens=False) and ids[0] == 256 and ids[-1] == 257
+    assert tok.decode(ids) == ref.decode(ids) == text
+    assert "has 258 token ids" in error_message(write_checkpoint(tmp_path / "short", "hf", {"vocab_size": 257}, data))
+
+
 # ---------------------------------------------------------------- sentencepiece (tokenizer.model)
 
 @pytest.fixture(scope="module")
@@ -173,6 +197,32 @@ def test_sentencepiece_defaults_without_config(tmp_path, sp_model):
     tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "sentencepiece", None, {"tokenizer.model": sp_model}))
     assert tok.bos_id == 1 and tok.eos_ids == [2]
     assert tok.decode(tok.encode("hi there", bos=True)) == "hi there"  # control ids decode to nothing
+
+
+
+@pytest.mark.parametrize("ids", [dict(bos_id=0, unk_id=1, eos_id=2), dict(eos_id=0, unk_id=1, bos_id=2)])
+def test_sentencepiece_bos_or_eos_at_id_0(tmp_path, ids):
+    """Id 0 is a token id like any other: a model whose BOS or EOS is piece 0 keeps it (sentencepiece says -1 for
+    none), without config.json ids."""
+    import sentencepiece as spm
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS[:20]), model_writer=out, vocab_size=300,
+                                   model_type="bpe", minloglevel=2, **ids)
+    sp = spm.SentencePieceProcessor(model_proto=out.getvalue())
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "sentencepiece", {}, {"tokenizer.model": out.getvalue()}))
+    assert tok.bos_id == sp.bos_id() == ids["bos_id"] and tok.eos_ids == [sp.eos_id()] == [ids["eos_id"]]
+    assert tok.encode("hi", bos=True) == [ids["bos_id"]] + sp.encode("hi")
+
+
+def test_config_bos_over_the_tokenizer_files(tmp_path, sp_model, tiktoken_ranks):
+    """config.json's bos_token_id is the prompt's BOS for a tokenizer.model too (only a tokenizer.json whose
+    post-processor adds one keeps its own), not the id the file names (1 for this sentencepiece model, n for
+    tiktoken's <|begin_of_text|>)."""
+    n = len(tiktoken_ranks)
+    for kind, data, bos in (("sentencepiece", sp_model, 3), ("tiktoken", ranks_file(tiktoken_ranks), n + 2)):
+        tok = get_tokenizer(write_checkpoint(tmp_path / kind, kind, {"bos_token_id": bos},
+                                             {"tokenizer.model": data}))
+        assert tok.bos_id == bos and tok.encode("hi", bos=True) == [bos] + tok.encode("hi"), kind
 
 
 # ---------------------------------------------------------------- tiktoken (Llama-3 tokenizer.model)
@@ -297,6 +347,35 @@ def test_chat_hf_matches_transformers(tmp_path, hf_json):
         want = want["input_ids"] if hasattr(want, "keys") else want
         assert tok.encode_chat(text) == list(want)
     assert tok.encode_chat("hi")[0] == 1  # <|im_start|>, one id: special tokens the template writes are parsed
+
+
+
+# As real templates are written: a block tag per line, indented. transformers' Jinja drops the newline after a block
+# tag (trim_blocks) and the indent before one (lstrip_blocks); the newline after an expression stays.
+MULTILINE_CHAT = """{% for message in messages %}
+  {% if message['role'] == 'system' %}
+{{ '<|im_start|>system\\n' + message['content'] | trim + '<|im_end|>' }}
+  {% else %}
+    {{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}
+  {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+  {{ '<|im_start|>assistant\\n' }}
+{% endif %}"""
+
+
+def test_chat_multiline_template_matches_transformers(tmp_path, hf_json):
+    from transformers import PreTrainedTokenizerFast
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_json))
+    ref.chat_template = MULTILINE_CHAT
+    tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 2},
+                                         {"tokenizer.json": hf_json.read_bytes(),
+                                          "chat_template.jinja": MULTILINE_CHAT.encode()}))
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    messages = [{"role": "system", "content": " be brief "}] + history + [{"role": "user", "content": "and?"}]
+    want = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert tok.encode_chat("and?", system=" be brief ", history=history) == list(
+        want["input_ids"] if hasattr(want, "keys") else want)
 
 
 def test_chat_sentencepiece_is_metas_llama2_format(tmp_path, sp_model):
@@ -503,6 +582,8 @@ def test_errors_checkpoint_folder(tmp_path):
     corrupt_config = write_checkpoint(tmp_path / "cfg", "hf")
     (corrupt_config / "config.json").write_text("{")
     assert "config.json" in error_message(corrupt_config)
+    (corrupt_config / "config.json").write_text("[" * 100_000)  # nested past Python's recursion limit
+    assert "config.json" in error_message(corrupt_config)
 
 
 @pytest.mark.parametrize("kind,name", [("hf", "tokenizer.json"), ("sentencepiece", "tokenizer.model"),
@@ -511,6 +592,17 @@ def test_errors_tokenizer_file(tmp_path, kind, name):
     assert name in error_message(write_checkpoint(tmp_path / "missing", kind, {}))
     garbage = {name: b"\x00\x01garbage \xff\xfe not a tokenizer\n"}
     assert name in error_message(write_checkpoint(tmp_path / "garbage", kind, {}, garbage))
+    assert name in error_message(write_checkpoint(tmp_path / "empty", kind, {}, {name: b""}))  # a download cut short
+
+
+@pytest.mark.parametrize("token", [b"YW-Jj", b"YWJj!"])
+def test_errors_tiktoken_token_not_base64(tmp_path, token):
+    """A token that is not standard base64 (URL-safe, stray characters) is refused naming its line, not read with
+    the stray characters dropped (both would read as "YWJj", the token b"abc")."""
+    data = ranks_file({bytes([b]): b for b in range(256)}).replace(b"IQ== 33", token + b" 33")
+    assert data.count(token) == 1
+    msg = error_message(write_checkpoint(tmp_path / "c", "tiktoken", {}, {"tokenizer.model": data}))
+    assert "line 34" in msg and "base64token rank" in msg, msg
 
 
 def test_errors_tiktoken_ranks_not_contiguous(tmp_path):
@@ -524,3 +616,7 @@ def test_errors_config_ids_out_of_vocab(tmp_path, hf_json, sp_model):
     assert "bos_token_id 1000" in error_message(hf_checkpoint(tmp_path / "edge", hf_json, {"bos_token_id": 1000}))
     ckpt = write_checkpoint(tmp_path / "sp", "sentencepiece", {"bos_token_id": -1}, {"tokenizer.model": sp_model})
     assert "bos_token_id -1" in error_message(ckpt)
+    # JSON's true is not id 1 (Python's bool is an int)
+    assert "bos_token_id True" in error_message(hf_checkpoint(tmp_path / "bool", hf_json, {"bos_token_id": True}))
+    assert "eos_token_id False" in error_message(hf_checkpoint(tmp_path / "bools", hf_json,
+                                                               {"eos_token_id": [2, False]}))
