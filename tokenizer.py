@@ -97,14 +97,23 @@ class Tokenizer:
             raise TokenizerError(f"cannot read {path}: {_one_line(e)}") from None
         except jinja2.TemplateError as e:
             raise TokenizerError(f"{path}: {_one_line(e)}") from None
-        files = [self.folder / n for n in (SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE)]
-        if any(f.exists() for f in files):
+        config_file, map_file = self.folder / TOKENIZER_CONFIG_FILE, self.folder / SPECIAL_TOKENS_MAP_FILE
+        if config_file.exists() or map_file.exists():
+            config = read_json(config_file, required=False)
+            # As transformers reads them: tokenizer_config.json alone where it lists added_tokens_decoder (saved so
+            # since transformers 4.34), else the map's tokens over tokenizer_config.json's (older repos)
+            sources = [config] if "added_tokens_decoder" in config else [config, read_json(map_file, required=False)]
             specials = {}
-            for f in files:  # tokenizer_config.json's over the map's
-                config = read_json(f, required=False)
-                # a token is a string or an AddedToken's {"content": ...}; null or absent: not passed, as transformers
-                specials.update({k: v.get("content") if isinstance(v, dict) else v for k in SPECIAL_TOKEN_KEYS
-                                 if (v := config.get(k)) is not None})
+            for source in sources:
+                for k in SPECIAL_TOKEN_KEYS:
+                    if k in source:
+                        # a string or an AddedToken's {"content": ...}; null: not passed (the map's null drops the
+                        # config's), as transformers
+                        v = source[k].get("content") if isinstance(source[k], dict) else source[k]
+                        if v is None:
+                            specials.pop(k, None)
+                        else:
+                            specials[k] = v
         else:
             specials = {f"{name}_token": self.id_to_token(i) for name, i in
                         (("bos", self.bos_id), ("eos", self.eos_ids[0] if self.eos_ids else None)) if i is not None}

@@ -448,6 +448,28 @@ def test_chat_special_tokens_from_an_older_repos_map(tmp_path, hf_json):
     assert tok.decode(tok.encode_chat("hi")) == "<|endoftext|>hi<|im_end|>"
 
 
+@pytest.mark.parametrize("saved_by", ["older transformers", "transformers >= 4.34"])
+def test_chat_special_tokens_where_both_files_name_them(tmp_path, hf_json, saved_by):
+    """tokenizer_config.json and special_tokens_map.json disagree (a fine-tune that changed its EOS in one): an
+    older repo's map is read over its tokenizer_config.json; one that lists added_tokens_decoder (transformers
+    has saved it since 4.34) is read alone, the map ignored. As transformers loads them."""
+    from transformers import AutoTokenizer
+    template = "{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}"
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>"}
+    if saved_by != "older transformers":
+        config["added_tokens_decoder"] = {}
+    files = {"tokenizer.json": hf_json.read_bytes(), "chat_template.jinja": template.encode(),
+             "tokenizer_config.json": json.dumps(config).encode(),
+             "special_tokens_map.json": json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>"}).encode()}
+    ckpt = write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 2}, files)
+    want = AutoTokenizer.from_pretrained(ckpt).apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                   add_generation_prompt=True, tokenize=True)
+    ids = get_tokenizer(ckpt).encode_chat("hi")
+    assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert get_tokenizer(ckpt).decode(ids) == {"older transformers": "<|im_start|>hi<|endoftext|>",
+                                               "transformers >= 4.34": "hi<|im_end|>"}[saved_by]
+
+
 def test_chat_special_tokens_without_tokenizer_config(tmp_path, hf_json):
     """A folder without tokenizer_config.json (a GGUF's): the template's bos_token and eos_token are the tokens of
     config.json's ids, as transformers takes a GGUF's, not another stop token of the vocab (<|endoftext|> here)."""
