@@ -358,6 +358,11 @@ def test_token_defaults_follow_a_long_seq_len():
         args = calibrate.parse_args(["--checkpoint", "m.pth", "--greedy", "--seq_len", "4096", flag, "2048"])
         with pytest.raises(ValueError, match=f"{flag} must be at least --seq_len"):
             calibrate.set_seq_len(args, config)
+    # a budget of exactly one window is enough
+    args = calibrate.parse_args(["--checkpoint", "m.pth", "--greedy", "--sparse_aware", "--seq_len", "4096", "--tokens",
+                                 "4096", "--greedy_tokens", "4096", "--sparse_aware_tokens", "4096"])
+    calibrate.set_seq_len(args, config)
+    assert (args.tokens, args.greedy_tokens, args.sparse_aware_tokens) == (4096, 4096, 4096)
 
 
 def test_plot_of_weighted_scores_has_a_panel_per_projection(tiny, tmp_path, monkeypatch):
@@ -386,6 +391,8 @@ def test_dataset_file_type_refused_at_parse_time(tmp_path):
     assert code == 2 and "--dataset org/data needs --dataset_file" in err and len(err.splitlines()) == 1, err
     args = calibrate.parse_args(["--checkpoint", "m.pth", "--dataset", "Salesforce/wikitext"])
     assert args.dataset_file == "wikitext-2-raw-v1/train-00000-of-00001.parquet"
+    for name in ("wikitext", "salesforce/WikiText"):  # the hub's short name, any case: the same default file
+        assert calibrate.parse_args(["--checkpoint", "m.pth", "--dataset", name]).dataset_file == args.dataset_file
 
 
 def test_checkpoint_path_is_gpt_fasts_name_for_checkpoint():
@@ -449,3 +456,166 @@ def test_dataset_text_column(tiny, tmp_path, monkeypatch):
                     "--dtype", "fp32", "--device", "cpu", "--out", str(out)])
     assert json.loads(out.read_text())["calibration"] == {"source": "hf-dataset:org/data/train.jsonl", "tokens": 256,
                                                           "score": "magnitude"}
+
+
+@pytest.mark.parametrize("levels", ["0,0.5", "0.5,0.25"])
+def test_sparse_aware_levels_must_increase_above_0(tmp_path, levels):
+    """0 is the dense model, not a level to correct; levels out of order would be refused only by the file's
+    reader, after the calibration: both refused as the flags are parsed."""
+    code, _, err = run_main(["--checkpoint", tmp_path / "m.pth", "--sparse_aware", "--sparse_aware_levels", levels])
+    assert code == 2 and "--sparse_aware_levels must increase within (0, 1)" in err and len(err.splitlines()) == 1, err
+
+
+def test_replaced_sections_names_only_those_not_computed_again(tmp_path):
+    from types import SimpleNamespace
+    out = tmp_path / "t.json"
+    out.write_text(json.dumps({"greedy": {"levels": [0.0]}, "sparse_aware": {"levels": [0.5]}, "cats": [[0.0]]}))
+    names = {"greedy": "a greedy section (--greedy)", "sparse_aware": "a sparse_aware section (--sparse_aware)"}
+    for greedy in (False, True):
+        for sparse_aware in (False, True):
+            got = calibrate.replaced_sections(out, SimpleNamespace(greedy=greedy, sparse_aware=sparse_aware))
+            assert got == [names[n] for n, on in (("greedy", greedy), ("sparse_aware", sparse_aware)) if not on]
+    out.write_text(json.dumps({"greedy": None}))
+    assert calibrate.replaced_sections(out, SimpleNamespace(greedy=False, sparse_aware=False)) == []
+
+
+def test_record_takes_every_score_where_the_rounded_up_share_holds_them():
+    """--samples spread over the windows, rounded up: 4095 over 2 windows is 2048 per call, every one of a window's
+    32 x 64 attention inputs (q/k/v and o): their quantiles are exact, whatever the seed; the down input (32 x 128)
+    is sampled."""
+    from test_generate import TINY, dense_inputs, tiny_model
+    m = tiny_model(seed=3)
+    ids = torch.randint(0, TINY["vocab_size"], (64,)).tolist()
+    table, _, rec = calibrate.record(m, ids, 32, "magnitude", 4095, "cpu", progress=False)
+    again, _, _ = calibrate.record(m, ids, 32, "magnitude", 4095, "cpu", progress=False, seed=5)
+    assert all(sum(len(s) for s in rec.samples[0][p]) == 4096 for p in range(len(PROJECTIONS)))
+    xs = dense_inputs(m, torch.tensor(ids).view(2, 32))
+    levels = torch.tensor(calibrate.LEVELS, dtype=torch.float64)
+    for p, name in ((0, "wqkv"), (3, "wo")):
+        assert torch.equal(table[:, p], again[:, p])
+        for l in range(m.config.n_layer):
+            want = torch.quantile(xs[(l, name)].abs().flatten().double(), levels)
+            torch.testing.assert_close(table[l, p, 1:], want[1:], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(table[:, 6], again[:, 6])
+
+
+def test_cats_table_is_the_quantiles_of_silu_gate(tiny, tmp_path):
+    """The file's cats section: per layer the quantiles of |silu(x W1^T)| (CATS thresholds the gate's activation,
+    not its input or the raw gate), level 0 keeping everything; here every score is taken (--samples past them)."""
+    from test_generate import dense_inputs
+    ckpt, text = tiny
+    out = tmp_path / "t.json"
+    code, _, err = run_main(["--checkpoint", ckpt, "--text", text, "--tokens", "256", "--seq_len", "64", "--samples",
+                             "10000000", "--dtype", "fp32", "--device", "cpu", "--out", out])
+    assert code == 0, err
+    m = load_model(ckpt, "cpu", torch.float32)
+    cats = thresholds.load(out, m.config)["cats"]
+    assert cats is not None and cats.shape == (m.config.n_layer, len(calibrate.LEVELS)) and (cats[:, 0] == 0).all()
+    ids = get_tokenizer(Path(ckpt).parent).encode(text.read_text())[:256]
+    xs = dense_inputs(m, torch.tensor(ids).view(4, 64))
+    levels = torch.tensor(calibrate.LEVELS, dtype=torch.float64)
+    for l, b in enumerate(m.layers):
+        x = xs[(l, "w1")].double()
+        a = torch.nn.functional.silu(x @ b.feed_forward.w1.weight.double().T).abs()
+        want = torch.quantile(a.flatten(), levels)
+        torch.testing.assert_close(cats[l, 1:], want[1:], rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_aware_hits_its_levels_on_the_sparse_model():
+    """The corrected thresholds drop each anchor's fraction of every projection's input on the sparse model's own
+    activations (its counters, on the calibration ids), where the dense quantiles drift above it."""
+    from test_generate import TINY, tiny_model
+    m = tiny_model(seed=3)
+    ids = torch.randint(0, TINY["vocab_size"], (128,)).tolist()
+    table, _, _ = calibrate.record(m, ids, 32, "magnitude", 200_000, "cpu", progress=False)
+    anchors = [0.5, 0.7]
+    corrected = calibrate.sparse_aware(m, ids, 32, table, anchors, "magnitude", "cpu", progress=False)
+    levels = torch.tensor(calibrate.LEVELS, dtype=torch.float64)
+
+    def dropped(thr):
+        m.set_thresholds(thr.float())
+        m.set_sparse(decode=True, prefill=True)
+        m.setup_caches(1, 32)
+        m.start_stats()
+        with torch.no_grad():
+            for i in range(0, len(ids), 32):
+                m(torch.tensor([ids[i:i + 32]]), torch.arange(32))
+        stats = m.pop_stats()
+        m.set_sparse(decode=False, prefill=False)
+        return stats[..., 0] / stats[..., 1]
+    dense_miss = (dropped(thresholds.interp(levels, table, torch.full((2, 7), 0.7, dtype=torch.float64))) - 0.7)
+    assert dense_miss.abs().max() > 0.03  # the drift that the correction is for
+    for i, s in enumerate(anchors):
+        miss = (dropped(corrected[..., i]) - s).abs().max().item()
+        assert miss < 0.012, (s, miss)
+
+
+def test_plot_panels_hold_their_projection_of_the_first_middle_and_last_layers(tmp_path, monkeypatch):
+    """Each panel's histograms are the sampled scores of its projection (magnitudes: q/k/v, o, gate/up, down), one
+    per layer 0, n // 2 and n - 1. The samples here are tagged: 100 * layer + projection + a fraction."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from types import SimpleNamespace
+    import matplotlib.axes
+    n = 5
+    rec = SimpleNamespace(samples=[[[100 * l + p + torch.rand(50)] for p in range(len(PROJECTIONS))]
+                                   for l in range(n)])
+    drawn = []
+    real = matplotlib.axes.Axes.hist
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", lambda ax, v, *a, **k: drawn.append(
+        (ax, {int(x) for x in v.tolist()}, k.get("label"))) or real(ax, v, *a, **k))
+    for score, projs in (("magnitude", (0, 3, 4, 6)), ("weighted", range(len(PROJECTIONS)))):
+        drawn.clear()
+        calibrate.plot(rec, tmp_path / f"{score}.png", "t", score)
+        assert (tmp_path / f"{score}.png").stat().st_size > 0
+        axes = list(dict.fromkeys(ax for ax, _, _ in drawn))
+        assert [[(tags, label) for ax, tags, label in drawn if ax is a] for a in axes] == \
+            [[({100 * l + p}, f"layer {l}") for l in (0, 2, 4)] for p in projs], score
+
+
+def test_calibration_tokens_of_a_dataset_and_of_one_window(tmp_path, monkeypatch):
+    """--dataset: the first --tokens tokens of the file's text, read up to 8 characters per token (here a word-level
+    tokenizer, 4 characters a token: reading only --tokens characters would give a quarter of them); a text of
+    exactly --seq_len tokens is one window, one token fewer is refused."""
+    import huggingface_hub
+    from types import SimpleNamespace
+
+    class Tok:
+        vocab = {}
+
+        def encode(self, t):
+            return [self.vocab.setdefault(w, len(self.vocab)) for w in t.split()]
+    rows = [" ".join(f"w{(7 * r + i) % 97:02d}" for i in range(5)) for r in range(200)]
+
+    def download(repo_id, filename, repo_type=None):
+        f = tmp_path / Path(filename).name
+        f.write_text("\n".join(json.dumps({"text": r}) for r in rows))
+        return str(f)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    args = SimpleNamespace(text=None, dataset="org/data", dataset_file="train.jsonl", text_column="text", tokens=300,
+                           seq_len=64)
+    ids, source = calibrate.calibration_tokens(args, Tok())
+    assert ids == Tok().encode(" ".join(rows))[:300] and source == "hf-dataset:org/data/train.jsonl"
+    for n, ok in ((64, True), (63, False)):
+        (tmp_path / "t.txt").write_text(" ".join(rows)[:4 * n - 1])  # n words of 3 characters and a space
+        args = SimpleNamespace(text=tmp_path / "t.txt", dataset=None, tokens=1000, seq_len=64)
+        if ok:
+            assert len(calibrate.calibration_tokens(args, Tok())[0]) == 64
+        else:
+            with pytest.raises(ValueError, match="calibration text has 63 tokens, fewer than --seq_len 64"):
+                calibrate.calibration_tokens(args, Tok())
+
+
+def test_default_out_checked_before_the_weights_load(tmp_path, monkeypatch):
+    """No --out: the default file beside the checkpoint is checked as a given --out is, before the weights load
+    (not after the calibration's work)."""
+    import checkpoint
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights loaded before the default output was checked")
+    monkeypatch.setattr(checkpoint, "load_model", no_load)
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", max_pos=64)
+    (ckpt.parent / "thresholds.json").mkdir()
+    (tmp_path / "text.txt").write_text(textdata.calibration_text()[:3000])
+    code, _, err = run_main(["--checkpoint", ckpt, "--text", tmp_path / "text.txt", "--device", "cpu"])
+    assert code == 1 and "thresholds.json is a folder" in err and len(err.strip().splitlines()) == 1, err

@@ -1,4 +1,5 @@
 """scripts/eval_ppl.py on the real SmolLM2 (900 held-out tokens), thresholds from test_calibrate's calibration."""
+import functools
 import io
 import json
 import math
@@ -178,12 +179,15 @@ def test_inputs_checked_before_the_weights_load(tmp_path, monkeypatch):
     ckpt = write_tiny_checkpoint(tmp_path / "tiny")  # context 32, 2 layers
     (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
     other = tiny_thresholds(ckpt, tmp_path / "t.json", n_layer=3)
+    other_weighted = tiny_thresholds(ckpt, tmp_path / "w.json", n_layer=3, score="weighted")
     no_greedy = tiny_thresholds(ckpt, tmp_path / "u.json")
     monkeypatch.setattr(checkpoint, "load_model", no_load)
     base = ["--checkpoint", ckpt, "--text", tmp_path / "some.txt", "--device", "cpu"]
     for extra, want in ((["--seq_len", "33"], "--seq_len 33"),
                         (["--sparsity", "0.4", "--thresholds", other], "another model"),
                         (["--sparsity", "0", "--thresholds", other], "another model"),  # named: checked when dense
+                        (["--sparsity", "0", "--method", "weighted", "--weighted_thresholds", other_weighted],
+                         "another model"),
 
                         (["--sparsity", "0.4", "--thresholds", no_greedy, "--method", "uniform,greedy"], "greedy")):
         code, err = run_main([*base, *extra])
@@ -353,3 +357,117 @@ def test_uniform_after_cats_is_teal(tmp_path):
     assert [r["method"] for r in both] == ["cats", "uniform"]
     assert both[1]["ppl"] == alone[0]["ppl"] and both[1]["achieved_sparsity"] == alone[0]["achieved_sparsity"]
     assert both[0]["ppl"] != alone[0]["ppl"]
+
+
+def plain_perplexity(m, ids: list, seq_len: int) -> float:
+    """Model forward + cross-entropy over each seq_len window on its own (as the model is set: dense or sparse)."""
+    nll, n = 0.0, 0
+    m.setup_caches(1, seq_len)
+    with torch.no_grad():
+        for i in range(0, len(ids) - 1, seq_len):
+            w = torch.tensor([ids[i:i + seq_len]])
+            logits = m(w, torch.arange(w.shape[1]))
+            nll += F.cross_entropy(logits[0, :-1], w[0, 1:], reduction="sum").item()
+            n += w.shape[1] - 1
+    return math.exp(nll / n)
+
+
+@pytest.mark.parametrize("corpus", ["pydoc-heldout", "stdlib-docstrings"])
+def test_corpus_and_max_tokens(tmp_path, corpus):
+    """--corpus picks the text, --max_tokens its first N tokens; the JSON names them, with every token but each
+    window's first predicted, and holds the rows returned."""
+    from test_generate import write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")  # context 32
+    out = tmp_path / "r.json"
+    with redirect_stdout(io.StringIO()):
+        res = eval_ppl.main(["--checkpoint", str(ckpt), "--sparsity", "0", "--corpus", corpus, "--max_tokens", "100",
+                             "--device", "cpu", "--json", str(out)])
+    text = textdata.heldout_text() if corpus == "pydoc-heldout" else textdata.docstring_text()
+    ids = get_tokenizer(ckpt.parent).encode(text)[:100]
+    want = plain_perplexity(load_model(ckpt, "cpu", torch.float32), ids, 32)
+    assert res[0]["ppl"] == pytest.approx(want, rel=1e-4)
+    data = json.loads(out.read_text())
+    assert (data["text"], data["tokens"], data["predicted"], data["seq_len"]) == (corpus, 100, 100 - 4, 32)
+    assert data["results"] == res
+
+
+def greedy_file(ckpt, path):
+    """Thresholds |x| = 0.2 * level up to 0.5 (tiny_thresholds' table), and a greedy allocation whose block
+    sparsity 0.4 puts attention at 0.2 and the MLP at 0.5 (parameter-weighted: (12288 * 0.2 + 24576 * 0.5) / 36864)."""
+    import thresholds
+    from test_generate import tiny_thresholds
+    config = load_model(ckpt, "cpu", torch.float32).config
+    cal = thresholds.load(tiny_thresholds(ckpt, path), config)
+    alloc = {p: [0.0, 0.2 if p in ("q", "k", "v", "o") else 0.5] for p in PROJECTIONS}
+    thresholds.save(path, config, cal["levels"].tolist(), cal["table"], "test", 1, "magnitude",
+                    greedy={"levels": [0.0, 0.4], "layers": [alloc] * config.n_layer})
+    return path
+
+
+def test_greedy_reads_the_greedy_allocation(tmp_path):
+    """--method greedy at 0.4: each projection at its allocated level (thresholds 0.04 for attention, 0.1 for the
+    MLP, read off the table by hand), against the model run with those thresholds; uniform 0.4 (0.08 everywhere)
+    differs."""
+    from test_generate import write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    greedy_file(ckpt, ckpt.parent / "thresholds.json")
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    with redirect_stdout(io.StringIO()):
+        res = eval_ppl.main(["--checkpoint", str(ckpt), "--sparsity", "0.4", "--method", "greedy,uniform", "--text",
+                             str(tmp_path / "some.txt"), "--device", "cpu", "--seq_len", "16"])
+    m = load_model(ckpt, "cpu", torch.float32)
+    ids = get_tokenizer(ckpt.parent).encode((tmp_path / "some.txt").read_text())
+    m.set_sparse(decode=True, prefill=True)
+    for row, attention, mlp in ((res[0], 0.04, 0.1), (res[1], 0.08, 0.08)):
+        thr = torch.tensor([attention] * 4 + [mlp] * 3).expand(m.config.n_layer, 7).contiguous()
+        m.set_thresholds(thr)
+        assert row["ppl"] == pytest.approx(plain_perplexity(m, ids, 16), rel=1e-4), row["method"]
+    per = res[0]["achieved_per_projection"]
+    assert per["q"] < per["gate"] and res[0]["ppl"] != res[1]["ppl"]
+
+
+def test_cats_counts_up_and_down(tmp_path):
+    """CATS drops rows of up and down where |silu(gate)| is at or below the layer's threshold (counted here by a
+    hook on w1); q, k, v, o and gate stay dense."""
+    import thresholds
+    from test_generate import tiny_thresholds, write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    m = load_model(ckpt, "cpu", torch.float32)
+    cal = thresholds.load(tiny_thresholds(ckpt, tmp_path / "t.json"), m.config)
+    cal["cats"] = torch.tensor([[0.0, 0.02, 0.2], [0.0, 0.05, 0.3]], dtype=torch.float64)
+    ids = torch.randint(0, m.config.vocab_size, (40,)).tolist()
+    eval_ppl.configure(m, "cats", 0.5, {"magnitude": cal})
+    counts = torch.zeros(m.config.n_layer, 2)
+
+    def hook(mod, inp, out, l):
+        counts[l] += torch.tensor([(F.silu(out).abs() <= cal["cats"][l, 1]).sum().item(), out.numel()])
+    for l, b in enumerate(m.layers):
+        b.feed_forward.w1.register_forward_hook(functools.partial(hook, l=l))
+    _, stats, _ = eval_ppl.perplexity(m, ids, 16)
+    got = stats[..., 0] / stats[..., 1].clamp_min(1)
+    want = counts[:, 0] / counts[:, 1]
+    assert (want > 0.05).all() and (got[:, :5] == 0).all()
+    torch.testing.assert_close(got[:, 5].float(), want)
+    torch.testing.assert_close(got[:, 6].float(), want)
+
+
+def test_plot_draws_perplexity_against_achieved_sparsity(tmp_path, monkeypatch):
+    """--plot: one line per method through (achieved sparsity, perplexity) of its rows, as the JSON holds them."""
+    import matplotlib.figure
+    from test_generate import write_tiny_checkpoint
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny")
+    greedy_file(ckpt, ckpt.parent / "thresholds.json")
+    (tmp_path / "some.txt").write_text("the cat sat on the mat and the dog sat on the log " * 4)
+    lines = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: lines.extend(
+        (line.get_label(), list(zip(line.get_xdata(), line.get_ydata()))) for line in fig.axes[0].get_lines())
+        or real(fig, *a, **k))
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    code, err = run_main(["--checkpoint", ckpt, "--sparsity", "0,0.2,0.4", "--method", "uniform,greedy", "--text",
+                          tmp_path / "some.txt", "--device", "cpu", "--seq_len", "16", "--json", out, "--plot", png])
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(out.read_text())["results"]
+    assert lines == [(m, [(r["achieved_sparsity"], r["ppl"]) for r in rows if r["method"] == m])
+                     for m in ("uniform", "greedy")]

@@ -44,6 +44,9 @@ def test_no_held_out_text_in_the_calibration_part():
     assert len(lines) > 100 and not [l for l in lines if l in cal_text]
     quoted = [p.strip() for k in split_keys()[0] for p in topics[k].split(SEP) if len(p.strip()) >= 40]
     assert sum(p in held_text for p in quoted) > 30  # what the rule takes out is there to take out
+    # the rule itself, on every paragraph, short ones too: none that stands in the held-out part (stripped: an
+    # indented "    Note:" is the held-out part's "Note:" as well)
+    assert not [p for p in cal_text.split(SEP) if p.strip() in held_text]
 
 
 def test_sizes_plausible():
@@ -108,6 +111,16 @@ def test_dataset_files(tmp_path, suffix):
     assert "\n" not in str(e.value)
 
 
+def test_dataset_max_chars_counts_the_stripped_rows(tmp_path):
+    """Rows are taken whole until the stripped text taken reaches max_chars: at exactly max_chars it stops, and a
+    row's surrounding whitespace (dropped from the text) does not count."""
+    f = write_dataset(tmp_path / "d.jsonl", rows=["  ab  ", "cdef", "gh"])
+    assert textdata.text_from_file(f, max_chars=2) == "ab"
+    assert textdata.text_from_file(f, max_chars=3) == "ab\n\ncdef"
+    assert textdata.text_from_file(f, max_chars=6) == "ab\n\ncdef"
+    assert textdata.text_from_file(f, max_chars=7) == "ab\n\ncdef\n\ngh"
+
+
 def test_dataset_txt(tmp_path):
     assert textdata.text_from_file(write_dataset(tmp_path / "d.txt")) == "first row\n\n  second row  \nthird"
     assert textdata.text_from_file(write_dataset(tmp_path / "e.txt"), max_chars=5) == "first"
@@ -116,6 +129,10 @@ def test_dataset_txt(tmp_path):
 @pytest.mark.parametrize("name, content, message", [("d.csv", "a,b", "unsupported dataset file type"),
                                                     ("d.jsonl", "{not json", "not a .jsonl file"),
                                                     ("d.json", '[{"text": 3}]', "no text"),
+                                                    # records that are not objects: no field to read
+                                                    ("d.json", '["a", "b"]', "records have no 'text' field"),
+                                                    ("d.json", '{"text": "a"}', "records have no 'text' field"),
+                                                    ("d.jsonl", '3\n', "records have no 'text' field"),
                                                     ("d.parquet", "not parquet", "cannot read column")])
 def test_dataset_file_errors(tmp_path, name, content, message):
     if name.endswith(".parquet"):
@@ -189,3 +206,26 @@ def test_encode_head_of_a_text_of_long_tokens():
     whole = Tok().encode(text)
     for n in range(1, 400):
         assert textdata.encode_head(Tok(), text, n) == whole[:n], n
+
+
+def test_docstring_text():
+    """--corpus stdlib-docstrings: each listed module's own docstring and those of its public classes and functions
+    (over 200 characters), each once (modules re-export one another's)."""
+    import importlib
+    import inspect
+    text = textdata.docstring_text()
+    n_modules, n_docs = 0, 0
+    for name in textdata.DOCSTRING_MODULES:
+        mod = importlib.import_module(name)
+        doc = inspect.getdoc(mod)
+        if doc and len(doc) > 200:
+            n_modules += 1
+            assert text.count(doc) == 1, name
+        for obj in vars(mod).values():
+            doc = inspect.getdoc(obj) if inspect.isclass(obj) or inspect.isfunction(obj) else None
+            public = getattr(obj, "__name__", "_")[0] != "_" and obj is getattr(mod, obj.__name__, None)
+            if doc and len(doc) > 200 and public:
+                n_docs += 1
+                assert text.count(doc) == 1, (name, obj.__name__)
+    assert n_modules >= 5 and n_docs > 50
+    assert all(len(p) > 0 for p in text.split(SEP)) and textdata.docstring_text() == text
