@@ -86,7 +86,7 @@ def text_from_file(path: Path, column: str = "text", max_chars: int = 10_000_000
             raise ValueError(f"{path.name}: cannot read column {column!r}: {(str(e).splitlines() or [''])[0]}") from None
     elif suffix in (".jsonl", ".json"):
         try:
-            raw = path.read_text(encoding="utf-8")
+            raw = path.read_text(encoding="utf-8-sig")  # a leading BOM (Windows tools) is not JSON
             records = json.loads(raw) if suffix == ".json" else []
             for i, line in enumerate(raw.splitlines() if suffix == ".jsonl" else []):
                 try:

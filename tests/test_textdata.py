@@ -111,6 +111,15 @@ def test_dataset_files(tmp_path, suffix):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".txt"])
+def test_dataset_file_with_a_bom(tmp_path, suffix):
+    """A file that a Windows tool saved with a leading byte-order mark reads as without it, whatever its type."""
+    plain = write_dataset(tmp_path / f"d{suffix}")
+    bom = tmp_path / f"bom{suffix}"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert textdata.text_from_file(bom) == textdata.text_from_file(plain)
+
+
 def test_dataset_max_chars_counts_the_stripped_rows(tmp_path):
     """Rows are taken whole until the stripped text taken reaches max_chars: at exactly max_chars it stops, and a
     row's surrounding whitespace (dropped from the text) does not count."""
