@@ -192,6 +192,37 @@ def test_bad_input():
             decode_attention(qkv, bias, k, v, p, f, 4, window)
 
 
+def test_chunks_cover_every_position():
+    # The attended length is split at run time into N_SPLIT chunks of whole BLOCK_S steps (3 of 16 in Triton's
+    # interpreter, 64 on a GPU): lengths one past that grid (49 = 3 x 16 + 1, 129 = 2 x 64 + 1), on it and one short
+    # of it, windows likewise, must still reach the new token and every position before it
+    for S, pos, window in [(100, 48, 0), (100, 47, 0), (100, 49, 0), (100, 96, 0), (200, 128, 0), (100, 60, 49),
+                           (100, 80, 33), (200, 150, 129)]:
+        check(*random_case(1, 4, 2, S, 16, torch.float32, pos, parts=2, seed=pos + window), 4, window=window)
+
+
+@pytest.mark.parametrize("shift,at", [(-110.0, None), (110.0, 1)])
+def test_logits_far_from_zero(shift, at):
+    # Softmax does not change when every score moves by the same amount, and the kernel must not either: every
+    # key's score about 110 (nats) below zero, where exp underflows fp32 unless each chunk and the merge subtract
+    # the largest score they have seen; or one key (position 1, the first step of the first chunk) 110 above the
+    # others, after which a maximum that falls back to a later step's would scale the chunk's sums by 2^159
+    H, D, S, pos = 2, 32, 100, 99
+    qkv, bias, k, v, p, f = random_case(1, H, H, S, D, torch.float32, pos, seed=4)
+    q = qkv[0, 0, :H * D].reshape(H, D)
+    along = rotate(q, f[pos]).float() / q.pow(2).sum(-1, keepdim=True) * shift * D ** 0.5  # q . along = shift sqrt(D)
+    if at is None:  # the cached keys and the new one
+        k[0, :, :pos] += along[:, None]
+        qkv[0, 0, H * D:2 * H * D] += (q / q.pow(2).sum(-1, keepdim=True) * shift * D ** 0.5).flatten()
+    else:
+        k[0, :, at] += along
+    want, k_new, _ = oracle(qkv, bias, k, v, p, f, H)
+    kc, vc = k.clone(), v.clone()
+    y = decode_attention(qkv, bias, kc, vc, p, f, H)
+    assert rel_err(y, want) < 1e-4 and rel_err(kc[:, :, pos], k_new) < 1e-5
+    if at is not None:
+        assert rel_err(want, v[:1, :, at]) < 1e-6  # the one key takes all the weight
+
 # ---- GPU only ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,H,H_kv,S,parts,window", [(1, 32, 8, 4096, 5, 0), (4, 32, 32, 1024, 1, 0),

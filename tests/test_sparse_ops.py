@@ -333,6 +333,34 @@ def test_bad_input():
                          torch.ones(64, 2, device=DEV).t())
 
 
+def past_the_end(t, fill):
+    """t as the head of a longer buffer whose tail holds `fill`: a kernel that reads past t's end reads fill, not
+    whatever memory follows (Triton's interpreter reads it, a GPU may too)."""
+    buf = torch.full((t.numel() + 1024,), fill, dtype=t.dtype, device=t.device)
+    buf[:t.numel()] = t.flatten()
+    return buf[:t.numel()].view(t.shape)
+
+
+@pytest.mark.parametrize("B,K,N,path", [(1, 200, 48, "windows"), (1, 2088, 32, "listed"), (3, 200, 48, "tiles")])
+def test_nothing_read_past_k(B, K, N, path):
+    # K not a multiple of the shares, so the last split's share runs past K: batch 1's windows (two of 64 rows
+    # from 128, K=200), its lists (shares of 1056 channels, scanned in chunks of 1024: a count carried across
+    # chunks), a batch's tiles. Past x's end lie inputs every threshold keeps, past the weights' NaN: a channel
+    # >= K read, listed or streamed shows.
+    from sparse_ops.gemv import pick_config
+    cfg = pick_config(B, K, 2 * N, (N,), torch.device(DEV))
+    assert (cfg["WINDOWS"] > 0) == (path == "windows") and (cfg["BLOCK_B"] > 1) == (path == "tiles")
+    g = torch.Generator().manual_seed(K + B)
+    x = torch.randn(B, K, generator=g).to(torch.bfloat16).to(DEV)
+    wa, wb = ((torch.randn(K, N, generator=g) / K ** 0.5).to(torch.bfloat16).to(DEV) for _ in range(2))
+    xp, wap, wbp = past_the_end(x, 100.0), past_the_end(wa, float("nan")), past_the_end(wb, float("nan"))
+    for levels in ([0.0, 0.0], [0.4, 0.6]):
+        thr = quantile_thresholds(x, levels)
+        y = sparse_gemv_pair(xp, wap, wbp, thr)
+        assert rel_err(y, sparse_gemv_pair_ref(x.double(), wa.double(), wb.double(), thr)) < TOL[torch.bfloat16]
+        y = sparse_gemv(xp, wap, thr[:1], [N])
+        assert rel_err(y, sparse_gemv_ref(x.double(), wa.double(), thr[:1], [N])) < TOL[torch.bfloat16]
+
 # ---- GPU only ------------------------------------------------------------------------------------------
 LLAMA_SHAPES = [(4096, 4096), (4096, 6144), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
 
