@@ -341,15 +341,19 @@ def past_the_end(t, fill):
     return buf[:t.numel()].view(t.shape)
 
 
-@pytest.mark.parametrize("B,K,N,path", [(1, 200, 48, "windows"), (1, 2088, 32, "listed"), (3, 200, 48, "tiles")])
+# a GPU lists only weights past 4096 x 4096 and splits K by the outputs' programs: N 16896 gives two shares there
+@pytest.mark.parametrize("B,K,N,path", [(1, 200, 48, "windows"), (1, 2088, 32 if DEV == "cpu" else 16896, "listed"),
+                                        (3, 200, 48, "tiles")])
 def test_nothing_read_past_k(B, K, N, path):
-    # K not a multiple of the shares, so the last split's share runs past K: batch 1's windows (two of 64 rows
-    # from 128, K=200), its lists (shares of 1056 channels, scanned in chunks of 1024: a count carried across
-    # chunks), a batch's tiles. Past x's end lie inputs every threshold keeps, past the weights' NaN: a channel
-    # >= K read, listed or streamed shows.
-    from sparse_ops.gemv import pick_config
+    # K not a multiple of the shares, so the last split's share runs past K: batch 1's windows (K=200), its lists
+    # (shares of 1056 channels, scanned in chunks of 1024: a count carried across chunks), a batch's tiles. Past
+    # x's end lie inputs every threshold keeps, past the weights' NaN: a channel >= K read, listed or streamed shows.
+    from sparse_ops.gemv import _plan, pick_config
     cfg = pick_config(B, K, 2 * N, (N,), torch.device(DEV))
     assert (cfg["WINDOWS"] > 0) == (path == "windows") and (cfg["BLOCK_B"] > 1) == (path == "tiles")
+    if path == "listed":  # the single GEMV's shares: longer than one chunk of the scan, the last one past K
+        share = _plan(torch.empty(B, K, device=DEV), N, N, 0, 0)[2]
+        assert share > 1024 and K % share
     g = torch.Generator().manual_seed(K + B)
     x = torch.randn(B, K, generator=g).to(torch.bfloat16).to(DEV)
     wa, wb = ((torch.randn(K, N, generator=g) / K ** 0.5).to(torch.bfloat16).to(DEV) for _ in range(2))
