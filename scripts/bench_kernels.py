@@ -49,6 +49,15 @@ def make_x(batch, K, sparsity, dtype, g):
     return x, thr
 
 
+def bytes_needed(x: torch.Tensor, thr: float, N: int, glu: bool = False) -> tuple:
+    """(the union density: the fraction of the K inputs that some row of x keeps, |x| > thr; the bytes a sparse op
+    on a (K, N) weight needs: the weight rows of those inputs, plus x and y, which is N / 2 wide for the GLU's
+    silu(gate) * up), in x's dtype."""
+    union = (x.abs().float() > thr).any(0).float().mean().item()
+    (batch, K), size = x.shape, x.element_size()
+    return union, union * K * N * size + batch * (K + (N // 2 if glu else N)) * size
+
+
 REPS = 20
 
 
@@ -136,8 +145,7 @@ def run(args):
                     fn = lambda i: sparse_ops.sparse_gemv(x, wts[i], thr_t[:1], [N])  # noqa: E731
                 t = time_us(fn, c)
                 t_kernel = kernel_us(fn, c, "_sparse_gemv_kernel")
-                union = (x.abs().float() > thr).any(0).float().mean().item()
-                need = union * K * N * w0.element_size() + batch * (K + (N // 2 if glu else N)) * w0.element_size()
+                union, need = bytes_needed(x, thr, N, glu)
                 rows.append(dict(shape=name, K=K, N=N, batch=batch, sparsity=s, union_density=round(union, 4),
                                  sparse_us=round(t, 2), kernel_us=round(t_kernel, 2), cublas_us=round(t_cublas, 2),
                                  compiled_us=None if t_compiled is None else round(t_compiled, 2),

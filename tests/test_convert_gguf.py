@@ -404,6 +404,67 @@ def test_end_of_turn_without_eos_is_a_stop_id(tmp_path):
     assert len(tokens) - 2 in get_tokenizer(out).eos_ids
 
 
+def test_tiny_gguf_metadata_and_dtype(tmp_path):
+    """Every llama.* value that write_tiny_gguf writes reaches config.json; the weights take --dtype (bf16 unless
+    given)."""
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "bf16")])
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"], cfg["max_position_embeddings"]) == (64, 96, 1, 2, 1, 64)
+    assert cfg["rms_norm_eps"] == 1e-6 and cfg["rope_theta"] == 5000.0
+    state = torch.load(tmp_path / "bf16" / "model.pth", weights_only=True)
+    assert {w.dtype for w in state.values()} == {torch.bfloat16}
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "fp16"),
+                                  "--dtype", "fp16"])
+    state = torch.load(tmp_path / "fp16" / "model.pth", weights_only=True)
+    assert {w.dtype for w in state.values()} == {torch.float16}
+
+
+def test_end_of_turn_that_is_eos_is_one_stop_id(tmp_path):
+    # Llama-3-Instruct GGUFs write eos_token_id and eot_token_id both 128009: one id, as a plain number
+    tokens, _, _ = write_tiny_gguf(tmp_path / "m.gguf", eot=True, eos=len(tiny_tokens()) - 2)
+    out = tmp_path / "ckpt"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "m.gguf"), "--out", str(out), "--dtype", "fp32"])
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == len(tokens) - 2
+
+
+@pytest.mark.parametrize("pre, want", [
+    # GPT-2's regex: a run of digits is one piece (" ?\p{N}+"), merged as the merges say
+    ("default", ["1", "2", "3", "4", "5", "\u0120", "42"]),
+    # llama.cpp's smollm/starcoder: every digit its own piece first (SmolLM2's tokenizer.json: Digits individual)
+    ("smollm", ["1", "2", "3", "4", "5", "\u0120", "4", "2"]),
+    # llama.cpp's llama-bpe (Llama-3's regex): digits in pieces of at most 3 ("\p{N}{1,3}"), each a vocab word whole
+    ("llama-bpe", ["123", "45", "\u0120", "42"]),
+])
+def test_digits_as_each_pre_tokenizer_splits_them(tmp_path, pre, want):
+    tokens, _, _ = write_tiny_gguf(tmp_path / "m.gguf", pre=pre, more_tokens=["42", "123", "45", "12345"],
+                                   merges=["\u0120 t", "4 2"])
+    out = tmp_path / "ckpt"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "m.gguf"), "--out", str(out), "--dtype", "fp32"])
+    tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    ids = tok.encode("12345 42", add_special_tokens=False).ids
+    assert [tokens[i] for i in ids] == want
+
+
+def test_llama3_pre_without_a_bos_id_adds_none(tmp_path):
+    # llama-bpe adds BOS by default, where the file names one: without a BOS id the prompt is left as it is
+    tokens, _, _ = write_tiny_gguf(tmp_path / "m.gguf", pre="llama-bpe")
+    out = tmp_path / "ckpt"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "m.gguf"), "--out", str(out), "--dtype", "fp32"])
+    tok = get_tokenizer(out)
+    assert not tok.add_bos and tok.encode("a", bos=True) == [tokens.index("a")]
+
+
+def test_integer_metadata_serves_as_a_float(tmp_path):
+    # (field's rule: a rope base written as an integer is the same number)
+    write_tiny_gguf(tmp_path / "m.gguf", meta={"rope_freq_base": None},
+                    raw_kv=[("add_uint32", "llama.rope.freq_base", 20000)])
+    out = tmp_path / "ckpt"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "m.gguf"), "--out", str(out), "--dtype", "fp32"])
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == 20000.0
+
+
 # ---- errors ------------------------------------------------------------------------------------------------
 def write_gguf(path: Path, arch: str, tensor_type=None) -> None:
     w = gguf.GGUFWriter(str(path), arch)
@@ -469,15 +530,31 @@ MALFORMED = {  # write_tiny_gguf's arguments, and words of the one-line error
     "embedding of 3 dimensions": (dict(shapes={"token_embd": (2, len(tiny_tokens()), 64)}),
                                   "token_embd.weight has 3 dimensions, not 2"),
     "q of another input width": (dict(shapes={"blk.0.attn_q": (64, 32)}), "attn_q/k/v have shapes"),
+    # refused where converted they would run as another model: scaled or partial RoPE, experts
+    "rope scaling": (dict(raw_kv=[("add_string", "llama.rope.scaling.type", "linear")]),
+                     "unsupported rope scaling 'linear'"),
+    "partial rotary": (dict(raw_kv=[("add_uint32", "llama.rope.dimension_count", 16)]),
+                       "partial rotary embeddings are not supported"),
+    "mixture of experts": (dict(raw_kv=[("add_uint32", "llama.expert_count", 8)]),
+                           "mixture-of-experts models are not supported"),
+    "end of turn past the tokens": (dict(raw_kv=[("add_uint32", "tokenizer.ggml.eot_token_id", len(tiny_tokens()))]),
+                                    "tokenizer.ggml.eot_token_id"),
+    # merges that the BPE model would refuse with a traceback: a part not listed, a merge of three that make a token
+    "merge of an unlisted part": (dict(more_tokens=["\u0120xyz"], merges=["\u0120 t", "\u0120 xyz"]),
+                                  "merge '\u0120 xyz' is not two tokens"),
+    "merge of three listed parts": (dict(more_tokens=["\u0120tt"], merges=["\u0120 t t"]),
+                                    "merge '\u0120 t t' is not two tokens"),
 }
 
 
-@pytest.mark.parametrize("case", ["missing", "not_gguf", "truncated", "arch", "qtype", *MALFORMED])
+@pytest.mark.parametrize("case", ["missing", "folder", "not_gguf", "truncated", "arch", "qtype", *MALFORMED])
 def test_errors_are_one_line(tmp_path, case):
     f = tmp_path / "m.gguf"
     if case in MALFORMED:
         write_tiny_gguf(f, **MALFORMED[case][0])
-    if case == "not_gguf":
+    if case == "folder":  # the folder a GGUF was downloaded to
+        f.mkdir()
+    elif case == "not_gguf":
         f.write_bytes(b"definitely not a gguf file" * 10)
     elif case == "truncated":  # a download cut short: the header reads, a tensor runs past the end
         write_tiny_gguf(f)
@@ -492,6 +569,8 @@ def test_errors_are_one_line(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     if case == "truncated":
         assert "cut short" in err, err
+    if case == "folder":
+        assert "is a folder: give the .gguf file" in err, err
     if case in MALFORMED:
         assert MALFORMED[case][1] in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
