@@ -35,7 +35,7 @@ PRESETS = {
     "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layer=32, n_head=32, n_local_heads=32, head_dim=128,
                        intermediate_size=11008, block_size=4096),
     "mistral-7b": dict(vocab_size=32000, dim=4096, n_layer=32, n_head=32, n_local_heads=8, head_dim=128,
-                       intermediate_size=14336, rope_base=1000000.0, block_size=4096),
+                       intermediate_size=14336, rope_base=1000000.0, block_size=32768),
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layer=30, n_head=9, n_local_heads=3, head_dim=64,
                          intermediate_size=1536, rope_base=100000.0, tie_embeddings=True, block_size=8192),
 }

@@ -130,8 +130,7 @@ def test_presets_match_the_published_configs(preset):
     assert (a.vocab_size, a.dim, a.n_layer, a.n_head, a.n_local_heads, a.intermediate_size, a.rope_base) == (
         vocab, dim, layers, heads, kv_heads, ffn, rope)
     assert a.head_dim == dim // heads and a.tie_embeddings == (preset == "smollm2-135m")
-    if preset != "mistral-7b":  # (its preset stops at 4096 positions)
-        assert a.block_size == context
+    assert a.block_size == context
 
 
 def test_kernel_and_attention_shapes_are_the_models():
