@@ -223,6 +223,7 @@ def test_logits_far_from_zero(shift, at):
     if at is not None:
         assert rel_err(want, v[:1, :, at]) < 1e-6  # the one key takes all the weight
 
+
 # ---- GPU only ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,H,H_kv,S,parts,window", [(1, 32, 8, 4096, 5, 0), (4, 32, 32, 1024, 1, 0),

@@ -281,7 +281,7 @@ def test_chat_template_file_over_tokenizer_config(hf_dir, tmp_path):
     rc, err = run_main("--checkpoint_dir", hf_dir, "--out", tmp_path / "o")
     assert rc == 0, err
     want = AutoTokenizer.from_pretrained(hf_dir).apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                      add_generation_prompt=True, tokenize=True)
+                                                                     add_generation_prompt=True, tokenize=True)
     ids = get_tokenizer(tmp_path / "o").encode_chat("hi")
     assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
     assert (tmp_path / "o" / "chat_template.jinja").read_text() == CHAT

@@ -210,6 +210,7 @@ def test_norm_of_the_rounded_residual():
         y = add_rmsnorm(x, parts, w, 1e-5, torch.zeros(2, device=DEV))[1]
         assert (y != oracle(x, parts, w, 1e-5)[1]).sum() <= 5
 
+
 # ---- GPU only ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_parts", [1, 5, 8])

@@ -365,6 +365,7 @@ def test_nothing_read_past_k(B, K, N, path):
         y = sparse_gemv(xp, wap, thr[:1], [N])
         assert rel_err(y, sparse_gemv_ref(x.double(), wa.double(), thr[:1], [N])) < TOL[torch.bfloat16]
 
+
 # ---- GPU only ------------------------------------------------------------------------------------------
 LLAMA_SHAPES = [(4096, 4096), (4096, 6144), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
 

@@ -127,7 +127,6 @@ def test_hf_bos_from_config_where_the_tokenizer_adds_none(tmp_path, hf_json_no_b
     assert tok.eos_ids == [2, 0]
 
 
-
 def test_hf_added_tokens_past_the_base_vocab(tmp_path):
     """Special tokens added after the BPE vocab (Qwen2's <|im_start|>, <|im_end|>: ids past the model's vocab) are
     token ids of the tokenizer: counted in its size, encoded, decoded and taken as config.json's EOS, as
@@ -197,7 +196,6 @@ def test_sentencepiece_defaults_without_config(tmp_path, sp_model):
     tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "sentencepiece", None, {"tokenizer.model": sp_model}))
     assert tok.bos_id == 1 and tok.eos_ids == [2]
     assert tok.decode(tok.encode("hi there", bos=True)) == "hi there"  # control ids decode to nothing
-
 
 
 @pytest.mark.parametrize("ids", [dict(bos_id=0, unk_id=1, eos_id=2), dict(eos_id=0, unk_id=1, bos_id=2)])
@@ -349,7 +347,6 @@ def test_chat_hf_matches_transformers(tmp_path, hf_json):
     assert tok.encode_chat("hi")[0] == 1  # <|im_start|>, one id: special tokens the template writes are parsed
 
 
-
 # As real templates are written: a block tag per line, indented. transformers' Jinja drops the newline after a block
 # tag (trim_blocks) and the indent before one (lstrip_blocks); the newline after an expression stays.
 MULTILINE_CHAT = """{% for message in messages %}
@@ -460,7 +457,8 @@ def test_chat_special_tokens_where_both_files_name_them(tmp_path, hf_json, saved
         config["added_tokens_decoder"] = {}
     files = {"tokenizer.json": hf_json.read_bytes(), "chat_template.jinja": template.encode(),
              "tokenizer_config.json": json.dumps(config).encode(),
-             "special_tokens_map.json": json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>"}).encode()}
+             "special_tokens_map.json":
+                 json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>"}).encode()}
     ckpt = write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 2}, files)
     want = AutoTokenizer.from_pretrained(ckpt).apply_chat_template([{"role": "user", "content": "hi"}],
                                                                    add_generation_prompt=True, tokenize=True)
