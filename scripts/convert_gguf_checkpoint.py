@@ -151,8 +151,8 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     if not tokens or not merges:
         raise ConversionError("GGUF tokenizer lacks tokens or merges")
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    for key in ("bos", "eos", "eot"):  # ids of this list (the runtime refuses any other)
-        i = field(reader, f"tokenizer.ggml.{key}_token_id", kind=int)
+    ids = {key: field(reader, f"tokenizer.ggml.{key}_token_id", kind=int) for key in ("bos", "eos", "eot")}
+    for key, i in ids.items():  # ids of this list (the runtime refuses any other)
         if i is not None and not 0 <= i < len(tokens):
             raise ConversionError(f"tokenizer.ggml.{key}_token_id {i!r} is not a token id ({len(tokens)} tokens)")
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -187,7 +187,7 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
 
-    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    bos = ids["bos"]
     if field(reader, "tokenizer.ggml.add_bos_token", whole_words, bool) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])

@@ -332,6 +332,13 @@ LLAMA3_CHAT = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_i
 CHAT_TEXTS = ["hi", "What is a generator?  ", "naïve 日本語\nsecond line", ""]
 
 
+def hf_chat_ids(ref, messages) -> list:
+    """transformers' apply_chat_template ids of messages with the generation prompt (a list, or in a BatchEncoding
+    as some versions return it)."""
+    want = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(want["input_ids"] if hasattr(want, "keys") else want)
+
+
 def test_chat_hf_matches_transformers(tmp_path, hf_json):
     from transformers import PreTrainedTokenizerFast
     ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_json))
@@ -340,10 +347,7 @@ def test_chat_hf_matches_transformers(tmp_path, hf_json):
                                          {"tokenizer.json": hf_json.read_bytes(), "chat_template.jinja":
                                           CHATML.encode()}))
     for text in CHAT_TEXTS + ["<|im_end|> written by the user"]:
-        want = ref.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                       tokenize=True)
-        want = want["input_ids"] if hasattr(want, "keys") else want
-        assert tok.encode_chat(text) == list(want)
+        assert tok.encode_chat(text) == hf_chat_ids(ref, [{"role": "user", "content": text}])
     assert tok.encode_chat("hi")[0] == 1  # <|im_start|>, one id: special tokens the template writes are parsed
 
 
@@ -370,9 +374,7 @@ def test_chat_multiline_template_matches_transformers(tmp_path, hf_json):
                                           "chat_template.jinja": MULTILINE_CHAT.encode()}))
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     messages = [{"role": "system", "content": " be brief "}] + history + [{"role": "user", "content": "and?"}]
-    want = ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    assert tok.encode_chat("and?", system=" be brief ", history=history) == list(
-        want["input_ids"] if hasattr(want, "keys") else want)
+    assert tok.encode_chat("and?", system=" be brief ", history=history) == hf_chat_ids(ref, messages)
 
 
 def test_chat_sentencepiece_is_metas_llama2_format(tmp_path, sp_model):
@@ -420,10 +422,8 @@ def test_chat_renders_as_transformers_does(tmp_path, hf_json):
     # config.json's BOS / EOS ids name other tokens: the template's come from tokenizer_config.json
     tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 1}, files))
     for text in ["a<b> & 'c' 日本", ""]:
-        want = ref.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                       tokenize=True)
         ids = tok.encode_chat(text)
-        assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+        assert ids == hf_chat_ids(ref, [{"role": "user", "content": text}])
         assert ids[0] == 0 and ids[-2:] == [2, 1] and "TOOLS" not in tok.decode(ids)
 
 
@@ -440,8 +440,7 @@ def test_chat_special_tokens_from_an_older_repos_map(tmp_path, hf_json):
     files = {n: (tmp_path / "saved" / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json",
                                                                 "special_tokens_map.json", "chat_template.jinja")}
     tok = get_tokenizer(write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 1}, files))
-    want = ref.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
-    assert tok.encode_chat("hi") == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert tok.encode_chat("hi") == hf_chat_ids(ref, [{"role": "user", "content": "hi"}])
     assert tok.decode(tok.encode_chat("hi")) == "<|endoftext|>hi<|im_end|>"
 
 
@@ -460,10 +459,8 @@ def test_chat_special_tokens_where_both_files_name_them(tmp_path, hf_json, saved
              "special_tokens_map.json":
                  json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>"}).encode()}
     ckpt = write_checkpoint(tmp_path / "ckpt", "hf", {"bos_token_id": 1, "eos_token_id": 2}, files)
-    want = AutoTokenizer.from_pretrained(ckpt).apply_chat_template([{"role": "user", "content": "hi"}],
-                                                                   add_generation_prompt=True, tokenize=True)
     ids = get_tokenizer(ckpt).encode_chat("hi")
-    assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert ids == hf_chat_ids(AutoTokenizer.from_pretrained(ckpt), [{"role": "user", "content": "hi"}])
     assert get_tokenizer(ckpt).decode(ids) == {"older transformers": "<|im_start|>hi<|endoftext|>",
                                                "transformers >= 4.34": "hi<|im_end|>"}[saved_by]
 
@@ -479,8 +476,7 @@ def test_chat_special_tokens_without_tokenizer_config(tmp_path, hf_json):
                                          {"tokenizer.json": hf_json.read_bytes(),
                                           "chat_template.jinja": template.encode()}))
     assert tok.eos_ids == [2, 0]  # <|endoftext|> stops generation too
-    want = ref.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
-    assert tok.encode_chat("hi") == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert tok.encode_chat("hi") == hf_chat_ids(ref, [{"role": "user", "content": "hi"}])
     assert tok.decode(tok.encode_chat("hi")) == "<|im_start|>hi<|im_end|>"
 
 
