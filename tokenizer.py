@@ -80,9 +80,9 @@ class Tokenizer:
 
     def load_chat_template(self):
         """(compiled template, special tokens), read once from the folder's chat_template.jinja and, as transformers
-        takes them, the special tokens of tokenizer_config.json and special_tokens_map.json (without either, a GGUF's
-        say: BOS and EOS by config.json's ids). A folder without a template, or a template that does not compile, is
-        refused."""
+        takes them, the special tokens of tokenizer_config.json and special_tokens_map.json (the GGUF converter writes
+        the latter; without either, a folder converted from a GGUF before it did: BOS and EOS by config.json's ids).
+        A folder without a template, or a template that does not compile, is refused."""
         if self._chat is not None:
             return self._chat
         import jinja2

@@ -1,11 +1,13 @@
 """Convert a llama-architecture GGUF file (e.g. SmolLM2 from llama.cpp) into a tealfast checkpoint folder.
 
 Writes model.pth (dequantized weights, gpt-fast names), an HF-style config.json, an HF tokenizer.json
-rebuilt from the GGUF tokenizer metadata and, where the GGUF has one, its chat template.
+rebuilt from the GGUF tokenizer metadata, its special tokens (special_tokens_map.json) and, where the GGUF has one,
+its chat template.
 
 q/k rows need no permuting: llama.cpp's converter already stores them in the interleaved-pair order that
 model.py's RoPE uses (transformers has to undo that when it loads a GGUF; tests/test_convert_gguf.py checks it).
 """
+import json
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 from checkpoint import brief, check_state_dict, check_target, from_hf_config, save_checkpoint  # noqa: E402
 from model import DTYPES, CheckpointError, Transformer  # noqa: E402
-from tokenizer import CHAT_TEMPLATE_FILE, LLAMA3_PAT_STR  # noqa: E402
+from tokenizer import CHAT_TEMPLATE_FILE, LLAMA3_PAT_STR, SPECIAL_TOKENS_MAP_FILE  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
@@ -141,7 +143,9 @@ def read_weights(reader: gguf.GGUFReader, cfg: dict, dtype: torch.dtype) -> dict
     return state
 
 
-def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
+def build_tokenizer(reader: gguf.GGUFReader) -> tuple:
+    """(the HF tokenizer, its special tokens as transformers' GGUF loader names them: special_tokens_map.json's
+    bos/eos/unk/pad_token, which chat templates may write)."""
     kind = field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ConversionError(f"unsupported tokenizer.ggml.model {kind!r} (only gpt2 byte-level BPE)")
@@ -151,7 +155,8 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     if not tokens or not merges:
         raise ConversionError("GGUF tokenizer lacks tokens or merges")
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    ids = {key: field(reader, f"tokenizer.ggml.{key}_token_id", kind=int) for key in ("bos", "eos", "eot")}
+    ids = {key: field(reader, f"tokenizer.ggml.{key}_token_id", kind=int)
+           for key in ("bos", "eos", "eot", "unknown", "padding")}
     for key, i in ids.items():  # ids of this list (the runtime refuses any other)
         if i is not None and not 0 <= i < len(tokens):
             raise ConversionError(f"tokenizer.ggml.{key}_token_id {i!r} is not a token id ({len(tokens)} tokens)")
@@ -193,7 +198,9 @@ def build_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok
+    specials = {f"{name}_token": tokens[ids[key]] for name, key in
+                (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")) if ids[key] is not None}
+    return tok, specials
 
 
 def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -220,7 +227,7 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
                                   f"(supported: {', '.join(q.name for q in SUPPORTED_TYPES)})")
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     cfg = read_config(reader, has_output)
-    tokenizer = build_tokenizer(reader)
+    tokenizer, specials = build_tokenizer(reader)
     template = field(reader, "tokenizer.chat_template", kind=str)
     # Token ids are list positions; the embedding may have more rows (padding), not fewer. Its rows from the
     # tensor's header (GGUF lists dimensions innermost first), before the slow dequantization.
@@ -241,7 +248,7 @@ def convert(gguf_path, out_dir, dtype: torch.dtype = torch.bfloat16) -> Path:
             check_state_dict(Transformer(config), state)
     except CheckpointError as e:
         raise ConversionError(f"{path.name}: {e}") from None
-    files = {"tokenizer.json": tokenizer.to_str()}
+    files = {"tokenizer.json": tokenizer.to_str(), SPECIAL_TOKENS_MAP_FILE: json.dumps(specials, indent=2)}
     if template is not None:
         files[CHAT_TEMPLATE_FILE] = template
     return save_checkpoint(out_dir, state, cfg, "hf", files, f"gguf:{path.name}")

@@ -13,6 +13,7 @@ import convert_gguf_checkpoint
 import textdata
 from checkpoint import load_model, permute_qk
 from conftest import GGUF_PATH, needs_gguf, run_script
+from test_tokenizer import hf_chat_ids
 from tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,26 +161,22 @@ def test_tokenizer_matches_transformers(our_tok, hf_tok):
 def test_chat_prompt_matches_transformers(converted, hf_tok):
     """The GGUF's chat template travels into the folder; a --chat prompt is what transformers' apply_chat_template
     makes of it (transformers reads the template from the GGUF itself)."""
-    from tokenizer import get_tokenizer
     tok = get_tokenizer(converted)
     template = (converted / "chat_template.jinja").read_text()
     assert template == hf_tok.chat_template and "<|im_start|>" in template
+    specials = json.loads((converted / "special_tokens_map.json").read_text())
+    assert specials == {k: getattr(hf_tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     for text in ["What is a generator?", "", "naïve <|im_end|> 日本語\n  two lines"]:
-        ref = hf_tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True)
-        ref = ref["input_ids"] if hasattr(ref, "keys") else ref
-        assert tok.encode_chat(text) == list(ref)
+        assert tok.encode_chat(text) == hf_chat_ids(hf_tok, [{"role": "user", "content": text}])
     # a system turn of the user's replaces the template's own
     messages = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
-    ref = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = tok.encode_chat("Hi", "Answer in French.")
-    assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref) and "SmolLM" not in tok.decode(ids)
+    assert ids == hf_chat_ids(hf_tok, messages) and "SmolLM" not in tok.decode(ids)
     # the next turn of a conversation (--interactive --chat): the earlier turns and the reply come first
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bonjour ! Comment ça va ?"}]
-    ref = hf_tok.apply_chat_template(messages + history[1:] + [{"role": "user", "content": "Bien."}],
-                                     add_generation_prompt=True, tokenize=True)
     ids = tok.encode_chat("Bien.", "Answer in French.", history)
-    assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref) and "Bonjour" in tok.decode(ids)
+    assert ids == hf_chat_ids(hf_tok, messages + history[1:] + [{"role": "user", "content": "Bien."}])
+    assert "Bonjour" in tok.decode(ids)
 
 
 @needs_gguf
@@ -232,17 +229,17 @@ def tiny_tokens() -> list:
 
 def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bool = False, extra=(),
                     rows: int = None, bos: int = None, eos: int = None, meta=None, end_type: int = 3,
-                    pre: str = "default", more_tokens=(), merges=("\u0120 t",), add_bos=True, no_eos=False,
-                    shapes=None, raw_kv=()) -> tuple:
-    """A one-layer llama GGUF with every supported tensor type; ffn_length: the metadata's feed_forward_length
-    (default: the tensors' own); n_head heads of 32 (with 4, head_dim != dim / n_head, stated in the metadata);
-    eot: an end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors; rows: of the embedding and
-    output (default: one per token); bos: a BOS id, added to every prompt; eos (default: the end token); meta:
-    llama.* metadata written instead of the tensors' own (GGUFWriter's add_<key> names; None: left out);
-    end_type: the end token's llama.cpp type (3 control, 4 user-defined); pre: tokenizer.ggml.pre; more_tokens:
-    before the end token; add_bos: the add_bos_token key written with bos (None: not written); no_eos: no EOS id at
-    all; shapes: GGUF name -> torch shape, replacing a tensor's; raw_kv: (GGUFWriter method, key, value) written as
-    well. Returns (tokens, specs, the unquantized weights)."""
+                    pre: str = "default", more_tokens=(), more_type: int = 1, merges=("\u0120 t",), add_bos=True,
+                    no_eos=False, shapes=None, raw_kv=()) -> tuple:
+    """A one-layer llama GGUF with every supported tensor type; ffn_length: the metadata's feed_forward_length (default:
+    the tensors' own); n_head heads of 32 (with 4, head_dim != dim / n_head, stated in the metadata); eot: an
+    end-of-turn token besides EOS; extra: (name, shape) of more F32 tensors; rows: of the embedding and output (default:
+    one per token); bos: a BOS id, added to every prompt; eos (default: the end token); meta: llama.* metadata written
+    instead of the tensors' own (GGUFWriter's add_<key> names; None: left out); end_type: the end token's llama.cpp type
+    (3 control, 4 user-defined); pre: tokenizer.ggml.pre; more_tokens: before the end token, of type more_type; add_bos:
+    the add_bos_token key written with bos (None: not written); no_eos: no EOS id at all; shapes: GGUF name -> torch
+    shape, replacing a tensor's; raw_kv: (GGUFWriter method, key, value) written as well. Returns (tokens, specs, the
+    unquantized weights)."""
     Q = gguf.GGMLQuantizationType
     dim, n_kv, head_dim, ffn = 64, 1, 32, 96
     tokens = tiny_tokens()[:-1] + list(more_tokens) + tiny_tokens()[-1:]
@@ -271,7 +268,7 @@ def write_tiny_gguf(path: Path, ffn_length: int = None, n_head: int = 2, eot: bo
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([1] * (len(tokens) - 1) + [end_type])
+    w.add_token_types([1] * (len(tokens) - 1 - len(more_tokens)) + [more_type] * len(more_tokens) + [end_type])
     w.add_token_merges(list(merges))
     if not no_eos:
         w.add_eos_token_id(len(tokens) - 1 if eos is None else eos)
@@ -359,14 +356,40 @@ def test_tokenizer_against_the_embedding_rows(tmp_path):
 
 
 @pytest.mark.parametrize("past", [0, 3])  # 0: the id one past the last token
-@pytest.mark.parametrize("key", ["bos", "eos"])
+@pytest.mark.parametrize("key", ["bos", "eos", "unknown", "padding"])
 def test_special_token_past_the_tokens_is_refused(tmp_path, key, past):
     # (the BOS template once indexed the token list with the id: an IndexError traceback)
-    write_tiny_gguf(tmp_path / "m.gguf", **{key: len(tiny_tokens()) + past})
+    i = len(tiny_tokens()) + past
+    if key in ("bos", "eos"):
+        write_tiny_gguf(tmp_path / "m.gguf", **{key: i})
+    else:
+        write_tiny_gguf(tmp_path / "m.gguf", raw_kv=[("add_uint32", f"tokenizer.ggml.{key}_token_id", i)])
     code, _, err = run_script("scripts/convert_gguf_checkpoint.py", ["--gguf", tmp_path / "m.gguf", "--out",
                                                                      tmp_path / "out"])
     assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert f"tokenizer.ggml.{key}_token_id" in err, err
+
+
+def test_chat_template_special_tokens_as_transformers_reads_them(tmp_path):
+    """A chat template may write any of BOS, EOS, UNK and PAD: the folder's special_tokens_map.json gives them as
+    transformers' own GGUF tokenizer does (they once rendered empty, all but BOS and EOS)."""
+    transformers = pytest.importorskip("transformers")
+    template = ("{{ bos_token }}[{{ unk_token }}|{{ pad_token }}]{% for m in messages %}{{ m['content'] }}"
+                "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}>{% endif %}")
+    tokens, _, _ = write_tiny_gguf(tmp_path / "m.gguf", bos=len(tiny_tokens()) + 1,
+                                   more_tokens=["<unk>", "<pad>", "<s>"], more_type=3, raw_kv=[
+        ("add_string", "tokenizer.chat_template", template),
+        ("add_uint32", "tokenizer.ggml.unknown_token_id", len(tiny_tokens()) - 1),
+        ("add_uint32", "tokenizer.ggml.padding_token_id", len(tiny_tokens()))])
+    out = tmp_path / "ckpt"
+    convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "m.gguf"), "--out", str(out), "--dtype", "fp32"])
+    assert json.loads((out / "special_tokens_map.json").read_text()) == {
+        "bos_token": "<s>", "eos_token": "<|end|>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    messages = [{"role": "user", "content": "a tt"}]
+    ids = get_tokenizer(out).encode_chat("a tt")
+    assert ids == hf_chat_ids(ref, messages)
+    assert tokens.index("<unk>") in ids and tokens.index("<pad>") in ids
 
 
 def test_user_defined_token_matches_whole(tmp_path):
