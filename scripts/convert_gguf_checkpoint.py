@@ -44,6 +44,8 @@ LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3")
 # ignore_merges), and adds BOS unless the file says otherwise (tokenizer.ggml.add_bos_token)
 LLAMA3_WHOLE_WORDS = ("llama-bpe", "llama3", "llama-v3", "falcon3")
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types
+# special_tokens_map.json's names -> tokenizer.ggml.<key>_token_id, as transformers' GGUF loader pairs them
+SPECIAL_TOKEN_IDS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
 
 
 class ConversionError(ValueError):
@@ -156,7 +158,7 @@ def build_tokenizer(reader: gguf.GGUFReader) -> tuple:
         raise ConversionError("GGUF tokenizer lacks tokens or merges")
     types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     ids = {key: field(reader, f"tokenizer.ggml.{key}_token_id", kind=int)
-           for key in ("bos", "eos", "eot", "unknown", "padding")}
+           for key in (*SPECIAL_TOKEN_IDS.values(), "eot")}
     for key, i in ids.items():  # ids of this list (the runtime refuses any other)
         if i is not None and not 0 <= i < len(tokens):
             raise ConversionError(f"tokenizer.ggml.{key}_token_id {i!r} is not a token id ({len(tokens)} tokens)")
@@ -198,8 +200,7 @@ def build_tokenizer(reader: gguf.GGUFReader) -> tuple:
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = {f"{name}_token": tokens[ids[key]] for name, key in
-                (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")) if ids[key] is not None}
+    specials = {name: tokens[ids[key]] for name, key in SPECIAL_TOKEN_IDS.items() if ids[key] is not None}
     return tok, specials
 
 

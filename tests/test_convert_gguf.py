@@ -376,11 +376,11 @@ def test_chat_template_special_tokens_as_transformers_reads_them(tmp_path):
     transformers = pytest.importorskip("transformers")
     template = ("{{ bos_token }}[{{ unk_token }}|{{ pad_token }}]{% for m in messages %}{{ m['content'] }}"
                 "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}>{% endif %}")
-    tokens, _, _ = write_tiny_gguf(tmp_path / "m.gguf", bos=len(tiny_tokens()) + 1,
-                                   more_tokens=["<unk>", "<pad>", "<s>"], more_type=3, raw_kv=[
-        ("add_string", "tokenizer.chat_template", template),
-        ("add_uint32", "tokenizer.ggml.unknown_token_id", len(tiny_tokens()) - 1),
-        ("add_uint32", "tokenizer.ggml.padding_token_id", len(tiny_tokens()))])
+    first = len(tiny_tokens()) - 1  # the id of more_tokens' first: <unk>, then <pad> and <s>
+    tokens, _, _ = write_tiny_gguf(tmp_path / "m.gguf", bos=first + 2, more_tokens=["<unk>", "<pad>", "<s>"],
+                                   more_type=3, raw_kv=[("add_string", "tokenizer.chat_template", template),
+                                                        ("add_uint32", "tokenizer.ggml.unknown_token_id", first),
+                                                        ("add_uint32", "tokenizer.ggml.padding_token_id", first + 1)])
     out = tmp_path / "ckpt"
     convert_gguf_checkpoint.main(["--gguf", str(tmp_path / "m.gguf"), "--out", str(out), "--dtype", "fp32"])
     assert json.loads((out / "special_tokens_map.json").read_text()) == {
