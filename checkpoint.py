@@ -159,14 +159,24 @@ def check_output(out: Optional[Path], checkpoint_path, flag: str, allowed=(), in
     (None where not given), nor another of its outputs ({flag: file}): writing it would destroy them."""
     if out is None:
         return
-    target, ckpt = Path(out).resolve(), Path(checkpoint_path)
-    if target in {f.resolve() for f in [ckpt] + [ckpt.parent / f for f in FOLDER_FILES if f not in allowed]}:
-        raise ValueError(f"{flag} {out} would overwrite the checkpoint's own {target.name}")
-    if target in {Path(f).resolve() for f in inputs if f is not None}:
+    target, ckpt = Path(out), Path(checkpoint_path)
+    own = next((f for f in [ckpt] + [ckpt.parent / f for f in FOLDER_FILES if f not in allowed]
+                if same_file(target, f)), None)
+    if own is not None:
+        raise ValueError(f"{flag} {out} would overwrite the checkpoint's own {own.resolve().name}")
+    if any(same_file(target, Path(f)) for f in inputs if f is not None):
         raise ValueError(f"{flag} {out} would overwrite one of this command's input files")
     for other, f in (outputs or {}).items():
-        if f is not None and Path(f).resolve() == target:
+        if f is not None and same_file(target, Path(f)):
             raise ValueError(f"{flag} and {other} name the same file, {out}")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """One file under two names: the same path once symbolic links are resolved, or a hard link to it."""
+    try:
+        return a.resolve() == b.resolve() or a.samefile(b)
+    except (OSError, RuntimeError):  # either does not exist (no hard link to it), or a link loop (RuntimeError: 3.11)
+        return False
 
 
 def hf_weights(folder: Path) -> bool:
@@ -243,7 +253,7 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"config.json not found: {path}")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # the last: nested past the parser
+    except (ValueError, RecursionError) as e:  # not JSON or UTF-8, an integer past Python's 4,300 digits; too deep
         raise CheckpointError(f"corrupt config.json ({path}): {e}") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"corrupt config.json ({path}): a JSON object expected, got {type(cfg).__name__}")

@@ -352,6 +352,10 @@ def common_prefix(a: list, b: list) -> int:
 
 def read_prompts():
     """--interactive: prompts from standard input until a blank line, its end or Ctrl-C."""
+    if hasattr(sys.stdin, "reconfigure"):
+        # Bytes that are not UTF-8 arrive as lone surrogates, which main refuses line by line; strict decoding (a
+        # locale such as en_US.UTF-8) would raise inside input() and end the session
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             text = input("What is your prompt? ").rstrip("\r")  # a Windows line end is no part of the prompt

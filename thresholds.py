@@ -76,7 +76,7 @@ def load(path, config: ModelArgs) -> dict:
         raise CheckpointError(f"thresholds file not found: {path} (run {how} first)")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # the last: nested past the parser
+    except (ValueError, RecursionError) as e:  # not JSON or UTF-8, an integer past Python's 4,300 digits; too deep
         raise CheckpointError(f"corrupt thresholds file {path}: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"corrupt thresholds file {path}: a JSON object expected, got {type(data).__name__}")
@@ -183,16 +183,25 @@ def _rows(layers: list, path: Path, what: str) -> list:
 
 
 def _numbers(x, path: Path, what: str) -> torch.Tensor:
-    """Nested JSON lists of numbers as a float64 tensor. true/false are refused: torch.tensor would read 1 and 0."""
-    def leaves(v):
-        return [u for w in v for u in leaves(w)] if isinstance(v, list) else [v]
+    """Nested JSON lists of numbers as a float64 tensor. true/false are refused: torch.tensor would read 1 and 0.
+    Finite values past float32's range are refused too: the model keeps thresholds in float32, where they would be
+    infinite."""
     error = CheckpointError(f"{path}: {what} must hold numbers only (no strings, true/false or ragged lists)")
-    if any(isinstance(v, bool) for v in leaves(x)):
-        raise error
+    stack = [x]  # no recursion: a list nested hundreds deep is an error line, not a RecursionError
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, bool):
+            raise error
     try:
-        return torch.tensor(x, dtype=torch.float64)
+        t = torch.tensor(x, dtype=torch.float64)
     except (TypeError, ValueError, OverflowError):
         raise error from None
+    top = torch.finfo(torch.float32).max
+    if (torch.isfinite(t) & (t.abs() > top)).any():
+        raise CheckpointError(f"{path}: {what} holds values past float32's range ({top:.4g})")
+    return t
 
 
 def _check_non_decreasing(values: torch.Tensor, levels: torch.Tensor, path: Path, what: str) -> None:

@@ -151,6 +151,10 @@ class HFTokenizer(Tokenizer):
             self.tok = _Tok.from_file(str(path))
         except Exception as e:
             raise TokenizerError(f"cannot load {path}: {_one_line(e)}") from None
+        # A tokenizer.json saved after a truncating or padding call keeps those settings, and `tokenizers` would
+        # apply them to every encode (a prompt cut at max_length); transformers applies them only when asked
+        self.tok.no_truncation()
+        self.tok.no_padding()
         # One past the largest id, not get_vocab_size(), which counts tokens: a vocab may skip ids
         self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.eos_ids = []
@@ -359,7 +363,7 @@ def read_json(path: Path, required: bool) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # the last: nested too deep
+    except (OSError, ValueError, RecursionError) as e:  # not JSON or UTF-8, an integer past 4,300 digits; too deep
         raise TokenizerError(f"cannot read {path}: {_one_line(e)}") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")

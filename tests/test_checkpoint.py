@@ -1,6 +1,7 @@
 """checkpoint.py: config.json parsing, loading with every weight checked (bad checkpoints raise CheckpointError
 with one line), and writing a folder."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,8 @@ def test_load_model_rejects_missing_config(good_ckpt, tmp_path):
         checkpoint.load_model(path)
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null", b"\xff\xfe{}", b"[" * 100000 + b"]" * 100000])
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null", b"\xff\xfe{}", b"[" * 100000 + b"]" * 100000,
+                                     b"[" + b"1" * 5000 + b"]"])  # the last: past int()'s 4,300 digits
 def test_load_model_rejects_corrupt_config(good_ckpt, tmp_path, content):
     path = broken_copy(good_ckpt, tmp_path)
     (path.parent / "config.json").write_bytes(content)
@@ -311,6 +313,20 @@ def test_outputs_never_overwrite_the_checkpoint(good_ckpt, tmp_path):
     with pytest.raises(ValueError, match="--plot and --json name the same file"):  # two outputs of one command
         checkpoint.check_output(tmp_path / "a.png", ckpt, "--plot", outputs={"--json": tmp_path / "." / "a.png"})
     checkpoint.check_output(tmp_path / "a.png", ckpt, "--plot", outputs={"--json": None, "--out": tmp_path / "b"})
+
+
+def test_outputs_never_overwrite_through_a_hard_link(good_ckpt, tmp_path):
+    """A hard link is the same file under another name: writing through it would overwrite the original."""
+    d, ckpt = good_ckpt, good_ckpt / "model.pth"
+    os.link(d / "config.json", tmp_path / "linked.json")
+    with pytest.raises(ValueError, match="would overwrite the checkpoint's own config.json"):
+        checkpoint.check_output(tmp_path / "linked.json", ckpt, "--json")
+    (tmp_path / "t.json").write_text("{}")
+    os.link(tmp_path / "t.json", tmp_path / "t2.json")
+    with pytest.raises(ValueError, match="one of this command's input files"):
+        checkpoint.check_output(tmp_path / "t2.json", ckpt, "--profile", inputs=[tmp_path / "t.json"])
+    with pytest.raises(ValueError, match="--plot and --json name the same file"):
+        checkpoint.check_output(tmp_path / "t2.json", ckpt, "--plot", outputs={"--json": tmp_path / "t.json"})
 
 
 def test_a_conversion_into_another_models_hf_folder_is_refused(tmp_path):

@@ -1089,6 +1089,18 @@ def test_bad_input_subprocess(tmp_path):
     assert r.stdout.startswith("the") and r.stdout.endswith("\n")  # streamed text, then a line of its own for the error
 
 
+def test_interactive_goes_on_after_bytes_not_utf8(tiny_ckpt):
+    """A line of another encoding on standard input is an error line and the session goes on, however the locale
+    decodes standard input (PYTHONIOENCODING=utf-8:strict stands for one such as en_US.UTF-8)."""
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(tiny_ckpt), *INTERACTIVE,
+                        "--interactive"],
+                       input=b"caf\xe9\nthe cat\n", capture_output=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "error: the prompt is not valid UTF-8 text\nerror: 1 prompt was refused" in err, err
+    assert "the cat" in r.stdout.decode() and "Traceback" not in err
+
+
 def achieved_line(out: str) -> str:
     return next((line for line in out.splitlines() if line.startswith("achieved sparsity (decode): ")), "")
 

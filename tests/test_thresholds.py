@@ -165,7 +165,8 @@ def test_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe\x00garbage", b'{"schema_version": 1, "mod',
-                                     b"[" * 100000 + b"]" * 100000])  # nested past Python's parser: RecursionError
+                                     b"[" * 100000 + b"]" * 100000,  # nested past Python's parser: RecursionError
+                                     b'{"schema_version": ' + b"9" * 5000 + b"}"])  # past int()'s 4,300 digits
 def test_corrupt_json(tmp_path, content):
     path = tmp_path / "thresholds.json"
     path.write_bytes(content)
@@ -241,6 +242,32 @@ def test_bad_threshold_values(saved, bad):
     data["layers"][1]["o"][3] = bad
     path.write_text(json.dumps(data))  # json writes NaN / Infinity, which json.loads reads back
     assert "finite" in load_error(path)
+
+
+@pytest.mark.parametrize("where", ["layers", "cats", "sparse_aware"])
+def test_thresholds_past_float32_are_refused(saved, where):
+    """A threshold finite in the file but past float32's range would be infinite in the model's float32 tensors:
+    refused when the file is read, not once the weights have loaded (or, for cats, never)."""
+    path, _ = saved
+    data = json.loads(path.read_text())
+    big = float(torch.finfo(torch.float32).max) * 2
+    if where == "layers":
+        data["layers"][1]["o"][-1] = big
+    elif where == "cats":
+        data["cats"] = [[0.0] + [big] * (len(LEVELS) - 1)] * 2
+    else:
+        data["sparse_aware"] = {"levels": [0.5], "layers": [{p: [big] for p in PROJECTIONS}] * 2}
+    path.write_text(json.dumps(data))
+    assert "past float32's range" in load_error(path)
+
+
+def test_lists_nested_deeply_are_refused_in_one_line(saved):
+    """Lists nested hundreds deep where numbers belong (past the checks' recursion, short of the JSON parser's)."""
+    path, _ = saved
+    data = json.loads(path.read_text())
+    data["levels"] = json.loads("[" * 600 + "0" + "]" * 600)
+    path.write_text(json.dumps(data))
+    assert "levels must hold numbers only" in load_error(path)
 
 
 def falling_entry(shape, seed) -> tuple:

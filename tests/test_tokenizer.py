@@ -88,6 +88,24 @@ def test_hf_matches_transformers(tmp_path, hf_json):
     assert tok.encode("a<|im_end|>b")[1] == 2
 
 
+def test_hf_ignores_saved_truncation_and_padding(tmp_path, hf_json):
+    """A tokenizer.json saved with truncation and padding on encodes whole prompts, unpadded, as transformers does
+    unless a call asks for them: a prompt is not cut at the saved max_length."""
+    from tokenizers import Tokenizer as HFTok
+    from transformers import PreTrainedTokenizerFast
+    saved = HFTok.from_file(str(hf_json))
+    saved.enable_truncation(max_length=8)
+    saved.enable_padding(length=16, pad_id=0)
+    path = tmp_path / "tokenizer.json"
+    saved.save(str(path))
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    tok = get_tokenizer(hf_checkpoint(tmp_path, path, {"bos_token_id": 1, "eos_token_id": 2}))
+    text = PARAGRAPHS[0]
+    assert saved.encode(text).ids[8:] == [0] * 8  # what `tokenizers` itself gives: cut at 8, padded to 16
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False) and len(tok.encode(text)) > 16
+    assert tok.encode("hi", bos=True) == ref.encode("hi")  # no padding either
+
+
 @pytest.fixture(scope="module")
 def hf_json_no_bos(hf_json, tmp_path_factory) -> Path:
     """hf_json with a post-processor that adds nothing (SmolLM2's, from its GGUF)."""
@@ -588,6 +606,8 @@ def test_errors_checkpoint_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "tealfast.json" in error_message(tmp_path / "empty")
     assert "tealfast.json" in error_message(write_checkpoint(tmp_path / "corrupt", "hf", meta="{not json"))
+    big = '{"schema_version": ' + "9" * 5000 + "}"  # past int()'s 4,300 digits: a ValueError that is no JSON error
+    assert "tealfast.json" in error_message(write_checkpoint(tmp_path / "digits", "hf", meta=big))
     assert "JSON object" in error_message(write_checkpoint(tmp_path / "list", "hf", meta="[1, 2]"))
     assert "schema_version" in error_message(
         write_checkpoint(tmp_path / "v2", "hf", meta={"schema_version": 2, "tokenizer": "hf"}))
