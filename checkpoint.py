@@ -17,12 +17,13 @@ from model import PROJECTIONS, CheckpointError, ModelArgs, Transformer, to_colum
 from tokenizer import (CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, SCHEMA_VERSION,  # the folder as the runtime reads it
                        SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CLASSES, TOKENIZER_CONFIG_FILE)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# ministral: Mistral with a layer_types list (the type transformers gives a "mistral" config that has one)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2")
 # transformers' defaults for keys a config.json may leave out: the context and the sliding window (Mistral's, and
 # Qwen2's where use_sliding_window is set)
-HF_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+HF_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "ministral": 131072, "qwen2": 32768}
 HF_WINDOW = 4096
-HF_KV_HEADS = {"mistral": 8, "qwen2": 32}  # transformers' num_key_value_heads where config.json has no such key
+HF_KV_HEADS = {"mistral": 8, "ministral": 8, "qwen2": 32}  # transformers' num_key_value_heads where none is given
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -36,9 +37,10 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     for key in ("attention_bias", "mlp_bias", "use_sliding_window", "tie_word_embeddings"):
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):  # "false" would read as true
             raise CheckpointError(f"config.json: {key} must be true or false, got {cfg[key]!r}")
-    # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here.
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise CheckpointError("unsupported attention_bias/mlp_bias in config.json (only qwen2's q/k/v biases)")
+    # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here. (Mistral
+    # and Qwen2 ignore both keys: no biases, and Qwen2's q/k/v biases, whatever they say.)
+    if mt == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise CheckpointError("unsupported attention_bias/mlp_bias in a llama config.json (an o_proj or MLP bias)")
     if cfg.get("quantization_config") is not None:
         q = cfg["quantization_config"]
         method = q.get("quant_method") if isinstance(q, dict) else None
@@ -59,15 +61,17 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     if n_head % n_kv:
         raise CheckpointError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
     max_pos = cfg.get("max_position_embeddings") or HF_MAX_POSITIONS[mt]
-    window, first_window_layer = sliding_window(cfg, mt)
-    params = cfg.get("rope_parameters") or {}  # transformers 5 keeps rope_theta and the scaling here
-    if not isinstance(params, dict):
-        raise CheckpointError(f"config.json: rope_parameters must be an object, got {params!r}")
+    window, full_layers = sliding_window(cfg, mt)
+    # transformers 5 keeps rope_theta and the scaling in rope_parameters, but takes the older rope_scaling over it
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"config.json: rope_scaling / rope_parameters must be an object, got {rope!r}")
     head_dim = cfg.get("head_dim") or dim // n_head
     if head_dim % 2:
         raise CheckpointError(f"config.json: head_dim {head_dim} is odd (hidden_size / num_attention_heads where not "
                               f"given); RoPE rotates pairs of channels")
-    rope_base = cfg["rope_theta"] if cfg.get("rope_theta") is not None else params.get("rope_theta", 10000.0)
+    # that dict's rope_theta first, then the top level's (transformers ignores the latter where both are given)
+    rope_base = next((v for v in (rope.get("rope_theta"), cfg.get("rope_theta")) if v is not None), 10000.0)
     if not positive_number(rope_base):
         raise CheckpointError(f"config.json: rope_theta must be a positive number, got {rope_base!r}")
     return ModelArgs(
@@ -80,35 +84,38 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         intermediate_size=cfg["intermediate_size"],
         block_size=max_pos,
         sliding_window=window,
-        first_window_layer=first_window_layer,
+        full_layers=full_layers,
         norm_eps=cfg.get("rms_norm_eps") or 1e-6,  # transformers' default for Llama, Mistral and Qwen2
         rope_base=float(rope_base),
-        rope_scaling=rope_scaling(cfg.get("rope_scaling") or params, max_pos),
+        rope_scaling=rope_scaling(rope, max_pos, cfg.get("original_max_position_embeddings")),
         qkv_bias=mt == "qwen2",
         tie_embeddings=cfg.get("tie_word_embeddings") is True,
     )
 
 
 def sliding_window(cfg: dict, model_type: str) -> tuple:
-    """(window, first windowed layer) as transformers reads a config: Mistral windows every layer (a 4,096-token
-    window where the key is left out, none where it is null); Qwen2 only with use_sliding_window, the layers from
-    max_window_layers on (or those its layer_types names); Llama never."""
+    """(window, the layers that attend to every position) as transformers reads a config: the layers its
+    layer_types marks full_attention; without that list, Mistral windows every layer (a 4,096-token window where
+    the key is left out, none where it is null) and Qwen2 (only with use_sliding_window) the layers from
+    max_window_layers on; Llama never."""
     if model_type == "llama" or (model_type == "qwen2" and not cfg.get("use_sliding_window")):
-        return 0, 0
+        return 0, ()
     window = cfg.get("sliding_window", HF_WINDOW) or 0
-    if model_type == "mistral" or not window:  # Mistral's attention ignores layer_types
-        return window, 0
     n, types = cfg["num_hidden_layers"], cfg.get("layer_types")
+    if not window:
+        return 0, ()
     if types is None:
-        first = cfg.get("max_window_layers", 28)  # transformers' default
-        if not isinstance(first, int) or isinstance(first, bool) or first < 0:
-            raise CheckpointError(f"config.json: max_window_layers must be an integer >= 0, got {first!r}")
-        return window, min(first, n)
-    first = types.count("full_attention") if isinstance(types, list) else -1
-    if first < 0 or types != ["full_attention"] * first + ["sliding_attention"] * (n - first):
-        raise CheckpointError(f"config.json: layer_types must list {n} layers, full_attention ones before "
-                              f"sliding_attention ones (Qwen2's max_window_layers), got {types!r}")
-    return window, first
+        if model_type == "qwen2":
+            first = cfg.get("max_window_layers", 28)  # transformers' default
+            if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+                raise CheckpointError(f"config.json: max_window_layers must be an integer >= 0, got {first!r}")
+            return window, tuple(range(min(first, n)))
+        return window, ()
+    if not (isinstance(types, list) and len(types) == n
+            and all(t in ("full_attention", "sliding_attention") for t in types)):
+        raise CheckpointError(f"config.json: layer_types must list {n} layers, each full_attention or "
+                              f"sliding_attention, got {types!r}")
+    return window, tuple(i for i, t in enumerate(types) if t == "full_attention")
 
 
 def brief(e: Exception, limit: int = 160) -> str:
@@ -125,11 +132,11 @@ def positive_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
-def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
+def rope_scaling(rs: dict, max_position_embeddings: Optional[int], top_original: Optional[int] = None) \
+        -> Optional[dict]:
     """The config's llama3 RoPE scaling (Llama-3.1 and later; rope_scaling, or transformers 5's rope_parameters),
-    checked, or None for plain RoPE."""
-    if not isinstance(rs, dict):
-        raise CheckpointError(f"config.json: rope_scaling must be an object, got {rs!r}")
+    checked, or None for plain RoPE. top_original: an original_max_position_embeddings at the config's top level,
+    which transformers takes over the dict's."""
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind in ("default", None):
         return None
@@ -138,6 +145,8 @@ def rope_scaling(rs, max_position_embeddings: Optional[int]) -> Optional[dict]:
     # HF falls back to max_position_embeddings when original_max_position_embeddings is absent
     rs = {"original_max_position_embeddings": max_position_embeddings, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, **rs}
+    if top_original is not None:
+        rs["original_max_position_embeddings"] = top_original
     for key in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"):
         v = rs.get(key)
         if not positive_number(v):

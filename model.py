@@ -40,7 +40,7 @@ class ModelArgs:
     intermediate_size: int
     block_size: int = 2048  # the context
     sliding_window: int = 0  # positions a windowed layer attends to, its own included (0: no window)
-    first_window_layer: int = 0  # the layers from this one on use the window (Qwen2's max_window_layers)
+    full_layers: tuple = ()  # the layers that attend to every position all the same (config.json's layer_types)
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     rope_scaling: Optional[dict] = None
@@ -53,7 +53,7 @@ class ModelArgs:
 
     def window(self, layer: int) -> int:
         """The sliding window of a layer's attention (0: full attention)."""
-        return self.sliding_window if layer >= self.first_window_layer else 0
+        return 0 if layer in self.full_layers else self.sliding_window
 
 
 def sparse_linear(x: Tensor, lin: nn.Linear, thresholds: Tensor, seg_ends: list, sparse: bool,

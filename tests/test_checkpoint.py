@@ -188,11 +188,20 @@ def test_from_hf_config_kv_heads_default_follows_transformers(model_type):
 
 def hf_windows(ref) -> list:
     """Each layer's sliding window (0: none) as transformers' modeling code applies it: Mistral's attention takes
-    config.sliding_window in every layer, Qwen2's in the layers its layer_types calls sliding_attention."""
+    config.sliding_window in every layer, Qwen2's and Ministral's in the layers its layer_types calls
+    sliding_attention."""
     window = getattr(ref, "sliding_window", None) or 0
-    if ref.model_type == "qwen2":
+    if ref.model_type in ("qwen2", "ministral"):
         return [window if t == "sliding_attention" else 0 for t in ref.layer_types]
     return [window if ref.model_type == "mistral" else 0] * ref.num_hidden_layers
+
+
+def hf_read(cfg: dict, tmp_path):
+    """The config as transformers reads a config.json (AutoConfig.from_pretrained: a "mistral" one with layer_types
+    becomes Ministral's)."""
+    import transformers
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return transformers.AutoConfig.from_pretrained(tmp_path)
 
 
 def our_windows(args) -> list:
@@ -206,13 +215,19 @@ def our_windows(args) -> list:
     ("qwen2", {"use_sliding_window": False, "sliding_window": 64, "max_window_layers": 0}),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "num_hidden_layers": 3,
                "layer_types": ["full_attention"] * 2 + ["sliding_attention"]}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 64, "num_hidden_layers": 3,
+               "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    ("mistral", {"sliding_window": 64, "num_hidden_layers": 3,  # Ministral's interleaved layers
+                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    ("mistral", {"sliding_window": 64, "layer_types": ["full_attention"] * 2}),
+    ("ministral", {"sliding_window": 64, "layer_types": ["full_attention", "sliding_attention"]}),
+    ("ministral", {}),
 ])
-def test_from_hf_config_context_and_windows_follow_transformers(model_type, extra):
+def test_from_hf_config_context_and_windows_follow_transformers(model_type, extra, tmp_path):
     # a config.json without max_position_embeddings (and sliding_window where not given): the context and the
     # windows transformers would use
-    import transformers
     cfg = {k: v for k, v in hf_config(model_type=model_type, **extra).items() if k != "max_position_embeddings"}
-    ref = transformers.AutoConfig.for_model(**cfg)
+    ref = hf_read(cfg, tmp_path)
     args = checkpoint.from_hf_config(cfg)
     assert args.block_size == ref.max_position_embeddings
     assert our_windows(args) == hf_windows(ref)
@@ -250,13 +265,54 @@ def test_from_hf_config_sliding_window():
     q = checkpoint.from_hf_config(hf_config(model_type="qwen2", sliding_window=16, use_sliding_window=True,
                                             max_window_layers=1))
     assert our_windows(q) == [0, 16]
-    for bad in (dict(layer_types=["sliding_attention", "full_attention"]),  # interleaved the other way
-                dict(layer_types=["full_attention"]),  # one layer short
-                dict(layer_types=["full_attention", "chunked_attention"]),
-                dict(layer_types="full_attention"),
-                dict(max_window_layers=-1), dict(max_window_layers=True), dict(max_window_layers=1.5)):
-        with pytest.raises(CheckpointError, match="layer_types|max_window_layers"):
+    for model_type in ("qwen2", "mistral"):
+        for bad in (dict(layer_types=["full_attention"]),  # one layer short
+                    dict(layer_types=["full_attention", "chunked_attention"]),
+                    dict(layer_types="full_attention")):
+            with pytest.raises(CheckpointError, match="layer_types"):
+                checkpoint.from_hf_config(hf_config(model_type=model_type, use_sliding_window=True, **bad))
+    for bad in (dict(max_window_layers=-1), dict(max_window_layers=True), dict(max_window_layers=1.5)):
+        with pytest.raises(CheckpointError, match="max_window_layers"):
             checkpoint.from_hf_config(hf_config(model_type="qwen2", use_sliding_window=True, **bad))
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize("extra", [
+    dict(rope_theta=50.0, rope_parameters={"rope_type": "default", "rope_theta": 1e4}),  # the dict's wins
+    dict(rope_theta=50.0, rope_parameters={"rope_type": "default"}),  # the top level's fills in
+    dict(rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    # the older rope_scaling replaces rope_parameters, the top-level rope_theta (or the default) filling in
+    dict(rope_scaling={**LLAMA3, "original_max_position_embeddings": 64},
+         rope_parameters={**LLAMA3, "rope_theta": 5e5, "original_max_position_embeddings": 16}),
+    dict(rope_theta=7e5, rope_scaling={**LLAMA3, "original_max_position_embeddings": 64}),
+    # a top-level original_max_position_embeddings over the dict's (transformers' Phi-3 exception)
+    dict(original_max_position_embeddings=4,
+         rope_parameters={**LLAMA3, "rope_theta": 5e5, "original_max_position_embeddings": 16}),
+])
+def test_rope_values_given_twice_are_read_as_transformers_reads_them(extra, tmp_path):
+    """Where config.json holds a RoPE value in two places (hand-edited, or written by mixed versions), the model
+    runs with the one transformers takes."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    cfg = hf_config(**extra)
+    args = checkpoint.from_hf_config(cfg)
+    rot = LlamaRotaryEmbedding(hf_read(cfg, tmp_path))  # the frequencies transformers' model runs with
+    cos, sin = precompute_freqs_cis(2, args.head_dim, args.rope_base, args.rope_scaling)[1].unbind(-1)
+    assert rot.attention_scaling == 1.0
+    torch.testing.assert_close(torch.atan2(sin, cos), rot.inv_freq.float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_attention_bias_is_llamas_only(model_type, tmp_path):
+    """Mistral's and Qwen2's attention ignore attention_bias (no biases; Qwen2's q/k/v biases either way), as
+    transformers builds them: a config that says true loads; Llama's would need an o_proj bias and is refused."""
+    cfg = hf_config(model_type=model_type, attention_bias=True)
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_config(hf_read(cfg, tmp_path))
+    biases = {n.split(".")[-2] for n, _ in hf.named_parameters() if n.endswith("bias")}
+    assert checkpoint.from_hf_config(cfg).qkv_bias == (biases == {"q_proj", "k_proj", "v_proj"})
+    assert biases <= {"q_proj", "k_proj", "v_proj"}
 
 
 def test_a_conversion_cut_short_leaves_no_model_pth(tmp_path):

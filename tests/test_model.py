@@ -17,7 +17,7 @@ TOL = 1e-4
 BATCH, PROMPT, TOTAL = 2, 7, 19  # decode covers positions PROMPT..TOTAL-1
 BASE = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, rms_norm_eps=1e-5, max_position_embeddings=256)
-# name -> (HF class name, config overrides, save_pretrained kwargs)
+# name -> (HF class name, config overrides, save_pretrained kwargs[, config.json's fields changed after saving])
 CASES = {
     # head_dim 32 != hidden/heads (16): catches code that derives head_dim from hidden_size
     "llama": ("Llama", dict(head_dim=32, rope_theta=5000.0), {}),
@@ -30,6 +30,10 @@ CASES = {
     "mistral": ("Mistral", dict(head_dim=24, sliding_window=5), {"max_shard_size": "40KB"}),
     "qwen2": ("Qwen2", dict(num_hidden_layers=3, rope_theta=1000000.0, use_sliding_window=True, sliding_window=6,
                             max_window_layers=1), {}),
+    # a window in the layers layer_types marks: Ministral's interleaved pattern, saved as model_type "mistral" (as
+    # Ministral-8B's repo has it; transformers then reads Ministral's layer_types, and so must the converter)
+    "ministral": ("Ministral", dict(num_hidden_layers=3, head_dim=24, sliding_window=5, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention"]), {}, {"model_type": "mistral"}),
 }
 
 
@@ -65,12 +69,16 @@ def write_tokenizer_json(path: Path) -> int:
 
 def make_hf_model(name: str, d: Path, seed: int = 0):
     """Save a random tiny HF model of CASES[name] into d; returns the HF model (eval, fp32)."""
-    arch, overrides, save_kw = CASES[name]
+    arch, overrides, save_kw, *edit = CASES[name]
     cfg = getattr(transformers, f"{arch}Config")(**{**BASE, **overrides})
     torch.manual_seed(seed)
     hf = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
     randomize_(hf, seed)
     hf.save_pretrained(d, safe_serialization=True, **save_kw)
+    if edit:  # config.json as some repos have it
+        saved = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**saved, **edit[0]}))
+        assert type(transformers.AutoConfig.from_pretrained(d)) is type(cfg)  # read back as the model was built
     write_tokenizer_json(d / "tokenizer.json")
     return hf
 
