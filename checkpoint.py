@@ -37,8 +37,8 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     for key in ("attention_bias", "mlp_bias", "use_sliding_window", "tie_word_embeddings"):
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):  # "false" would read as true
             raise CheckpointError(f"config.json: {key} must be true or false, got {cfg[key]!r}")
-    # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here. (Mistral
-    # and Qwen2 ignore both keys: no biases, and Qwen2's q/k/v biases, whatever they say.)
+    # Llama's attention_bias also adds an o_proj bias, and mlp_bias MLP biases: neither has a slot here. Mistral and
+    # Qwen2 ignore both keys (Mistral has no biases, Qwen2 its q/k/v biases, whatever the keys say).
     if mt == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
         raise CheckpointError("unsupported attention_bias/mlp_bias in a llama config.json (an o_proj or MLP bias)")
     if cfg.get("quantization_config") is not None:
@@ -101,9 +101,9 @@ def sliding_window(cfg: dict, model_type: str) -> tuple:
     if model_type == "llama" or (model_type == "qwen2" and not cfg.get("use_sliding_window")):
         return 0, ()
     window = cfg.get("sliding_window", HF_WINDOW) or 0
-    n, types = cfg["num_hidden_layers"], cfg.get("layer_types")
     if not window:
         return 0, ()
+    n, types = cfg["num_hidden_layers"], cfg.get("layer_types")
     if types is None:
         if model_type == "qwen2":
             first = cfg.get("max_window_layers", 28)  # transformers' default

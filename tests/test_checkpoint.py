@@ -307,8 +307,8 @@ def test_rope_values_given_twice_are_read_as_transformers_reads_them(extra, tmp_
 def test_attention_bias_is_llamas_only(model_type, tmp_path):
     """Mistral's and Qwen2's attention ignore attention_bias (no biases; Qwen2's q/k/v biases either way), as
     transformers builds them: a config that says true loads; Llama's would need an o_proj bias and is refused."""
-    cfg = hf_config(model_type=model_type, attention_bias=True)
     import transformers
+    cfg = hf_config(model_type=model_type, attention_bias=True)
     hf = transformers.AutoModelForCausalLM.from_config(hf_read(cfg, tmp_path))
     biases = {n.split(".")[-2] for n, _ in hf.named_parameters() if n.endswith("bias")}
     assert checkpoint.from_hf_config(cfg).qkv_bias == (biases == {"q_proj", "k_proj", "v_proj"})

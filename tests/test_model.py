@@ -30,8 +30,8 @@ CASES = {
     "mistral": ("Mistral", dict(head_dim=24, sliding_window=5), {"max_shard_size": "40KB"}),
     "qwen2": ("Qwen2", dict(num_hidden_layers=3, rope_theta=1000000.0, use_sliding_window=True, sliding_window=6,
                             max_window_layers=1), {}),
-    # a window in the layers layer_types marks: Ministral's interleaved pattern, saved as model_type "mistral" (as
-    # Ministral-8B's repo has it; transformers then reads Ministral's layer_types, and so must the converter)
+    # a window in the layers layer_types marks: Ministral's interleaved pattern, saved as model_type "mistral", which
+    # transformers reads as Ministral's config (its layer_types apply), and so must the converter
     "ministral": ("Ministral", dict(num_hidden_layers=3, head_dim=24, sliding_window=5, layer_types=[
         "sliding_attention", "full_attention", "sliding_attention"]), {}, {"model_type": "mistral"}),
 }
