@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -213,8 +214,8 @@ def load_config(checkpoint_path) -> ModelArgs:
     path = Path(checkpoint_path)
     folder = path if path.is_dir() else path.parent
     if is_hf_folder(folder):
-        raise CheckpointError(f"{folder} is a Hugging Face model folder, not a converted checkpoint: convert it "
-                              f"first (python scripts/convert_hf_checkpoint.py --checkpoint_dir {folder})")
+        raise CheckpointError(f"{folder} is a Hugging Face model folder, not a converted checkpoint: convert it first "
+                              f"(python scripts/convert_hf_checkpoint.py --checkpoint_dir {shlex.quote(str(folder))})")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder: give its model.pth")
     if not path.is_file():

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -39,6 +40,7 @@ LAYER_MAP = {
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
 HF_EXTRAS = (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, GENERATION_CONFIG_FILE)
+REPO_FILE = ".hf_repo"  # in a --repo folder: the repo downloaded into it, which a later run may resume
 
 
 def download(repo: str, local_dir: Path) -> None:
@@ -48,6 +50,16 @@ def download(repo: str, local_dir: Path) -> None:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.utils import logging as hub_logging
 
+    # Into a new or empty folder, or one this repo's download filled before: another model's files would mix with
+    # the download (weights in a format the repo lacks read instead of its own, its chat template kept)
+    mark = local_dir / REPO_FILE
+    held = mark.read_text().strip() if mark.is_file() else None
+    if local_dir.is_dir() and any(p != mark for p in local_dir.iterdir()) and held != repo:
+        what = f"the files of {held}" if held else f"files that no --repo {repo} download put there"
+        raise CheckpointError(f"{local_dir} holds {what}: --repo downloads into a new or empty folder (to convert "
+                              f"the files there, leave out --repo)")
+    local_dir.mkdir(parents=True, exist_ok=True)
+    mark.write_text(repo + "\n")
     hub_logging.set_verbosity_error()  # its retry warnings would come before our one-line error
     token = os.environ.get("HF_TOKEN") or None
     try:
@@ -59,7 +71,7 @@ def download(repo: str, local_dir: Path) -> None:
                                           CHAT_TEMPLATE_FILE])
     except Exception as e:  # offline, unknown or gated repo: the hub raises many kinds, with long messages
         have = (f" ({local_dir} holds a model already: python scripts/convert_hf_checkpoint.py --checkpoint_dir "
-                f"{local_dir} converts it)" if is_hf_folder(local_dir) else "")
+                f"{shlex.quote(str(local_dir))} converts it)" if is_hf_folder(local_dir) else "")
         raise ValueError(f"cannot download {repo}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}{have}") \
             from None
 

@@ -3,8 +3,8 @@
 # Sets up .venv, prepares the checkpoint, calibrates thresholds once, then generates. Extra args go to generate.py.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [ ! -d .venv ]; then
-    python3 -m venv .venv
+if [ ! -f .venv/bin/activate ]; then  # none yet, or one half made (interrupted, or venv failed): made again
+    python3 -m venv --clear .venv
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
@@ -19,7 +19,7 @@ if ! python -c "import torch" 2>/dev/null; then
     fi
 fi
 python -m pip install -q -r requirements.txt
-bash scripts/prepare.sh smollm2-135m
+PYTHON=python bash scripts/prepare.sh smollm2-135m  # .venv's python, whatever $PYTHON the shell exports
 ckpt=checkpoints/smollm2-135m/model.pth
 extra=()  # the dtype defaults to bf16 on a GPU, fp32 on a CPU
 if python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then extra=(--compile); fi

@@ -444,14 +444,37 @@ def test_download_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
     rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
     assert rc == 1 and err.strip() == "error: cannot download org/model: OSError: [Errno -2] Name or service not known"
-    # the files already there (prepare.sh ORG/REPO offline): the error says how to convert them
-    (tmp_path / "m").mkdir()
+    # the files an earlier download left (prepare.sh ORG/REPO again, offline): the error says how to convert them
+    assert (tmp_path / "m" / ".hf_repo").read_text() == "org/model\n"  # written before the download began
     (tmp_path / "m" / "config.json").write_text("{}")
     rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
     assert rc == 1 and "holds a model" not in err, err  # no weights: a download cut short
     (tmp_path / "m" / "model.safetensors").write_bytes(b"x")
     rc, err = run_main("--repo", "org/model", "--checkpoint_dir", tmp_path / "m")
     assert rc == 1 and err.count("\n") == 1 and "--checkpoint_dir " + str(tmp_path / "m") + " converts it" in err, err
+
+
+def test_download_into_another_models_files_is_refused(hf_dir, tmp_path, monkeypatch):
+    """--repo downloads into a new or empty folder, or resumes its own repo's: another model's files would mix with
+    the download (a weights format the repo lacks read instead of its own, its chat template kept)."""
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda *a, **k: pytest.fail("downloaded"))
+    rc, err = run_main("--repo", "org/model", "--checkpoint_dir", hf_dir)  # files no download put there
+    assert rc == 1 and err.count("\n") == 1 and "no --repo org/model download put there" in err \
+        and "leave out --repo" in err, err
+    (hf_dir / ".hf_repo").write_text("org/other\n")  # another repo's download
+    rc, err = run_main("--repo", "org/model", "--checkpoint_dir", hf_dir)
+    assert rc == 1 and "holds the files of org/other" in err, err
+    # its own repo's (a download cut short, or converted before), or nothing but a download's mark: resumed
+    got = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, *, token=None: got.append(
+        repo_id) or ["config.json"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: None)
+    convert_hf_checkpoint.download("org/other", hf_dir)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / ".hf_repo").write_text("org/other\n")
+    convert_hf_checkpoint.download("org/model", tmp_path / "new")
+    assert got == ["org/other", "org/model"] and (tmp_path / "new" / ".hf_repo").read_text() == "org/model\n"
 
 
 def test_unwritable_folder_is_refused_before_a_download(tmp_path, monkeypatch):
