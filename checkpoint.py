@@ -250,6 +250,13 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.bfloat16, column_major
     for b in model.layers:  # non-persistent buffers are still on the meta device
         b.thresholds = torch.zeros(len(PROJECTIONS), dtype=torch.float32)
     model = model.to(device)
+    # A NaN or inf anywhere makes its tensor's sum one: one pass over the weights and a single sync, not a
+    # decode that streams junk before its logits turn out non-finite
+    sums = torch.stack([p.sum(dtype=torch.float32) for p in model.parameters()]).tolist()
+    bad = [name for (name, _), s in zip(model.named_parameters(), sums) if not math.isfinite(s)]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: weight {bad[0]}{more} holds NaN or infinite values (a corrupt checkpoint)")
     if column_major:
         to_column_major(model)
     return model.eval().requires_grad_(False)  # inference only: compiled decode must not trace a backward

@@ -106,8 +106,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, decode_fn,
         done = done | torch.isin(tok[:, 0], stop)
         n += 1
     if not bool(all_finite):
-        raise FloatingPointError("the model produced NaN or infinite logits (activations overflowed, or NaN in the "
-                                 "checkpoint's weights?)")
+        raise FloatingPointError("the model produced NaN or infinite logits (activations overflowed?)")
     return seq[:, :T + n]
 
 

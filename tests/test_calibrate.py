@@ -298,10 +298,10 @@ def test_flags_and_text_checked_before_the_weights_load(tiny, tmp_path, monkeypa
         assert code == 1 and want in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("case", ["missing_text", "tokens_0", "text_too_short", "nan", "sparse_aware_tokens",
-                                  "greedy_tokens", "plot_in_missing_folder", "plot_format", "out_is_a_folder", "device",
-                                  "dataset_file_without_dataset", "greedy_tokens_without_greedy",
-                                  "abbreviated_flag_without_its_pass"])
+@pytest.mark.parametrize("case", ["missing_text", "tokens_0", "text_too_short", "nan", "overflow",
+                                  "sparse_aware_tokens", "greedy_tokens", "plot_in_missing_folder", "plot_format",
+                                  "out_is_a_folder", "device", "dataset_file_without_dataset",
+                                  "greedy_tokens_without_greedy", "abbreviated_flag_without_its_pass"])
 def test_errors(tiny, tmp_path, case):
     ckpt, text = tiny
     args, exit_code = ["--tokens", "256", "--seq_len", "64"], 1
@@ -329,8 +329,8 @@ def test_errors(tiny, tmp_path, case):
     elif case == "text_too_short":
         (tmp_path / "short.txt").write_text("hi there")
         args += ["--text", tmp_path / "short.txt"]
-    elif case == "nan":
-        ckpt = write_tiny_checkpoint(tmp_path / "nan", nan=True, max_pos=64)
+    elif case in ("nan", "overflow"):  # refused at load; activations that overflow, in the calibration pass
+        ckpt = write_tiny_checkpoint(tmp_path / case, max_pos=64, **{case: True})
         args += ["--text", text]
     code, _, err = run_main(["--checkpoint", ckpt, "--dtype", "fp32", "--device", "cpu",
                              "--out", tmp_path / "t.json", *args])

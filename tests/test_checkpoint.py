@@ -115,6 +115,24 @@ def test_load_model_rejects_corrupt_config(good_ckpt, tmp_path, content):
         checkpoint.load_model(path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_load_model_rejects_weights_not_finite(good_ckpt, tmp_path, bad, dtype):
+    """A NaN or inf weight is a corrupt checkpoint: refused at load, naming it, not found as junk tokens later."""
+    def edit(state):
+        state["layers.1.feed_forward.w2.weight"][3, 5] = bad
+        state["layers.0.attention.wqkv.bias"][7] = bad
+    path = broken_copy(good_ckpt, tmp_path, state_edit=edit)
+    with pytest.raises(CheckpointError, match=r"weight layers\.0\.attention\.wqkv\.bias \(and 1 more\) holds NaN"):
+        checkpoint.load_model(path, dtype=dtype)
+
+
+def test_load_model_takes_large_finite_weights(good_ckpt, tmp_path):
+    """The check sums each weight in fp32: fp16 weights whose sum is past fp16's range are no corruption."""
+    big = broken_copy(good_ckpt, tmp_path, state_edit=lambda s: s["norm.weight"].fill_(60000.0))
+    checkpoint.load_model(big, dtype=torch.float16)
+
+
 def test_optional_config_fields_may_be_null(good_ckpt, tmp_path):
     path = broken_copy(good_ckpt, tmp_path, cfg_edit=lambda c: c.update(rms_norm_eps=None, num_key_value_heads=None))
     c = checkpoint.load_config(path)

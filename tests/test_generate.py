@@ -457,8 +457,9 @@ def test_generate_stops_when_every_row_has_stopped(stream):
 # ---- the command line ------------------------------------------------------------------------------------------
 
 
-def write_tiny_checkpoint(d: Path, max_pos=32, nan=False, n_layer=2, intermediate=128) -> Path:
-    """model.pth + config.json + tokenizer.json + tealfast.json, as the converters write them."""
+def write_tiny_checkpoint(d: Path, max_pos=32, nan=False, n_layer=2, intermediate=128, overflow=False) -> Path:
+    """model.pth + config.json + tokenizer.json + tealfast.json, as the converters write them. nan: a NaN weight
+    (refused at load); overflow: finite weights whose activations overflow (attention scores past fp32's range)."""
     d.mkdir(parents=True, exist_ok=True)
     vocab = write_tokenizer_json(d / "tokenizer.json")
     cfg = dict(model_type="llama", vocab_size=vocab, hidden_size=64, num_hidden_layers=n_layer,
@@ -469,6 +470,8 @@ def write_tiny_checkpoint(d: Path, max_pos=32, nan=False, n_layer=2, intermediat
     state = {k: v.detach().clone() for k, v in m.state_dict().items()}
     if nan:
         state["layers.0.feed_forward.w2.weight"][3, 5] = float("nan")
+    if overflow:
+        state["layers.0.attention_norm.weight"].fill_(1e30)
     torch.save(state, d / "model.pth")
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "tealfast.json").write_text(json.dumps({"schema_version": 1, "tokenizer": "hf", "source": "test"}))
@@ -954,7 +957,7 @@ def test_empty_prompt_starts_from_bos(tmp_path, capsys):
                                   "checkpoint_folder", "thresholds_checked_when_dense", "greedy_without_table",
                                   "prompt_not_utf8", "score_not_the_files", "score_file_missing_when_dense",
                                   "interactive_profile", "interactive_prompt", "profile_onto_config",
-                                  "interactive_stdin_closed"])
+                                  "interactive_stdin_closed", "overflow"])
 def test_bad_input(case, tiny_ckpt, tmp_path, monkeypatch):
     ckpt, extra, exit_code = tiny_ckpt, [], 1
     if case == "missing_checkpoint":
@@ -972,8 +975,8 @@ def test_bad_input(case, tiny_ckpt, tmp_path, monkeypatch):
         extra = ["--sparsity", "0.4", "--thresholds", tmp_path / "t.json"]
     elif case == "thresholds_missing":  # default path beside the checkpoint, not written
         extra = ["--sparsity", "0.4"]
-    elif case == "nan":
-        ckpt = write_tiny_checkpoint(tmp_path / "nan", nan=True)
+    elif case in ("nan", "overflow"):
+        ckpt = write_tiny_checkpoint(tmp_path / case, **{case: True})
     elif case == "temperature":
         extra, exit_code = ["--temperature", "-1"], 2
     elif case == "top_k":
@@ -1011,7 +1014,9 @@ def test_bad_input(case, tiny_ckpt, tmp_path, monkeypatch):
     line = assert_one_error(code, err, exit_code)
     expect = {"missing_checkpoint": "not found", "sparsity_1": "--sparsity", "sparsity_negative": "--sparsity",
               "past_block_size": "exceeds", "thresholds_other_model": "another model",
-              "thresholds_corrupt": "corrupt", "thresholds_missing": "calibrate.py", "nan": "NaN",
+              "overflow": "NaN or infinite logits",
+              "thresholds_corrupt": "corrupt", "thresholds_missing": "calibrate.py",
+              "nan": "holds NaN or infinite values",
               "temperature": "--temperature", "top_k": "--top_k", "max_new_tokens_0": "--max_new_tokens",
               "device": "--device", "batch_size_9": "--batch_size", "checkpoint_folder": "is a folder",
               "thresholds_checked_when_dense": "corrupt", "greedy_without_table": "greedy",
@@ -1081,7 +1086,7 @@ def test_memory_check_counts_the_cache(tiny_ckpt, monkeypatch):
 
 def test_bad_input_subprocess(tmp_path):
     """The same through a real interpreter: exit status 1, one `error:` line, no traceback."""
-    ckpt = write_tiny_checkpoint(tmp_path / "nan", nan=True)
+    ckpt = write_tiny_checkpoint(tmp_path / "overflow", overflow=True)
     r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", str(ckpt), *BASE],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert_one_error(r.returncode, r.stderr)
