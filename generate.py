@@ -7,6 +7,7 @@ with CUDA graphs when --compile is given on a GPU. With --sparsity > 0 every blo
 columns whose input survives the calibrated threshold (thresholds.json beside the checkpoint, from calibrate.py).
 """
 import contextlib
+import re
 import shutil
 import sys
 import tempfile
@@ -217,6 +218,8 @@ def is_utf8(text: str) -> bool:
 INTERACTIVE_CACHE = 4096  # tokens of the one cache of a compiled --interactive session (--compile or
 # --compile_prefill); a 128K context's would not fit: its causal mask alone is 17 GB
 
+
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (sentencepiece's and HF's)
 
 DEFAULT_PROMPT = "Hello, my name is"
 DEFAULT_CHAT_PROMPT = "Hello! What can you help me with?"
@@ -490,13 +493,19 @@ def main(argv=None) -> None:
             model.setup_caches(args.batch_size, T + args.max_new_tokens, keep=cached)
         prompt = torch.tensor(ids, dtype=torch.long, device=device).repeat(args.batch_size, 1)
 
-        def shown_text(seq: Tensor) -> str:
+        def shown_text(seq: Tensor, partial: bool = False) -> str:
             """Row 1 as gpt-fast prints it: the prompt (without BOS; a chat's reply alone) and what follows, up to
             the first stop token. Decoded whole: sentencepiece drops a leading space from a continuation decoded on
-            its own."""
+            its own. partial (a sample still decoding): less the text that later tokens may change, so that the
+            streamed text is the whole one: a character whose bytes span tokens decodes to U+FFFD until its last
+            byte comes, and HF's ByteFallback decoder (Llama-2's, Mistral's tokenizer.json) decodes a run of byte
+            pieces as a whole, every byte U+FFFD where one is not UTF-8, so a trailing run of them waits."""
             new = seq[0, T:].tolist()
             new = next((new[:j] for j, t in enumerate(new) if t in stop_ids), new)
-            return tokenizer.decode(shown_ids + new)
+            while partial and new and BYTE_PIECE.fullmatch(tokenizer.id_to_token(new[-1]) or ""):
+                new.pop()
+            text = tokenizer.decode(shown_ids + new)
+            return text.rstrip("\ufffd") if partial else text
 
         for i in range(n_warmup + args.num_samples):
             warmup = i < n_warmup
@@ -506,9 +515,7 @@ def main(argv=None) -> None:
             shown = [0]
 
             def stream(seq, final=False):
-                s = shown_text(seq)
-                if not final:  # a character whose bytes span tokens decodes to U+FFFD until its last byte comes
-                    s = s.rstrip("\ufffd")
+                s = shown_text(seq, partial=not final)
                 print(s[shown[0]:], end="", flush=True)
                 shown[0] = len(s)
 

@@ -690,6 +690,38 @@ def test_decode_compiles_as_gpt_fast_does(tiny_ckpt, monkeypatch):
     assert generate.compile_decode(torch.device("cpu")) == (generate.decode_one_token, dict(fullgraph=True))
 
 
+def write_byte_fallback_tokenizer(d: Path) -> dict:
+    """Overwrite d's tokenizer.json with a Llama-2/Mistral-style one: byte-fallback BPE, ids 0-255 the byte pieces
+    <0x00>..<0xFF>, then "a" and "b" (258 ids: write_tiny_checkpoint's vocab). Returns the piece -> id map."""
+    from tokenizers import Tokenizer, decoders, models
+    vocab = {f"<0x{i:02X}>": i for i in range(256)}
+    vocab.update({"a": 256, "b": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok.save(str(d / "tokenizer.json"))
+    return vocab
+
+
+def test_streamed_text_is_the_text_at_the_end_with_byte_fallback(tmp_path, monkeypatch, capsys):
+    """HF's ByteFallback decoder (Llama-2's and Mistral's tokenizer.json) decodes a run of byte pieces as a whole: a
+    character it completed turns into U+FFFDs where a later byte of the run is not UTF-8. The streamed text must
+    still be the one --no_stream prints: a run's text is held back until the run ends."""
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt")
+    v = write_byte_fallback_tokenizer(ckpt.parent)
+    script = [v["b"], v["<0xE4>"], v["<0xB8>"], v["<0xAD>"], v["<0xFF>"], v["a"], v["<0xE4>"], v["<0xB8>"],
+              v["<0xAD>"]]  # b 中 then a byte that is not UTF-8 (the run is four U+FFFDs), a 中
+    assert get_tokenizer(ckpt.parent).decode(script) == "b\ufffd\ufffd\ufffd\ufffda\u4e2d"
+
+    texts = []
+    for flags in ([], ["--no_stream"]):
+        calls = iter(script)  # the k-th call (0 the prefill) makes script[k]
+        monkeypatch.setattr(generate, "decode_one_token", lambda m, cur, *a, **k: (
+            torch.full((cur.shape[0], 1), next(calls)), torch.tensor(True)))
+        generate.main(["--checkpoint", str(ckpt), *BASE[:-3], str(len(script)), "--prompt", "a", *flags])
+        texts.append(capsys.readouterr().out.split("\n\nsample")[0])
+    assert texts[0] == texts[1] == "ab\ufffd\ufffd\ufffd\ufffda\u4e2d", texts
+
+
 def fake_stdin(monkeypatch, lines):
     """input() reading these lines, then the end of the input."""
     it = iter(lines)
