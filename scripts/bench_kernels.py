@@ -4,13 +4,15 @@
     python scripts/bench_kernels.py --batch 1 --compiled_baseline   # + inductor's own dense GEMV (torch.compile)
     python scripts/bench_kernels.py --sweep     # try tile configs, print the best per shape (for pick_config)
 
-Each op is captured REPS times in a CUDA graph (as decode runs it) cycling over enough weight copies that L2
-(50 MB) cannot hold them; the time is the median graph replay over REPS. cuBLAS is timed the same way.
+Each op is captured in a CUDA graph (as decode runs it) cycling, in whole rounds of at least REPS calls, over enough
+weight copies that L2 (50 MB) cannot hold the rows an op reads of them; the time is the median graph replay per call.
+cuBLAS is timed the same way.
 Bandwidth counts the bytes actually needed: kept weight rows (union over the batch) plus x and y. The op time
 includes the split-K partial sum (separate small kernels here, fused into the next op in the compiled model);
 the kernel column is the sparse kernel's own device time from torch.profiler.
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -59,15 +61,25 @@ def bytes_needed(x: torch.Tensor, thr: float, N: int, glu: bool = False) -> tupl
 
 
 REPS = 20
+MIN_DENSITY = 1 / 16  # copies sized for at most 93.75% sparsity: 90% takes 10x the copies of 0%, 99% would take 100x
 
 
-def copies_for(t: torch.Tensor) -> int:
-    """Enough copies of a weight that cycling through them never hits in L2."""
-    return max(2, -(-256 * 2**20 // (t.numel() * t.element_size())))
+def copies_for(t: torch.Tensor, density: float = 1.0) -> int:
+    """Enough copies of a weight that cycling through them never hits in L2: 256 MB of what an op reads of them, the
+    `density` share of each copy's rows (sized on the whole weight, a sparse op at 90% read 26-47 MB of all copies)."""
+    read = t.numel() * t.element_size() * max(density, MIN_DENSITY)
+    return max(2, math.ceil(256 * 2**20 / read))
+
+
+def call_order(n_copies: int) -> list:
+    """The copies that one timed graph (and the profiled run) calls, in order: whole rounds of at least REPS calls,
+    so that back to back replays also read every other copy before one again (20 calls over 3 copies would
+    re-read copy 0 after one other call)."""
+    return [i % n_copies for i in range(n_copies * -(-REPS // n_copies))]
 
 
 def time_us(fn, n_copies: int) -> float:
-    """fn(i) runs the op on weight copy i. Median over 15 replays of a graph of REPS calls, per call."""
+    """fn(i) runs the op on weight copy i. Median over 15 replays of a graph of call_order's calls, per call."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -75,9 +87,10 @@ def time_us(fn, n_copies: int) -> float:
             fn(i % n_copies)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
+    order = call_order(n_copies)
     with torch.cuda.graph(g):
-        for i in range(REPS):
-            fn(i % n_copies)
+        for i in order:
+            fn(i)
     g.replay()
     times = []
     for _ in range(15):
@@ -86,7 +99,7 @@ def time_us(fn, n_copies: int) -> float:
         g.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / REPS)
+        times.append(a.elapsed_time(b) * 1e3 / len(order))
     return sorted(times)[len(times) // 2]
 
 
@@ -94,15 +107,16 @@ def kernel_us(fn, n_copies: int, name: str) -> float:
     """Mean device time of the kernels whose name contains `name` (torch.profiler), per call: the op's own
     kernel without the split-K sum that the compiled model fuses into the next op."""
     from torch.profiler import ProfilerActivity, profile
-    for i in range(3):
+    for i in range(-3, 0):  # the round's last copies: copy 0, profiled first, was read before all the others
         fn(i % n_copies)
     torch.cuda.synchronize()
+    order = call_order(n_copies)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(REPS):
-            fn(i % n_copies)
+        for i in order:
+            fn(i)
         torch.cuda.synchronize()
     total = sum(e.device_time_total for e in prof.key_averages() if name in e.key)
-    return total / REPS
+    return total / len(order)
 
 
 def dense_linear(x, w):
@@ -119,7 +133,7 @@ def run(args):
         glu = "GLU" in name
         fused = "fused" in name or glu
         w0 = torch.randn(N, K, generator=g, device="cuda").to(dtype)
-        c = copies_for(w0)
+        c = copies_for(w0, 1 - max(args.sparsity))  # a batch's union keeps more of the rows than one row's
         ws = [w0] + [w0.clone() for _ in range(c - 1)]   # row-major (N, K), what cuBLAS likes
         wts = [w.t().contiguous() for w in ws]            # (K, N): our layout
         pairs = [(wt[:, :N // 2].contiguous(), wt[:, N // 2:].contiguous()) for wt in wts] if fused else None
@@ -171,7 +185,7 @@ def sweep(args):
         ends = torch.tensor(segs).cumsum(0).tolist()
         seg1, seg2 = (ends + [N, N])[:2]
         wt0 = torch.randn(K, N, generator=g, device="cuda").to(dtype)
-        c = copies_for(wt0)
+        c = copies_for(wt0, 1 - max(args.sparsity))
         wts = [wt0] + [wt0.clone() for _ in range(c - 1)]
         ws = [w.t().contiguous() for w in wts]
         for batch in args.batch:

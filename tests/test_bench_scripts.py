@@ -214,3 +214,18 @@ def test_bench_attention_bytes_of_the_filled_cache():
     # k and v, bf16, head size 128: Llama-3-8B's 8 key/value heads at 8192 positions are 32 MiB a layer
     assert bench_attention.kv_bytes(1, 8, 8192) == 32 * 2 ** 20
     assert bench_attention.kv_bytes(4, 32, 100) == 2 * 4 * 32 * 100 * 128 * 2
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_bench_kernels_weight_copies_defeat_l2(sparsity):
+    """Between two reads of one weight copy, the calls on the other copies must read more than L2 (50 MB) holds, in
+    back-to-back graph replays too, counting only the kept rows that a sparse op reads: copies sized on the whole
+    weight let 90% keep every copy's rows in L2, and 20 calls over 3 copies re-read copy 0 after one other call."""
+    for name, K, N in bench_kernels.SHAPES:
+        w = torch.empty(N, K, dtype=torch.bfloat16, device="meta")
+        c = bench_kernels.copies_for(w, 1 - sparsity)
+        order = bench_kernels.call_order(c) * 3  # three replays of the graph, back to back
+        gap = min(j - i - 1 for i in range(len(order)) for j in range(i + 1, len(order))
+                  if order[j] == order[i] and order[i] not in order[i + 1:j])
+        kept = (1 - sparsity) * K * N * 2
+        assert gap * kept > 50 * 2 ** 20, (name, sparsity, c, gap)
