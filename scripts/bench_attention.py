@@ -5,7 +5,8 @@
 One layer's attention for one new token per row against a KV cache of max_seq_length = 8192 positions filled up
 to `context`. SDPA (gpt-fast's decode attention; model.py runs it for prefill) gets q (B, H, 128) and the boolean
 mask row of the causal mask, so it reads the whole cache; decode_attention reads the filled positions only. Each
-is captured 20 times in a CUDA graph over cache copies that L2 cannot hold; median replay per call. Both
+is captured in a CUDA graph, in whole rounds of at least 20 calls, over cache copies whose filled positions L2 cannot
+hold; median replay per call. Both
 times are whole ops. decode_attention (its kernel and the chunk merge) does more: it takes the qkv projection
 as 5 fp32 split-K partials (Llama-3-8B's qkv GEMV at batch 1), sums them, rotates q and k and writes k and v
 into the cache, all of which the SDPA path leaves to separate kernels in the model. `--window W` times
@@ -33,12 +34,18 @@ def kv_bytes(B: int, H_kv: int, ctx: int) -> int:
     return 2 * B * H_kv * ctx * 128 * 2
 
 
+def cache_copies(cache: torch.Tensor, positions: int) -> int:
+    """Copies of k (and of v) enough that L2 cannot hold what decode_attention reads of them, `positions` of each
+    (the shortest context or the window): sized on the whole cache, 9 copies' first 256 positions fit in L2."""
+    return copies_for(cache, positions / MAX_SEQ) // 2 + 1  # a copy is read twice over: k and v
+
+
 def run(args) -> list:
     rows = []
     for name, H, H_kv in MODELS:
         for B in args.batch:
             cache = torch.randn(B, H_kv, MAX_SEQ, 128, device="cuda", dtype=torch.bfloat16)
-            n = copies_for(cache) // 2 + 1  # k and v are two such tensors
+            n = cache_copies(cache, min(args.context + [args.window or MAX_SEQ]))
             ks = [cache.clone() for _ in range(n)]
             vs = [cache.clone() for _ in range(n)]
             del cache

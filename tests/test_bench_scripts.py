@@ -216,6 +216,18 @@ def test_bench_attention_bytes_of_the_filled_cache():
     assert bench_attention.kv_bytes(4, 32, 100) == 2 * 4 * 32 * 100 * 128 * 2
 
 
+@pytest.mark.parametrize("positions", [256, 1024, 8192])
+def test_bench_attention_cache_copies_defeat_l2(positions):
+    """decode_attention reads only the filled positions (or the window): between two reads of one cache copy, the
+    other copies' k and v positions must be more than L2 (50 MB) holds (sized on the whole cache, 9 copies' 256
+    positions were 9 MB)."""
+    for _, _, H_kv in bench_attention.MODELS:
+        for B in (1, 4, 8):
+            cache = torch.empty(B, H_kv, bench_attention.MAX_SEQ, 128, dtype=torch.bfloat16, device="meta")
+            n = bench_attention.cache_copies(cache, positions)
+            assert (n - 1) * bench_attention.kv_bytes(B, H_kv, positions) > 50 * 2 ** 20, (H_kv, B, n)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
 def test_bench_kernels_weight_copies_defeat_l2(sparsity):
     """Between two reads of one weight copy, the calls on the other copies must read more than L2 (50 MB) holds, in
