@@ -85,7 +85,10 @@ def test_bench_decode_cpu_smoke(tmp_path, monkeypatch):
         assert r["rows_skipped"] <= r["achieved"] + 1e-4
         assert r["gb_s_read"] == pytest.approx((total - r["rows_skipped"] * linear) * r["tokens_per_s"] / 1e9,
                                                abs=0.06)
-        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / rows[0]["tokens_per_s"], abs=2e-3)
+        # speedup is the unrounded tokens/s over the dense row's rounded one (0.01), itself rounded (0.001): on a
+        # busy CPU the dense row can run under 1 token/s, where the rounding moves the ratio by more than 2e-3
+        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / rows[0]["tokens_per_s"],
+                                             abs=6e-4 + 0.005 / rows[0]["tokens_per_s"])
     assert all(r["rows_skipped"] < r["achieved"] - 0.1 for r in rows[2::2])  # about 0.25 against 0.5
 
 
