@@ -204,7 +204,7 @@ def check_target(out_dir, source_dir=None) -> None:
     out = Path(out_dir)
     if out.is_dir() and hf_weights(out) and not (source_dir is not None and Path(source_dir).is_dir()
                                                  and out.samefile(source_dir)):
-        raise CheckpointError(f"{out} holds another model's Hugging Face weights: converting into it would replace "
+        raise CheckpointError(f"{out} holds another model's Hugging Face weights: writing into it would replace "
                               f"their config.json and tokenizer (choose another output folder)")
 
 

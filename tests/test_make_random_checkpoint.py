@@ -68,6 +68,7 @@ def test_a_models_folder_is_never_overwritten(tmp_path):
         before = {f.name: f.read_bytes() for f in folder.iterdir()}
         code, _, err = run_script("scripts/make_random_checkpoint.py", [*argv, folder])
         assert code == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert "converting" not in err, err  # this script writes random weights: it converts nothing
         assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     rnd = tmp_path / "rnd"
     for _ in range(2):  # over its own random weights: fine
