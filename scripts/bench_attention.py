@@ -6,11 +6,11 @@ One layer's attention for one new token per row against a KV cache of max_seq_le
 to `context`. SDPA (gpt-fast's decode attention; model.py runs it for prefill) gets q (B, H, 128) and the boolean
 mask row of the causal mask, so it reads the whole cache; decode_attention reads the filled positions only. Each
 is captured in a CUDA graph, in whole rounds of at least 20 calls, over cache copies whose filled positions L2 cannot
-hold; median replay per call. Both
-times are whole ops. decode_attention (its kernel and the chunk merge) does more: it takes the qkv projection
-as 5 fp32 split-K partials (Llama-3-8B's qkv GEMV at batch 1), sums them, rotates q and k and writes k and v
-into the cache, all of which the SDPA path leaves to separate kernels in the model. `--window W` times
-decode_attention with a sliding window of W positions too (Mistral-7B v0.1: 4096), which reads only those.
+hold; median replay per call. Both times are whole ops. decode_attention (its kernel and the chunk merge) does
+more: it takes the qkv projection as 5 fp32 split-K partials (Llama-3-8B's qkv GEMV at batch 1), sums them, rotates
+q and k and writes k and v into the cache, all of which the SDPA path leaves to separate kernels in the model.
+`--window W` times decode_attention with a sliding window of W positions too (Mistral-7B v0.1: 4096), which reads
+only those.
 """
 import json
 import sys
