@@ -380,7 +380,7 @@ def report(model: Transformer, cal: Optional[dict], args, T: int, seq: Tensor, d
     last_stop = max(next((j for j, t in enumerate(row) if t in stop_ids), n_new - 1) for row in seq[:, T:].tolist())
     past_stop = n_new - 1 - last_stop
     rows = "every row's" if args.batch_size > 1 else "the"
-    print(f"\n\nsample {sample_no}: {n_new} tokens x {args.batch_size} rows in {dt:.2f}s: "
+    print(f"\n\nsample {sample_no}: {n_new} tokens x {args.batch_size} row{'s' * (args.batch_size > 1)} in {dt:.2f}s: "
           f"{n_new * args.batch_size / dt:.1f} tokens/s (prefill included"
           + (f": {T - cached} of the prompt's {T} tokens, the rest cached from the conversation)" if cached else ")")
           + (f"; the text above is row 1 of {args.batch_size}" if args.batch_size > 1 else "")

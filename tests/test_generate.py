@@ -1283,7 +1283,7 @@ def test_report_counts_the_steps_past_the_stop(tiny_ckpt, capsys):
     args = generate.parse_args(["--checkpoint", str(tiny_ckpt), "--no_stream"])
     generate.report(m, None, args, 2, torch.tensor([[1, 2, 5, 0, 7, 7, 7]]), 1.0, 1, (0,))
     out = capsys.readouterr().out
-    assert "5 tokens x 1 rows" in out and "3 decoded after the end-of-sequence token" in out, out
+    assert "5 tokens x 1 row in" in out and "3 decoded after the end-of-sequence token" in out, out
     generate.report(m, None, args, 2, torch.tensor([[1, 2, 5, 6, 7, 7, 0]]), 1.0, 1, (0,))
     assert "after the end-of-sequence" not in capsys.readouterr().out
     # a batch: counted from the last row's stop; none while a row has not stopped
