@@ -99,10 +99,8 @@ def sliding_window(cfg: dict, model_type: str) -> tuple:
     layer_types marks full_attention; without that list, Mistral windows every layer (a 4,096-token window where
     the key is left out, none where it is null) and Qwen2 (only with use_sliding_window) the layers from
     max_window_layers on; Llama never."""
-    if model_type == "llama" or (model_type == "qwen2" and not cfg.get("use_sliding_window")):
-        return 0, ()
     window = cfg.get("sliding_window", HF_WINDOW) or 0
-    if not window:
+    if not window or model_type == "llama" or (model_type == "qwen2" and not cfg.get("use_sliding_window")):
         return 0, ()
     n, types = cfg["num_hidden_layers"], cfg.get("layer_types")
     if types is None:
