@@ -23,6 +23,10 @@ from torch.library import triton_op, wrap_triton
 
 MAX_BATCH = 8  # decode rows a launch takes; more rows go to the dense-masked reference (prefill)
 SEGMENT_MULTIPLE = 16  # the smallest output tile: where thresholds change (q|k|v, gate|up) a tile must end
+# Batch-1 programs of one K range and segment list the same channels. Groups of this many neighbours share one
+# list: with one list per K range, up to 112 programs stored to the same addresses (Llama-3's gate alone at 90%:
+# 10.4-12.1 us against 9.2-9.4 with groups of 8 or a list per program; docs/benchmarks.md, session 40).
+LIST_SHARERS = 8
 
 
 @triton.jit
@@ -31,6 +35,7 @@ def _sparse_gemv_kernel(
     B, K, N, N_A, SEG1, SEG2, K_PER_SPLIT,
     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, GLU: tl.constexpr,
     WINDOWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    SHARERS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -100,9 +105,11 @@ def _sparse_gemv_kernel(
             idx_base = idx_ptr
             count = tl.load(idx_ptr + K)
         else:
-            # Batch 1, phase 1: list the kept channels of this K range, in order, in idx[seg, k_lo:]. Every program
-            # of the same (segment, K range) computes the same list from the same x, so they may share the scratch.
-            idx_base = idx_ptr + seg * K + k_lo
+            # Batch 1, phase 1: list the kept channels of this K range, in order, in the scratch slot
+            # [seg, pid_k, pid_n // SHARERS] of a (3, SPLIT_K, groups, K_PER_SPLIT) array. Every program of the same
+            # (segment, K range) computes the same list from the same x, so a group may share a slot.
+            n_groups = tl.cdiv(tl.num_programs(0), SHARERS)
+            idx_base = idx_ptr + ((seg * tl.num_programs(1) + pid_k) * n_groups + pid_n // SHARERS) * K_PER_SPLIT
             rc = tl.arange(0, CHUNK)
             count = pid_k * 0
             for c0 in range(0, K_PER_SPLIT, CHUNK):
@@ -319,7 +326,11 @@ def _plan(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[di
         step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
         k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
     split = triton.cdiv(K, k_per_split)  # rounding up can leave a trailing share empty: drop it
-    cfg["CHUNK"] = min(1024, triton.next_power_of_2(k_per_split))  # the batch-1 listing scans its share in chunks
+    # The batch-1 listing scans its share in chunks of 1,024 channels, or in one where the share fills at least 7/8
+    # of a power of two up to 4,096 (Llama-3's gate and down, the pair ops: 0.1-1.1 us faster; a share of 1,376
+    # in one chunk of 2,048 was 3-5% slower at 50%: docs/benchmarks.md, sessions 39-40)
+    p2 = triton.next_power_of_2(k_per_split)
+    cfg["CHUNK"] = p2 if p2 <= 4096 and 8 * k_per_split >= 7 * p2 else min(1024, p2)
     if glu:
         return x.new_empty((1, n_a)), cfg, k_per_split
     out = x.new_empty((split, batch, n), dtype=torch.float32 if split > 1 else x.dtype)
@@ -337,12 +348,18 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
     # kept-channel lists: given (sparse_ops.norm's), or the scratch of a kernel that lists its own, every read
     # slot written first (the windows and the batch tiles list nothing: out stands in)
     lists = cfg["WINDOWS"] == 0 and cfg["BLOCK_B"] == 1
-    idx = kept if glu else torch.empty((3, K), device=x.device, dtype=torch.int32) if lists else out
+    if glu:
+        idx = kept
+    elif lists:
+        idx = torch.empty((3, grid[1], triton.cdiv(grid[0], LIST_SHARERS), k_per_split), device=x.device,
+                          dtype=torch.int32)
+    else:
+        idx = out
     wrap_triton(_sparse_gemv_kernel)[grid](
         x, wa, wb, scale if scale is not None else thresholds, thresholds, idx, out,
         batch, K, n, n_a, seg1, seg2, k_per_split,
         HAS_SCALE=scale is not None, USE_DOT=cfg["BLOCK_B"] > 1, DOT_F32=x.dtype == torch.float32 or not x.is_cuda,
-        GLU=glu, **cfg)
+        GLU=glu, SHARERS=LIST_SHARERS, **cfg)
     return out
 
 

@@ -341,6 +341,17 @@ def past_the_end(t, fill):
     return buf[:t.numel()].view(t.shape)
 
 
+def test_listing_in_one_chunk():
+    # a share that fills 7/8 of a power of two past 1024 is scanned in one chunk of it (a CPU's listing at K 3600:
+    # shares of 1800 in one chunk of 2048, lanes past the share masked); one a bit shorter in chunks of 1024
+    from sparse_ops.gemv import _plan
+    for K, N, chunk in ((3600, 40, 2048), (3200, 40, 1024)) if DEV == "cpu" else ((4096, 14336, 2048),):
+        cfg, share = _plan(torch.empty(1, K, device=DEV), N, N, N, N)[1:]
+        assert cfg["WINDOWS"] == 0 and share > 1024 and cfg["CHUNK"] == chunk
+        for level in (0.0, 0.5, 0.9):
+            check_single(1, K, [N], torch.bfloat16, [level], seed=K)
+
+
 # a GPU lists only weights past 4096 x 4096 and splits K by the outputs' programs: N 16896 gives two shares there
 @pytest.mark.parametrize("B,K,N,path", [(1, 200, 48, "windows"), (1, 2088, 32 if DEV == "cpu" else 16896, "listed"),
                                         (3, 200, 48, "tiles")])
@@ -387,6 +398,18 @@ def test_glu_llama_shapes_gpu(K, N):
         for level in (0.0, 0.5, 0.9):
             check_glu(1, K, N, dtype, [level, level + 0.02], seed=K + N)
     check_glu(1, K, N, torch.bfloat16, [0.4, 0.5], scaled=True)
+
+
+@pytest.mark.gpu
+def test_shared_lists_keep_segments_apart_gpu():
+    # groups of LIST_SHARERS neighbouring programs share a kept-channel list; here a group holds q's last column
+    # blocks and k's first (q ends at block 30), whose thresholds differ: one slot for both would mix their lists
+    from sparse_ops.gemv import LIST_SHARERS, _plan
+    K = 4096
+    cfg = _plan(torch.empty(1, K, device=DEV), 4608, 4608, 3840, 4224)[1]
+    assert cfg["WINDOWS"] == 0 and (3840 // cfg["BLOCK_N"]) % LIST_SHARERS
+    for seed in range(5):
+        check_single(1, K, [3840, 384, 384], torch.bfloat16, [0.9, 0.1, 0.5], seed=seed)
 
 
 @pytest.mark.gpu
