@@ -342,8 +342,10 @@ class FeedForward(nn.Module):
             h = F.silu(g) * u
             if stats is not None and sparse:  # as sparse_linear: a dense run drops nothing
                 keep = [sparse_ops.keep_mask(x, thr[4 + i], None if sc is None else sc[i]) for i in (0, 1)]
-                # batch-1 decode reads both rows of every channel that either keeps (sparse_glu's one list)
-                union = drop_counts(keep[0] | keep[1], stats.dtype)[2:] if x.shape[0] == 1 else None
+                # batch-1 decode reads both rows of every channel that either keeps (sparse_glu's one list, which
+                # the MLP norm makes where the width allows: TransformerBlock.forward)
+                union = drop_counts(keep[0] | keep[1], stats.dtype)[2:] \
+                    if x.shape[0] == 1 and x.shape[-1] % sparse_ops.LIST_GROUP == 0 else None
                 for i in (0, 1):
                     c = drop_counts(keep[i], stats.dtype)
                     if union is not None:

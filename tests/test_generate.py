@@ -33,9 +33,9 @@ TINY = dict(vocab_size=258, dim=64, n_layer=2, n_head=4, n_local_heads=2, head_d
             block_size=64)
 
 
-def tiny_model(qkv_bias=True, seed=0) -> model.Transformer:
+def tiny_model(qkv_bias=True, seed=0, **config) -> model.Transformer:
     torch.manual_seed(seed)
-    m = model.Transformer(model.ModelArgs(**TINY, qkv_bias=qkv_bias)).float().eval()
+    m = model.Transformer(model.ModelArgs(**{**TINY, **config}, qkv_bias=qkv_bias)).float().eval()
     randomize_(m, seed)
     model.to_column_major(m)
     return m
@@ -60,7 +60,8 @@ class MaskedReference:
     segment s, keep_s = score(x) > t_s; score = |x| or |x_i| * ||W[s rows, i]||. Rows at positions < `from_pos`
     (the dense prefill) stay unmasked. Also counts per projection on the masked rows: dropped / total inputs, then
     channels that no batch row keeps / channels; at batch 1 gate's and up's channels that neither keeps, as
-    decode's gate|up kernel reads both weights' rows for one list."""
+    decode's gate|up kernel reads both weights' rows for one list (where the MLP norm can list: a width that is a
+    multiple of LIST_GROUP)."""
 
     def __init__(self, m: model.Transformer, thr: torch.Tensor, weighted: bool, from_pos: int):
         self.counts = torch.zeros(len(PROJECTIONS), 4, dtype=torch.float64)
@@ -88,7 +89,7 @@ class MaskedReference:
                 ys.append(y)
                 k = keep[:, from_pos:]
                 u = k.any(0)  # per position: kept by some batch row
-                glu = p in (4, 5) and x.shape[0] == 1
+                glu = p in (4, 5) and x.shape[0] == 1 and x.shape[-1] % sparse_ops.LIST_GROUP == 0
                 if glu and p == 4:  # w1's hook runs first, on the same input: its rows are counted with up's
                     self.gate_kept = u
                 elif glu:
@@ -322,6 +323,25 @@ def test_rows_skipped_at_batch_1_count_what_the_glu_kernel_reads(weighted, monke
     assert torch.allclose(ach[1, :4], ach[0, :4]) and torch.allclose(ach[1, 6], ach[0, 6])  # one row: the same
     m.set_scores(False)
     m.set_sparse(decode=False, prefill=False)
+
+
+def test_hidden_size_the_mlp_norm_cannot_list(monkeypatch):
+    """A hidden size that is not a multiple of LIST_GROUP: the MLP norm makes no list, so gate and up go through
+    the pair kernel, each reading its own kept rows; decode still matches the masked reference, and each one's
+    rows skipped is its own, not their union's."""
+    m = tiny_model(seed=5, dim=72)
+    assert m.config.dim % sparse_ops.LIST_GROUP
+    idx = torch.randint(0, TINY["vocab_size"], (1, TOTAL), generator=torch.Generator().manual_seed(6))
+    thr = random_thresholds(m, idx, weighted=False, seed=6)
+    thr[:, 5] = thr[:, 4] * 3  # up keeps a subset of gate's channels
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ach = achieved_as_reference(m, idx, thr, False)
+    assert torch.allclose(ach[1], ach[0]) and ach[1, 4] < ach[1, 5], ach
+    want = reference_logits(m, idx, thr, False, PROMPT)[0][:, PROMPT - 1:TOTAL - 1]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # as test_sparse_decode_matches_masked_reference
+    got = sparse_decode_logits(m.to(dev), idx.to(dev), thr.to(dev), False)
+    assert max_rel_err(got.cpu(), want) <= TOL
 
 
 def naive_greedy(m, prompt, n, thr=None):
