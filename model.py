@@ -228,8 +228,7 @@ class TransformerBlock(nn.Module):
         sparse = self.sparse_prefill if prefill else self.sparse_decode
         # Sparse decode at batch 1: the MLP norm's kernel also lists the channels that gate or up keep. Listing
         # them in the GEMV costs more, as each of its programs scans the whole input (qkv's scan a fraction).
-        lists = sparse and fused_decode(x) and x.shape[0] == 1 and x.shape[-1] % sparse_ops.LIST_GROUP == 0 \
-            and self.stats is None
+        lists = sparse and fused_decode(x) and glu_list(x) and self.stats is None
         a = self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, self.thresholds, sparse, self.stats,
                            partials=lists)
         f = self.feed_forward
@@ -245,6 +244,12 @@ class TransformerBlock(nn.Module):
 def fused_decode(x: Tensor) -> bool:
     """One token per row on the GPU (or Triton's interpreter): the fused decode kernels run."""
     return x.shape[1] == 1 and sparse_ops.use_triton(x)
+
+
+def glu_list(x: Tensor) -> bool:
+    """One row of a width that the MLP norm can list (sparse_ops.add_rmsnorm): there decode's gate|up kernel
+    streams one list, reading both weights' rows of every channel that gate or up keeps."""
+    return x.shape[0] == 1 and x.shape[-1] % sparse_ops.LIST_GROUP == 0
 
 
 def add_norm(x: Tensor, delta: Tensor, norm: "RMSNorm", thresholds: Optional[Tensor] = None,
@@ -342,10 +347,7 @@ class FeedForward(nn.Module):
             h = F.silu(g) * u
             if stats is not None and sparse:  # as sparse_linear: a dense run drops nothing
                 keep = [sparse_ops.keep_mask(x, thr[4 + i], None if sc is None else sc[i]) for i in (0, 1)]
-                # batch-1 decode reads both rows of every channel that either keeps (sparse_glu's one list, which
-                # the MLP norm makes where the width allows: TransformerBlock.forward)
-                union = drop_counts(keep[0] | keep[1], stats.dtype)[2:] \
-                    if x.shape[0] == 1 and x.shape[-1] % sparse_ops.LIST_GROUP == 0 else None
+                union = drop_counts(keep[0] | keep[1], stats.dtype)[2:] if glu_list(x) else None
                 for i in (0, 1):
                     c = drop_counts(keep[i], stats.dtype)
                     if union is not None:

@@ -106,8 +106,8 @@ def _sparse_gemv_kernel(
             count = tl.load(idx_ptr + K)
         else:
             # Batch 1, phase 1: list the kept channels of this K range, in order, in the scratch slot
-            # [seg, pid_k, pid_n // SHARERS] of a (3, SPLIT_K, groups, K_PER_SPLIT) array. Every program of the same
-            # (segment, K range) computes the same list from the same x, so a group may share a slot.
+            # [seg, pid_k, pid_n // SHARERS] of a (segments, SPLIT_K, groups, K_PER_SPLIT) array. Every program of
+            # the same (segment, K range) computes the same list from the same x, so a group may share a slot.
             n_groups = tl.cdiv(tl.num_programs(0), SHARERS)
             idx_base = idx_ptr + ((seg * tl.num_programs(1) + pid_k) * n_groups + pid_n // SHARERS) * K_PER_SPLIT
             rc = tl.arange(0, CHUNK)
@@ -326,9 +326,10 @@ def _plan(x: Tensor, n: int, n_a: int, seg1: int, seg2: int, config: Optional[di
         step = cfg["BLOCK_K"] if cfg["BLOCK_B"] > 1 else 16
         k_per_split = triton.cdiv(triton.cdiv(K, split), step) * step
     split = triton.cdiv(K, k_per_split)  # rounding up can leave a trailing share empty: drop it
-    # The batch-1 listing scans its share in chunks of 1,024 channels, or in one where the share fills at least 7/8
-    # of a power of two up to 4,096 (Llama-3's gate and down, the pair ops: 0.1-1.1 us faster; a share of 1,376
-    # in one chunk of 2,048 was 3-5% slower at 50%: docs/benchmarks.md, sessions 39-40)
+    # The batch-1 listing scans its share in one chunk of the next power of two where that is at most 1,024 or the
+    # share fills at least 7/8 of it (up to 4,096: Llama-3's gate and down, the pair ops, 0.1-1.1 us faster), else
+    # in chunks of 1,024 (a share of 1,376 in one chunk of 2,048 was 3-5% slower at 50%: docs/benchmarks.md,
+    # sessions 39-40)
     p2 = triton.next_power_of_2(k_per_split)
     cfg["CHUNK"] = p2 if p2 <= 4096 and 8 * k_per_split >= 7 * p2 else min(1024, p2)
     if glu:
@@ -351,7 +352,8 @@ def _launch(x: Tensor, wa: Tensor, wb: Tensor, n_a: int, n: int, thresholds: Ten
     if glu:
         idx = kept
     elif lists:
-        idx = torch.empty((3, grid[1], triton.cdiv(grid[0], LIST_SHARERS), k_per_split), device=x.device,
+        n_seg = 1 + (seg1 < n) + (seg2 < n)
+        idx = torch.empty((n_seg, grid[1], triton.cdiv(grid[0], LIST_SHARERS), k_per_split), device=x.device,
                           dtype=torch.int32)
     else:
         idx = out

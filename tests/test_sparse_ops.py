@@ -343,13 +343,51 @@ def past_the_end(t, fill):
 
 def test_listing_in_one_chunk():
     # a share that fills 7/8 of a power of two past 1024 is scanned in one chunk of it (a CPU's listing at K 3600:
-    # shares of 1800 in one chunk of 2048, lanes past the share masked); one a bit shorter in chunks of 1024
+    # shares of 1808 and 1792 in one chunk of 2048, lanes past the share masked); one a bit shorter in chunks of
+    # 1024. A GPU's shares follow its SM count: Llama-3's gate, whichever way it is scanned there.
     from sparse_ops.gemv import _plan
-    for K, N, chunk in ((3600, 40, 2048), (3200, 40, 1024)) if DEV == "cpu" else ((4096, 14336, 2048),):
+    for K, N in ((3600, 40), (3200, 40)) if DEV == "cpu" else ((4096, 14336),):
         cfg, share = _plan(torch.empty(1, K, device=DEV), N, N, N, N)[1:]
-        assert cfg["WINDOWS"] == 0 and share > 1024 and cfg["CHUNK"] == chunk
+        p2 = 1 << (share - 1).bit_length()
+        assert cfg["WINDOWS"] == 0 and share > 1024
+        assert cfg["CHUNK"] == (p2 if p2 <= 4096 and share >= 7 / 8 * p2 else 1024)
+        assert DEV != "cpu" or cfg["CHUNK"] == (2048 if K == 3600 else 1024)
         for level in (0.0, 0.5, 0.9):
             check_single(1, K, [N], torch.bfloat16, [level], seed=K)
+
+
+def test_list_scratch_rows_hold_their_segments_lists(monkeypatch):
+    # Groups of neighbouring programs share a scratch row for their kept-channel list, keyed by segment and K range:
+    # after a launch every row that was written holds exactly its segment's kept channels of its K range. Here one
+    # group spans q, k and v (different thresholds). Read back after the launch, as on Triton's interpreter programs
+    # run one after another: a row shared across segments would hold the last one's list, not mix within a launch.
+    from sparse_ops.gemv import LIST_SHARERS, _launch, _plan
+    K, segs = (1200, [32, 16, 16]) if DEV == "cpu" else (4096, [3840, 384, 384])
+    N, ends = sum(segs), torch.tensor(segs).cumsum(0).tolist()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, K, generator=g).to(torch.bfloat16).to(DEV)
+    wt = torch.randn(K, N, generator=g).to(torch.bfloat16).to(DEV)
+    thr = quantile_thresholds(x, [0.9, 0.1, 0.5])
+    cfg = _plan(x, N, N, ends[0], ends[1])[1]
+    assert cfg["WINDOWS"] == 0
+    scratch, empty = [], torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: scratch.append(empty(*a, **k)) or scratch[-1])
+    _launch(x, wt, wt, N, N, thr, ends[0], ends[1], None)
+    monkeypatch.undo()
+    rows = next(t for t in scratch if t.dtype == torch.int32).cpu()
+    assert rows.shape[0] == 3
+    blocks = range(0, N, cfg["BLOCK_N"])  # each program's first column, in program order
+    segment = [sum(c >= e for e in ends[:-1]) for c in blocks]
+    share, xs, written = rows.shape[3], x[0].float().abs().cpu(), 0
+    for grp in range(rows.shape[2]):
+        members = set(segment[grp * LIST_SHARERS:(grp + 1) * LIST_SHARERS])
+        for seg in members:
+            for k in range(rows.shape[1]):
+                lo, hi = k * share, min((k + 1) * share, K)
+                want = torch.nonzero(xs[lo:hi] > thr[seg].item()).flatten().to(torch.int32) + lo
+                assert torch.equal(rows[seg, k, grp, :want.numel()], want), (grp, seg, k)
+        written += len(members) > 1
+    assert written  # some group spans two segments
 
 
 # a GPU lists only weights past 4096 x 4096 and splits K by the outputs' programs: N 16896 gives two shares there
